@@ -1,0 +1,199 @@
+//! Keys and values of the BPF maps, and the map names both sides use.
+//!
+//! How the maps fit together (see docs/architecture.md):
+//! - `SERVICE_FRONTENDS`: (address, port, protocol) → which service and which
+//!   backend set. One entry per frontend.
+//! - `SERVICE_VIPS`: address → number of frontends on it, to reject traffic to
+//!   a known service address on a port it does not serve.
+//! - `BACKEND_SLOTS`: (backend set, slot) → backend address and port. A set is
+//!   written whole under a fresh id before a frontend points at it, so a
+//!   reader sees either the old or the new set, never half of one.
+//! - `SERVICE_BACKENDS`: (service, backend address, port) → present. Lets an
+//!   established flow check on every packet that its backend still serves.
+//! - `CONNTRACK`: LRU, wire 5-tuple → the translation for that direction.
+//! - `SERVICE_COUNTERS`, `VERDICT_COUNTERS`: per-CPU counters.
+use bytemuck::{Pod, Zeroable};
+use core::net::Ipv4Addr;
+
+pub const MAP_SERVICE_FRONTENDS: &str = "SERVICE_FRONTENDS";
+pub const MAP_SERVICE_VIPS: &str = "SERVICE_VIPS";
+pub const MAP_BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+pub const MAP_SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
+pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
+
+/// Program names, as the `#[classifier]`/`#[xdp]` functions are called.
+pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
+pub const PROG_XDP: &str = "lb_xdp";
+/// An XDP program that returns XDP_PASS at once: the benchmark floor.
+pub const PROG_XDP_FLOOR: &str = "lb_xdp_floor";
+
+pub const MAX_FRONTENDS: u32 = 65_536;
+pub const MAX_VIPS: u32 = 65_536;
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Service ids index `SERVICE_COUNTERS`, so they are below this bound.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `ConntrackValue::direction`: the client → service direction, translated
+/// to the backend.
+pub const CT_FORWARD: u8 = 1;
+/// `ConntrackValue::direction`: the backend → client direction, translated
+/// back to the service address.
+pub const CT_REPLY: u8 = 2;
+
+/// An IPv4 address in network byte order, as stored in the maps.
+#[inline(always)]
+pub const fn ip_be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The address behind a network-byte-order value from the maps.
+#[inline(always)]
+pub const fn ip_from_be(ip: u32) -> Ipv4Addr {
+    let o = ip.to_ne_bytes();
+    Ipv4Addr::new(o[0], o[1], o[2], o[3])
+}
+
+/// A service frontend: the address, port and protocol clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FrontendKey {
+    /// Network byte order.
+    pub ip: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl FrontendKey {
+    pub const fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self { ip: ip_be(ip), port: port.to_be(), proto, _pad: 0 }
+    }
+}
+
+/// Which service a frontend belongs to and the backend set it uses now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FrontendValue {
+    /// Index into `SERVICE_COUNTERS`; key prefix of `SERVICE_BACKENDS`.
+    pub service_id: u32,
+    /// Key prefix of `BACKEND_SLOTS`.
+    pub backend_set: u32,
+    /// Slots `0..backend_count` of the set are filled; 0 means reject.
+    pub backend_count: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendSlotKey {
+    pub backend_set: u32,
+    pub slot: u32,
+}
+
+/// A backend endpoint: the address and target port traffic is sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend {
+    /// Network byte order.
+    pub ip: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Backend {
+    pub const fn new(ip: Ipv4Addr, port: u16) -> Self {
+        Self { ip: ip_be(ip), port: port.to_be(), _pad: 0 }
+    }
+}
+
+/// Membership of a backend in a service's current backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceBackendKey {
+    pub service_id: u32,
+    pub backend: Backend,
+}
+
+/// The value stored under a `ServiceBackendKey`: presence is what counts.
+pub const SERVICE_BACKEND_PRESENT: u8 = 1;
+
+/// A packet's 5-tuple as seen on the wire at the hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ConntrackKey {
+    /// Network byte order.
+    pub src_ip: u32,
+    /// Network byte order.
+    pub dst_ip: u32,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What to do with a packet whose 5-tuple matches the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConntrackValue {
+    /// For `CT_FORWARD` the backend (new destination); for `CT_REPLY` the
+    /// service frontend (new source). Network byte order.
+    pub nat_ip: u32,
+    pub service_id: u32,
+    /// Network byte order.
+    pub nat_port: u16,
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Per-service counters, one slot per CPU, summed by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceCounters {
+    /// Packets translated in either direction.
+    pub packets: u64,
+    /// Bytes (from the IP header on) translated in either direction.
+    pub bytes: u64,
+    /// Connections assigned a backend (including re-assignments after the
+    /// backend left).
+    pub new_flows: u64,
+    /// Packets answered with a TCP reset or ICMP port unreachable.
+    pub rejected: u64,
+}
+
+const _: () = {
+    assert!(size_of::<FrontendKey>() == 8);
+    assert!(size_of::<FrontendValue>() == 12);
+    assert!(size_of::<BackendSlotKey>() == 8);
+    assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<ServiceBackendKey>() == 12);
+    assert!(size_of::<ConntrackKey>() == 16);
+    assert!(size_of::<ConntrackValue>() == 12);
+    assert!(size_of::<ServiceCounters>() == 32);
+    assert!(align_of::<ConntrackKey>() == 4);
+    assert!(align_of::<ServiceCounters>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `bytemuck::Pod`: plain old data with no
+    // padding, valid for any bit pattern.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for FrontendValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceBackendKey {}
+    unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for ServiceCounters {}
+}

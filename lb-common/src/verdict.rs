@@ -1,0 +1,94 @@
+//! Why the datapath did what it did to a packet: one reason per packet,
+//! counted in `VERDICT_COUNTERS` at the reason's index.
+
+/// Every packet the programs see is counted under exactly one reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A packet of a known flow, sent on to its backend.
+    ForwardEstablished = 0,
+    /// The first packet of a flow: a backend was picked.
+    ForwardNew = 1,
+    /// A known flow whose backend left the service: a new backend was picked.
+    ForwardRescheduled = 2,
+    /// A backend's reply, translated back to the service address.
+    ReplyTranslated = 3,
+    /// For a service frontend with no backends: answered with a TCP reset or
+    /// ICMP port unreachable.
+    RejectNoBackend = 4,
+    /// For a service address on a port it does not serve: rejected likewise.
+    RejectUnknownPort = 5,
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed unchanged.
+    PassNotIpv4 = 6,
+    /// IPv4 not addressed to a service, and not a reply: passed unchanged.
+    PassNotService = 7,
+    /// Malformed IPv4 not addressed to a service: passed unchanged, for the
+    /// kernel to judge.
+    PassMalformed = 8,
+    /// Malformed (truncated headers, bad header or total length) and
+    /// addressed to a service: dropped.
+    DropMalformed = 9,
+    /// An IP fragment addressed to a service: dropped (there are no ports to
+    /// balance on).
+    DropFragment = 10,
+    /// To be rejected, but the reply cannot be built (IP options on a UDP
+    /// datagram, or a TCP reset answering a reset): dropped instead.
+    DropUnanswerable = 11,
+    /// The conntrack entry of a new flow could not be stored: dropped.
+    DropConntrackFull = 12,
+    /// A kernel helper failed while rewriting the packet: dropped.
+    DropRewriteFailed = 13,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 14;
+
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::ForwardEstablished,
+        Reason::ForwardNew,
+        Reason::ForwardRescheduled,
+        Reason::ReplyTranslated,
+        Reason::RejectNoBackend,
+        Reason::RejectUnknownPort,
+        Reason::PassNotIpv4,
+        Reason::PassNotService,
+        Reason::PassMalformed,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropUnanswerable,
+        Reason::DropConntrackFull,
+        Reason::DropRewriteFailed,
+    ];
+
+    /// The stable snake_case name used in logs, metrics and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::ForwardEstablished => "forward_established",
+            Reason::ForwardNew => "forward_new",
+            Reason::ForwardRescheduled => "forward_rescheduled",
+            Reason::ReplyTranslated => "reply_translated",
+            Reason::RejectNoBackend => "reject_no_backend",
+            Reason::RejectUnknownPort => "reject_unknown_port",
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropUnanswerable => "drop_unanswerable",
+            Reason::DropConntrackFull => "drop_conntrack_full",
+            Reason::DropRewriteFailed => "drop_rewrite_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_at_its_own_index() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The two hooks behind one interface: what differs between an XDP buffer
+//! and an skb is how the L4 checksum is updated and how a packet is resized.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::{
+        bpf_skb_change_tail, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
+};
+use lb_common::checksum;
+
+/// A helper failed; the packet is dropped and counted.
+pub struct HelperFailed;
+
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length, linear or not.
+    fn len(&self) -> usize;
+
+    /// Makes at least the first `len` bytes (or the whole packet, if
+    /// shorter) readable through `data()..data_end()`.
+    fn pull_headers(&self, len: u32);
+
+    /// Updates the L4 checksum at `check_off` after the address covered by
+    /// the pseudo-header and the port changed. UDP's "no checksum" zero is
+    /// kept as it is.
+    fn update_l4_checksum(
+        &self,
+        check_off: usize,
+        udp: bool,
+        ip: (u32, u32),
+        port: (u16, u16),
+    ) -> Result<(), HelperFailed>;
+
+    /// Makes the packet exactly `len` bytes long. The content afterwards is
+    /// unspecified: the caller rewrites all of it.
+    fn set_len(&self, len: usize) -> Result<(), HelperFailed>;
+}
+
+/// A bounds-checked pointer to a `T` at `offset` bytes into the packet.
+#[inline(always)]
+pub fn ptr_at<P: Packet, T>(pkt: &P, offset: usize) -> Option<*mut T> {
+    let start = pkt.data();
+    if start + offset + size_of::<T>() > pkt.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+pub struct XdpPacket<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl<'a> XdpPacket<'a> {
+    pub fn new(ctx: &'a XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn pull_headers(&self, _len: u32) {
+        // An XDP buffer's first fragment is linear already.
+    }
+
+    /// XDP sees packets as they came off the wire, with complete checksums,
+    /// so the RFC 1624 update is done here directly.
+    #[inline(always)]
+    fn update_l4_checksum(
+        &self,
+        check_off: usize,
+        udp: bool,
+        ip: (u32, u32),
+        port: (u16, u16),
+    ) -> Result<(), HelperFailed> {
+        let check_ptr = ptr_at::<_, u16>(self, check_off).ok_or(HelperFailed)?;
+        // SAFETY: bounds-checked just above; read_unaligned because the L4
+        // header follows a 14-byte Ethernet header.
+        let check = unsafe { check_ptr.read_unaligned() };
+        if udp && check == 0 {
+            return Ok(());
+        }
+        let mut check = checksum::replace_u32(check, ip.0, ip.1);
+        check = checksum::replace_u16(check, port.0, port.1);
+        if udp {
+            check = checksum::udp_nonzero(check);
+        }
+        // SAFETY: as above.
+        unsafe { check_ptr.write_unaligned(check) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn set_len(&self, len: usize) -> Result<(), HelperFailed> {
+        let current = self.data_end() - self.data();
+        let ret = if len > current {
+            // Grow at the front: the headroom is always there, and the
+            // content is rewritten from the start anyway.
+            // SAFETY: a helper call on this program's own context.
+            unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -((len - current) as i32)) }
+        } else if len < current {
+            // SAFETY: as above.
+            unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, -((current - len) as i32)) }
+        } else {
+            0
+        };
+        if ret == 0 { Ok(()) } else { Err(HelperFailed) }
+    }
+}
+
+pub struct TcPacket<'a> {
+    ctx: &'a TcContext,
+}
+
+impl<'a> TcPacket<'a> {
+    pub fn new(ctx: &'a TcContext) -> Self {
+        Self { ctx }
+    }
+
+    #[inline(always)]
+    pub fn ifindex(&self) -> u32 {
+        // SAFETY: reading a field of this program's own context.
+        unsafe { (*self.ctx.skb.skb).ifindex }
+    }
+}
+
+impl Packet for TcPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.ctx.len() as usize
+    }
+
+    #[inline(always)]
+    fn pull_headers(&self, len: u32) {
+        let len = if self.ctx.len() < len { self.ctx.len() } else { len };
+        if self.data_end() - self.data() < len as usize {
+            // Failure leaves the packet as it was; the parser then sees a
+            // short packet and leaves it to the kernel.
+            // SAFETY: a helper call on this program's own context.
+            let _unpulled = unsafe { bpf_skb_pull_data(self.ctx.skb.skb, len) };
+        }
+    }
+
+    /// An skb may carry a partial checksum (CHECKSUM_PARTIAL, from a local
+    /// sender with offload) or a device-computed one (CHECKSUM_COMPLETE):
+    /// only the kernel's helper updates each kind correctly.
+    #[inline(always)]
+    fn update_l4_checksum(
+        &self,
+        check_off: usize,
+        udp: bool,
+        ip: (u32, u32),
+        port: (u16, u16),
+    ) -> Result<(), HelperFailed> {
+        let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+        let addr_flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+        self.ctx
+            .l4_csum_replace(check_off, u64::from(ip.0), u64::from(ip.1), addr_flags)
+            .map_err(|_| HelperFailed)?;
+        self.ctx
+            .l4_csum_replace(check_off, u64::from(port.0), u64::from(port.1), mangled | 2)
+            .map_err(|_| HelperFailed)
+    }
+
+    #[inline(always)]
+    fn set_len(&self, len: usize) -> Result<(), HelperFailed> {
+        // SAFETY: a helper call on this program's own context.
+        if unsafe { bpf_skb_change_tail(self.ctx.skb.skb, len as u32, 0) } != 0 {
+            return Err(HelperFailed);
+        }
+        self.pull_headers(len as u32);
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+//! The node agent's library: loading and attaching the datapath, the
+//! desired service state and its source, and the syncer that keeps the BPF
+//! maps equal to it. `lb-agent` (main.rs) wires them together; the tests and
+//! benchmarks drive the same pieces.
+pub mod cli;
+pub mod datapath;
+pub mod error;
+pub mod maps;
+pub mod model;
+pub mod source;
+pub mod sync;
+
+pub use error::Error;
+
+/// The compiled eBPF object (built by build.rs from lb-ebpf).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));

@@ -1,0 +1,162 @@
+//! Typed handles on the datapath's maps, and the map writes the syncer
+//! issues through `sync::MapWriter`.
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use lb_common::{
+    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
+    FrontendValue, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICE_BACKENDS, MAP_SERVICE_COUNTERS,
+    MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS, MAP_VERDICT_COUNTERS, Reason,
+    SERVICE_BACKEND_PRESENT, ServiceBackendKey, ServiceCounters,
+};
+
+use crate::{
+    error::{Error, Result},
+    sync::MapWriter,
+};
+
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SERVICE_FRONTENDS,
+    MAP_SERVICE_VIPS,
+    MAP_BACKEND_SLOTS,
+    MAP_SERVICE_BACKENDS,
+    MAP_CONNTRACK,
+    MAP_SERVICE_COUNTERS,
+    MAP_VERDICT_COUNTERS,
+];
+
+pub struct DatapathMaps {
+    pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    pub service_vips: HashMap<MapData, u32, u32>,
+    pub backend_slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub service_backends: HashMap<MapData, ServiceBackendKey, u8>,
+    pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    pub service_counters: PerCpuArray<MapData, ServiceCounters>,
+    pub verdict_counters: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(Error::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl DatapathMaps {
+    /// Moves the maps out of a loaded object (after its programs are loaded:
+    /// they hold their own references to the maps).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            frontends: take(ebpf, MAP_SERVICE_FRONTENDS)?,
+            service_vips: take(ebpf, MAP_SERVICE_VIPS)?,
+            backend_slots: take(ebpf, MAP_BACKEND_SLOTS)?,
+            service_backends: take(ebpf, MAP_SERVICE_BACKENDS)?,
+            conntrack: take(ebpf, MAP_CONNTRACK)?,
+            service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
+            verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
+        })
+    }
+
+    /// Pins every map of the object as `dir/NAME`.
+    pub fn pin_all(ebpf: &Ebpf, dir: &Path) -> Result<()> {
+        for name in ALL_MAPS {
+            let map = ebpf.map(name).ok_or(Error::Missing(name))?;
+            map.pin(dir.join(name))
+                .map_err(|e| Error::Pin { path: dir.join(name), reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Verdict counters summed over CPUs, indexed by `Reason`.
+    pub fn verdict_totals(&self) -> Result<[u64; Reason::COUNT as usize]> {
+        let mut totals = [0; Reason::COUNT as usize];
+        for reason in Reason::ALL {
+            let per_cpu = self.verdict_counters.get(&(reason as u32), 0).map_err(map_err(MAP_VERDICT_COUNTERS))?;
+            totals[reason as usize] = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_totals(&self, service_id: u32) -> Result<ServiceCounters> {
+        let per_cpu = self.service_counters.get(&service_id, 0).map_err(map_err(MAP_SERVICE_COUNTERS))?;
+        Ok(per_cpu.iter().fold(ServiceCounters::default(), |acc, c| ServiceCounters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+            new_flows: acc.new_flows + c.new_flows,
+            rejected: acc.rejected + c.rejected,
+        }))
+    }
+}
+
+impl MapWriter for DatapathMaps {
+    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
+        self.backend_slots.insert(key, backend, 0).map_err(map_err(MAP_BACKEND_SLOTS))
+    }
+
+    fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()> {
+        ignore_missing(self.backend_slots.remove(&key)).map_err(map_err(MAP_BACKEND_SLOTS))
+    }
+
+    fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
+        self.service_backends
+            .insert(key, SERVICE_BACKEND_PRESENT, 0)
+            .map_err(map_err(MAP_SERVICE_BACKENDS))
+    }
+
+    fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
+        ignore_missing(self.service_backends.remove(&key)).map_err(map_err(MAP_SERVICE_BACKENDS))
+    }
+
+    fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
+        self.frontends.insert(key, value, 0).map_err(map_err(MAP_SERVICE_FRONTENDS))
+    }
+
+    fn remove_frontend(&mut self, key: FrontendKey) -> Result<()> {
+        ignore_missing(self.frontends.remove(&key)).map_err(map_err(MAP_SERVICE_FRONTENDS))
+    }
+
+    fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()> {
+        self.service_vips.insert(ip, frontends, 0).map_err(map_err(MAP_SERVICE_VIPS))
+    }
+
+    fn remove_service_vip(&mut self, ip: u32) -> Result<()> {
+        ignore_missing(self.service_vips.remove(&ip)).map_err(map_err(MAP_SERVICE_VIPS))
+    }
+
+    fn reset_service_counters(&mut self, service_id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(what, source)| Error::Io { what: what.into(), source })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceCounters::default(); cpus])
+            .map_err(|source| Error::Io { what: "per-CPU counter values".into(), source })?;
+        self.service_counters.set(service_id, zeros, 0).map_err(map_err(MAP_SERVICE_COUNTERS))
+    }
+
+    fn remove_service_flows(&mut self, service_id: u32) -> Result<usize> {
+        let stale: Vec<ConntrackKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, v)| v.service_id == service_id)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            ignore_missing(self.conntrack.remove(key)).map_err(map_err(MAP_CONNTRACK))?;
+        }
+        Ok(stale.len())
+    }
+}
+
+/// A key that is already gone is what a removal wants.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,432 @@
+//! The syncer: diffs the desired state against what it has programmed and
+//! writes only the difference, in an order that never lets the datapath see
+//! a half-written backend set.
+//!
+//! A service port whose endpoints change gets a whole new backend set under
+//! a fresh id; its frontends are then pointed at it one atomic map update
+//! each, and only after that is the old set deleted. Memberships
+//! (`SERVICE_BACKENDS`) are added before the switch and removed after it, so
+//! an established flow to a backend that stays is never rescheduled.
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::Ipv4Addr,
+};
+
+use lb_common::{
+    Backend, BackendSlotKey, FrontendKey, FrontendValue, MAX_SERVICES, ServiceBackendKey, ip_be,
+};
+
+use crate::{
+    error::{Error, Result},
+    model::{DesiredState, Endpoint, Frontend, ServicePort, ServicePortName},
+};
+
+/// The map writes the syncer needs; implemented by the real maps and, in
+/// tests, by an in-memory model that checks the ordering guarantees.
+pub trait MapWriter {
+    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()>;
+    fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()>;
+    fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()>;
+    fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()>;
+    fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()>;
+    fn remove_frontend(&mut self, key: FrontendKey) -> Result<()>;
+    fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()>;
+    fn remove_service_vip(&mut self, ip: u32) -> Result<()>;
+    fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
+    /// Removes conntrack entries of the service; returns how many.
+    fn remove_service_flows(&mut self, service_id: u32) -> Result<usize>;
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// A service port as programmed.
+#[derive(Debug)]
+struct Programmed {
+    id: u32,
+    set: u32,
+    frontends: BTreeSet<Frontend>,
+    /// In slot order.
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug)]
+pub struct Syncer {
+    programmed: BTreeMap<ServicePortName, Programmed>,
+    frontends_per_vip: BTreeMap<Ipv4Addr, u32>,
+    /// Service ids never used yet start at `next_id`; freed ones are reused
+    /// oldest first, so an id is not reused while its old flows may linger.
+    free_ids: VecDeque<u32>,
+    next_id: u32,
+    next_set: u32,
+}
+
+impl Default for Syncer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Self {
+            programmed: BTreeMap::new(),
+            frontends_per_vip: BTreeMap::new(),
+            free_ids: VecDeque::new(),
+            next_id: 0,
+            next_set: 1,
+        }
+    }
+
+    /// The id (index of its counters) of a programmed service port.
+    pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
+        self.programmed.get(name).map(|p| p.id)
+    }
+
+    /// Programmed service ports and their ids.
+    pub fn service_ids(&self) -> impl Iterator<Item = (&ServicePortName, u32)> {
+        self.programmed.iter().map(|(name, p)| (name, p.id))
+    }
+
+    pub fn apply(&mut self, desired: &DesiredState, maps: &mut impl MapWriter) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let gone: Vec<ServicePortName> =
+            self.programmed.keys().filter(|name| !desired.services.contains_key(*name)).cloned().collect();
+        for name in gone {
+            self.remove(&name, maps)?;
+            report.removed += 1;
+        }
+        for (name, service) in &desired.services {
+            match self.programmed.get(name) {
+                None => {
+                    self.add(name, service, maps)?;
+                    report.added += 1;
+                }
+                Some(p) if p.frontends == service.frontends && same_endpoints(&p.endpoints, &service.endpoints) => {
+                    report.unchanged += 1;
+                }
+                Some(_) => {
+                    self.update(name, service, maps)?;
+                    report.updated += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn add(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
+        let id = self.allocate_id()?;
+        maps.reset_service_counters(id)?;
+        let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
+        let set = self.write_set(&endpoints, maps)?;
+        for endpoint in &endpoints {
+            maps.put_service_backend(membership(id, endpoint))?;
+        }
+        let value = frontend_value(id, set, &endpoints);
+        for frontend in &service.frontends {
+            self.add_frontend(frontend, value, maps)?;
+        }
+        self.programmed.insert(
+            name.clone(),
+            Programmed { id, set, frontends: service.frontends.clone(), endpoints },
+        );
+        Ok(())
+    }
+
+    fn update(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
+        let Some(mut p) = self.programmed.remove(name) else { return Ok(()) };
+        let old_endpoints: BTreeSet<Endpoint> = p.endpoints.iter().copied().collect();
+        let endpoints_changed = old_endpoints != service.endpoints;
+        let old_set = p.set;
+        if endpoints_changed {
+            let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
+            p.set = self.write_set(&endpoints, maps)?;
+            for endpoint in service.endpoints.difference(&old_endpoints) {
+                maps.put_service_backend(membership(p.id, endpoint))?;
+            }
+            p.endpoints = endpoints;
+        }
+        let value = frontend_value(p.id, p.set, &p.endpoints);
+        for frontend in p.frontends.difference(&service.frontends) {
+            self.remove_frontend(frontend, maps)?;
+        }
+        for frontend in &service.frontends {
+            if !p.frontends.contains(frontend) {
+                self.add_frontend(frontend, value, maps)?;
+            } else if endpoints_changed {
+                maps.put_frontend(frontend_key(frontend), value)?;
+            }
+        }
+        if endpoints_changed {
+            for slot in 0..old_endpoints.len() as u32 {
+                maps.remove_backend_slot(BackendSlotKey { backend_set: old_set, slot })?;
+            }
+            for endpoint in old_endpoints.difference(&service.endpoints) {
+                maps.remove_service_backend(membership(p.id, endpoint))?;
+            }
+        }
+        p.frontends = service.frontends.clone();
+        self.programmed.insert(name.clone(), p);
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &ServicePortName, maps: &mut impl MapWriter) -> Result<()> {
+        let Some(p) = self.programmed.remove(name) else { return Ok(()) };
+        for frontend in &p.frontends {
+            self.remove_frontend(frontend, maps)?;
+        }
+        for endpoint in &p.endpoints {
+            maps.remove_service_backend(membership(p.id, endpoint))?;
+        }
+        for slot in 0..p.endpoints.len() as u32 {
+            maps.remove_backend_slot(BackendSlotKey { backend_set: p.set, slot })?;
+        }
+        maps.remove_service_flows(p.id)?;
+        self.free_ids.push_back(p.id);
+        Ok(())
+    }
+
+    /// Writes a complete backend set under a fresh id and returns the id.
+    fn write_set(&mut self, endpoints: &[Endpoint], maps: &mut impl MapWriter) -> Result<u32> {
+        let set = self.next_set;
+        self.next_set = self.next_set.wrapping_add(1).max(1);
+        for (slot, endpoint) in endpoints.iter().enumerate() {
+            maps.put_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 }, backend(endpoint))?;
+        }
+        Ok(set)
+    }
+
+    fn add_frontend(&mut self, frontend: &Frontend, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
+        let count = self.frontends_per_vip.entry(frontend.ip).or_insert(0);
+        *count += 1;
+        maps.put_service_vip(ip_be(frontend.ip), *count)?;
+        maps.put_frontend(frontend_key(frontend), value)
+    }
+
+    fn remove_frontend(&mut self, frontend: &Frontend, maps: &mut impl MapWriter) -> Result<()> {
+        maps.remove_frontend(frontend_key(frontend))?;
+        let count = self.frontends_per_vip.entry(frontend.ip).or_insert(1);
+        *count -= 1;
+        if *count == 0 {
+            self.frontends_per_vip.remove(&frontend.ip);
+            maps.remove_service_vip(ip_be(frontend.ip))
+        } else {
+            maps.put_service_vip(ip_be(frontend.ip), *count)
+        }
+    }
+
+    fn allocate_id(&mut self) -> Result<u32> {
+        if let Some(id) = self.free_ids.pop_front() {
+            return Ok(id);
+        }
+        if self.next_id >= MAX_SERVICES {
+            return Err(Error::Capacity { what: "service ports", limit: MAX_SERVICES });
+        }
+        self.next_id += 1;
+        Ok(self.next_id - 1)
+    }
+}
+
+fn same_endpoints(programmed: &[Endpoint], desired: &BTreeSet<Endpoint>) -> bool {
+    programmed.len() == desired.len() && programmed.iter().all(|e| desired.contains(e))
+}
+
+fn frontend_key(frontend: &Frontend) -> FrontendKey {
+    FrontendKey::new(frontend.ip, frontend.port, frontend.protocol.ip_proto())
+}
+
+fn frontend_value(service_id: u32, set: u32, endpoints: &[Endpoint]) -> FrontendValue {
+    FrontendValue { service_id, backend_set: set, backend_count: endpoints.len() as u32 }
+}
+
+fn backend(endpoint: &Endpoint) -> Backend {
+    Backend::new(endpoint.ip, endpoint.port)
+}
+
+fn membership(service_id: u32, endpoint: &Endpoint) -> ServiceBackendKey {
+    ServiceBackendKey { service_id, backend: backend(endpoint) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+    use crate::model::Protocol;
+
+    /// The maps as plain collections, checking at every frontend write that
+    /// the set it points at is complete and its backends are members.
+    #[derive(Default)]
+    struct FakeMaps {
+        slots: HashMap<BackendSlotKey, Backend>,
+        members: HashSet<ServiceBackendKey>,
+        frontends: HashMap<FrontendKey, FrontendValue>,
+        vips: HashMap<u32, u32>,
+        flows_removed_for: Vec<u32>,
+    }
+
+    impl MapWriter for FakeMaps {
+        fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
+            assert!(
+                !self.frontends.values().any(|f| f.backend_set == key.backend_set),
+                "a set in use was modified"
+            );
+            self.slots.insert(key, backend);
+            Ok(())
+        }
+        fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()> {
+            assert!(
+                !self.frontends.values().any(|f| f.backend_set == key.backend_set),
+                "a set in use was deleted"
+            );
+            self.slots.remove(&key);
+            Ok(())
+        }
+        fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
+            self.members.insert(key);
+            Ok(())
+        }
+        fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
+            for (k, f) in &self.frontends {
+                for slot in 0..f.backend_count {
+                    let b = self.slots[&BackendSlotKey { backend_set: f.backend_set, slot }];
+                    assert!(
+                        !(f.service_id == key.service_id && b == key.backend),
+                        "membership of {b:?} removed while frontend {k:?} still uses it"
+                    );
+                }
+            }
+            self.members.remove(&key);
+            Ok(())
+        }
+        fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
+            assert!(self.vips.contains_key(&key.ip), "frontend written before its address");
+            for slot in 0..value.backend_count {
+                let b = self.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot });
+                let b = b.unwrap_or_else(|| panic!("frontend points at a set missing slot {slot}"));
+                assert!(self.members.contains(&ServiceBackendKey { service_id: value.service_id, backend: *b }));
+            }
+            self.frontends.insert(key, value);
+            Ok(())
+        }
+        fn remove_frontend(&mut self, key: FrontendKey) -> Result<()> {
+            self.frontends.remove(&key);
+            Ok(())
+        }
+        fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()> {
+            self.vips.insert(ip, frontends);
+            Ok(())
+        }
+        fn remove_service_vip(&mut self, ip: u32) -> Result<()> {
+            self.vips.remove(&ip);
+            Ok(())
+        }
+        fn reset_service_counters(&mut self, _: u32) -> Result<()> {
+            Ok(())
+        }
+        fn remove_service_flows(&mut self, service_id: u32) -> Result<usize> {
+            self.flows_removed_for.push(service_id);
+            Ok(0)
+        }
+    }
+
+    fn name(n: &str) -> ServicePortName {
+        ServicePortName { namespace: "default".into(), name: n.into(), port: "http".into() }
+    }
+
+    fn service(vip: [u8; 4], port: u16, endpoints: &[u8]) -> ServicePort {
+        ServicePort {
+            frontends: [Frontend { ip: vip.into(), port, protocol: Protocol::Tcp }].into(),
+            endpoints: endpoints.iter().map(|&last| Endpoint { ip: [10, 244, 0, last].into(), port: 8080 }).collect(),
+        }
+    }
+
+    fn state(services: &[(&str, ServicePort)]) -> DesiredState {
+        DesiredState { services: services.iter().map(|(n, s)| (name(n), s.clone())).collect() }
+    }
+
+    /// The maps hold exactly the desired state: nothing missing, nothing left over.
+    fn assert_maps_equal(maps: &FakeMaps, syncer: &Syncer, desired: &DesiredState) {
+        let mut expected_slots = 0;
+        let mut expected_members = 0;
+        let mut vips = HashMap::new();
+        for (n, s) in &desired.services {
+            let id = syncer.service_id(n).expect("programmed");
+            for f in &s.frontends {
+                *vips.entry(ip_be(f.ip)).or_insert(0) += 1;
+                let value = maps.frontends[&frontend_key(f)];
+                assert_eq!(value.service_id, id);
+                let programmed: BTreeSet<Endpoint> = (0..value.backend_count)
+                    .map(|slot| maps.slots[&BackendSlotKey { backend_set: value.backend_set, slot }])
+                    .map(|b| Endpoint { ip: lb_common::ip_from_be(b.ip), port: u16::from_be(b.port) })
+                    .collect();
+                assert_eq!(programmed, s.endpoints, "{n}");
+            }
+            expected_slots += s.endpoints.len();
+            expected_members += s.endpoints.len();
+        }
+        assert_eq!(maps.frontends.len(), desired.services.values().map(|s| s.frontends.len()).sum::<usize>());
+        assert_eq!(maps.slots.len(), expected_slots, "no leftover backend slots");
+        assert_eq!(maps.members.len(), expected_members, "no leftover memberships");
+        assert_eq!(maps.vips, vips);
+    }
+
+    #[test]
+    fn each_change_is_programmed_exactly_and_in_a_safe_order() {
+        let a = service([10, 96, 0, 1], 80, &[1, 2, 3]);
+        let cases: Vec<(&str, DesiredState, SyncReport)> = vec![
+            ("new service", state(&[("a", a.clone())]), SyncReport { added: 1, ..Default::default() }),
+            ("nothing changed", state(&[("a", a.clone())]), SyncReport { unchanged: 1, ..Default::default() }),
+            ("endpoint added", state(&[("a", service([10, 96, 0, 1], 80, &[1, 2, 3, 4]))]), SyncReport { updated: 1, ..Default::default() }),
+            ("endpoint removed", state(&[("a", service([10, 96, 0, 1], 80, &[2, 3, 4]))]), SyncReport { updated: 1, ..Default::default() }),
+            ("all endpoints gone", state(&[("a", service([10, 96, 0, 1], 80, &[]))]), SyncReport { updated: 1, ..Default::default() }),
+            ("second service on the same address", state(&[("a", service([10, 96, 0, 1], 80, &[5])), ("b", service([10, 96, 0, 1], 81, &[5]))]), SyncReport { updated: 1, added: 1, ..Default::default() }),
+            ("frontend moved", state(&[("a", service([10, 96, 0, 9], 80, &[5])), ("b", service([10, 96, 0, 1], 81, &[5]))]), SyncReport { updated: 1, unchanged: 1, ..Default::default() }),
+            ("service removed", state(&[("b", service([10, 96, 0, 1], 81, &[5]))]), SyncReport { removed: 1, unchanged: 1, ..Default::default() }),
+            ("everything removed", state(&[]), SyncReport { removed: 1, ..Default::default() }),
+        ];
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        for (case, desired, expected) in cases {
+            let report = syncer.apply(&desired, &mut maps).expect(case);
+            assert_eq!(report, expected, "{case}");
+            assert_maps_equal(&maps, &syncer, &desired);
+        }
+        assert_eq!(maps.flows_removed_for.len(), 2, "flows of removed services are purged");
+    }
+
+    #[test]
+    fn an_endpoint_in_two_services_is_independent_in_each() {
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let both = state(&[("a", service([10, 96, 0, 1], 80, &[7])), ("b", service([10, 96, 0, 2], 80, &[7]))]);
+        syncer.apply(&both, &mut maps).expect("apply");
+        let only_b = state(&[("a", service([10, 96, 0, 1], 80, &[])), ("b", service([10, 96, 0, 2], 80, &[7]))]);
+        syncer.apply(&only_b, &mut maps).expect("apply");
+        let b = syncer.service_id(&name("b")).expect("b");
+        let a = syncer.service_id(&name("a")).expect("a");
+        let ep = Backend::new([10, 244, 0, 7].into(), 8080);
+        assert!(maps.members.contains(&ServiceBackendKey { service_id: b, backend: ep }));
+        assert!(!maps.members.contains(&ServiceBackendKey { service_id: a, backend: ep }));
+    }
+
+    #[test]
+    fn freed_service_ids_are_reused_oldest_first() {
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let three = state(&[("a", service([10, 96, 0, 1], 80, &[1])), ("b", service([10, 96, 0, 2], 80, &[1])), ("c", service([10, 96, 0, 3], 80, &[1]))]);
+        syncer.apply(&three, &mut maps).expect("apply");
+        let (a, b) = (syncer.service_id(&name("a")), syncer.service_id(&name("b")));
+        syncer.apply(&state(&[("c", service([10, 96, 0, 3], 80, &[1]))]), &mut maps).expect("apply");
+        let next = state(&[("c", service([10, 96, 0, 3], 80, &[1])), ("d", service([10, 96, 0, 4], 80, &[1])), ("e", service([10, 96, 0, 5], 80, &[1]))]);
+        syncer.apply(&next, &mut maps).expect("apply");
+        assert_eq!(syncer.service_id(&name("d")), a);
+        assert_eq!(syncer.service_id(&name("e")), b);
+    }
+}

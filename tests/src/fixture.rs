@@ -1,0 +1,106 @@
+//! A loaded datapath with services programmed through the real syncer, and
+//! BPF_PROG_TEST_RUN on either hook.
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::Reason;
+use lb_userspace::{
+    datapath::Datapath,
+    model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
+    sync::Syncer,
+};
+
+/// Which program a packet goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// What the hook does with the packet, independent of the hook's codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Sent back out of the interface it came in on.
+    Bounce,
+}
+
+impl Hook {
+    pub fn verdict(self, code: u32) -> Option<Verdict> {
+        match (self, code) {
+            (Hook::Xdp, 2) | (Hook::Tc, 0) => Some(Verdict::Pass),
+            (Hook::Xdp, 1) | (Hook::Tc, 2) => Some(Verdict::Drop),
+            (Hook::Xdp, 3) | (Hook::Tc, 7) => Some(Verdict::Bounce),
+            _ => None,
+        }
+    }
+}
+
+pub struct Fixture {
+    pub datapath: Datapath,
+    pub syncer: Syncer,
+}
+
+pub struct RunResult {
+    pub verdict: Verdict,
+    pub output: Vec<u8>,
+}
+
+impl Fixture {
+    pub fn new(desired: &DesiredState) -> Self {
+        let datapath = Datapath::load(None).expect("loading the datapath (needs root)");
+        let mut fixture = Self { datapath, syncer: Syncer::new() };
+        fixture.program(desired);
+        fixture
+    }
+
+    pub fn program(&mut self, desired: &DesiredState) {
+        self.syncer.apply(desired, &mut self.datapath.maps).expect("programming the maps");
+    }
+
+    /// Runs one packet through the hook's program once.
+    pub fn run(&self, hook: Hook, input: &[u8]) -> RunResult {
+        self.try_run(hook, input).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `run`, with the kernel's refusal as an error.
+    pub fn try_run(&self, hook: Hook, input: &[u8]) -> Result<RunResult, String> {
+        let mut output = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut output), repeat: 1, ..Default::default() };
+        let result = match hook {
+            Hook::Xdp => self.datapath.xdp_program().expect("xdp program").test_run(opts),
+            Hook::Tc => self.datapath.tc_program().expect("tc program").test_run(opts),
+        }
+        .map_err(|e| format!("BPF_PROG_TEST_RUN on {hook:?}: {e:?}"))?;
+        output.truncate(result.data_size_out as usize);
+        let verdict = hook
+            .verdict(result.return_value)
+            .ok_or_else(|| format!("{hook:?} returned unexpected code {}", result.return_value))?;
+        Ok(RunResult { verdict, output })
+    }
+
+    pub fn reason_totals(&self) -> [u64; Reason::COUNT as usize] {
+        self.datapath.maps.verdict_totals().expect("reading verdict counters")
+    }
+
+    pub fn service_id(&self, namespace: &str, name: &str, port: &str) -> u32 {
+        let key = ServicePortName { namespace: namespace.into(), name: name.into(), port: port.into() };
+        self.syncer.service_id(&key).unwrap_or_else(|| panic!("{key} is not programmed"))
+    }
+}
+
+/// A service port in the "default" namespace with one frontend.
+pub fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, endpoints: &[([u8; 4], u16)]) -> (ServicePortName, ServicePort) {
+    (
+        ServicePortName { namespace: "default".into(), name: name.into(), port: port.to_string() },
+        ServicePort {
+            frontends: [Frontend { ip: Ipv4Addr::from(vip), port, protocol }].into(),
+            endpoints: endpoints.iter().map(|&(ip, port)| Endpoint { ip: ip.into(), port }).collect(),
+        },
+    )
+}
+
+pub fn desired(services: impl IntoIterator<Item = (ServicePortName, ServicePort)>) -> DesiredState {
+    DesiredState { services: services.into_iter().collect() }
+}

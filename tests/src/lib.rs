@@ -1,0 +1,4 @@
+//! Shared pieces of the packet tests, end-to-end tests and benchmarks.
+pub mod fixture;
+pub mod netns;
+pub mod packets;

@@ -1,0 +1,189 @@
+//! Test packets built with etherparse, whose lengths and checksums are
+//! computed independently of the datapath's own code.
+use std::net::SocketAddrV4;
+
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options,
+    TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Tcp(TcpHeader),
+    Udp(UdpHeader),
+}
+
+/// An Ethernet + IPv4 + TCP/UDP frame, serialised with fresh lengths and
+/// checksums by `bytes()`.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub eth: Ethernet2Header,
+    pub ip: Ipv4Header,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    fn new(src: SocketAddrV4, dst: SocketAddrV4, proto: IpNumber, l4: L4, payload: &[u8]) -> Self {
+        let mut ip = Ipv4Header::new(0, 64, proto, src.ip().octets(), dst.ip().octets())
+            .expect("zero payload length is valid");
+        ip.identification = 0x1234;
+        Self {
+            eth: Ethernet2Header { source: CLIENT_MAC, destination: NODE_MAC, ether_type: EtherType::IPV4 },
+            ip,
+            l4,
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// A TCP SYN from `src` to `dst`.
+    pub fn tcp_syn(src: &str, dst: &str) -> Self {
+        let (src, dst) = (addr(src), addr(dst));
+        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1000, 64240);
+        tcp.syn = true;
+        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+    }
+
+    /// A TCP segment with ACK (and PSH when there is data).
+    pub fn tcp_data(src: &str, dst: &str, payload: &[u8]) -> Self {
+        let (src, dst) = (addr(src), addr(dst));
+        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1001, 64240);
+        tcp.ack = true;
+        tcp.acknowledgment_number = 5001;
+        tcp.psh = !payload.is_empty();
+        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), payload)
+    }
+
+    pub fn udp(src: &str, dst: &str, payload: &[u8]) -> Self {
+        let (src, dst) = (addr(src), addr(dst));
+        let udp = UdpHeader { source_port: src.port(), destination_port: dst.port(), length: 0, checksum: 0 };
+        Self::new(src, dst, IpNumber::UDP, L4::Udp(udp), payload)
+    }
+
+    pub fn with_src(mut self, src: &str) -> Self {
+        let src = addr(src);
+        self.ip.source = src.ip().octets();
+        match &mut self.l4 {
+            L4::Tcp(t) => t.source_port = src.port(),
+            L4::Udp(u) => u.source_port = src.port(),
+        }
+        self
+    }
+
+    pub fn with_dst(mut self, dst: &str) -> Self {
+        let dst = addr(dst);
+        self.ip.destination = dst.ip().octets();
+        match &mut self.l4 {
+            L4::Tcp(t) => t.destination_port = dst.port(),
+            L4::Udp(u) => u.destination_port = dst.port(),
+        }
+        self
+    }
+
+    pub fn with_ip_options(mut self, options: &[u8]) -> Self {
+        self.ip.options = Ipv4Options::try_from(options).expect("options of a multiple of 4 bytes, at most 40");
+        self
+    }
+
+    pub fn with_tcp(mut self, edit: impl FnOnce(&mut TcpHeader)) -> Self {
+        if let L4::Tcp(t) = &mut self.l4 {
+            edit(t);
+        }
+        self
+    }
+
+    /// The frame with lengths and checksums computed by etherparse.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut ip = self.ip.clone();
+        let l4_bytes = match &self.l4 {
+            L4::Tcp(t) => {
+                ip.set_payload_len(t.header_len() + self.payload.len()).expect("small packet");
+                let mut t = t.clone();
+                t.checksum = t.calc_checksum_ipv4(&ip, &self.payload).expect("small packet");
+                t.to_bytes().to_vec()
+            }
+            L4::Udp(u) => {
+                ip.set_payload_len(8 + self.payload.len()).expect("small packet");
+                let u = UdpHeader::with_ipv4_checksum(u.source_port, u.destination_port, &ip, &self.payload)
+                    .expect("small packet");
+                u.to_bytes().to_vec()
+            }
+        };
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut out = self.eth.to_bytes().to_vec();
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&l4_bytes);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Offset of the L4 header in `bytes()`.
+    pub fn l4_offset(&self) -> usize {
+        14 + self.ip.header_len()
+    }
+
+    /// `bytes()` with the UDP checksum zeroed ("no checksum").
+    pub fn bytes_without_udp_checksum(&self) -> Vec<u8> {
+        let mut out = self.bytes();
+        let check = self.l4_offset() + 6;
+        out[check..check + 2].copy_from_slice(&[0, 0]);
+        out
+    }
+
+    /// The TCP reset the datapath must send back for this segment, built by
+    /// etherparse from RFC 9293's rules.
+    pub fn expected_reset(&self) -> Vec<u8> {
+        let L4::Tcp(seg) = &self.l4 else { panic!("a reset answers TCP") };
+        let mut rst = TcpHeader::new(seg.destination_port, seg.source_port, 0, 0);
+        rst.rst = true;
+        if seg.ack {
+            rst.sequence_number = seg.acknowledgment_number;
+        } else {
+            rst.ack = true;
+            rst.acknowledgment_number =
+                seg.sequence_number + self.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
+        }
+        let mut ip = reply_ip(&self.ip, IpNumber::TCP);
+        ip.set_payload_len(rst.header_len()).expect("small packet");
+        rst.checksum = rst.calc_checksum_ipv4(&ip, &[]).expect("small packet");
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut out = reply_eth(&self.eth).to_bytes().to_vec();
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&rst.to_bytes());
+        out
+    }
+
+    /// The ICMP port unreachable the datapath must send back for this
+    /// datagram, quoting its IP header and first 8 payload bytes.
+    pub fn expected_port_unreachable(&self) -> Vec<u8> {
+        let original = self.bytes();
+        let quote = &original[14..14 + self.ip.header_len() + 8];
+        let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port), quote);
+        let mut ip = reply_ip(&self.ip, IpNumber::ICMP);
+        ip.set_payload_len(icmp.header_len() + quote.len()).expect("small packet");
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut out = reply_eth(&self.eth).to_bytes().to_vec();
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&icmp.to_bytes());
+        out.extend_from_slice(quote);
+        out
+    }
+}
+
+fn reply_eth(request: &Ethernet2Header) -> Ethernet2Header {
+    Ethernet2Header { source: request.destination, destination: request.source, ether_type: EtherType::IPV4 }
+}
+
+fn reply_ip(request: &Ipv4Header, proto: IpNumber) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, 64, proto, request.destination, request.source).expect("valid header");
+    ip.dont_fragment = true;
+    ip.identification = 0;
+    ip
+}
+
+pub fn addr(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap_or_else(|_| panic!("{s} is not ip:port"))
+}

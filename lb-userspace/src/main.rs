@@ -20,7 +20,11 @@ async fn main() -> ExitCode {
         eprintln!("error: --log-level {:?} is not a level (error, warn, info, debug, trace) or a tracing filter", args.log_level);
         return ExitCode::from(2);
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     match run(&args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

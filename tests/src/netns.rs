@@ -1,1 +1,358 @@
+//! Test hosts in network namespaces: uniquely named namespaces joined by
+//! veth pairs, servers and clients on threads that entered a namespace,
+//! the real `lb-agent` running in the node namespace with its maps pinned
+//! in a bpf filesystem of the test's own. Everything is removed on drop,
+//! also when a test fails. Traffic only goes between these namespaces.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context, Result, bail};
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other test (in this or another process) uses.
+pub fn unique_name(role: &str) -> String {
+    format!("lbt{}x{}{role}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(role: &str) -> Result<Self> {
+        let name = unique_name(role);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `f` on a thread inside this namespace and returns its result.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let handle = self.spawn_thread(f)?;
+        handle.join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))
+    }
+
+    /// Starts `f` on a thread inside this namespace; threads it starts
+    /// inherit the namespace.
+    pub fn spawn_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<thread::JoinHandle<T>> {
+        let file = File::open(Path::new("/run/netns").join(&self.name)).with_context(|| format!("opening netns {}", self.name))?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd changes only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            let entered = if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            assert!(ok, "setns failed");
+            f()
+        });
+        ready_rx.recv().context("thread ended before entering the namespace")?.context("setns")?;
+        Ok(handle)
+    }
+
+    /// Writes a sysctl under /proc/sys/net of this namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_owned();
+        self.enter(move || std::fs::write(&path, value).with_context(|| format!("writing {path}")))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// A fresh bpf filesystem instance mounted under a temporary directory,
+/// unmounted (dropping every pin) and removed on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name("bpffs"));
+        lb_userspace::datapath::mount_bpffs(&dir).with_context(|| format!("mounting bpffs at {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Err(e) = run("umount", &[&self.dir.to_string_lossy()]) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Joins two namespaces with a veth pair; `a` gets `a_ip/24` on `a_if`,
+/// `b` gets `b_ip/24` on `b_if`.
+pub fn link(a: &Netns, a_if: &str, a_ip: Ipv4Addr, b: &Netns, b_if: &str, b_ip: Ipv4Addr) -> Result<()> {
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name])?;
+    a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", a_if])?;
+    b.ip(&["addr", "add", &format!("{b_ip}/24"), "dev", b_if])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])
+}
+
+/// A TCP and UDP server answering every line or datagram with
+/// "You've hit NAME\n", like the seeds' kubia pods; stops on drop.
+pub struct EchoServer {
+    pub name: String,
+    /// Bytes received over TCP, all connections together.
+    pub tcp_bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+impl EchoServer {
+    pub fn start(ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp_bytes = Arc::new(AtomicU64::new(0));
+        let answer = format!("You've hit {name}\n");
+        let (listening_tx, listening_rx) = mpsc::channel::<Result<()>>();
+
+        let (stop_t, bytes_t, answer_t, tx) = (stop.clone(), tcp_bytes.clone(), answer.clone(), listening_tx.clone());
+        let tcp = ns.spawn_thread(move || {
+            let listener = match TcpListener::bind(("0.0.0.0", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            while !stop_t.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (stop_c, bytes_c, answer_c) = (stop_t.clone(), bytes_t.clone(), answer_t.clone());
+                        thread::spawn(move || serve_tcp(conn, &stop_c, &bytes_c, &answer_c));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(listener.as_raw_fd()),
+                    Err(_) => return,
+                }
+            }
+        })?;
+        let (stop_u, tx) = (stop.clone(), listening_tx);
+        let udp = ns.spawn_thread(move || {
+            let socket = match UdpSocket::bind(("0.0.0.0", udp_port)).and_then(|s| s.set_read_timeout(Some(POLL)).map(|()| s)) {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 2048];
+            while !stop_u.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(answer.as_bytes(), from);
+                }
+            }
+        })?;
+        for _ in 0..2 {
+            listening_rx.recv().context("server thread ended")??;
+        }
+        Ok(Self { name: name.into(), tcp_bytes, stop, threads: vec![tcp, udp] })
+    }
+}
+
+fn wait_readable(fd: i32) {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; a timeout bounds the wait.
+    unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as i32) };
+}
+
+fn serve_tcp(conn: TcpStream, stop: &AtomicBool, bytes: &AtomicU64, answer: &str) {
+    if conn.set_read_timeout(Some(POLL)).is_err() {
+        return;
+    }
+    let Ok(mut writer) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                line.clear();
+                if writer.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one line on a TCP connection and reads the answer line.
+pub fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
+    conn.write_all(b"hello\n")?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match conn.read(&mut byte)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ if byte[0] == b'\n' => break,
+            _ => answer.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The pod name in an answer ("You've hit NAME").
+pub fn pod_name(answer: &str) -> String {
+    answer.trim_start_matches("You've hit ").to_owned()
+}
+
+/// Connects to `addr` and asks once.
+pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
+    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(3))?;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    ask(&mut conn)
+}
+
+/// The `lb-agent` binary built next to the running test or tool.
+pub fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("lb-agent");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("lb-agent is not built next to {}: run `cargo build -p lb-userspace` (cargo xtask test does)", exe.display())
+}
+
+/// The real agent running in a namespace; its stderr lines are collected.
+/// SIGTERM on drop, SIGKILL if it does not stop.
+pub struct Agent {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    line_rx: Mutex<mpsc::Receiver<String>>,
+}
+
+impl Agent {
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let binary = agent_binary()?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(&binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting lb-agent")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let collected = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut all) = collected.lock() {
+                    all.push(line.clone());
+                }
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { child, lines, line_rx: Mutex::new(rx) })
+    }
+
+    /// Waits for a log line containing every one of `needles`; returns it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let rx = self.line_rx.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if needles.iter().all(|n| line.contains(n)) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!("agent logged no line with {needles:?} within {timeout:?}; its log:\n{}", self.log()),
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP: reload the service description.
+    pub fn reload(&self) -> Result<()> {
+        // SAFETY: signalling our own child process.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        if rc != 0 {
+            bail!("SIGHUP: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

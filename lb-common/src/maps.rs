@@ -8,8 +8,13 @@
 //! - `BACKEND_SLOTS`: (backend set, slot) → backend address and port. A set is
 //!   written whole under a fresh id before a frontend points at it, so a
 //!   reader sees either the old or the new set, never half of one.
-//! - `SERVICE_BACKENDS`: (service, backend address, port) → present. Lets an
-//!   established flow check on every packet that its backend still serves.
+//! - `BACKEND_SET_MEMBERS`: (backend set, backend) → its slot. Whether a
+//!   backend belongs to a set, without scanning it.
+//! - `SERVICE_BACKEND_SETS`: array, service id → the service's current
+//!   backend set. An established flow remembers the set its backend was
+//!   checked against; while that is still the current set (one array read)
+//!   the backend still serves, otherwise one `BACKEND_SET_MEMBERS` lookup
+//!   decides.
 //! - `CONNTRACK`: LRU, wire 5-tuple → the translation for that direction.
 //! - `SERVICE_COUNTERS`, `VERDICT_COUNTERS`: per-CPU counters.
 use bytemuck::{Pod, Zeroable};
@@ -18,7 +23,8 @@ use core::net::Ipv4Addr;
 pub const MAP_SERVICE_FRONTENDS: &str = "SERVICE_FRONTENDS";
 pub const MAP_SERVICE_VIPS: &str = "SERVICE_VIPS";
 pub const MAP_BACKEND_SLOTS: &str = "BACKEND_SLOTS";
-pub const MAP_SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
+pub const MAP_BACKEND_SET_MEMBERS: &str = "BACKEND_SET_MEMBERS";
+pub const MAP_SERVICE_BACKEND_SETS: &str = "SERVICE_BACKEND_SETS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
@@ -113,16 +119,17 @@ impl Backend {
     }
 }
 
-/// Membership of a backend in a service's current backend set.
+/// A backend's membership in a backend set; the value is its slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ServiceBackendKey {
-    pub service_id: u32,
+pub struct BackendSetMemberKey {
     pub backend: Backend,
+    pub backend_set: u32,
 }
 
-/// The value stored under a `ServiceBackendKey`: presence is what counts.
-pub const SERVICE_BACKEND_PRESENT: u8 = 1;
+/// `SERVICE_BACKEND_SETS` value of a service id not in use: set ids start
+/// at 1, so no flow's remembered set matches it.
+pub const NO_BACKEND_SET: u32 = 0;
 
 /// A packet's 5-tuple as seen on the wire at the hook.
 #[repr(C)]
@@ -137,7 +144,10 @@ pub struct ConntrackKey {
     /// Network byte order.
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields rather than [u8; 3]: zeroing an odd-sized array compiles to
+    // a memset call on BPF, two plain stores here.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// What to do with a packet whose 5-tuple matches the key.
@@ -153,6 +163,9 @@ pub struct ConntrackValue {
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
     pub _pad: u8,
+    /// `CT_FORWARD`: the backend set the backend was last found in; while
+    /// it is the service's current set, the backend still serves.
+    pub backend_set: u32,
 }
 
 /// Per-service counters, one slot per CPU, summed by user space.
@@ -175,9 +188,9 @@ const _: () = {
     assert!(size_of::<FrontendValue>() == 12);
     assert!(size_of::<BackendSlotKey>() == 8);
     assert!(size_of::<Backend>() == 8);
-    assert!(size_of::<ServiceBackendKey>() == 12);
+    assert!(size_of::<BackendSetMemberKey>() == 12);
     assert!(size_of::<ConntrackKey>() == 16);
-    assert!(size_of::<ConntrackValue>() == 12);
+    assert!(size_of::<ConntrackValue>() == 16);
     assert!(size_of::<ServiceCounters>() == 32);
     assert!(align_of::<ConntrackKey>() == 4);
     assert!(align_of::<ServiceCounters>() == 8);
@@ -192,7 +205,7 @@ mod user {
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for ServiceBackendKey {}
+    unsafe impl aya::Pod for BackendSetMemberKey {}
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for ServiceCounters {}

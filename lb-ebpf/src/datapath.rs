@@ -1,6 +1,6 @@
 //! The decision for one packet, shared by both hooks: established flow,
 //! reply, new connection, reject, or not ours.
-use lb_common::{Backend, CT_REPLY, Reason};
+use lb_common::{Backend, CT_REPLY, ConntrackValue, Reason};
 
 use crate::{
     conntrack,
@@ -42,33 +42,53 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         Parsed::Fragment { .. } => return (Action::Pass, Reason::PassNotService),
     };
 
+    // Conntrack first: one lookup settles both established flows and
+    // replies, the packets that matter most. Only packets without an entry
+    // pay for the service address check.
     let mut rescheduled = false;
-    if let Some(ct) = conntrack::lookup(&flow.tuple) {
+    if let Some(entry) = conntrack::lookup(&flow.tuple) {
+        let ct = entry.value();
         if ct.direction == CT_REPLY {
             return translate(pkt, &flow, Side::Source, ct.nat_ip, ct.nat_port, ct.service_id, false, Reason::ReplyTranslated);
         }
         let backend = Backend { ip: ct.nat_ip, port: ct.nat_port, _pad: 0 };
-        if service::still_serves(ct.service_id, backend) {
+        if still_serves(&entry, &ct, backend) {
             return translate(pkt, &flow, Side::Destination, backend.ip, backend.port, ct.service_id, false, Reason::ForwardEstablished);
         }
         // The backend left: the flow gets a new one, like a new connection.
         rescheduled = true;
     }
-
-    let Some(fe) = service::frontend(&flow.tuple) else {
-        if service::is_service_address(flow.tuple.dst_ip) {
-            return reject(pkt, &flow, None, Reason::RejectUnknownPort);
-        }
+    if !service::is_service_address(flow.tuple.dst_ip) {
         return (Action::Pass, Reason::PassNotService);
+    }
+    let Some(fe) = service::frontend(&flow.tuple) else {
+        return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
     let Some(backend) = service::pick_backend(&fe) else {
         return reject(pkt, &flow, Some(fe.service_id), Reason::RejectNoBackend);
     };
-    if conntrack::record(&flow.tuple, fe.service_id, backend).is_err() {
+    if conntrack::record(&flow.tuple, fe.service_id, backend, fe.backend_set).is_err() {
         return (Action::Drop, Reason::DropConntrackFull);
     }
     let reason = if rescheduled { Reason::ForwardRescheduled } else { Reason::ForwardNew };
     translate(pkt, &flow, Side::Destination, backend.ip, backend.port, fe.service_id, true, reason)
+}
+
+/// Whether an established flow's backend still serves its service: at once
+/// when the set it was last found in is still the service's current set,
+/// else by one membership lookup in the current set (remembered for the
+/// packets after).
+#[inline(always)]
+fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue, backend: Backend) -> bool {
+    let current = service::current_backend_set(ct.service_id);
+    if ct.backend_set == current {
+        return true;
+    }
+    let member = service::is_member(current, backend);
+    if member {
+        entry.remember_backend_set(current);
+    }
+    member
 }
 
 #[inline(always)]

@@ -1,13 +1,13 @@
 //! The BPF maps, declared with BTF so that bpftool prints their keys and
 //! values field by field. Layouts and names live in lb-common.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey, FrontendValue,
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
-    ServiceBackendKey, ServiceCounters,
+    ServiceCounters,
 };
 
 #[btf_map]
@@ -22,9 +22,14 @@ pub static SERVICE_VIPS: HashMap<u32, u32, { MAX_VIPS as usize }> = HashMap::new
 pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend, { MAX_BACKEND_SLOTS as usize }> =
     HashMap::new();
 
+/// (backend set, backend) → slot.
 #[btf_map]
-pub static SERVICE_BACKENDS: HashMap<ServiceBackendKey, u8, { MAX_BACKEND_SLOTS as usize }> =
+pub static BACKEND_SET_MEMBERS: HashMap<BackendSetMemberKey, u32, { MAX_BACKEND_SLOTS as usize }> =
     HashMap::new();
+
+/// Service id → its current backend set.
+#[btf_map]
+pub static SERVICE_BACKEND_SETS: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 
 #[btf_map]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { MAX_CONNTRACK_ENTRIES as usize }> =

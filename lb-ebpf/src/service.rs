@@ -1,9 +1,14 @@
 //! Service lookups: frontends, service addresses, backend choice and the
 //! check that a backend still serves its service.
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
-use lb_common::{Backend, BackendSlotKey, ConntrackKey, FrontendKey, FrontendValue, ServiceBackendKey};
+use lb_common::{
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, FrontendKey, FrontendValue,
+    NO_BACKEND_SET,
+};
 
-use crate::maps::{BACKEND_SLOTS, SERVICE_BACKENDS, SERVICE_FRONTENDS, SERVICE_VIPS};
+use crate::maps::{
+    BACKEND_SET_MEMBERS, BACKEND_SLOTS, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS, SERVICE_VIPS,
+};
 
 /// The frontend a packet is addressed to, if any.
 #[inline(always)]
@@ -35,8 +40,19 @@ pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
     unsafe { BACKEND_SLOTS.get(&key).copied() }
 }
 
-/// Whether `backend` is in the current backend set of the service.
+/// The service's current backend set (an array read, no hashing).
 #[inline(always)]
-pub fn still_serves(service_id: u32, backend: Backend) -> bool {
-    SERVICE_BACKENDS.get_ptr(ServiceBackendKey { service_id, backend }).is_some()
+pub fn current_backend_set(service_id: u32) -> u32 {
+    match SERVICE_BACKEND_SETS.get_ptr(service_id) {
+        // SAFETY: a pointer into an array map slot, valid for the program's
+        // run; a u32 read.
+        Some(set) => unsafe { *set },
+        None => NO_BACKEND_SET,
+    }
+}
+
+/// Whether `backend` belongs to `backend_set`.
+#[inline(always)]
+pub fn is_member(backend_set: u32, backend: Backend) -> bool {
+    BACKEND_SET_MEMBERS.get_ptr(BackendSetMemberKey { backend_set, backend }).is_some()
 }

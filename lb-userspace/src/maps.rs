@@ -4,14 +4,14 @@ use std::path::Path;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use lb_common::{
-    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
-    FrontendValue, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICE_BACKENDS, MAP_SERVICE_COUNTERS,
-    MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS, MAP_VERDICT_COUNTERS, Reason,
-    SERVICE_BACKEND_PRESENT, ServiceBackendKey, ServiceCounters,
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
+    FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
+    MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
+    MAP_VERDICT_COUNTERS, Reason, ServiceCounters,
 };
 
 use crate::{
@@ -19,11 +19,12 @@ use crate::{
     sync::MapWriter,
 };
 
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
-    MAP_SERVICE_BACKENDS,
+    MAP_BACKEND_SET_MEMBERS,
+    MAP_SERVICE_BACKEND_SETS,
     MAP_CONNTRACK,
     MAP_SERVICE_COUNTERS,
     MAP_VERDICT_COUNTERS,
@@ -33,7 +34,8 @@ pub struct DatapathMaps {
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     pub service_vips: HashMap<MapData, u32, u32>,
     pub backend_slots: HashMap<MapData, BackendSlotKey, Backend>,
-    pub service_backends: HashMap<MapData, ServiceBackendKey, u8>,
+    pub backend_set_members: HashMap<MapData, BackendSetMemberKey, u32>,
+    pub service_backend_sets: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     pub service_counters: PerCpuArray<MapData, ServiceCounters>,
     pub verdict_counters: PerCpuArray<MapData, u64>,
@@ -56,7 +58,8 @@ impl DatapathMaps {
             frontends: take(ebpf, MAP_SERVICE_FRONTENDS)?,
             service_vips: take(ebpf, MAP_SERVICE_VIPS)?,
             backend_slots: take(ebpf, MAP_BACKEND_SLOTS)?,
-            service_backends: take(ebpf, MAP_SERVICE_BACKENDS)?,
+            backend_set_members: take(ebpf, MAP_BACKEND_SET_MEMBERS)?,
+            service_backend_sets: take(ebpf, MAP_SERVICE_BACKEND_SETS)?,
             conntrack: take(ebpf, MAP_CONNTRACK)?,
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
@@ -104,14 +107,16 @@ impl MapWriter for DatapathMaps {
         ignore_missing(self.backend_slots.remove(&key)).map_err(map_err(MAP_BACKEND_SLOTS))
     }
 
-    fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
-        self.service_backends
-            .insert(key, SERVICE_BACKEND_PRESENT, 0)
-            .map_err(map_err(MAP_SERVICE_BACKENDS))
+    fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()> {
+        self.backend_set_members.insert(key, slot, 0).map_err(map_err(MAP_BACKEND_SET_MEMBERS))
     }
 
-    fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
-        ignore_missing(self.service_backends.remove(&key)).map_err(map_err(MAP_SERVICE_BACKENDS))
+    fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()> {
+        ignore_missing(self.backend_set_members.remove(&key)).map_err(map_err(MAP_BACKEND_SET_MEMBERS))
+    }
+
+    fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()> {
+        self.service_backend_sets.set(service_id, backend_set, 0).map_err(map_err(MAP_SERVICE_BACKEND_SETS))
     }
 
     fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {

@@ -2,18 +2,20 @@
 //! writes only the difference, in an order that never lets the datapath see
 //! a half-written backend set.
 //!
-//! A service port whose endpoints change gets a whole new backend set under
-//! a fresh id; its frontends are then pointed at it one atomic map update
-//! each, and only after that is the old set deleted. Memberships
-//! (`SERVICE_BACKENDS`) are added before the switch and removed after it, so
-//! an established flow to a backend that stays is never rescheduled.
+//! A service port whose endpoints change gets a whole new backend set (slots
+//! and memberships) under a fresh id; its frontends and its entry in
+//! `SERVICE_BACKEND_SETS` are then pointed at it, one atomic map update each,
+//! and only after that is the old set deleted. An established flow whose
+//! backend is in the new set finds it there and stays; one whose backend
+//! left finds it in neither and is rescheduled.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::Ipv4Addr,
 };
 
 use lb_common::{
-    Backend, BackendSlotKey, FrontendKey, FrontendValue, MAX_SERVICES, ServiceBackendKey, ip_be,
+    Backend, BackendSetMemberKey, BackendSlotKey, FrontendKey, FrontendValue, MAX_SERVICES,
+    NO_BACKEND_SET, ip_be,
 };
 
 use crate::{
@@ -26,8 +28,9 @@ use crate::{
 pub trait MapWriter {
     fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()>;
     fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()>;
-    fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()>;
-    fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()>;
+    fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()>;
+    fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()>;
+    fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()>;
     fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()>;
     fn remove_frontend(&mut self, key: FrontendKey) -> Result<()>;
     fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()>;
@@ -125,9 +128,7 @@ impl Syncer {
         maps.reset_service_counters(id)?;
         let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
         let set = self.write_set(&endpoints, maps)?;
-        for endpoint in &endpoints {
-            maps.put_service_backend(membership(id, endpoint))?;
-        }
+        maps.put_service_backend_set(id, set)?;
         let value = frontend_value(id, set, &endpoints);
         for frontend in &service.frontends {
             self.add_frontend(frontend, value, maps)?;
@@ -141,16 +142,12 @@ impl Syncer {
 
     fn update(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
         let Some(mut p) = self.programmed.remove(name) else { return Ok(()) };
-        let old_endpoints: BTreeSet<Endpoint> = p.endpoints.iter().copied().collect();
-        let endpoints_changed = old_endpoints != service.endpoints;
-        let old_set = p.set;
+        let endpoints_changed = !same_endpoints(&p.endpoints, &service.endpoints);
+        let (old_set, mut old_endpoints) = (p.set, Vec::new());
         if endpoints_changed {
             let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
             p.set = self.write_set(&endpoints, maps)?;
-            for endpoint in service.endpoints.difference(&old_endpoints) {
-                maps.put_service_backend(membership(p.id, endpoint))?;
-            }
-            p.endpoints = endpoints;
+            old_endpoints = std::mem::replace(&mut p.endpoints, endpoints);
         }
         let value = frontend_value(p.id, p.set, &p.endpoints);
         for frontend in p.frontends.difference(&service.frontends) {
@@ -164,12 +161,8 @@ impl Syncer {
             }
         }
         if endpoints_changed {
-            for slot in 0..old_endpoints.len() as u32 {
-                maps.remove_backend_slot(BackendSlotKey { backend_set: old_set, slot })?;
-            }
-            for endpoint in old_endpoints.difference(&service.endpoints) {
-                maps.remove_service_backend(membership(p.id, endpoint))?;
-            }
+            maps.put_service_backend_set(p.id, p.set)?;
+            delete_set(old_set, &old_endpoints, maps)?;
         }
         p.frontends = service.frontends.clone();
         self.programmed.insert(name.clone(), p);
@@ -181,23 +174,22 @@ impl Syncer {
         for frontend in &p.frontends {
             self.remove_frontend(frontend, maps)?;
         }
-        for endpoint in &p.endpoints {
-            maps.remove_service_backend(membership(p.id, endpoint))?;
-        }
-        for slot in 0..p.endpoints.len() as u32 {
-            maps.remove_backend_slot(BackendSlotKey { backend_set: p.set, slot })?;
-        }
+        maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
+        delete_set(p.set, &p.endpoints, maps)?;
         maps.remove_service_flows(p.id)?;
         self.free_ids.push_back(p.id);
         Ok(())
     }
 
-    /// Writes a complete backend set under a fresh id and returns the id.
+    /// Writes a complete backend set (slots and memberships) under a fresh
+    /// id and returns the id.
     fn write_set(&mut self, endpoints: &[Endpoint], maps: &mut impl MapWriter) -> Result<u32> {
         let set = self.next_set;
-        self.next_set = self.next_set.wrapping_add(1).max(1);
+        self.next_set = self.next_set.wrapping_add(1).max(NO_BACKEND_SET + 1);
         for (slot, endpoint) in endpoints.iter().enumerate() {
-            maps.put_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 }, backend(endpoint))?;
+            let slot = slot as u32;
+            maps.put_backend_slot(BackendSlotKey { backend_set: set, slot }, backend(endpoint))?;
+            maps.put_set_member(BackendSetMemberKey { backend_set: set, backend: backend(endpoint) }, slot)?;
         }
         Ok(set)
     }
@@ -249,69 +241,78 @@ fn backend(endpoint: &Endpoint) -> Backend {
     Backend::new(endpoint.ip, endpoint.port)
 }
 
-fn membership(service_id: u32, endpoint: &Endpoint) -> ServiceBackendKey {
-    ServiceBackendKey { service_id, backend: backend(endpoint) }
+/// Deletes a backend set no frontend or service points at any more.
+fn delete_set(set: u32, endpoints: &[Endpoint], maps: &mut impl MapWriter) -> Result<()> {
+    for (slot, endpoint) in endpoints.iter().enumerate() {
+        maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 })?;
+        maps.remove_set_member(BackendSetMemberKey { backend_set: set, backend: backend(endpoint) })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{HashMap, HashSet};
+    use std::collections::HashMap;
 
     use super::*;
     use crate::model::Protocol;
 
-    /// The maps as plain collections, checking at every frontend write that
-    /// the set it points at is complete and its backends are members.
+    /// The maps as plain collections, checking at every write that nothing
+    /// in use points at an incomplete set and nothing in use is deleted.
     #[derive(Default)]
     struct FakeMaps {
         slots: HashMap<BackendSlotKey, Backend>,
-        members: HashSet<ServiceBackendKey>,
+        members: HashMap<BackendSetMemberKey, u32>,
         frontends: HashMap<FrontendKey, FrontendValue>,
+        service_sets: HashMap<u32, u32>,
         vips: HashMap<u32, u32>,
         flows_removed_for: Vec<u32>,
     }
 
+    impl FakeMaps {
+        fn in_use(&self, set: u32) -> bool {
+            self.frontends.values().any(|f| f.backend_set == set) || self.service_sets.values().any(|&s| s == set)
+        }
+
+        fn assert_complete(&self, set: u32, count: u32) {
+            for slot in 0..count {
+                let b = self.slots.get(&BackendSlotKey { backend_set: set, slot });
+                let b = b.unwrap_or_else(|| panic!("set {set} is missing slot {slot}"));
+                assert_eq!(self.members.get(&BackendSetMemberKey { backend_set: set, backend: *b }), Some(&slot));
+            }
+        }
+    }
+
     impl MapWriter for FakeMaps {
         fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
-            assert!(
-                !self.frontends.values().any(|f| f.backend_set == key.backend_set),
-                "a set in use was modified"
-            );
+            assert!(!self.in_use(key.backend_set), "a set in use was modified");
             self.slots.insert(key, backend);
             Ok(())
         }
         fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()> {
-            assert!(
-                !self.frontends.values().any(|f| f.backend_set == key.backend_set),
-                "a set in use was deleted"
-            );
+            assert!(!self.in_use(key.backend_set), "a set in use was deleted");
             self.slots.remove(&key);
             Ok(())
         }
-        fn put_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
-            self.members.insert(key);
+        fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()> {
+            assert!(!self.in_use(key.backend_set), "a set in use was modified");
+            self.members.insert(key, slot);
             Ok(())
         }
-        fn remove_service_backend(&mut self, key: ServiceBackendKey) -> Result<()> {
-            for (k, f) in &self.frontends {
-                for slot in 0..f.backend_count {
-                    let b = self.slots[&BackendSlotKey { backend_set: f.backend_set, slot }];
-                    assert!(
-                        !(f.service_id == key.service_id && b == key.backend),
-                        "membership of {b:?} removed while frontend {k:?} still uses it"
-                    );
-                }
-            }
+        fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()> {
+            assert!(!self.in_use(key.backend_set), "a set in use lost a member");
             self.members.remove(&key);
+            Ok(())
+        }
+        fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()> {
+            let count = self.members.keys().filter(|k| k.backend_set == backend_set).count();
+            self.assert_complete(backend_set, count as u32);
+            self.service_sets.insert(service_id, backend_set);
             Ok(())
         }
         fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
             assert!(self.vips.contains_key(&key.ip), "frontend written before its address");
-            for slot in 0..value.backend_count {
-                let b = self.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot });
-                let b = b.unwrap_or_else(|| panic!("frontend points at a set missing slot {slot}"));
-                assert!(self.members.contains(&ServiceBackendKey { service_id: value.service_id, backend: *b }));
-            }
+            self.assert_complete(value.backend_set, value.backend_count);
             self.frontends.insert(key, value);
             Ok(())
         }
@@ -367,6 +368,7 @@ mod tests {
                     .map(|b| Endpoint { ip: lb_common::ip_from_be(b.ip), port: u16::from_be(b.port) })
                     .collect();
                 assert_eq!(programmed, s.endpoints, "{n}");
+                assert_eq!(maps.service_sets[&id], value.backend_set, "{n}: the service's current set");
             }
             expected_slots += s.endpoints.len();
             expected_members += s.endpoints.len();
@@ -409,11 +411,10 @@ mod tests {
         syncer.apply(&both, &mut maps).expect("apply");
         let only_b = state(&[("a", service([10, 96, 0, 1], 80, &[])), ("b", service([10, 96, 0, 2], 80, &[7]))]);
         syncer.apply(&only_b, &mut maps).expect("apply");
-        let b = syncer.service_id(&name("b")).expect("b");
-        let a = syncer.service_id(&name("a")).expect("a");
+        let set_of = |n: &str| maps.service_sets[&syncer.service_id(&name(n)).expect("programmed")];
         let ep = Backend::new([10, 244, 0, 7].into(), 8080);
-        assert!(maps.members.contains(&ServiceBackendKey { service_id: b, backend: ep }));
-        assert!(!maps.members.contains(&ServiceBackendKey { service_id: a, backend: ep }));
+        assert!(maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("b"), backend: ep }));
+        assert!(!maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("a"), backend: ep }));
     }
 
     #[test]

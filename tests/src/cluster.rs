@@ -81,9 +81,7 @@ impl Cluster {
         let client = Netns::new("client")?;
         link(&node, "c0", Ipv4Addr::new(10, 201, 0, 1), &client, "eth0", CLIENT_IP)?;
         client.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
-        for key in ["net.ipv4.ip_forward"] {
-            node.sysctl(key, "1")?;
-        }
+        node.sysctl("net.ipv4.ip_forward", "1")?;
         for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
             node.sysctl(key, "0")?;
         }

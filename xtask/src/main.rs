@@ -1,1 +1,166 @@
-fn main(){}
+//! `cargo xtask`: one command for each job, each installing what it needs
+//! first (idempotently, and quickly when everything is there).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Build helper for the eBPF service load balancer.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and test tools (Debian's rustc with its
+    /// BPF core, LLVM 22, bpf-linker, iproute2, bpftool).
+    Setup,
+    /// Set up, then build everything in release mode.
+    Build,
+    /// Set up, build, then run the demo: the kubia service in namespaces.
+    Demo,
+    /// Set up, then run the whole test suite (unit, packet, end-to-end) and clippy.
+    Test,
+    /// Set up, then run the datapath benchmarks (BPF_PROG_TEST_RUN).
+    Bench,
+}
+
+/// Debian packages: the toolchain recipe of ../shared/toolchain.md and the
+/// tools the tests and docs use.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "iproute2",
+    "bpftool",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = workspace_root()?;
+    match args.command {
+        Cmd::Setup => setup(),
+        Cmd::Build => {
+            setup()?;
+            cargo(&root, &["build", "--release", "--workspace", "--all-targets"])
+        }
+        Cmd::Demo => {
+            require_root("the demo creates network namespaces and loads eBPF programs")?;
+            setup()?;
+            step("building (release)");
+            cargo(&root, &["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
+            run(Command::new(root.join("target/release/lb-demo")).current_dir(&root))
+        }
+        Cmd::Test => {
+            require_root("the packet and end-to-end tests load eBPF programs and create network namespaces")?;
+            setup()?;
+            step("building the agent for the end-to-end tests");
+            cargo(&root, &["build", "-p", "lb-userspace"])?;
+            step("running every test");
+            cargo(&root, &["test", "--workspace"])?;
+            step("clippy");
+            cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        }
+        Cmd::Bench => {
+            require_root("the benchmarks load eBPF programs")?;
+            setup()?;
+            step("running the datapath benchmarks");
+            cargo(&root, &["bench", "-p", "lb-tests", "--bench", "datapath"])
+        }
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest.parent().context("xtask sits in the workspace")?.to_path_buf())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !package_installed(p)).collect();
+    if missing.is_empty() {
+        step("Debian packages: all installed");
+    } else {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let linker = cargo_home()?.join("bin/bpf-linker");
+    if bpf_linker_version(&linker).as_deref() == Some(BPF_LINKER_VERSION) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: installed"));
+    } else {
+        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes)"));
+        run(Command::new("/usr/bin/cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env_remove("RUSTC")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
+    }
+    Ok(())
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_version(linker: &Path) -> Option<String> {
+    let out = Command::new(linker).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn cargo_home() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return Ok(home.into());
+    }
+    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cargo"))
+}
+
+/// The user-space cargo (the one running xtask).
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(root))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", cmd.get_program());
+    }
+    Ok(())
+}

@@ -1,8 +1,9 @@
 //! `cargo xtask`: one command for each job, each installing what it needs
 //! first (idempotently, and quickly when everything is there).
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -64,10 +65,10 @@ fn main() -> Result<()> {
             setup()?;
             step("building the agent for the end-to-end tests");
             cargo(&root, &["build", "-p", "lb-userspace"])?;
-            step("running every test");
-            cargo(&root, &["test", "--workspace"])?;
             step("clippy");
-            cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            step("running every test: unit, packet (BPF_PROG_TEST_RUN), end-to-end (veth namespaces)");
+            cargo_test(&root)
         }
         Cmd::Bench => {
             require_root("the benchmarks load eBPF programs")?;
@@ -155,6 +156,47 @@ fn cargo_home() -> Result<PathBuf> {
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo).args(args).current_dir(root))
+}
+
+/// `cargo test --workspace`, echoing its output and closing with one line
+/// that totals every test binary's result.
+fn cargo_test(root: &Path) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(["test", "--workspace"])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's output")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, "passed");
+            failed += count_before(result, "failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number labelled `label` in a libtest summary such as
+/// "ok. 4 passed; 0 failed; 0 ignored; ...".
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .filter_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            let (name, count) = (words.next()?, words.next()?);
+            if name == label { count.parse::<u64>().ok() } else { None }
+        })
+        .sum()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

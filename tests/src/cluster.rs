@@ -50,6 +50,25 @@ pub fn kubia_services(endpoints: &[usize]) -> Value {
     ]})
 }
 
+/// The hook serving the client-facing interface of the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientHook {
+    /// tc, with the veths' checksum offloads on: the client's packets carry
+    /// partial checksums (CHECKSUM_PARTIAL), as a pod's do.
+    Tc,
+    /// XDP, as on a NIC: checksum offloads are turned off on the client, the
+    /// node's interfaces and the pods, so every packet carries a complete
+    /// checksum and every receiving stack verifies it: a wrong checksum
+    /// update would break the connections.
+    Xdp,
+}
+
+/// Turns off checksum offload on `iface` in `ns`: checksums are computed
+/// when sending and verified when receiving.
+fn full_checksums(ns: &Netns, iface: &str) -> Result<()> {
+    crate::netns::run("ip", &["netns", "exec", &ns.name, "ethtool", "-K", iface, "tx", "off", "rx", "off"])
+}
+
 pub struct Pod {
     pub server: EchoServer,
     pub ns: Netns,
@@ -77,21 +96,33 @@ impl Drop for TempFile {
 
 impl Cluster {
     pub fn start(pod_count: usize, services: &Value) -> Result<Self> {
+        Self::start_with(pod_count, services, ClientHook::Tc)
+    }
+
+    pub fn start_with(pod_count: usize, services: &Value, client_hook: ClientHook) -> Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("client")?;
         link(&node, "c0", Ipv4Addr::new(10, 201, 0, 1), &client, "eth0", CLIENT_IP)?;
         client.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
+        if client_hook == ClientHook::Xdp {
+            full_checksums(&client, "eth0")?;
+            full_checksums(&node, "c0")?;
+        }
         node.sysctl("net.ipv4.ip_forward", "1")?;
         for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
             node.sysctl(key, "0")?;
         }
         let mut pods = Vec::new();
-        let mut ifaces = vec!["c0".to_owned()];
+        let mut ifaces = Vec::new();
         for i in 0..pod_count {
             let ns = Netns::new(&format!("pod{}", i + 1))?;
             let node_if = format!("b{}", i + 1);
             link(&node, &node_if, Ipv4Addr::new(10, 202, i as u8 + 1, 1), &ns, "eth0", pod_ip(i))?;
             ns.ip(&["route", "add", "default", "via", &format!("10.202.{}.1", i + 1)])?;
+            if client_hook == ClientHook::Xdp {
+                full_checksums(&ns, "eth0")?;
+                full_checksums(&node, &node_if)?;
+            }
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
             ifaces.push(node_if);
@@ -101,6 +132,10 @@ impl Cluster {
         std::fs::write(&services_file.0, services.to_string()).context("writing the service description")?;
 
         let mut args = vec!["--services".to_owned(), services_file.0.to_string_lossy().into_owned()];
+        match client_hook {
+            ClientHook::Tc => args.extend(["--iface".to_owned(), "c0".to_owned()]),
+            ClientHook::Xdp => args.extend(["--xdp-iface".to_owned(), "c0".to_owned()]),
+        }
         for iface in &ifaces {
             args.extend(["--iface".to_owned(), iface.clone()]);
         }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{Cluster, EMPTY_VIP, KUBIA_VIP, kubia_services, pod_name},
+    cluster::{ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, kubia_services, pod_name},
     netns::{ask, connect_and_ask, pod_name as answered_by},
 };
 
@@ -135,4 +135,31 @@ fn service_without_endpoints_is_refused_at_once() {
         // the reset or ICMP error came back.
         assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
     }
+}
+
+/// The XDP entry point on the client-facing interface (tc still serves the
+/// pod side, where the replies come from): real connections and datagrams
+/// through the VIP.
+#[test]
+fn xdp_on_the_client_interface_balances_tcp_and_udp() {
+    let cluster = Cluster::start_with(3, &kubia_services(&[0, 1, 2]), ClientHook::Xdp).expect("cluster");
+    let (tcp, udp) = cluster
+        .client
+        .enter(|| {
+            let tcp: Vec<String> = (0..60)
+                .map(|_| answered_by(&connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80)).expect("request through the VIP")))
+                .collect();
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            socket.send_to(b"query", SocketAddrV4::new(KUBIA_VIP, 53)).expect("send");
+            let mut buf = [0u8; 256];
+            let udp = socket.recv_from(&mut buf).map(|(n, from)| (from, String::from_utf8_lossy(&buf[..n]).into_owned()));
+            (tcp, udp)
+        })
+        .expect("client");
+    let pods: std::collections::BTreeSet<_> = tcp.iter().cloned().collect();
+    assert_eq!(pods.len(), 3, "60 connections through XDP reach all three pods: {pods:?}");
+    let (from, answer) = udp.expect("a UDP answer through XDP");
+    assert_eq!(from.to_string(), "10.96.0.10:53");
+    assert!(answer.starts_with("You've hit kubia-"), "{answer}");
 }

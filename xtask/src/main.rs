@@ -20,7 +20,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the eBPF toolchain and test tools (Debian's rustc with its
-    /// BPF core, LLVM 22, bpf-linker, iproute2, bpftool).
+    /// BPF core, LLVM 22, bpf-linker, iproute2, bpftool, ethtool).
     Setup,
     /// Set up, then build everything in release mode.
     Build,
@@ -41,6 +41,7 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iproute2",
     "bpftool",
+    "ethtool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

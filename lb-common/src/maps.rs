@@ -8,8 +8,10 @@
 //! - `BACKEND_SLOTS`: (backend set, slot) → backend address and port. A set is
 //!   written whole under a fresh id before a frontend points at it, so a
 //!   reader sees either the old or the new set, never half of one.
-//! - `BACKEND_SET_MEMBERS`: (backend set, backend) → its slot. Whether a
-//!   backend belongs to a set, without scanning it.
+//! - `BACKEND_SET_MEMBERS`: (backend, backend set) → its slot. Whether a
+//!   backend belongs to a set, without scanning it. Terminating endpoints
+//!   are members without a slot (slot `DRAINING_SLOT`): they keep their
+//!   established flows but get no new ones.
 //! - `SERVICE_BACKEND_SETS`: array, service id → the service's current
 //!   backend set. An established flow remembers the set its backend was
 //!   checked against; while that is still the current set (one array read)
@@ -91,9 +93,17 @@ pub struct FrontendValue {
     pub service_id: u32,
     /// Key prefix of `BACKEND_SLOTS`.
     pub backend_set: u32,
-    /// Slots `0..backend_count` of the set are filled; 0 means reject.
+    /// Slots `0..backend_count` of the set are filled; with 0, traffic is
+    /// rejected (or dropped, with `FRONTEND_DROP_WHEN_EMPTY`).
     pub backend_count: u32,
+    /// `FRONTEND_*` bits.
+    pub flags: u32,
 }
+
+/// `FrontendValue::flags`: with no backends, drop instead of rejecting
+/// (kube-proxy's behaviour for internalTrafficPolicy Local without a local
+/// endpoint).
+pub const FRONTEND_DROP_WHEN_EMPTY: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -126,6 +136,10 @@ pub struct BackendSetMemberKey {
     pub backend: Backend,
     pub backend_set: u32,
 }
+
+/// `BACKEND_SET_MEMBERS` value of a terminating endpoint: a member for its
+/// established flows, not in any slot.
+pub const DRAINING_SLOT: u32 = u32::MAX;
 
 /// `SERVICE_BACKEND_SETS` value of a service id not in use: set ids start
 /// at 1, so no flow's remembered set matches it.
@@ -185,7 +199,7 @@ pub struct ServiceCounters {
 
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
-    assert!(size_of::<FrontendValue>() == 12);
+    assert!(size_of::<FrontendValue>() == 16);
     assert!(size_of::<BackendSlotKey>() == 8);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<BackendSetMemberKey>() == 12);

@@ -38,10 +38,13 @@ pub enum Reason {
     DropConntrackFull = 12,
     /// A kernel helper failed while rewriting the packet: dropped.
     DropRewriteFailed = 13,
+    /// For a frontend without backends that drops rather than rejects
+    /// (internalTrafficPolicy Local without a local endpoint).
+    DropNoLocalEndpoint = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -58,6 +61,7 @@ impl Reason {
         Reason::DropUnanswerable,
         Reason::DropConntrackFull,
         Reason::DropRewriteFailed,
+        Reason::DropNoLocalEndpoint,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -77,6 +81,7 @@ impl Reason {
             Reason::DropUnanswerable => "drop_unanswerable",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropRewriteFailed => "drop_rewrite_failed",
+            Reason::DropNoLocalEndpoint => "drop_no_local_endpoint",
         }
     }
 }

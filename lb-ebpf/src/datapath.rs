@@ -1,6 +1,6 @@
 //! The decision for one packet, shared by both hooks: established flow,
 //! reply, new connection, reject, or not ours.
-use lb_common::{Backend, CT_REPLY, ConntrackValue, Reason};
+use lb_common::{Backend, CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, Reason};
 
 use crate::{
     conntrack,
@@ -65,6 +65,9 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
     let Some(backend) = service::pick_backend(&fe) else {
+        if fe.flags & FRONTEND_DROP_WHEN_EMPTY != 0 {
+            return (Action::Drop, Reason::DropNoLocalEndpoint);
+        }
         return reject(pkt, &flow, Some(fe.service_id), Reason::RejectNoBackend);
     };
     if conntrack::record(&flow.tuple, fe.service_id, backend, fe.backend_set).is_err() {

@@ -1,24 +1,36 @@
 //! The `lb-agent` command line.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
-/// service description. Send SIGHUP to reload the description.
+/// cluster's Services and EndpointSlices, read from the Kubernetes API or
+/// from a directory of manifests.
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version)]
 pub struct AgentArgs {
-    /// The service description (JSON: services with clusterIP, ports and
-    /// endpoints; see docs/architecture.md).
+    /// Read Services, EndpointSlices and Endpoints from the YAML/JSON
+    /// manifests in this directory (watched for changes) instead of the
+    /// Kubernetes API.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+
+    /// Kubeconfig file for the Kubernetes API (default: the in-cluster
+    /// service account).
     #[arg(long, value_name = "FILE")]
-    pub services: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name, for node-local endpoints (default: $NODE_NAME,
+    /// else the host name).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
 
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
 
-    /// Attach the XDP program to this interface instead (for NICs whose
+    /// Attach the XDP program instead to this interface (for NICs whose
     /// packets carry complete checksums). Repeatable.
     #[arg(long = "xdp-iface", value_name = "NAME")]
     pub xdp_ifaces: Vec<String>,
@@ -28,13 +40,19 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
     pub bpffs_dir: PathBuf,
 
+    /// Least average time between syncs, in milliseconds: a change after a
+    /// quiet period is applied at once (up to two back to back), changes in
+    /// a burst are applied together.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub min_sync_interval_ms: u64,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
 }
 
 impl AgentArgs {
-    /// Checks the combinations clap cannot express.
+    /// Checks what clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() {
             return Err("no interface to attach to: give at least one --iface NAME (or --xdp-iface NAME)".into());
@@ -42,6 +60,47 @@ impl AgentArgs {
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));
         }
+        if let Some(dir) = &self.manifests
+            && !dir.is_dir()
+        {
+            return Err(format!("--manifests {}: not a directory", dir.display()));
+        }
         Ok(())
+    }
+
+    pub fn min_sync_interval(&self) -> Duration {
+        Duration::from_millis(self.min_sync_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<AgentArgs, String> {
+        let args = AgentArgs::try_parse_from(std::iter::once("lb-agent").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        args.validate()?;
+        Ok(args)
+    }
+
+    #[test]
+    fn wrong_flags_say_what_is_wrong() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["--manifests", "/"], "no interface"),
+            (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
+            (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
+            (&["--iface", "eth0", "--manifests", "/", "--kubeconfig", "k"], "cannot be used with"),
+            (&["--iface", "eth0", "--min-sync-interval-ms", "soon"], "invalid value"),
+        ];
+        for (args, expected) in cases {
+            let error = parse(args).err().unwrap_or_default();
+            assert!(error.contains(expected), "{args:?}: {error:?} should say {expected:?}");
+        }
+    }
+
+    #[test]
+    fn node_name_comes_from_the_environment_unless_given() {
+        let args = AgentArgs::try_parse_from(["lb-agent", "--iface", "eth0", "--node-name", "n1"]).expect("valid");
+        assert_eq!(args.node_name.as_deref(), Some("n1"));
     }
 }

@@ -17,8 +17,10 @@ pub enum Error {
     Pin { path: PathBuf, reason: String },
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a valid service description: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    #[error("watching {path}: {reason}")]
+    Watch { path: PathBuf, reason: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("out of {what}: at most {limit} can be programmed")]

@@ -1,12 +1,31 @@
-//! lb-agent: loads and attaches the datapath, programs the services from
-//! the description, and reprograms on SIGHUP until SIGINT/SIGTERM.
-use std::{process::ExitCode, time::Instant};
+//! lb-agent: loads the datapath, programs it from the Kubernetes API or a
+//! manifest directory, attaches it, and keeps it in sync until SIGINT or
+//! SIGTERM.
+use std::{
+    collections::HashSet,
+    process::ExitCode,
+    time::Instant,
+};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
-use lb_userspace::{cli::AgentArgs, datapath::Datapath, source, sync::Syncer};
-use tokio::signal::unix::{SignalKind, signal};
+use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
+use lb_userspace::{
+    cli::AgentArgs,
+    datapath::Datapath,
+    model::kubernetes::desired_state,
+    source::{ChangeReceiver, Source, api::ApiSource, manifests},
+    sync::{SyncLimiter, Syncer},
+};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
+
+/// Syncs allowed back to back before --min-sync-interval-ms spaces them.
+const SYNC_BURST: u32 = 2;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -15,8 +34,7 @@ async fn main() -> ExitCode {
         eprintln!("error: {msg}");
         return ExitCode::from(2);
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level);
-    let Ok(filter) = filter else {
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&args.log_level) else {
         eprintln!("error: --log-level {:?} is not a level (error, warn, info, debug, trace) or a tracing filter", args.log_level);
         return ExitCode::from(2);
     };
@@ -34,13 +52,54 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Signals that end the agent.
+struct Shutdown {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
 async fn run(args: &AgentArgs) -> anyhow::Result<()> {
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut shutdown = Shutdown::new()?;
+    let node = match &args.node_name {
+        Some(name) => name.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name for --node-name")?.trim().to_owned(),
+    };
+    let (changes_tx, changes) = watch::channel(None);
+    let (source, source_task): (Source, JoinHandle<anyhow::Result<()>>) = match &args.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), node, "source: manifest directory");
+            let task = tokio::spawn(manifests::watch(dir.clone(), changes_tx)).map_err_into();
+            (Source::Manifests(dir.clone()), task)
+        }
+        None => {
+            let client = kube_client(args).await?;
+            info!(node, "source: Kubernetes API");
+            let (api, task) = ApiSource::start(client, changes_tx);
+            (Source::Api(api), tokio::spawn(async move {
+                task.await;
+                Ok(())
+            }))
+        }
+    };
 
     let mut datapath = Datapath::load(Some(&args.bpffs_dir))?;
-    let result = serve(args, &mut datapath, &mut hangup, &mut terminate, &mut interrupt).await;
+    let result = serve(args, &node, &source, source_task, changes, &mut datapath, &mut shutdown).await;
     for name in lb_userspace::maps::ALL_MAPS {
         let pin = args.bpffs_dir.join(name);
         if let Err(e) = std::fs::remove_file(&pin) {
@@ -50,56 +109,106 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     result
 }
 
+/// A spawned source task's outcome, with a panic or cancellation as an error.
+trait JoinInto {
+    fn map_err_into(self) -> JoinHandle<anyhow::Result<()>>;
+}
+
+impl JoinInto for JoinHandle<lb_userspace::error::Result<()>> {
+    fn map_err_into(self) -> JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(async move { Ok(self.await.context("source task")??) })
+    }
+}
+
+async fn kube_client(args: &AgentArgs) -> anyhow::Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => Config::incluster().context(
+            "not running in a cluster (no service account): give --kubeconfig FILE, or --manifests DIR to run without a cluster",
+        )?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
 async fn serve(
     args: &AgentArgs,
+    node: &str,
+    source: &Source,
+    source_task: JoinHandle<anyhow::Result<()>>,
+    mut changes: ChangeReceiver,
     datapath: &mut Datapath,
-    hangup: &mut tokio::signal::unix::Signal,
-    terminate: &mut tokio::signal::unix::Signal,
-    interrupt: &mut tokio::signal::unix::Signal,
+    shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let mut syncer = Syncer::new();
-    sync_from_file(args, datapath, &mut syncer, 1)?;
-    for iface in &args.ifaces {
-        datapath.attach_tc(iface)?;
-        info!(iface, "attached tc ingress");
-    }
-    for iface in &args.xdp_ifaces {
-        datapath.attach_xdp(iface)?;
-        info!(iface, "attached xdp");
-    }
-    info!(pinned = %args.bpffs_dir.display(), "ready");
-    let mut generation = 1;
+    let mut reported = HashSet::new();
+    let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
+    let mut generation = 0u64;
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    source_task.await.context("source task")??;
+                    bail!("the source stopped");
+                }
+                // A lone change is applied at once; in a burst, changes that
+                // come in while a sync waits are applied together by it.
+                tokio::time::sleep(limiter.delay(Instant::now())).await;
+                let Some(noticed) = *changes.borrow_and_update() else { continue };
                 generation += 1;
-                if let Err(e) = sync_from_file(args, datapath, &mut syncer, generation) {
-                    error!("reload failed, keeping the programmed state: {e:#}");
+                limiter.record(Instant::now());
+                sync(source, node, &mut syncer, datapath, &mut reported, generation, noticed)?;
+                if generation == 1 {
+                    for iface in &args.ifaces {
+                        datapath.attach_tc(iface)?;
+                        info!(iface, "attached tc ingress");
+                    }
+                    for iface in &args.xdp_ifaces {
+                        datapath.attach_xdp(iface)?;
+                        info!(iface, "attached xdp");
+                    }
+                    info!(pinned = %args.bpffs_dir.display(), "ready");
                 }
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = shutdown.recv() => break,
         }
     }
     info!("shutting down: detaching programs and removing pins");
     Ok(())
 }
 
-fn sync_from_file(args: &AgentArgs, datapath: &mut Datapath, syncer: &mut Syncer, generation: u64) -> anyhow::Result<()> {
+/// Programs the source's current objects; logs each skipped object once.
+fn sync(
+    source: &Source,
+    node: &str,
+    syncer: &mut Syncer,
+    datapath: &mut Datapath,
+    reported: &mut HashSet<String>,
+    generation: u64,
+    noticed: Instant,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let loaded = source::load(&args.services)?;
-    for skipped in &loaded.skipped {
-        warn!("{skipped}");
+    let update = source.snapshot()?;
+    let computed = desired_state(&update.objects, node);
+    let skipped: HashSet<String> = update.skipped.into_iter().chain(computed.skipped).collect();
+    for line in skipped.difference(reported) {
+        warn!("{line}");
     }
-    let report = syncer.apply(&loaded.state, &mut datapath.maps)?;
+    *reported = skipped;
+    let report = syncer.apply(&computed.state, &mut datapath.maps)?;
     info!(
         generation,
-        services = loaded.state.services.len(),
-        endpoints = loaded.state.endpoint_count(),
+        services = computed.state.services.len(),
+        endpoints = computed.state.endpoint_count(),
         added = report.added,
         updated = report.updated,
         removed = report.removed,
-        micros = started.elapsed().as_micros() as u64,
+        sync_us = started.elapsed().as_micros() as u64,
+        since_change_us = noticed.elapsed().as_micros() as u64,
         "synced"
     );
     Ok(())

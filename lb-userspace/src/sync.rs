@@ -11,11 +11,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, FrontendKey, FrontendValue, MAX_SERVICES,
-    NO_BACKEND_SET, ip_be,
+    Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
+    FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ip_be,
 };
 
 use crate::{
@@ -55,8 +56,25 @@ struct Programmed {
     id: u32,
     set: u32,
     frontends: BTreeSet<Frontend>,
-    /// In slot order.
+    backends: BackendSet,
+}
+
+/// What a backend set holds: endpoints in slot order, and draining ones.
+#[derive(Debug, PartialEq, Eq)]
+struct BackendSet {
     endpoints: Vec<Endpoint>,
+    draining: Vec<Endpoint>,
+    drop_when_empty: bool,
+}
+
+impl BackendSet {
+    fn of(service: &ServicePort) -> Self {
+        Self {
+            endpoints: service.endpoints.iter().copied().collect(),
+            draining: service.draining.iter().copied().collect(),
+            drop_when_empty: service.drop_when_empty,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -111,7 +129,7 @@ impl Syncer {
                     self.add(name, service, maps)?;
                     report.added += 1;
                 }
-                Some(p) if p.frontends == service.frontends && same_endpoints(&p.endpoints, &service.endpoints) => {
+                Some(p) if p.frontends == service.frontends && p.backends == BackendSet::of(service) => {
                     report.unchanged += 1;
                 }
                 Some(_) => {
@@ -126,30 +144,27 @@ impl Syncer {
     fn add(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
         let id = self.allocate_id()?;
         maps.reset_service_counters(id)?;
-        let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
-        let set = self.write_set(&endpoints, maps)?;
+        let backends = BackendSet::of(service);
+        let set = self.write_set(&backends, maps)?;
         maps.put_service_backend_set(id, set)?;
-        let value = frontend_value(id, set, &endpoints);
+        let value = frontend_value(id, set, &backends);
         for frontend in &service.frontends {
             self.add_frontend(frontend, value, maps)?;
         }
-        self.programmed.insert(
-            name.clone(),
-            Programmed { id, set, frontends: service.frontends.clone(), endpoints },
-        );
+        self.programmed.insert(name.clone(), Programmed { id, set, frontends: service.frontends.clone(), backends });
         Ok(())
     }
 
     fn update(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
         let Some(mut p) = self.programmed.remove(name) else { return Ok(()) };
-        let endpoints_changed = !same_endpoints(&p.endpoints, &service.endpoints);
-        let (old_set, mut old_endpoints) = (p.set, Vec::new());
-        if endpoints_changed {
-            let endpoints: Vec<Endpoint> = service.endpoints.iter().copied().collect();
-            p.set = self.write_set(&endpoints, maps)?;
-            old_endpoints = std::mem::replace(&mut p.endpoints, endpoints);
-        }
-        let value = frontend_value(p.id, p.set, &p.endpoints);
+        let backends = BackendSet::of(service);
+        let endpoints_changed = p.backends != backends;
+        let old = endpoints_changed.then(|| -> Result<_> {
+            let new_set = self.write_set(&backends, maps)?;
+            Ok((std::mem::replace(&mut p.set, new_set), std::mem::replace(&mut p.backends, backends)))
+        });
+        let old = old.transpose()?;
+        let value = frontend_value(p.id, p.set, &p.backends);
         for frontend in p.frontends.difference(&service.frontends) {
             self.remove_frontend(frontend, maps)?;
         }
@@ -160,9 +175,9 @@ impl Syncer {
                 maps.put_frontend(frontend_key(frontend), value)?;
             }
         }
-        if endpoints_changed {
+        if let Some((old_set, old_backends)) = old {
             maps.put_service_backend_set(p.id, p.set)?;
-            delete_set(old_set, &old_endpoints, maps)?;
+            delete_set(old_set, &old_backends, maps)?;
         }
         p.frontends = service.frontends.clone();
         self.programmed.insert(name.clone(), p);
@@ -175,21 +190,25 @@ impl Syncer {
             self.remove_frontend(frontend, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
-        delete_set(p.set, &p.endpoints, maps)?;
+        delete_set(p.set, &p.backends, maps)?;
         maps.remove_service_flows(p.id)?;
         self.free_ids.push_back(p.id);
         Ok(())
     }
 
-    /// Writes a complete backend set (slots and memberships) under a fresh
-    /// id and returns the id.
-    fn write_set(&mut self, endpoints: &[Endpoint], maps: &mut impl MapWriter) -> Result<u32> {
+    /// Writes a complete backend set (slots and memberships, draining
+    /// endpoints as members without a slot) under a fresh id and returns
+    /// the id.
+    fn write_set(&mut self, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<u32> {
         let set = self.next_set;
         self.next_set = self.next_set.wrapping_add(1).max(NO_BACKEND_SET + 1);
-        for (slot, endpoint) in endpoints.iter().enumerate() {
+        for (slot, endpoint) in backends.endpoints.iter().enumerate() {
             let slot = slot as u32;
             maps.put_backend_slot(BackendSlotKey { backend_set: set, slot }, backend(endpoint))?;
-            maps.put_set_member(BackendSetMemberKey { backend_set: set, backend: backend(endpoint) }, slot)?;
+            maps.put_set_member(member(set, endpoint), slot)?;
+        }
+        for endpoint in &backends.draining {
+            maps.put_set_member(member(set, endpoint), DRAINING_SLOT)?;
         }
         Ok(set)
     }
@@ -225,16 +244,21 @@ impl Syncer {
     }
 }
 
-fn same_endpoints(programmed: &[Endpoint], desired: &BTreeSet<Endpoint>) -> bool {
-    programmed.len() == desired.len() && programmed.iter().all(|e| desired.contains(e))
-}
-
 fn frontend_key(frontend: &Frontend) -> FrontendKey {
     FrontendKey::new(frontend.ip, frontend.port, frontend.protocol.ip_proto())
 }
 
-fn frontend_value(service_id: u32, set: u32, endpoints: &[Endpoint]) -> FrontendValue {
-    FrontendValue { service_id, backend_set: set, backend_count: endpoints.len() as u32 }
+fn frontend_value(service_id: u32, set: u32, backends: &BackendSet) -> FrontendValue {
+    FrontendValue {
+        service_id,
+        backend_set: set,
+        backend_count: backends.endpoints.len() as u32,
+        flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 },
+    }
+}
+
+fn member(backend_set: u32, endpoint: &Endpoint) -> BackendSetMemberKey {
+    BackendSetMemberKey { backend_set, backend: backend(endpoint) }
 }
 
 fn backend(endpoint: &Endpoint) -> Backend {
@@ -242,12 +266,57 @@ fn backend(endpoint: &Endpoint) -> Backend {
 }
 
 /// Deletes a backend set no frontend or service points at any more.
-fn delete_set(set: u32, endpoints: &[Endpoint], maps: &mut impl MapWriter) -> Result<()> {
-    for (slot, endpoint) in endpoints.iter().enumerate() {
+fn delete_set(set: u32, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<()> {
+    for (slot, endpoint) in backends.endpoints.iter().enumerate() {
         maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 })?;
-        maps.remove_set_member(BackendSetMemberKey { backend_set: set, backend: backend(endpoint) })?;
+        maps.remove_set_member(member(set, endpoint))?;
+    }
+    for endpoint in &backends.draining {
+        maps.remove_set_member(member(set, endpoint))?;
     }
     Ok(())
+}
+
+/// Bounds how often the maps are synced without delaying a lone change: a
+/// token bucket holding `burst` syncs, refilled one per `interval` (as
+/// kube-proxy's bounded-frequency runner with its burst of syncs). Changes
+/// that arrive while a sync waits are applied together by it.
+#[derive(Debug)]
+pub struct SyncLimiter {
+    burst: f64,
+    interval: Duration,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl SyncLimiter {
+    pub fn new(burst: u32, interval: Duration, now: Instant) -> Self {
+        Self { burst: f64::from(burst), interval, tokens: f64::from(burst), updated: now }
+    }
+
+    /// How long the next sync has to wait from `now`.
+    pub fn delay(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 1.0 || self.interval.is_zero() {
+            Duration::ZERO
+        } else {
+            self.interval.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    /// Records a sync made at `now`.
+    pub fn record(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if !self.interval.is_zero() {
+            let earned = now.saturating_duration_since(self.updated).as_secs_f64() / self.interval.as_secs_f64();
+            self.tokens = (self.tokens + earned).min(self.burst);
+        }
+        self.updated = now;
+    }
 }
 
 #[cfg(test)]
@@ -305,7 +374,7 @@ mod tests {
             Ok(())
         }
         fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()> {
-            let count = self.members.keys().filter(|k| k.backend_set == backend_set).count();
+            let count = self.slots.keys().filter(|k| k.backend_set == backend_set).count();
             self.assert_complete(backend_set, count as u32);
             self.service_sets.insert(service_id, backend_set);
             Ok(())
@@ -345,6 +414,7 @@ mod tests {
         ServicePort {
             frontends: [Frontend { ip: vip.into(), port, protocol: Protocol::Tcp }].into(),
             endpoints: endpoints.iter().map(|&last| Endpoint { ip: [10, 244, 0, last].into(), port: 8080 }).collect(),
+            ..ServicePort::default()
         }
     }
 
@@ -371,7 +441,7 @@ mod tests {
                 assert_eq!(maps.service_sets[&id], value.backend_set, "{n}: the service's current set");
             }
             expected_slots += s.endpoints.len();
-            expected_members += s.endpoints.len();
+            expected_members += s.endpoints.len() + s.draining.len();
         }
         assert_eq!(maps.frontends.len(), desired.services.values().map(|s| s.frontends.len()).sum::<usize>());
         assert_eq!(maps.slots.len(), expected_slots, "no leftover backend slots");
@@ -415,6 +485,55 @@ mod tests {
         let ep = Backend::new([10, 244, 0, 7].into(), 8080);
         assert!(maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("b"), backend: ep }));
         assert!(!maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("a"), backend: ep }));
+    }
+
+    #[test]
+    fn draining_endpoints_are_members_without_a_slot() {
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let mut port = service([10, 96, 0, 1], 80, &[1]);
+        port.draining.insert(Endpoint { ip: [10, 244, 0, 2].into(), port: 8080 });
+        let desired = state(&[("a", port)]);
+        syncer.apply(&desired, &mut maps).expect("apply");
+        assert_maps_equal(&maps, &syncer, &desired);
+        let set = maps.service_sets[&syncer.service_id(&name("a")).expect("programmed")];
+        let draining = BackendSetMemberKey { backend_set: set, backend: Backend::new([10, 244, 0, 2].into(), 8080) };
+        assert_eq!(maps.members.get(&draining), Some(&DRAINING_SLOT));
+        assert_eq!(maps.slots.len(), 1, "only the serving endpoint has a slot");
+        let frontend = maps.frontends.values().next().expect("frontend");
+        assert_eq!(frontend.backend_count, 1);
+    }
+
+    #[test]
+    fn drop_when_empty_becomes_a_frontend_flag() {
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let port = ServicePort { drop_when_empty: true, ..service([10, 96, 0, 1], 80, &[]) };
+        syncer.apply(&state(&[("a", port)]), &mut maps).expect("apply");
+        let frontend = maps.frontends.values().next().expect("frontend");
+        assert_eq!((frontend.backend_count, frontend.flags), (0, FRONTEND_DROP_WHEN_EMPTY));
+    }
+
+    /// (moment in ms, expected delay in ms) for a 100 ms interval and a
+    /// burst of 2, each call followed by a sync at moment + delay.
+    #[test]
+    fn sync_limiter_lets_a_lone_change_through_and_spaces_out_bursts() {
+        let cases: [(&str, &[(u64, u64)]); 3] = [
+            ("a lone change is applied at once", &[(0, 0)]),
+            ("changes a second apart are each applied at once", &[(0, 0), (1000, 0), (2000, 0)]),
+            ("a burst: two at once, then one per interval", &[(0, 0), (1, 0), (2, 98), (101, 99)]),
+        ];
+        for (rule, steps) in cases {
+            let start = Instant::now();
+            let mut limiter = SyncLimiter::new(2, Duration::from_millis(100), start);
+            for &(at, expected) in steps {
+                let now = start + Duration::from_millis(at);
+                let delay = limiter.delay(now);
+                let delay_ms = delay.as_millis() as u64;
+                assert!(delay_ms.abs_diff(expected) <= 1, "{rule}: at {at} ms waited {delay_ms} ms, expected {expected}");
+                limiter.record(now + delay);
+            }
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn fixture(count: u32) -> Fixture {
         let service = ServicePort {
             frontends: [Frontend { ip: vip(i), port: 80, protocol: Protocol::Tcp }].into(),
             endpoints: [Endpoint { ip: vip(i), port: 80 }].into(),
+            ..ServicePort::default()
         };
         (name, service)
     });

@@ -1,53 +1,119 @@
 //! A small "cluster" in network namespaces: a client, a node running the
-//! real `lb-agent` on a service description file, and pods behind the node,
-//! each running an `EchoServer` named after it.
+//! real `lb-agent` on a directory of manifests, and pods behind the node,
+//! each running an `EchoServer` (HTTP on 8080, UDP on 5353) named after it.
 //!
 //! ```text
-//!  client 10.201.0.2 ──veth── c0 10.201.0.1 [node: lb-agent, tc on every veth]
-//!                                 b1 10.202.1.1 ──veth── pod-1 10.202.1.2
-//!                                 b2 10.202.2.1 ──veth── pod-2 10.202.2.2  ...
+//!  client 10.201.0.2 ──veth── c0 10.201.0.1 [node: lb-agent --manifests DIR]
+//!                                 b1 10.244.1.1 ──veth── kubia-1 10.244.1.2
+//!                                 b2 10.244.2.1 ──veth── kubia-2 10.244.2.2  ...
 //! ```
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
-    path::PathBuf,
-    time::Duration,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use lb_common::{FrontendKey, IPPROTO_TCP};
 
-use crate::netns::{Agent, Bpffs, EchoServer, Netns, link, unique_name};
+use crate::{
+    netns::{Agent, Bpffs, EchoServer, Netns, link, run, unique_name},
+    pinned::PinnedMaps,
+};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 pub const KUBIA_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const HTTP_TARGET_PORT: u16 = 8080;
 pub const DNS_TARGET_PORT: u16 = 5353;
+pub const NODE_NAME: &str = "node-1";
 /// How long the agent may take to start or to apply a change.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The manifest file the cluster's services are written to.
+pub const MANIFEST_FILE: &str = "kubia.yaml";
 
 pub fn pod_ip(index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 202, index as u8 + 1, 2)
+    Ipv4Addr::new(10, 244, index as u8 + 1, 2)
 }
 
 pub fn pod_name(index: usize) -> String {
     format!("kubia-{}", index + 1)
 }
 
-/// The seeds' kubia service (port 80 → targetPort 8080, plus DNS-like UDP
-/// 53 → 5353) with the given pods as endpoints, and a service without
-/// endpoints.
-pub fn kubia_services(endpoints: &[usize]) -> Value {
-    let ips: Vec<String> = endpoints.iter().map(|&i| pod_ip(i).to_string()).collect();
-    json!({"services": [
-        {"namespace": "default", "name": "kubia", "clusterIP": KUBIA_VIP.to_string(),
-         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": HTTP_TARGET_PORT},
-                   {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": DNS_TARGET_PORT}],
-         "endpoints": ips},
-        {"namespace": "default", "name": "no-endpoints", "clusterIP": EMPTY_VIP.to_string(),
-         "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
-                   {"name": "dns", "port": 53, "protocol": "UDP"}]}
-    ]})
+/// An endpoint's condition in the EndpointSlice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    Ready,
+    /// Shutting down: serving its connections, taking no new ones.
+    Terminating,
+}
+
+pub fn ready(pods: &[usize]) -> Vec<(usize, PodState)> {
+    pods.iter().map(|&i| (i, PodState::Ready)).collect()
+}
+
+/// The seeds' kubia service (port 80 → targetPort 8080, and UDP 53 → 5353)
+/// with an EndpointSlice of the given pods, plus a service without
+/// endpoints, as manifests.
+pub fn kubia_manifests(pods: &[(usize, PodState)]) -> String {
+    let mut endpoints = String::new();
+    for &(i, state) in pods {
+        let (ready, terminating) = match state {
+            PodState::Ready => (true, false),
+            PodState::Terminating => (false, true),
+        };
+        endpoints.push_str(&format!(
+            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n  nodeName: {NODE_NAME}\n  targetRef: {{kind: Pod, name: {}}}\n",
+            pod_ip(i),
+            pod_name(i)
+        ));
+    }
+    if endpoints.is_empty() {
+        endpoints.push_str("[]\n");
+    }
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: kubia
+  namespace: default
+spec:
+  clusterIP: {KUBIA_VIP}
+  selector: {{app: kubia}}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {HTTP_TARGET_PORT}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {DNS_TARGET_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubia-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: kubia}}
+addressType: IPv4
+ports:
+- {{name: http, port: {HTTP_TARGET_PORT}, protocol: TCP}}
+- {{name: dns, port: {DNS_TARGET_PORT}, protocol: UDP}}
+endpoints:
+{endpoints}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: no-endpoints
+  namespace: default
+spec:
+  clusterIP: {EMPTY_VIP}
+  ports:
+  - {{name: http, port: 80, protocol: TCP}}
+  - {{name: dns, port: 53, protocol: UDP}}
+"#
+    )
+}
+
+/// The kubia HTTP frontend.
+pub fn kubia_http() -> FrontendKey {
+    FrontendKey::new(KUBIA_VIP, 80, IPPROTO_TCP)
 }
 
 /// The hook serving the client-facing interface of the node.
@@ -66,7 +132,7 @@ pub enum ClientHook {
 /// Turns off checksum offload on `iface` in `ns`: checksums are computed
 /// when sending and verified when receiving.
 fn full_checksums(ns: &Netns, iface: &str) -> Result<()> {
-    crate::netns::run("ip", &["netns", "exec", &ns.name, "ethtool", "-K", iface, "tx", "off", "rx", "off"])
+    run("ip", &["netns", "exec", &ns.name, "ethtool", "-K", iface, "tx", "off", "rx", "off"])
 }
 
 pub struct Pod {
@@ -74,85 +140,122 @@ pub struct Pod {
     pub ns: Netns,
 }
 
+/// A directory removed with its content on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(role: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(role));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Fields drop in order: the agent stops first, then servers, then the
-/// namespaces, then the bpf filesystem and the description file.
+/// namespaces, then the bpf filesystem and the manifest directory.
 pub struct Cluster {
     pub agent: Agent,
     pub pods: Vec<Pod>,
     pub client: Netns,
     pub node: Netns,
     pub bpffs: Bpffs,
-    services_file: TempFile,
-    generation: u64,
-}
-
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    pub manifests: TempDir,
 }
 
 impl Cluster {
-    pub fn start(pod_count: usize, services: &Value) -> Result<Self> {
-        Self::start_with(pod_count, services, ClientHook::Tc)
+    /// A cluster whose manifest directory holds `manifests` as kubia.yaml.
+    pub fn start(pod_count: usize, manifests: &str) -> Result<Self> {
+        Self::start_with(pod_count, &[(MANIFEST_FILE, manifests)], ClientHook::Tc)
     }
 
-    pub fn start_with(pod_count: usize, services: &Value, client_hook: ClientHook) -> Result<Self> {
+    pub fn start_with(pod_count: usize, files: &[(&str, &str)], client_hook: ClientHook) -> Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("client")?;
         link(&node, "c0", Ipv4Addr::new(10, 201, 0, 1), &client, "eth0", CLIENT_IP)?;
         client.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
-        if client_hook == ClientHook::Xdp {
-            full_checksums(&client, "eth0")?;
-            full_checksums(&node, "c0")?;
-        }
         node.sysctl("net.ipv4.ip_forward", "1")?;
         for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
             node.sysctl(key, "0")?;
         }
+        if client_hook == ClientHook::Xdp {
+            full_checksums(&client, "eth0")?;
+            full_checksums(&node, "c0")?;
+        }
         let mut pods = Vec::new();
-        let mut ifaces = Vec::new();
+        let mut args = Vec::new();
         for i in 0..pod_count {
             let ns = Netns::new(&format!("pod{}", i + 1))?;
             let node_if = format!("b{}", i + 1);
-            link(&node, &node_if, Ipv4Addr::new(10, 202, i as u8 + 1, 1), &ns, "eth0", pod_ip(i))?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.202.{}.1", i + 1)])?;
+            link(&node, &node_if, Ipv4Addr::new(10, 244, i as u8 + 1, 1), &ns, "eth0", pod_ip(i))?;
+            ns.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
             if client_hook == ClientHook::Xdp {
                 full_checksums(&ns, "eth0")?;
                 full_checksums(&node, &node_if)?;
             }
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
-            ifaces.push(node_if);
+            args.extend(["--iface".to_owned(), node_if]);
         }
-        let bpffs = Bpffs::new()?;
-        let services_file = TempFile(std::env::temp_dir().join(format!("{}.json", unique_name("services"))));
-        std::fs::write(&services_file.0, services.to_string()).context("writing the service description")?;
-
-        let mut args = vec!["--services".to_owned(), services_file.0.to_string_lossy().into_owned()];
         match client_hook {
             ClientHook::Tc => args.extend(["--iface".to_owned(), "c0".to_owned()]),
             ClientHook::Xdp => args.extend(["--xdp-iface".to_owned(), "c0".to_owned()]),
         }
-        for iface in &ifaces {
-            args.extend(["--iface".to_owned(), iface.clone()]);
+        let bpffs = Bpffs::new()?;
+        let manifests = TempDir::new("manifests")?;
+        for (name, content) in files {
+            std::fs::write(manifests.0.join(name), content).with_context(|| format!("writing {name}"))?;
         }
-        args.extend(["--bpffs-dir".to_owned(), bpffs.dir.to_string_lossy().into_owned()]);
+        args.extend([
+            "--manifests".to_owned(),
+            manifests.0.to_string_lossy().into_owned(),
+            "--node-name".to_owned(),
+            NODE_NAME.to_owned(),
+            "--bpffs-dir".to_owned(),
+            bpffs.dir.to_string_lossy().into_owned(),
+        ]);
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent = Agent::start(&node, &arg_refs)?;
         agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
-        Ok(Self { agent, pods, client, node, bpffs, services_file, generation: 1 })
+        Ok(Self { agent, pods, client, node, bpffs, manifests })
     }
 
-    /// Rewrites the description, tells the agent, and waits until it has
-    /// applied it; returns the agent's "synced" line.
-    pub fn update_services(&mut self, services: &Value) -> Result<String> {
-        std::fs::write(&self.services_file.0, services.to_string()).context("writing the service description")?;
-        self.generation += 1;
-        self.agent.reload()?;
-        let generation = format!("generation={}", self.generation);
-        self.agent.wait_for(&["synced", &generation], AGENT_TIMEOUT)
+    /// Replaces a manifest file atomically (write aside, then rename, as
+    /// kubectl-driven tooling and editors do); returns when it was replaced.
+    pub fn write_manifest(&self, name: &str, content: &str) -> Result<Instant> {
+        let aside = self.manifests.0.join(format!(".{name}.partial"));
+        std::fs::write(&aside, content).context("writing a manifest")?;
+        let at = Instant::now();
+        std::fs::rename(&aside, self.manifests.0.join(name)).context("renaming a manifest into place")?;
+        Ok(at)
+    }
+
+    pub fn remove_manifest(&self, name: &str) -> Result<Instant> {
+        let at = Instant::now();
+        std::fs::remove_file(self.manifests.0.join(name)).context("removing a manifest")?;
+        Ok(at)
+    }
+
+    pub fn maps(&self) -> Result<PinnedMaps> {
+        PinnedMaps::open(&self.bpffs.dir)
+    }
+
+    /// Rewrites kubia.yaml with `pods` and waits until the agent has
+    /// programmed the ready ones; returns the time from the file change to
+    /// the maps being updated.
+    pub fn set_kubia_pods(&self, pods: &[(usize, PodState)]) -> Result<Duration> {
+        let maps = self.maps()?;
+        let at = self.write_manifest(MANIFEST_FILE, &kubia_manifests(pods))?;
+        let expected: BTreeSet<Ipv4Addr> = pods.iter().filter(|(_, s)| *s == PodState::Ready).map(|&(i, _)| pod_ip(i)).collect();
+        maps.wait_for(kubia_http(), Some(&expected), at, AGENT_TIMEOUT)
+    }
+
+    pub fn manifest_dir(&self) -> &Path {
+        &self.manifests.0
     }
 }

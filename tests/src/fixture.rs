@@ -97,6 +97,7 @@ pub fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, endpoint
         ServicePort {
             frontends: [Frontend { ip: Ipv4Addr::from(vip), port, protocol }].into(),
             endpoints: endpoints.iter().map(|&(ip, port)| Endpoint { ip: ip.into(), port }).collect(),
+            ..ServicePort::default()
         },
     )
 }

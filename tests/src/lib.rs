@@ -3,3 +3,4 @@ pub mod cluster;
 pub mod fixture;
 pub mod netns;
 pub mod packets;
+pub mod pinned;

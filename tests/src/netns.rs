@@ -131,7 +131,7 @@ pub fn link(a: &Netns, a_if: &str, a_ip: Ipv4Addr, b: &Netns, b_if: &str, b_ip: 
     b.ip(&["link", "set", b_if, "up"])
 }
 
-/// A TCP and UDP server answering every line or datagram with
+/// A tiny HTTP/1.1 server (keep-alive) and a UDP server, both answering
 /// "You've hit NAME\n", like the seeds' kubia pods; stops on drop.
 pub struct EchoServer {
     pub name: String,
@@ -205,6 +205,8 @@ fn wait_readable(fd: i32) {
     unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as i32) };
 }
 
+/// Serves HTTP requests on one connection: each request (headers up to
+/// the blank line) gets a 200 with the pod's answer as its body.
 fn serve_tcp(conn: TcpStream, stop: &AtomicBool, bytes: &AtomicU64, answer: &str) {
     if conn.set_read_timeout(Some(POLL)).is_err() {
         return;
@@ -212,13 +214,15 @@ fn serve_tcp(conn: TcpStream, stop: &AtomicBool, bytes: &AtomicU64, answer: &str
     let Ok(mut writer) = conn.try_clone() else { return };
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
+    let response = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
     while !stop.load(Ordering::Relaxed) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(n) => {
                 bytes.fetch_add(n as u64, Ordering::Relaxed);
+                let end_of_request = line == "\r\n" || line == "\n";
                 line.clear();
-                if writer.write_all(answer.as_bytes()).is_err() {
+                if end_of_request && writer.write_all(response.as_bytes()).is_err() {
                     return;
                 }
             }
@@ -237,19 +241,27 @@ impl Drop for EchoServer {
     }
 }
 
-/// Sends one line on a TCP connection and reads the answer line.
+/// Sends one HTTP GET on a (keep-alive) connection and returns the body,
+/// without its final newline.
 pub fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
-    conn.write_all(b"hello\n")?;
-    let mut answer = Vec::new();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: kubia\r\n\r\n")?;
+    let mut head = Vec::new();
     let mut byte = [0u8; 1];
-    loop {
-        match conn.read(&mut byte)? {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            _ if byte[0] == b'\n' => break,
-            _ => answer.push(byte[0]),
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        head.push(byte[0]);
     }
-    Ok(String::from_utf8_lossy(&answer).into_owned())
+    let head = String::from_utf8_lossy(&head);
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no Content-Length in {head:?}")))?;
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
 }
 
 /// The pod name in an answer ("You've hit NAME").
@@ -328,16 +340,6 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-
-    /// Sends SIGHUP: reload the service description.
-    pub fn reload(&self) -> Result<()> {
-        // SAFETY: signalling our own child process.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
-        if rc != 0 {
-            bail!("SIGHUP: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 

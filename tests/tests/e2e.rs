@@ -1,9 +1,10 @@
-//! End-to-end: real TCP and UDP clients and servers in veth network
-//! namespaces, with the real `lb-agent` attached in the node namespace.
-//! Needs root. Each test builds its own uniquely named namespaces and bpf
-//! filesystem and removes them when it ends, passing or failing.
+//! End-to-end: real TCP (HTTP) and UDP clients and servers in veth network
+//! namespaces, with the real `lb-agent` in the node namespace reading a
+//! directory of manifests. Needs root. Each test builds its own uniquely
+//! named namespaces, bpf filesystem and manifest directory, and removes
+//! them when it ends, passing or failing.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::ErrorKind,
     net::{SocketAddrV4, TcpStream, UdpSocket},
     sync::atomic::Ordering,
@@ -11,26 +12,54 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, kubia_services, pod_name},
-    netns::{ask, connect_and_ask, pod_name as answered_by},
+    cluster::{
+        ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, MANIFEST_FILE, PodState, kubia_http, kubia_manifests, pod_name,
+        ready,
+    },
+    netns::{ask, connect_and_ask},
 };
 
 const CONNECTIONS: usize = 300;
 
-#[test]
-fn new_tcp_connections_reach_all_three_backends() {
-    let cluster = Cluster::start(3, &kubia_services(&[0, 1, 2])).expect("cluster");
-    let hits = cluster
+fn kubia() -> SocketAddrV4 {
+    SocketAddrV4::new(KUBIA_VIP, 80)
+}
+
+/// `count` new connections through the VIP from the client; who answered.
+fn spread(cluster: &Cluster, count: usize) -> BTreeMap<String, usize> {
+    cluster
         .client
-        .enter(|| {
+        .enter(move || {
             let mut hits = BTreeMap::<String, usize>::new();
-            for _ in 0..CONNECTIONS {
-                let answer = connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80)).expect("request through the VIP");
-                *hits.entry(answered_by(&answer)).or_default() += 1;
+            for _ in 0..count {
+                let answer = connect_and_ask(kubia()).expect("request through the VIP");
+                *hits.entry(answer.trim_start_matches("You've hit ").to_owned()).or_default() += 1;
             }
             hits
         })
-        .expect("client");
+        .expect("client")
+}
+
+fn long_lived_connection(cluster: &Cluster) -> (TcpStream, String) {
+    cluster
+        .client
+        .enter(|| {
+            let mut conn = TcpStream::connect(kubia()).expect("connect");
+            conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            let first = ask(&mut conn).expect("first answer");
+            (conn, first.trim_start_matches("You've hit ").to_owned())
+        })
+        .expect("client")
+}
+
+fn index_of(pod: &str) -> usize {
+    (0..3).find(|&i| pod_name(i) == pod).expect("answered by a pod")
+}
+
+#[test]
+fn new_tcp_connections_reach_all_three_backends() {
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let hits = spread(&cluster, CONNECTIONS);
     println!("{CONNECTIONS} connections through {KUBIA_VIP}:80: {hits:?}");
     assert_eq!(hits.keys().cloned().collect::<Vec<_>>(), [pod_name(0), pod_name(1), pod_name(2)]);
     for (pod, count) in &hits {
@@ -40,41 +69,26 @@ fn new_tcp_connections_reach_all_three_backends() {
 
 #[test]
 fn long_lived_connection_keeps_its_backend_while_the_set_changes() {
-    let mut cluster = Cluster::start(3, &kubia_services(&[0, 1, 2])).expect("cluster");
-    let (mut conn, first) = cluster
-        .client
-        .enter(|| {
-            let mut conn = TcpStream::connect(SocketAddrV4::new(KUBIA_VIP, 80)).expect("connect");
-            conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-            let first = answered_by(&ask(&mut conn).expect("first answer"));
-            (conn, first)
-        })
-        .expect("client");
-    let kept = (0..3).find(|&i| pod_name(i) == first).expect("answered by a pod");
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let (mut conn, first) = long_lived_connection(&cluster);
+    let kept = index_of(&first);
     let others: Vec<usize> = (0..3).filter(|&i| i != kept).collect();
 
     // Another backend leaves: the connection stays where it is, and new
     // connections never reach the one that left.
-    let line = cluster.update_services(&kubia_services(&[kept, others[1]])).expect("reload");
-    println!("after removing {}: {line}", pod_name(others[0]));
+    let took = cluster.set_kubia_pods(&ready(&[kept, others[1]])).expect("change applied");
+    println!("removing {}: file change to maps updated in {took:?}", pod_name(others[0]));
     for _ in 0..5 {
-        assert_eq!(answered_by(&ask(&mut conn).expect("answer")), first, "the long-lived connection moved");
+        assert_eq!(ask(&mut conn).expect("answer"), format!("You've hit {first}"), "the long-lived connection moved");
     }
-    let departed = pod_name(others[0]);
-    let new_hits = cluster
-        .client
-        .enter(|| (0..30).map(|_| answered_by(&connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80)).expect("request"))).collect::<Vec<_>>())
-        .expect("client");
-    assert!(!new_hits.contains(&departed), "a new connection reached {departed}, which left: {new_hits:?}");
+    let hits = spread(&cluster, 30);
+    assert!(!hits.contains_key(&pod_name(others[0])), "a new connection reached {}, which left: {hits:?}", pod_name(others[0]));
 
     // Its own backend leaves: its next packet is not sent there any more.
     let received_before = cluster.pods[kept].server.tcp_bytes.load(Ordering::Relaxed);
-    cluster.update_services(&kubia_services(&[others[1]])).expect("reload");
+    cluster.set_kubia_pods(&ready(&[others[1]])).expect("change applied");
     let after = ask(&mut conn);
-    assert!(
-        !matches!(&after, Ok(answer) if answered_by(answer) == first),
-        "the connection still reached {first} after it left: {after:?}"
-    );
+    assert!(after.as_deref().ok() != Some(&format!("You've hit {first}")), "the connection still reached {first} after it left: {after:?}");
     assert_eq!(
         cluster.pods[kept].server.tcp_bytes.load(Ordering::Relaxed),
         received_before,
@@ -84,7 +98,7 @@ fn long_lived_connection_keeps_its_backend_while_the_set_changes() {
 
 #[test]
 fn udp_request_and_response_through_the_vip() {
-    let cluster = Cluster::start(3, &kubia_services(&[0, 1, 2])).expect("cluster");
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     let answers = cluster
         .client
         .enter(|| {
@@ -96,7 +110,7 @@ fn udp_request_and_response_through_the_vip() {
                     socket.send_to(b"query", vip).expect("send");
                     let mut buf = [0u8; 256];
                     let (n, from) = socket.recv_from(&mut buf).expect("an answer");
-                    (from, answered_by(String::from_utf8_lossy(&buf[..n]).trim_end()))
+                    (from, String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
                 })
                 .collect::<Vec<_>>()
         })
@@ -104,13 +118,13 @@ fn udp_request_and_response_through_the_vip() {
     for (from, _) in &answers {
         assert_eq!(from.to_string(), "10.96.0.10:53", "the answer must come from the VIP, not the pod");
     }
-    let pods: std::collections::BTreeSet<_> = answers.iter().map(|(_, pod)| pod.clone()).collect();
-    assert!(pods.len() > 1 && pods.iter().all(|p| p.starts_with("kubia-")), "answers from several pods: {pods:?}");
+    let pods: BTreeSet<_> = answers.iter().map(|(_, answer)| answer.clone()).collect();
+    assert!(pods.len() > 1 && pods.iter().all(|p| p.starts_with("You've hit kubia-")), "answers from several pods: {pods:?}");
 }
 
 #[test]
 fn service_without_endpoints_is_refused_at_once() {
-    let cluster = Cluster::start(1, &kubia_services(&[0])).expect("cluster");
+    let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
     let outcomes = cluster
         .client
         .enter(|| {
@@ -131,35 +145,93 @@ fn service_without_endpoints_is_refused_at_once() {
         })
         .expect("client");
     for (what, outcome) in outcomes {
-        // A timeout would be ErrorKind::TimedOut / WouldBlock: refused means
-        // the reset or ICMP error came back.
+        // A timeout would be TimedOut / WouldBlock: refused means the reset
+        // or the ICMP error came back.
         assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
     }
 }
 
 /// The XDP entry point on the client-facing interface (tc still serves the
-/// pod side, where the replies come from): real connections and datagrams
-/// through the VIP.
+/// pod side, where the replies come from), with checksums verified by every
+/// receiving stack.
 #[test]
 fn xdp_on_the_client_interface_balances_tcp_and_udp() {
-    let cluster = Cluster::start_with(3, &kubia_services(&[0, 1, 2]), ClientHook::Xdp).expect("cluster");
-    let (tcp, udp) = cluster
+    let manifests = kubia_manifests(&ready(&[0, 1, 2]));
+    let cluster = Cluster::start_with(3, &[(MANIFEST_FILE, &manifests)], ClientHook::Xdp).expect("cluster");
+    let hits = spread(&cluster, 60);
+    assert_eq!(hits.len(), 3, "60 connections through XDP reach all three pods: {hits:?}");
+    let udp = cluster
         .client
         .enter(|| {
-            let tcp: Vec<String> = (0..60)
-                .map(|_| answered_by(&connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80)).expect("request through the VIP")))
-                .collect();
             let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
             socket.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
             socket.send_to(b"query", SocketAddrV4::new(KUBIA_VIP, 53)).expect("send");
             let mut buf = [0u8; 256];
-            let udp = socket.recv_from(&mut buf).map(|(n, from)| (from, String::from_utf8_lossy(&buf[..n]).into_owned()));
-            (tcp, udp)
+            socket.recv_from(&mut buf).map(|(n, from)| (from, String::from_utf8_lossy(&buf[..n]).into_owned()))
         })
         .expect("client");
-    let pods: std::collections::BTreeSet<_> = tcp.iter().cloned().collect();
-    assert_eq!(pods.len(), 3, "60 connections through XDP reach all three pods: {pods:?}");
     let (from, answer) = udp.expect("a UDP answer through XDP");
     assert_eq!(from.to_string(), "10.96.0.10:53");
     assert!(answer.starts_with("You've hit kubia-"), "{answer}");
+}
+
+/// Endpoint churn through the manifest directory, with the time from each
+/// file change to the maps being updated.
+#[test]
+fn manifest_changes_add_and_remove_endpoints() {
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    let before = spread(&cluster, 40);
+    assert!(!before.contains_key(&pod_name(2)), "kubia-3 is not an endpoint yet: {before:?}");
+
+    let added = cluster.set_kubia_pods(&ready(&[0, 1, 2])).expect("endpoint added");
+    println!("adding kubia-3: file change to maps updated in {added:?}");
+    let after_add = spread(&cluster, 60);
+    assert!(after_add.contains_key(&pod_name(2)), "new connections reach the added endpoint: {after_add:?}");
+
+    let removed = cluster.set_kubia_pods(&ready(&[1, 2])).expect("endpoint removed");
+    println!("removing kubia-1: file change to maps updated in {removed:?}");
+    let after_remove = spread(&cluster, 60);
+    assert!(!after_remove.contains_key(&pod_name(0)), "no new connection reaches the removed endpoint: {after_remove:?}");
+
+    // Three states of the directory: the agent syncs for each, not for its
+    // own reads of the files, nor in a loop.
+    let syncs = cluster.agent.log().matches("synced generation=").count();
+    assert!((3..=6).contains(&syncs), "{syncs} syncs for 3 states of the directory:\n{}", cluster.agent.log());
+}
+
+#[test]
+fn terminating_endpoint_keeps_its_established_connection() {
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let (mut conn, first) = long_lived_connection(&cluster);
+    let draining = index_of(&first);
+    let mut pods = ready(&[0, 1, 2]);
+    pods[draining].1 = PodState::Terminating;
+    let took = cluster.set_kubia_pods(&pods).expect("change applied");
+    println!("{first} terminating: file change to maps updated in {took:?}");
+    for _ in 0..5 {
+        assert_eq!(ask(&mut conn).expect("the terminating pod still answers"), format!("You've hit {first}"));
+    }
+    let hits = spread(&cluster, 40);
+    assert!(!hits.contains_key(&first), "no new connection reaches the terminating {first}: {hits:?}");
+}
+
+#[test]
+fn service_deleted_from_the_directory_is_no_longer_served() {
+    let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    assert_eq!(spread(&cluster, 10).values().sum::<usize>(), 10);
+    let maps = cluster.maps().expect("pinned maps");
+    let at = cluster.remove_manifest(MANIFEST_FILE).expect("remove");
+    let took = maps.wait_for(kubia_http(), None, at, Duration::from_secs(20)).expect("frontend removed");
+    println!("deleting the kubia service: file change to maps updated in {took:?}");
+    let outcome = cluster
+        .client
+        .enter(|| TcpStream::connect_timeout(&std::net::SocketAddr::V4(kubia()), Duration::from_secs(5)).map(drop).map_err(|e| e.kind()))
+        .expect("client");
+    // No service at the address any more: the connection fails at once
+    // (the node has no route for the old VIP), it neither reaches a pod nor
+    // hangs.
+    assert!(
+        matches!(outcome, Err(ErrorKind::ConnectionRefused | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)),
+        "{outcome:?}"
+    );
 }

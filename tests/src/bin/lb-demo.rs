@@ -1,66 +1,77 @@
 //! The demo behind `cargo xtask demo`: the seeds' kubia service (ClusterIP
-//! 10.96.0.10, port 80 → targetPort 8080, three pods) in network namespaces
-//! on this machine, with the real lb-agent doing the load balancing. No
-//! cluster needed. Everything it creates is removed when it ends.
-use std::{
-    collections::BTreeMap,
-    net::{SocketAddrV4, TcpStream, UdpSocket},
-    time::Duration,
+//! 10.96.0.10, port 80 → targetPort 8080, three pods) from the manifests in
+//! deploy/examples/, in network namespaces on this machine, with the real
+//! lb-agent doing the load balancing and real curl requests. No cluster
+//! needed. Everything it creates is removed when it ends.
+use std::{net::SocketAddrV4, path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::{
+    cluster::{ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, PodState, pod_ip, pod_name},
+    netns::connect_and_ask,
 };
 
-use anyhow::{Context, Result};
-use lb_tests::{
-    cluster::{Cluster, EMPTY_VIP, KUBIA_VIP, kubia_services, pod_ip, pod_name},
-    netns::{connect_and_ask, pod_name as answered_by},
-};
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+
+fn curl(cluster: &Cluster, url: &str) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &cluster.client.name, "curl", "-sS", "--max-time", "5", url])
+        .output()
+        .context("running curl in the client namespace")?;
+    let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).trim().to_owned();
+    Ok(text)
+}
 
 fn main() -> Result<()> {
-    println!("==> creating the namespace cluster: a client, a node running lb-agent, three kubia pods");
-    let mut cluster = Cluster::start(3, &kubia_services(&[0, 1, 2]))?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(EXAMPLES).with_context(|| format!("reading {EXAMPLES}"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            files.push((name, std::fs::read_to_string(&path)?));
+        }
+    }
+    if files.is_empty() {
+        bail!("no manifests in {EXAMPLES}");
+    }
+    files.sort();
+    println!("==> the manifests, as `kubectl apply -f deploy/examples/` would send them:");
+    for (name, _) in &files {
+        println!("    {}", Path::new("deploy/examples").join(name).display());
+    }
+    println!("==> creating the namespace cluster: a client, node-1 running lb-agent --manifests, three kubia pods");
+    let file_refs: Vec<(&str, &str)> = files.iter().map(|(n, c)| (n.as_str(), c.as_str())).collect();
+    let cluster = Cluster::start_with(3, &file_refs, ClientHook::Tc)?;
     for i in 0..3 {
-        println!("    pod {} at {}:8080", pod_name(i), pod_ip(i));
+        println!("    pod {} at {}:8080 (a tiny HTTP server)", pod_name(i), pod_ip(i));
     }
-    println!("    service default/kubia: ClusterIP {KUBIA_VIP} port 80 -> targetPort 8080 (and UDP 53 -> 5353)");
 
-    println!("\n==> 10 requests from the client to {KUBIA_VIP}:80");
-    let answers = cluster.client.enter(|| {
-        (0..10).map(|_| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).collect::<Vec<_>>()
-    })?;
-    let mut hits = BTreeMap::<String, usize>::new();
+    println!("\n==> $ kubectl exec client -- curl -s http://{KUBIA_VIP}   (x6)");
+    for _ in 0..6 {
+        println!("    {}", curl(&cluster, &format!("http://{KUBIA_VIP}"))?);
+    }
+
+    println!("\n==> a service without endpoints is refused at once, as with kube-proxy");
+    println!("    $ curl http://{EMPTY_VIP}  ->  {}", curl(&cluster, &format!("http://{EMPTY_VIP}"))?);
+
+    // set_kubia_pods rewrites kubia.yaml (the examples' file of that name)
+    // as the EndpointSlice controller would after pods change.
+    println!("\n==> kubia-1 starts terminating (EndpointSlice: ready=false, terminating=true)");
+    let mut pods = vec![(0, PodState::Terminating), (1, PodState::Ready), (2, PodState::Ready)];
+    let took = cluster.set_kubia_pods(&pods)?;
+    println!("    manifest changed -> maps updated in {took:?}");
+    for _ in 0..4 {
+        println!("    {}", curl(&cluster, &format!("http://{KUBIA_VIP}"))?);
+    }
+
+    println!("\n==> scaling kubia down to kubia-3 only");
+    pods = vec![(2, PodState::Ready)];
+    let took = cluster.set_kubia_pods(&pods)?;
+    println!("    manifest changed -> maps updated in {took:?}");
+    let answers = cluster.client.enter(|| (0..4).map(|_| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).collect::<Vec<_>>())?;
     for answer in answers {
-        let answer = answer.context("request through the ClusterIP")?;
-        println!("    $ curl {KUBIA_VIP}   ->  {answer}");
-        *hits.entry(answered_by(&answer)).or_default() += 1;
+        println!("    {}", answer.context("request through the ClusterIP")?);
     }
-    println!("    spread: {hits:?}");
-
-    println!("\n==> a UDP request to {KUBIA_VIP}:53 (the reply comes from the ClusterIP, not the pod)");
-    let (from, answer) = cluster.client.enter(|| -> Result<_> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-        socket.send_to(b"query", SocketAddrV4::new(KUBIA_VIP, 53))?;
-        let mut buf = [0u8; 256];
-        let (n, from) = socket.recv_from(&mut buf)?;
-        Ok((from, String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()))
-    })??;
-    println!("    reply from {from}: {answer}");
-
-    println!("\n==> a service without endpoints ({EMPTY_VIP}:80) is refused at once, as with kube-proxy");
-    let refused = cluster.client.enter(|| {
-        TcpStream::connect_timeout(&SocketAddrV4::new(EMPTY_VIP, 80).into(), Duration::from_secs(5)).map(drop)
-    })?;
-    println!("    connect: {}", refused.err().map_or("connected?!".to_owned(), |e| e.to_string()));
-
-    println!("\n==> scaling kubia down to {} only", pod_name(0));
-    let synced = cluster.update_services(&kubia_services(&[0]))?;
-    println!("    agent: {}", synced.split_once("lb_agent: ").map_or(synced.as_str(), |(_, l)| l));
-    let answers = cluster.client.enter(|| {
-        (0..5).map(|_| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).collect::<Vec<_>>()
-    })?;
-    for answer in answers {
-        println!("    $ curl {KUBIA_VIP}   ->  {}", answer.context("request through the ClusterIP")?);
-    }
-
     println!("\n==> cleaning up: stopping the agent, deleting the namespaces");
     drop(cluster);
     println!("done");

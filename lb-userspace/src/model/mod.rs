@@ -1,6 +1,8 @@
 //! The desired datapath state: which frontends exist and which endpoints
-//! serve them, per service port. Sources (the static file today, the
-//! Kubernetes API later) produce it; the syncer programs it.
+//! serve them, per service port. `kubernetes::desired_state` computes it from
+//! Services and EndpointSlices with kube-proxy's rules; the syncer programs
+//! it.
+pub mod kubernetes;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -61,7 +63,14 @@ pub struct Endpoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
     pub frontends: BTreeSet<Frontend>,
+    /// Endpoints that take new connections.
     pub endpoints: BTreeSet<Endpoint>,
+    /// Terminating endpoints that take no new connections but keep the ones
+    /// they have.
+    pub draining: BTreeSet<Endpoint>,
+    /// With no endpoints, drop traffic rather than reject it: kube-proxy's
+    /// behaviour for internalTrafficPolicy Local without a local endpoint.
+    pub drop_when_empty: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

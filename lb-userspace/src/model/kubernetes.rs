@@ -1,0 +1,535 @@
+//! From Kubernetes objects to the desired state, with kube-proxy's rules
+//! (pkg/proxy: servicechangetracker, endpointslicecache, topology):
+//!
+//! - Services of type ExternalName, headless services (`clusterIP: None`)
+//!   and services labelled `service.kubernetes.io/service-proxy-name` (owned
+//!   by another proxy) are not programmed.
+//! - Each service port is a service of its own (namespace/name:port), with
+//!   its own protocol.
+//! - Endpoints come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name` with the service's name, whether or not
+//!   the service has a selector. A slice port serves the service port with
+//!   the same name and protocol; its port number is the endpoint's target
+//!   port, which is how a named targetPort resolves per endpoint.
+//! - Ready endpoints serve; when none is ready, serving and terminating
+//!   ones do. Terminating endpoints that do not serve new connections keep
+//!   the ones they have (they drain). An endpoint listed in several slices
+//!   counts once.
+//! - internalTrafficPolicy Local: only endpoints on this node serve, and
+//!   with none, traffic is dropped.
+//!
+//! Invalid objects (bad addresses, ports out of range, unknown protocols,
+//! missing fields) are skipped, each with one line saying which and why;
+//! everything else is still programmed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// namespace/name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of an object; namespace "default" when it names none.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The objects a source has seen, as they are now.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+/// The desired state, and one line per object skipped and why.
+#[derive(Debug, Default)]
+pub struct Computed {
+    pub state: DesiredState,
+    pub skipped: Vec<String>,
+}
+
+/// What a valid slice says about one endpoint address.
+#[derive(Clone, Copy, Debug)]
+struct SliceEndpoint {
+    ip: Ipv4Addr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+/// A slice that passed validation.
+struct ValidSlice {
+    /// (name, protocol, port) of each slice port.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// The desired state for `objects` on the node named `node`.
+pub fn desired_state(objects: &ClusterObjects, node: &str) -> Computed {
+    let mut computed = Computed::default();
+    let mut slices_by_service: BTreeMap<ObjectKey, Vec<ValidSlice>> = BTreeMap::new();
+    for (key, slice) in &objects.slices {
+        match valid_slice(slice, node) {
+            Ok(Some((service, valid))) => {
+                slices_by_service.entry(ObjectKey { namespace: key.namespace.clone(), name: service }).or_default().push(valid)
+            }
+            Ok(None) => {}
+            Err(reason) => computed.skipped.push(format!("EndpointSlice {key} skipped: {reason}")),
+        }
+    }
+    for (key, service) in &objects.services {
+        let slices = slices_by_service.get(key).map(Vec::as_slice).unwrap_or_default();
+        match service_ports(key, service, slices) {
+            Ok(ports) => computed.state.services.extend(ports),
+            Err(reason) => computed.skipped.push(format!("Service {key} skipped: {reason}")),
+        }
+    }
+    computed
+}
+
+/// The service ports of one service, or why it is invalid. An empty list
+/// for services that are valid but not for this proxy.
+fn service_ports(key: &ObjectKey, service: &Service, slices: &[ValidSlice]) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    let labels = service.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Ok(Vec::new());
+    }
+    let spec = service.spec.as_ref().ok_or("it has no spec")?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Vec::new());
+    }
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => return Ok(Vec::new()),
+        Some(ip) => ip.parse::<IpAddr>().map_err(|_| format!("clusterIP {ip:?} is not an IP address"))?,
+    };
+    let IpAddr::V4(cluster_ip) = cluster_ip else {
+        // An IPv6 service: not handled by this IPv4 datapath.
+        return Ok(Vec::new());
+    };
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let number = valid_port(port.port, "port")?;
+        let protocol = match protocol(port.protocol.as_deref())? {
+            Some(p) => p,
+            None => continue, // SCTP: valid, not supported by this datapath
+        };
+        let name = port.name.clone().unwrap_or_default();
+        let (endpoints, draining) = serving_endpoints(slices, &name, protocol, local_only);
+        ports.push((
+            ServicePortName { namespace: key.namespace.clone(), name: key.name.clone(), port: name },
+            ServicePort {
+                frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
+                endpoints,
+                draining,
+                drop_when_empty: local_only,
+            },
+        ));
+    }
+    Ok(ports)
+}
+
+/// The endpoints serving one service port: ready ones, or when there are
+/// none, serving and terminating ones (KEP-1669); only local ones when
+/// `local_only`. Second, the terminating endpoints not among them: they
+/// drain.
+fn serving_endpoints(
+    slices: &[ValidSlice],
+    port_name: &str,
+    protocol: Protocol,
+    local_only: bool,
+) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
+    // Merged by address and port: an endpoint listed twice counts once, and
+    // is ready if any listing says so.
+    let mut candidates: BTreeMap<Endpoint, SliceEndpoint> = BTreeMap::new();
+    for slice in slices {
+        let Some(&(_, _, port)) = slice.ports.iter().find(|(n, p, _)| n == port_name && *p == protocol) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().filter(|ep| !local_only || ep.local) {
+            candidates
+                .entry(Endpoint { ip: ep.ip, port })
+                .and_modify(|seen| {
+                    seen.ready |= ep.ready;
+                    seen.serving |= ep.serving;
+                    seen.terminating &= ep.terminating;
+                })
+                .or_insert(*ep);
+        }
+    }
+    let pick = |keep: fn(&SliceEndpoint) -> bool| -> BTreeSet<Endpoint> {
+        candidates.iter().filter(|(_, c)| keep(c)).map(|(e, _)| *e).collect()
+    };
+    let mut serving = pick(|c| c.ready);
+    if serving.is_empty() {
+        serving = pick(|c| c.serving && c.terminating);
+    }
+    let draining = pick(|c| c.terminating).difference(&serving).copied().collect();
+    (serving, draining)
+}
+
+/// The service a slice belongs to and its valid content; `None` for slices
+/// this datapath does not use (IPv6 or FQDN addresses, no service label).
+fn valid_slice(slice: &EndpointSlice, node: &str) -> Result<Option<(String, ValidSlice)>, String> {
+    if slice.address_type != "IPv4" {
+        return Ok(None);
+    }
+    let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        return Ok(None);
+    };
+    let mut ports = Vec::new();
+    for port in slice.ports.iter().flatten() {
+        let number = port.port.ok_or("a port has no port number")?;
+        let number = valid_port(number, "port")?;
+        if let Some(protocol) = protocol(port.protocol.as_deref())? {
+            ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+        }
+    }
+    let mut endpoints = Vec::new();
+    for ep in &slice.endpoints {
+        let conditions = ep.conditions.as_ref();
+        // Unset conditions: ready unless said otherwise, serving as ready,
+        // not terminating (discovery/v1 semantics).
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        let local = ep.node_name.as_deref() == Some(node);
+        for address in &ep.addresses {
+            let ip = address.parse::<Ipv4Addr>().map_err(|_| format!("endpoint address {address:?} is not an IPv4 address"))?;
+            endpoints.push(SliceEndpoint { ip, ready, serving, terminating, local });
+        }
+    }
+    Ok(Some((service.clone(), ValidSlice { ports, endpoints })))
+}
+
+fn valid_port(port: i32, field: &str) -> Result<u16, String> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{field} {port} is not in 1..=65535")),
+    }
+}
+
+/// TCP or UDP; `None` for SCTP (valid, unsupported); an error otherwise.
+fn protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Protocol::Tcp)),
+        "UDP" => Ok(Some(Protocol::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(format!("protocol {other:?} is not TCP, UDP or SCTP")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const NODE: &str = "node-a";
+
+    fn service(value: serde_json::Value) -> (ObjectKey, Service) {
+        let service: Service = serde_json::from_value(value).expect("a Service");
+        (ObjectKey::of(&service.metadata), service)
+    }
+
+    fn slice(value: serde_json::Value) -> (ObjectKey, EndpointSlice) {
+        let slice: EndpointSlice = serde_json::from_value(value).expect("an EndpointSlice");
+        (ObjectKey::of(&slice.metadata), slice)
+    }
+
+    fn kubia(extra_spec: serde_json::Value) -> serde_json::Value {
+        let mut spec = json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra_spec.as_object()) {
+            spec.extend(extra.clone());
+        }
+        json!({"metadata": {"name": "kubia", "namespace": "default"}, "spec": spec})
+    }
+
+    fn kubia_slice(name: &str, endpoints: serde_json::Value) -> serde_json::Value {
+        json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": endpoints})
+    }
+
+    fn ep(ip: &str) -> serde_json::Value {
+        json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": NODE})
+    }
+
+    fn objects(services: &[serde_json::Value], slices: &[serde_json::Value]) -> ClusterObjects {
+        ClusterObjects {
+            services: services.iter().cloned().map(service).collect(),
+            slices: slices.iter().cloned().map(slice).collect(),
+        }
+    }
+
+    /// endpoint list as "ip:port" strings, per "ns/name:port".
+    fn programmed(computed: &Computed) -> Programmed {
+        computed
+            .state
+            .services
+            .iter()
+            .map(|(name, sp)| (name.to_string(), sp.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()))
+            .collect()
+    }
+
+    fn map(entries: &[(&str, &[&str])]) -> Programmed {
+        entries.iter().map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect())).collect()
+    }
+
+    /// Service port → its endpoints as "ip:port".
+    type Programmed = BTreeMap<String, Vec<String>>;
+
+    /// Each case: the rule it checks, the objects, and what must be
+    /// programmed (service port → endpoints) and how many objects skipped.
+    #[test]
+    fn kube_proxy_rules() {
+        let cases: Vec<(&str, ClusterObjects, Programmed, usize)> = vec![
+            (
+                "ready endpoints serve",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2"), ep("10.244.2.2")]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080", "10.244.2.2:8080"])]),
+                0,
+            ),
+            (
+                "not-ready endpoints do not serve while a ready one exists",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2"),
+                    {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": false}}]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "with no ready endpoint, serving and terminating ones serve",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([
+                    {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                    {"addresses": ["10.244.4.2"], "conditions": {"ready": false, "serving": true, "terminating": false}}]))]),
+                map(&[("default/kubia:http", &["10.244.2.2:8080"])]),
+                0,
+            ),
+            (
+                "unset conditions mean ready",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([{"addresses": ["10.244.1.2"]}]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "multi-port service: one service port per port, each with its protocol",
+                objects(
+                    &[json!({"metadata": {"name": "kubia", "namespace": "default"}, "spec": {"clusterIP": "10.96.0.10", "ports": [
+                        {"name": "http", "port": 80, "targetPort": 8080}, {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}})],
+                    &[json!({"metadata": {"name": "s1", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+                        "endpoints": [ep("10.244.1.2")]})],
+                ),
+                map(&[("default/kubia:dns", &["10.244.1.2:5353"]), ("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "named targetPort resolves per endpoint from its slice's port",
+                objects(
+                    &[kubia(json!({"ports": [{"name": "http", "port": 80, "targetPort": "web"}]}))],
+                    &[
+                        kubia_slice("s1", json!([ep("10.244.1.2")])),
+                        json!({"metadata": {"name": "s2", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                            "addressType": "IPv4", "ports": [{"name": "http", "port": 9090}], "endpoints": [ep("10.244.2.2")]}),
+                    ],
+                ),
+                map(&[("default/kubia:http", &["10.244.1.2:8080", "10.244.2.2:9090"])]),
+                0,
+            ),
+            (
+                "a slice port serves only the service port of its protocol",
+                objects(
+                    &[kubia(json!({"ports": [{"name": "http", "port": 80, "protocol": "UDP"}]}))],
+                    &[kubia_slice("s1", json!([ep("10.244.1.2")]))],
+                ),
+                map(&[("default/kubia:http", &[])]),
+                0,
+            ),
+            (
+                "service without selector: served from the slices that name it",
+                objects(
+                    &[json!({"metadata": {"name": "external-db", "namespace": "prod"}, "spec": {"clusterIP": "10.96.7.7", "ports": [{"port": 5432}]}})],
+                    &[json!({"metadata": {"name": "external-db-1", "namespace": "prod", "labels": {"kubernetes.io/service-name": "external-db"}},
+                        "addressType": "IPv4", "ports": [{"port": 5432}], "endpoints": [{"addresses": ["192.0.2.10"]}]})],
+                ),
+                map(&[("prod/external-db", &["192.0.2.10:5432"])]),
+                0,
+            ),
+            (
+                "slices of a same-named service in another namespace do not count",
+                objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "s1", "namespace": "other", "labels": {"kubernetes.io/service-name": "kubia"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": [ep("10.244.9.9")]})]),
+                map(&[("default/kubia:http", &[])]),
+                0,
+            ),
+            (
+                "headless service is not programmed",
+                objects(&[kubia(json!({"clusterIP": "None"}))], &[kubia_slice("s1", json!([ep("10.244.1.2")]))]),
+                map(&[]),
+                0,
+            ),
+            (
+                "ExternalName service is not programmed",
+                objects(&[json!({"metadata": {"name": "db", "namespace": "default"}, "spec": {"type": "ExternalName", "externalName": "db.example.com"}})], &[]),
+                map(&[]),
+                0,
+            ),
+            (
+                "service of another proxy is not programmed",
+                objects(&[json!({"metadata": {"name": "kubia", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "other"}},
+                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}})], &[]),
+                map(&[]),
+                0,
+            ),
+            (
+                "duplicate endpoints across slices count once",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2")])), kubia_slice("s2", json!([ep("10.244.1.2"), ep("10.244.2.2")]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080", "10.244.2.2:8080"])]),
+                0,
+            ),
+            (
+                "an endpoint in several services is in each",
+                objects(
+                    &[kubia(json!({})), json!({"metadata": {"name": "kubia-2", "namespace": "default"}, "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "http", "port": 80}]}})],
+                    &[kubia_slice("s1", json!([ep("10.244.1.2")])),
+                      json!({"metadata": {"name": "t1", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia-2"}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": [ep("10.244.1.2")]})],
+                ),
+                map(&[("default/kubia-2:http", &["10.244.1.2:8080"]), ("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "internalTrafficPolicy Local: only this node's endpoints",
+                objects(&[kubia(json!({"internalTrafficPolicy": "Local"}))], &[kubia_slice("s1", json!([ep("10.244.1.2"),
+                    {"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "node-b"}]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "IPv6 and FQDN slices are not used",
+                objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "v6", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                    "addressType": "IPv6", "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["fd00::1"]}]})]),
+                map(&[("default/kubia:http", &[])]),
+                0,
+            ),
+            (
+                "SCTP port is left out, the others programmed",
+                objects(&[kubia(json!({"ports": [{"name": "http", "port": 80}, {"name": "sig", "port": 9999, "protocol": "SCTP"}]}))], &[]),
+                map(&[("default/kubia:http", &[])]),
+                0,
+            ),
+            (
+                "invalid clusterIP: service skipped, others kept",
+                objects(&[kubia(json!({"clusterIP": "10.96.0.300"})), json!({"metadata": {"name": "ok", "namespace": "default"}, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}})], &[]),
+                map(&[("default/ok", &[])]),
+                1,
+            ),
+            (
+                "service port 0: service skipped",
+                objects(&[kubia(json!({"ports": [{"port": 0}]}))], &[]),
+                map(&[]),
+                1,
+            ),
+            (
+                "service port above 65535: service skipped",
+                objects(&[kubia(json!({"ports": [{"port": 70000}]}))], &[]),
+                map(&[]),
+                1,
+            ),
+            (
+                "unknown protocol: service skipped",
+                objects(&[kubia(json!({"ports": [{"port": 80, "protocol": "QUIC"}]}))], &[]),
+                map(&[]),
+                1,
+            ),
+            (
+                "service without spec: skipped",
+                objects(&[json!({"metadata": {"name": "kubia", "namespace": "default"}})], &[]),
+                map(&[]),
+                1,
+            ),
+            (
+                "slice with an invalid address: slice skipped, other slices serve",
+                objects(&[kubia(json!({}))], &[kubia_slice("bad", json!([ep("10.244.1.300")])), kubia_slice("good", json!([ep("10.244.2.2")]))]),
+                map(&[("default/kubia:http", &["10.244.2.2:8080"])]),
+                1,
+            ),
+            (
+                "slice port out of range: slice skipped",
+                objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "bad", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 0}], "endpoints": [ep("10.244.1.2")]})]),
+                map(&[("default/kubia:http", &[])]),
+                1,
+            ),
+            (
+                "slice port without a number: slice skipped",
+                objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "bad", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                    "addressType": "IPv4", "ports": [{"name": "http"}], "endpoints": [ep("10.244.1.2")]})]),
+                map(&[("default/kubia:http", &[])]),
+                1,
+            ),
+        ];
+        for (rule, objects, expected, skipped) in cases {
+            let computed = desired_state(&objects, NODE);
+            assert_eq!(programmed(&computed), expected, "{rule}");
+            assert_eq!(computed.skipped.len(), skipped, "{rule}: {:?}", computed.skipped);
+        }
+    }
+
+    #[test]
+    fn skip_lines_name_the_object_and_the_reason() {
+        let objects = objects(&[kubia(json!({"clusterIP": "banana"}))], &[kubia_slice("bad", json!([ep("nope")]))]);
+        let computed = desired_state(&objects, NODE);
+        assert!(computed.skipped.iter().any(|l| l.contains("Service default/kubia") && l.contains("banana")), "{:?}", computed.skipped);
+        assert!(computed.skipped.iter().any(|l| l.contains("EndpointSlice default/bad") && l.contains("nope")), "{:?}", computed.skipped);
+    }
+
+    #[test]
+    fn terminating_endpoints_drain_while_ready_ones_serve() {
+        let objects = objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2"),
+            {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+            {"addresses": ["10.244.4.2"], "conditions": {"ready": false, "serving": false, "terminating": false}}]))]);
+        let computed = desired_state(&objects, NODE);
+        let port = computed.state.services.values().next().expect("programmed");
+        let ips = |set: &BTreeSet<Endpoint>| set.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>();
+        assert_eq!(ips(&port.endpoints), ["10.244.1.2"]);
+        assert_eq!(ips(&port.draining), ["10.244.2.2", "10.244.3.2"], "terminating ones drain; a not-ready one is gone");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_drops_rather_than_rejects() {
+        let objects = objects(&[kubia(json!({"internalTrafficPolicy": "Local"}))], &[]);
+        let computed = desired_state(&objects, NODE);
+        let port = computed.state.services.values().next().expect("programmed");
+        assert!(port.endpoints.is_empty() && port.drop_when_empty);
+    }
+}

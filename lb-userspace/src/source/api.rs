@@ -1,0 +1,100 @@
+//! The Kubernetes API as the source of truth: kube-rs reflectors over all
+//! Services and discovery.k8s.io/v1 EndpointSlices. Nothing is signalled
+//! before both initial lists are complete. Watch errors (a dropped
+//! connection, 410 Gone) make the watcher re-list, with backoff while the
+//! API server is unreachable; the reflector stores keep the last complete
+//! state meanwhile, so the datapath keeps serving it.
+use std::{future::Future, time::Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher::{self, Event, watcher},
+    },
+};
+use tracing::{info, warn};
+
+use super::{ChangeSender, Update};
+use crate::model::kubernetes::{ClusterObjects, ObjectKey};
+
+/// The reflectors' stores: the objects as last listed and watched.
+pub struct ApiSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Services,
+    EndpointSlices,
+}
+
+/// What a watch event means for the stores.
+enum Effect {
+    /// A list (initial or after an error) completed: the store was replaced.
+    Listed,
+    /// An object was added, changed or deleted.
+    Changed,
+    /// A re-list is under way; the store is unchanged until it completes.
+    Listing,
+}
+
+fn effect<K>(event: &Event<K>) -> Effect {
+    match event {
+        Event::InitDone => Effect::Listed,
+        Event::Apply(_) | Event::Delete(_) => Effect::Changed,
+        Event::Init | Event::InitApply(_) => Effect::Listing,
+    }
+}
+
+impl ApiSource {
+    /// The stores, and the task that fills them and signals `changes`
+    /// (run it until it ends: when the receiver is gone).
+    pub fn start(client: Client, changes: ChangeSender) -> (Self, impl Future<Output = ()>) {
+        let (services, services_writer) = reflector::store::<Service>();
+        let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+        let service_events = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .reflect(services_writer)
+            .map(|event| (Kind::Services, event.map(|e| effect(&e))));
+        let slice_events = watcher(Api::<EndpointSlice>::all(client), watcher::Config::default())
+            .default_backoff()
+            .reflect(slices_writer)
+            .map(|event| (Kind::EndpointSlices, event.map(|e| effect(&e))));
+        let task = async move {
+            let mut events = std::pin::pin!(stream::select(service_events, slice_events));
+            let (mut services_listed, mut slices_listed) = (false, false);
+            while let Some((kind, event)) = events.next().await {
+                match event {
+                    Err(e) => warn!("watching {kind:?}: {e}; keeping the last known state, retrying with backoff"),
+                    Ok(Effect::Listing) => {}
+                    Ok(effect) => {
+                        if matches!(effect, Effect::Listed) {
+                            info!("{kind:?}: list complete");
+                            match kind {
+                                Kind::Services => services_listed = true,
+                                Kind::EndpointSlices => slices_listed = true,
+                            }
+                        }
+                        if services_listed && slices_listed && changes.send(Some(Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        (Self { services, slices }, task)
+    }
+
+    pub fn snapshot(&self) -> Update {
+        let objects = ClusterObjects {
+            services: self.services.state().iter().map(|s| (ObjectKey::of(&s.metadata), (**s).clone())).collect(),
+            slices: self.slices.state().iter().map(|s| (ObjectKey::of(&s.metadata), (**s).clone())).collect(),
+        };
+        Update { objects, skipped: Vec::new() }
+    }
+}

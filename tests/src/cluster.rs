@@ -157,24 +157,18 @@ impl Drop for TempDir {
     }
 }
 
-/// Fields drop in order: the agent stops first, then servers, then the
-/// namespaces, then the bpf filesystem and the manifest directory.
-pub struct Cluster {
-    pub agent: Agent,
+/// The namespaces of a cluster, without the agent. Fields drop in order:
+/// servers, then namespaces, then the bpf filesystem.
+pub struct Topology {
     pub pods: Vec<Pod>,
     pub client: Netns,
     pub node: Netns,
     pub bpffs: Bpffs,
-    pub manifests: TempDir,
+    hook: ClientHook,
 }
 
-impl Cluster {
-    /// A cluster whose manifest directory holds `manifests` as kubia.yaml.
-    pub fn start(pod_count: usize, manifests: &str) -> Result<Self> {
-        Self::start_with(pod_count, &[(MANIFEST_FILE, manifests)], ClientHook::Tc)
-    }
-
-    pub fn start_with(pod_count: usize, files: &[(&str, &str)], client_hook: ClientHook) -> Result<Self> {
+impl Topology {
+    pub fn new(pod_count: usize, hook: ClientHook) -> Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("client")?;
         link(&node, "c0", Ipv4Addr::new(10, 201, 0, 1), &client, "eth0", CLIENT_IP)?;
@@ -183,66 +177,110 @@ impl Cluster {
         for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
             node.sysctl(key, "0")?;
         }
-        if client_hook == ClientHook::Xdp {
+        if hook == ClientHook::Xdp {
             full_checksums(&client, "eth0")?;
             full_checksums(&node, "c0")?;
         }
         let mut pods = Vec::new();
-        let mut args = Vec::new();
         for i in 0..pod_count {
             let ns = Netns::new(&format!("pod{}", i + 1))?;
             let node_if = format!("b{}", i + 1);
             link(&node, &node_if, Ipv4Addr::new(10, 244, i as u8 + 1, 1), &ns, "eth0", pod_ip(i))?;
             ns.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
-            if client_hook == ClientHook::Xdp {
+            if hook == ClientHook::Xdp {
                 full_checksums(&ns, "eth0")?;
                 full_checksums(&node, &node_if)?;
             }
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
-            args.extend(["--iface".to_owned(), node_if]);
         }
-        match client_hook {
-            ClientHook::Tc => args.extend(["--iface".to_owned(), "c0".to_owned()]),
-            ClientHook::Xdp => args.extend(["--xdp-iface".to_owned(), "c0".to_owned()]),
+        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, hook })
+    }
+
+    /// The agent's arguments for this topology, less the source.
+    fn agent_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for i in 0..self.pods.len() {
+            args.extend(["--iface".to_owned(), format!("b{}", i + 1)]);
         }
-        let bpffs = Bpffs::new()?;
+        let client_flag = match self.hook {
+            ClientHook::Tc => "--iface",
+            ClientHook::Xdp => "--xdp-iface",
+        };
+        args.extend([client_flag.to_owned(), "c0".to_owned()]);
+        args.extend(["--node-name".to_owned(), NODE_NAME.to_owned()]);
+        args.extend(["--bpffs-dir".to_owned(), self.bpffs.dir.to_string_lossy().into_owned()]);
+        args
+    }
+
+    pub fn maps(&self) -> Result<PinnedMaps> {
+        PinnedMaps::open(&self.bpffs.dir)
+    }
+}
+
+/// A topology with the agent running. Fields drop in order: the agent stops
+/// first, then the manifest directory goes, then the namespaces.
+pub struct Cluster {
+    pub agent: Agent,
+    manifests: Option<TempDir>,
+    net: Topology,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.net
+    }
+}
+
+impl Cluster {
+    /// A cluster whose manifest directory holds `manifests` as kubia.yaml.
+    pub fn start(pod_count: usize, manifests: &str) -> Result<Self> {
+        Self::start_with(pod_count, &[(MANIFEST_FILE, manifests)], ClientHook::Tc)
+    }
+
+    /// A cluster whose agent reads a manifest directory holding `files`.
+    pub fn start_with(pod_count: usize, files: &[(&str, &str)], hook: ClientHook) -> Result<Self> {
+        let net = Topology::new(pod_count, hook)?;
         let manifests = TempDir::new("manifests")?;
         for (name, content) in files {
             std::fs::write(manifests.0.join(name), content).with_context(|| format!("writing {name}"))?;
         }
-        args.extend([
-            "--manifests".to_owned(),
-            manifests.0.to_string_lossy().into_owned(),
-            "--node-name".to_owned(),
-            NODE_NAME.to_owned(),
-            "--bpffs-dir".to_owned(),
-            bpffs.dir.to_string_lossy().into_owned(),
-        ]);
+        let source = vec!["--manifests".to_owned(), manifests.0.to_string_lossy().into_owned()];
+        Self::run_agent(net, source, Some(manifests))
+    }
+
+    /// Starts the agent on `net` with the source arguments `source`, and
+    /// waits until it is ready.
+    pub fn run_agent(net: Topology, source: Vec<String>, manifests: Option<TempDir>) -> Result<Self> {
+        let mut args = source;
+        args.extend(net.agent_args());
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start(&node, &arg_refs)?;
+        let agent = Agent::start(&net.node, &arg_refs)?;
         agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
-        Ok(Self { agent, pods, client, node, bpffs, manifests })
+        Ok(Self { agent, manifests, net })
+    }
+
+    fn manifest_dir(&self) -> Result<&Path> {
+        self.manifests.as_ref().map(|d| d.0.as_path()).context("this cluster's agent reads no manifest directory")
     }
 
     /// Replaces a manifest file atomically (write aside, then rename, as
     /// kubectl-driven tooling and editors do); returns when it was replaced.
     pub fn write_manifest(&self, name: &str, content: &str) -> Result<Instant> {
-        let aside = self.manifests.0.join(format!(".{name}.partial"));
+        let dir = self.manifest_dir()?;
+        let aside = dir.join(format!(".{name}.partial"));
         std::fs::write(&aside, content).context("writing a manifest")?;
         let at = Instant::now();
-        std::fs::rename(&aside, self.manifests.0.join(name)).context("renaming a manifest into place")?;
+        std::fs::rename(&aside, dir.join(name)).context("renaming a manifest into place")?;
         Ok(at)
     }
 
     pub fn remove_manifest(&self, name: &str) -> Result<Instant> {
+        let path = self.manifest_dir()?.join(name);
         let at = Instant::now();
-        std::fs::remove_file(self.manifests.0.join(name)).context("removing a manifest")?;
+        std::fs::remove_file(path).context("removing a manifest")?;
         Ok(at)
-    }
-
-    pub fn maps(&self) -> Result<PinnedMaps> {
-        PinnedMaps::open(&self.bpffs.dir)
     }
 
     /// Rewrites kubia.yaml with `pods` and waits until the agent has
@@ -251,11 +289,11 @@ impl Cluster {
     pub fn set_kubia_pods(&self, pods: &[(usize, PodState)]) -> Result<Duration> {
         let maps = self.maps()?;
         let at = self.write_manifest(MANIFEST_FILE, &kubia_manifests(pods))?;
-        let expected: BTreeSet<Ipv4Addr> = pods.iter().filter(|(_, s)| *s == PodState::Ready).map(|&(i, _)| pod_ip(i)).collect();
-        maps.wait_for(kubia_http(), Some(&expected), at, AGENT_TIMEOUT)
+        maps.wait_for(kubia_http(), Some(&ready_ips(pods)), at, AGENT_TIMEOUT)
     }
+}
 
-    pub fn manifest_dir(&self) -> &Path {
-        &self.manifests.0
-    }
+/// The addresses of the ready pods among `pods`.
+pub fn ready_ips(pods: &[(usize, PodState)]) -> BTreeSet<Ipv4Addr> {
+    pods.iter().filter(|(_, s)| *s == PodState::Ready).map(|&(i, _)| pod_ip(i)).collect()
 }

@@ -1,4 +1,5 @@
 //! Shared pieces of the packet tests, end-to-end tests and benchmarks.
+pub mod apiserver;
 pub mod cluster;
 pub mod fixture;
 pub mod netns;

@@ -1,0 +1,120 @@
+//! The agent against a fake Kubernetes API server speaking the real HTTP
+//! list/watch protocol to kube-rs (the one fake these tests allow): it waits
+//! for complete lists, follows adds, changes and deletes of Services and
+//! EndpointSlices, resumes after a dropped watch, re-lists after 410 Gone,
+//! and keeps serving the last known state through an API outage. Needs
+//! root: the agent and the server run in a node namespace of the test's own.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use lb_common::{FrontendKey, IPPROTO_TCP};
+use lb_tests::{
+    apiserver::{FakeApiServer, Kind},
+    cluster::{AGENT_TIMEOUT, ClientHook, Cluster, KUBIA_VIP, TempDir, Topology, kubia_http, kubia_manifests, pod_ip, ready, ready_ips},
+    netns::connect_and_ask,
+};
+
+fn ips(pods: &[usize]) -> BTreeSet<Ipv4Addr> {
+    pods.iter().map(|&i| pod_ip(i)).collect()
+}
+
+fn other_service() -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "other", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+}
+
+fn other_slice(pods: &[usize]) -> serde_json::Value {
+    let endpoints: Vec<_> = pods.iter().map(|&i| serde_json::json!({"addresses": [pod_ip(i).to_string()], "conditions": {"ready": true}})).collect();
+    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "other-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "other"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+fn other_http() -> FrontendKey {
+    FrontendKey::new(Ipv4Addr::new(10, 96, 0, 20), 80, IPPROTO_TCP)
+}
+
+#[test]
+fn agent_follows_the_api_through_watch_failures_and_outages() {
+    let net = Topology::new(3, ClientHook::Tc).expect("namespaces");
+    let api = FakeApiServer::start_in(&net.node).expect("fake API server");
+    api.apply_yaml(&kubia_manifests(&ready(&[0, 1]))).expect("objects");
+    let dir = TempDir::new("kubeconfig").expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir.0).expect("kubeconfig");
+    let maps_dir = net.bpffs.dir.clone();
+
+    // Nothing is programmed before both lists are complete.
+    api.hold_lists(Kind::EndpointSlice, true);
+    let agent_start = std::thread::spawn(move || {
+        Cluster::run_agent(net, vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()], None)
+    });
+    api.wait_for_list_request(Kind::EndpointSlice, AGENT_TIMEOUT).expect("the agent lists slices");
+    api.wait_for_list_request(Kind::Service, AGENT_TIMEOUT).expect("the agent lists services");
+    let early = lb_tests::pinned::PinnedMaps::open(&maps_dir).map(|m| m.backends(kubia_http()));
+    assert!(matches!(early, Err(_) | Ok(None)), "programmed before the slice list completed: {early:?}");
+    api.hold_lists(Kind::EndpointSlice, false);
+    let cluster = agent_start.join().expect("thread").expect("agent ready");
+    let maps = cluster.maps().expect("pinned maps");
+    assert_eq!(maps.backends(kubia_http()), Some(ips(&[0, 1])), "programmed from the initial lists");
+    let answer = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).expect("client");
+    assert!(answer.expect("through the VIP").starts_with("You've hit kubia-"));
+
+    let step = |what: &str, frontend: FrontendKey, expected: Option<BTreeSet<Ipv4Addr>>, at: Instant| {
+        let took = maps.wait_for(frontend, expected.as_ref(), at, AGENT_TIMEOUT).unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", cluster.agent.log()));
+        println!("{what}: API change to maps updated in {took:?}");
+    };
+
+    // Modify: an endpoint added to the slice.
+    let at = Instant::now();
+    api.apply_yaml(&kubia_manifests(&ready(&[0, 1, 2]))).expect("apply");
+    step("slice modified", kubia_http(), Some(ips(&[0, 1, 2])), at);
+
+    // Add and delete a service, and its slice.
+    let at = Instant::now();
+    api.apply(other_service()).expect("apply");
+    api.apply(other_slice(&[2])).expect("apply");
+    step("service and slice added", other_http(), Some(ips(&[2])), at);
+    let at = Instant::now();
+    api.delete(Kind::Service, "default", "other").expect("delete");
+    step("service deleted", other_http(), None, at);
+    api.delete(Kind::EndpointSlice, "default", "other-1").expect("delete");
+
+    // A dropped watch: the agent watches again from where it was and sees
+    // what changed meanwhile.
+    api.drop_watches();
+    let at = Instant::now();
+    api.apply_yaml(&kubia_manifests(&ready(&[1, 2]))).expect("apply");
+    step("change after a dropped watch", kubia_http(), Some(ips(&[1, 2])), at);
+
+    // 410 Gone: history is compacted, the agent must list again.
+    api.expire_resource_versions();
+    let at = Instant::now();
+    api.apply_yaml(&kubia_manifests(&ready(&[0, 2]))).expect("apply");
+    step("change after 410 Gone", kubia_http(), Some(ips(&[0, 2])), at);
+
+    // An outage: the datapath keeps the last known state and serves it.
+    api.set_down(true);
+    api.apply_yaml(&kubia_manifests(&ready(&[1]))).expect("apply while down");
+    let answers = cluster
+        .client
+        .enter(|| (0..20).map(|_| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).collect::<Vec<_>>())
+        .expect("client");
+    let served: BTreeSet<String> = answers.into_iter().map(|a| a.expect("served during the outage")).collect();
+    assert!(served.iter().all(|a| a == "You've hit kubia-1" || a == "You've hit kubia-3"), "{served:?}");
+    assert_eq!(maps.backends(kubia_http()), Some(ips(&[0, 2])), "the last known state stays programmed");
+    assert_eq!(api.open_watches(), 0);
+
+    // Back up: the agent reconnects (with backoff) and catches up.
+    let at = Instant::now();
+    api.set_down(false);
+    step("catching up after the outage", kubia_http(), Some(ready_ips(&ready(&[1]))), at);
+    assert!(
+        cluster.agent.log().contains("retrying with backoff"),
+        "the agent reported the watch errors:\n{}",
+        cluster.agent.log()
+    );
+}

@@ -13,7 +13,7 @@ use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
     cli::AgentArgs,
     datapath::Datapath,
-    model::kubernetes::desired_state,
+    model::kubernetes::Model,
     source::{ChangeReceiver, Source, api::ApiSource, manifests},
     sync::{SyncLimiter, Syncer},
 };
@@ -85,7 +85,7 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         Some(dir) => {
             info!(dir = %dir.display(), node, "source: manifest directory");
             let task = tokio::spawn(manifests::watch(dir.clone(), changes_tx)).map_err_into();
-            (Source::Manifests(dir.clone()), task)
+            (Source::Manifests(manifests::ManifestDir::new(dir.clone())), task)
         }
         None => {
             let client = kube_client(args).await?;
@@ -99,7 +99,7 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     };
 
     let mut datapath = Datapath::load(Some(&args.bpffs_dir))?;
-    let result = serve(args, &node, &source, source_task, changes, &mut datapath, &mut shutdown).await;
+    let result = serve(args, &node, source, source_task, changes, &mut datapath, &mut shutdown).await;
     for name in lb_userspace::maps::ALL_MAPS {
         let pin = args.bpffs_dir.join(name);
         if let Err(e) = std::fs::remove_file(&pin) {
@@ -138,12 +138,13 @@ async fn kube_client(args: &AgentArgs) -> anyhow::Result<Client> {
 async fn serve(
     args: &AgentArgs,
     node: &str,
-    source: &Source,
+    mut source: Source,
     source_task: JoinHandle<anyhow::Result<()>>,
     mut changes: ChangeReceiver,
     datapath: &mut Datapath,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
+    let mut model = Model::default();
     let mut syncer = Syncer::new();
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
@@ -161,7 +162,8 @@ async fn serve(
                 let Some(noticed) = *changes.borrow_and_update() else { continue };
                 generation += 1;
                 limiter.record(Instant::now());
-                sync(source, node, &mut syncer, datapath, &mut reported, generation, noticed)?;
+                let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
+                sync(&mut source, node, state, datapath, generation, noticed)?;
                 if generation == 1 {
                     for iface in &args.ifaces {
                         datapath.attach_tc(iface)?;
@@ -181,29 +183,30 @@ async fn serve(
     Ok(())
 }
 
-/// Programs the source's current objects; logs each skipped object once.
-fn sync(
-    source: &Source,
-    node: &str,
-    syncer: &mut Syncer,
-    datapath: &mut Datapath,
-    reported: &mut HashSet<String>,
-    generation: u64,
-    noticed: Instant,
-) -> anyhow::Result<()> {
+/// What the agent keeps from one sync to the next.
+struct State<'a> {
+    model: &'a mut Model,
+    syncer: &'a mut Syncer,
+    /// Skipped-object lines already logged.
+    reported: &'a mut HashSet<String>,
+}
+
+/// Programs what changed in the source's objects; logs each skipped object
+/// once.
+fn sync(source: &mut Source, node: &str, state: State<'_>, datapath: &mut Datapath, generation: u64, noticed: Instant) -> anyhow::Result<()> {
     let started = Instant::now();
     let update = source.snapshot()?;
-    let computed = desired_state(&update.objects, node);
-    let skipped: HashSet<String> = update.skipped.into_iter().chain(computed.skipped).collect();
-    for line in skipped.difference(reported) {
+    let changes = state.model.update(&update.objects, node);
+    let skipped: HashSet<String> = update.skipped.into_iter().chain(changes.skipped).collect();
+    for line in skipped.difference(state.reported) {
         warn!("{line}");
     }
-    *reported = skipped;
-    let report = syncer.apply(&computed.state, &mut datapath.maps)?;
+    *state.reported = skipped;
+    let report = state.syncer.apply_changes(&state.model.state, &changes.ports, &mut datapath.maps)?;
     info!(
         generation,
-        services = computed.state.services.len(),
-        endpoints = computed.state.endpoint_count(),
+        services = state.model.state.services.len(),
+        endpoints = state.model.state.endpoint_count(),
         added = report.added,
         updated = report.updated,
         removed = report.removed,

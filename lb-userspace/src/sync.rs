@@ -115,15 +115,30 @@ impl Syncer {
         self.programmed.iter().map(|(name, p)| (name, p.id))
     }
 
+    /// Makes the maps equal to `desired`, comparing every service port.
     pub fn apply(&mut self, desired: &DesiredState, maps: &mut impl MapWriter) -> Result<SyncReport> {
+        let names: BTreeSet<ServicePortName> = self.programmed.keys().chain(desired.services.keys()).cloned().collect();
+        self.apply_changes(desired, &names, maps)
+    }
+
+    /// Makes the maps equal to `desired` for the service ports in `names`
+    /// (the ones that may have changed); the others are left alone.
+    pub fn apply_changes(
+        &mut self,
+        desired: &DesiredState,
+        names: &BTreeSet<ServicePortName>,
+        maps: &mut impl MapWriter,
+    ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
-        let gone: Vec<ServicePortName> =
-            self.programmed.keys().filter(|name| !desired.services.contains_key(*name)).cloned().collect();
-        for name in gone {
-            self.remove(&name, maps)?;
-            report.removed += 1;
+        // Removals first: they free ids and map capacity for the additions.
+        for name in names {
+            if !desired.services.contains_key(name) && self.programmed.contains_key(name) {
+                self.remove(name, maps)?;
+                report.removed += 1;
+            }
         }
-        for (name, service) in &desired.services {
+        for name in names {
+            let Some(service) = desired.services.get(name) else { continue };
             match self.programmed.get(name) {
                 None => {
                     self.add(name, service, maps)?;

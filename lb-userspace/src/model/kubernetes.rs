@@ -22,10 +22,12 @@
 //! missing fields) are skipped, each with one line saying which and why;
 //! everything else is still programmed.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
+use rustc_hash::FxHashMap;
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -59,11 +61,13 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
-/// The objects a source has seen, as they are now.
+/// The objects a source has seen, as they are now. Shared, so that a
+/// snapshot costs no copy and an unchanged object is the same allocation
+/// from one snapshot to the next.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
 }
 
 /// The desired state, and one line per object skipped and why.
@@ -92,25 +96,161 @@ struct ValidSlice {
 
 /// The desired state for `objects` on the node named `node`.
 pub fn desired_state(objects: &ClusterObjects, node: &str) -> Computed {
-    let mut computed = Computed::default();
-    let mut slices_by_service: BTreeMap<ObjectKey, Vec<ValidSlice>> = BTreeMap::new();
-    for (key, slice) in &objects.slices {
-        match valid_slice(slice, node) {
-            Ok(Some((service, valid))) => {
-                slices_by_service.entry(ObjectKey { namespace: key.namespace.clone(), name: service }).or_default().push(valid)
+    let mut model = Model::default();
+    let skipped = model.update(objects, node).skipped;
+    Computed { state: model.state, skipped }
+}
+
+/// One service's contribution, remembered.
+struct CachedService {
+    key: ObjectKey,
+    ports: Vec<ServicePortName>,
+    skipped: Vec<String>,
+    /// The last update that saw the service unchanged.
+    seen: u64,
+}
+
+/// A slice the model knows, by allocation.
+struct KnownSlice {
+    /// The service it names, if any.
+    owner: Option<ObjectKey>,
+    seen: u64,
+}
+
+/// What changed in one `Model::update`.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Service ports added, changed or removed.
+    pub ports: BTreeSet<ServicePortName>,
+    /// Every object skipped and why, one line each.
+    pub skipped: Vec<String>,
+}
+
+/// The desired state, kept up to date incrementally. Objects are shared
+/// `Arc`s, so an unchanged object is the same allocation from one snapshot
+/// to the next: one pass over the snapshot, looking up pointers only, finds
+/// the new and the vanished objects, and only the services they touch are
+/// computed again. One endpoint change among 10,000 services costs that
+/// pass plus one service's work.
+#[derive(Default)]
+pub struct Model {
+    pub state: DesiredState,
+    services: FxHashMap<*const Service, CachedService>,
+    slices: FxHashMap<*const EndpointSlice, KnownSlice>,
+    /// The current slices of each service name.
+    slices_of: HashMap<ObjectKey, Vec<Arc<EndpointSlice>>>,
+    /// The current service object of each name.
+    service_of: HashMap<ObjectKey, *const Service>,
+    updates: u64,
+}
+
+impl Model {
+    pub fn update(&mut self, objects: &ClusterObjects, node: &str) -> Changes {
+        self.updates += 1;
+        let seen = self.updates;
+        // Slices: new ones are added to their service, vanished ones removed;
+        // either way the service is computed again.
+        let mut dirty: Vec<ObjectKey> = Vec::new();
+        for slice in &objects.slices {
+            let ptr = Arc::as_ptr(slice);
+            if let Some(known) = self.slices.get_mut(&ptr) {
+                known.seen = seen;
+                continue;
             }
+            let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|service| ObjectKey {
+                namespace: slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                name: service.clone(),
+            });
+            if let Some(owner) = &owner {
+                self.slices_of.entry(owner.clone()).or_default().push(slice.clone());
+                dirty.push(owner.clone());
+            }
+            self.slices.insert(ptr, KnownSlice { owner, seen });
+        }
+        let slices_of = &mut self.slices_of;
+        self.slices.retain(|ptr, known| {
+            if known.seen == seen {
+                return true;
+            }
+            if let Some(owner) = known.owner.take() {
+                if let Some(list) = slices_of.get_mut(&owner) {
+                    list.retain(|s| Arc::as_ptr(s) != *ptr);
+                    if list.is_empty() {
+                        slices_of.remove(&owner);
+                    }
+                }
+                dirty.push(owner);
+            }
+            false
+        });
+        for key in &dirty {
+            if let Some(cached) = self.service_of.get(key).and_then(|ptr| self.services.get_mut(ptr)) {
+                cached.seen = 0;
+            }
+        }
+        // Services: a known, clean one is kept; a new or dirty one computed.
+        let mut recomputed = Vec::new();
+        for service in &objects.services {
+            let ptr = Arc::as_ptr(service);
+            if let Some(cached) = self.services.get_mut(&ptr)
+                && cached.seen != 0
+            {
+                cached.seen = seen;
+                continue;
+            }
+            let key = ObjectKey::of(&service.metadata);
+            let slices = self.slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
+            recomputed.push((ptr, key, compute_service(service, slices, node)));
+        }
+        // Entries not seen now belong to services that changed or are gone.
+        let mut changes = Changes::default();
+        let (state, service_of) = (&mut self.state, &mut self.service_of);
+        self.services.retain(|ptr, cached| {
+            if cached.seen == seen {
+                return true;
+            }
+            for port in cached.ports.drain(..) {
+                state.services.remove(&port);
+                changes.ports.insert(port);
+            }
+            if service_of.get(&cached.key) == Some(ptr) {
+                service_of.remove(&cached.key);
+            }
+            false
+        });
+        for (ptr, key, (ports, skipped)) in recomputed {
+            let names = ports.iter().map(|(name, _)| name.clone()).collect();
+            for (name, port) in ports {
+                changes.ports.insert(name.clone());
+                self.state.services.insert(name, port);
+            }
+            self.service_of.insert(key.clone(), ptr);
+            self.services.insert(ptr, CachedService { key, ports: names, skipped, seen });
+        }
+        changes.skipped = self.services.values().flat_map(|c| c.skipped.iter().cloned()).collect();
+        changes
+    }
+}
+
+/// A service's ports and the lines for what was skipped on the way.
+fn compute_service(service: &Service, slices: &[Arc<EndpointSlice>], node: &str) -> (Vec<(ServicePortName, ServicePort)>, Vec<String>) {
+    let key = ObjectKey::of(&service.metadata);
+    let mut skipped = Vec::new();
+    let mut valid = Vec::new();
+    for slice in slices {
+        match valid_slice(slice, node) {
+            Ok(Some(v)) => valid.push(v),
             Ok(None) => {}
-            Err(reason) => computed.skipped.push(format!("EndpointSlice {key} skipped: {reason}")),
+            Err(reason) => skipped.push(format!("EndpointSlice {} skipped: {reason}", ObjectKey::of(&slice.metadata))),
         }
     }
-    for (key, service) in &objects.services {
-        let slices = slices_by_service.get(key).map(Vec::as_slice).unwrap_or_default();
-        match service_ports(key, service, slices) {
-            Ok(ports) => computed.state.services.extend(ports),
-            Err(reason) => computed.skipped.push(format!("Service {key} skipped: {reason}")),
+    match service_ports(&key, service, &valid) {
+        Ok(ports) => (ports, skipped),
+        Err(reason) => {
+            skipped.push(format!("Service {key} skipped: {reason}"));
+            (Vec::new(), skipped)
         }
     }
-    computed
 }
 
 /// The service ports of one service, or why it is invalid. An empty list
@@ -194,15 +334,12 @@ fn serving_endpoints(
     (serving, draining)
 }
 
-/// The service a slice belongs to and its valid content; `None` for slices
-/// this datapath does not use (IPv6 or FQDN addresses, no service label).
-fn valid_slice(slice: &EndpointSlice, node: &str) -> Result<Option<(String, ValidSlice)>, String> {
+/// A slice's valid content; `None` for slices this datapath does not use
+/// (IPv6 or FQDN addresses).
+fn valid_slice(slice: &EndpointSlice, node: &str) -> Result<Option<ValidSlice>, String> {
     if slice.address_type != "IPv4" {
         return Ok(None);
     }
-    let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-        return Ok(None);
-    };
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         let number = port.port.ok_or("a port has no port number")?;
@@ -225,7 +362,7 @@ fn valid_slice(slice: &EndpointSlice, node: &str) -> Result<Option<(String, Vali
             endpoints.push(SliceEndpoint { ip, ready, serving, terminating, local });
         }
     }
-    Ok(Some((service.clone(), ValidSlice { ports, endpoints })))
+    Ok(Some(ValidSlice { ports, endpoints }))
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, String> {
@@ -283,8 +420,8 @@ mod tests {
 
     fn objects(services: &[serde_json::Value], slices: &[serde_json::Value]) -> ClusterObjects {
         ClusterObjects {
-            services: services.iter().cloned().map(service).collect(),
-            slices: slices.iter().cloned().map(slice).collect(),
+            services: services.iter().cloned().map(|v| Arc::new(service(v).1)).collect(),
+            slices: slices.iter().cloned().map(|v| Arc::new(slice(v).1)).collect(),
         }
     }
 
@@ -502,6 +639,29 @@ mod tests {
             assert_eq!(programmed(&computed), expected, "{rule}");
             assert_eq!(computed.skipped.len(), skipped, "{rule}: {:?}", computed.skipped);
         }
+    }
+
+    #[test]
+    fn model_updates_report_only_the_service_ports_that_changed() {
+        let other = json!({"metadata": {"name": "other", "namespace": "default"}, "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}});
+        let mut objects = objects(&[kubia(json!({})), other], &[kubia_slice("s1", json!([ep("10.244.1.2")]))]);
+        let mut model = Model::default();
+        let first = model.update(&objects, NODE);
+        assert_eq!(first.ports.len(), 2, "everything is new");
+        assert!(model.update(&objects, NODE).ports.is_empty(), "the same objects change nothing");
+
+        // A new version of the slice: only kubia's port changes.
+        objects.slices[0] = Arc::new(slice(kubia_slice("s1", json!([ep("10.244.1.2"), ep("10.244.2.2")]))).1);
+        let changed = model.update(&objects, NODE);
+        assert_eq!(changed.ports.iter().map(ToString::to_string).collect::<Vec<_>>(), ["default/kubia:http"]);
+        assert_eq!(model.state.services.values().map(|p| p.endpoints.len()).sum::<usize>(), 2);
+
+        // The service deleted: its port goes, the other stays.
+        objects.services.remove(0);
+        let removed = model.update(&objects, NODE);
+        assert_eq!(removed.ports.iter().map(ToString::to_string).collect::<Vec<_>>(), ["default/kubia:http"]);
+        assert_eq!(model.state.services.keys().map(ToString::to_string).collect::<Vec<_>>(), ["default/other:http"]);
+        assert_eq!(model.state, desired_state(&objects, NODE).state, "incremental equals computed from scratch");
     }
 
     #[test]

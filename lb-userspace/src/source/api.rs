@@ -19,7 +19,7 @@ use kube::{
 use tracing::{info, warn};
 
 use super::{ChangeSender, Update};
-use crate::model::kubernetes::{ClusterObjects, ObjectKey};
+use crate::model::kubernetes::ClusterObjects;
 
 /// The reflectors' stores: the objects as last listed and watched.
 pub struct ApiSource {
@@ -91,10 +91,8 @@ impl ApiSource {
     }
 
     pub fn snapshot(&self) -> Update {
-        let objects = ClusterObjects {
-            services: self.services.state().iter().map(|s| (ObjectKey::of(&s.metadata), (**s).clone())).collect(),
-            slices: self.slices.state().iter().map(|s| (ObjectKey::of(&s.metadata), (**s).clone())).collect(),
-        };
+        // The stores hand out their objects shared: no copy.
+        let objects = ClusterObjects { services: self.services.state(), slices: self.slices.state() };
         Update { objects, skipped: Vec::new() }
     }
 }

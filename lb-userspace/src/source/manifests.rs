@@ -7,7 +7,10 @@
 //! directory is watched, and re-read whole on every change.
 use std::{
     collections::BTreeMap,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
 };
 
 use k8s_openapi::{
@@ -28,23 +31,73 @@ use crate::{
     model::kubernetes::{ClusterObjects, ObjectKey, SERVICE_NAME_LABEL},
 };
 
-/// Reads every manifest in `dir`.
-pub fn load_dir(dir: &Path) -> Result<Update> {
-    let read_err = |source| Error::Read { path: dir.into(), source };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(read_err)?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| is_manifest(p) && p.is_file())
-        .collect();
-    files.sort();
-    let mut update = Update { objects: ClusterObjects::default(), skipped: Vec::new() };
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_documents(&text, &file.display().to_string(), &mut update),
-            Err(e) => update.skipped.push(format!("{}: {e}", file.display())),
-        }
+/// One file's objects, in the order they appear.
+#[derive(Default)]
+pub struct Parsed {
+    services: Vec<(ObjectKey, Arc<Service>)>,
+    slices: Vec<(ObjectKey, Arc<EndpointSlice>)>,
+    skipped: Vec<String>,
+}
+
+/// Identifies a version of a file: replacing it by rename (a new inode) or
+/// writing it (a new modification time or length) changes it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+/// A manifest directory, parsed file by file: a file that did not change
+/// since the last read is not parsed again, and keeps its objects (the same
+/// allocations), so the model recomputes only what a change touched.
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (FileStamp, Parsed)>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, files: BTreeMap::new() }
     }
-    Ok(update)
+
+    /// The directory's objects now. Where two files define the same object,
+    /// the later file (by name) wins.
+    pub fn load(&mut self) -> Result<Update> {
+        let read_err = |source| Error::Read { path: self.dir.clone(), source };
+        let mut present: BTreeMap<PathBuf, FileStamp> = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(read_err)? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if is_manifest(&path) && meta.is_file() {
+                let stamp = FileStamp { inode: meta.ino(), modified: meta.modified().ok(), len: meta.len() };
+                present.insert(path, stamp);
+            }
+        }
+        self.files.retain(|path, _| present.contains_key(path));
+        for (path, stamp) in present {
+            if self.files.get(&path).is_some_and(|(seen, _)| *seen == stamp) {
+                continue;
+            }
+            let mut parsed = Parsed::default();
+            match std::fs::read_to_string(&path) {
+                Ok(text) => parse_documents(&text, &path.display().to_string(), &mut parsed),
+                Err(e) => parsed.skipped.push(format!("{}: {e}", path.display())),
+            }
+            self.files.insert(path, (stamp, parsed));
+        }
+        let mut services = BTreeMap::new();
+        let mut slices = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (_, parsed) in self.files.values() {
+            services.extend(parsed.services.iter().cloned());
+            slices.extend(parsed.slices.iter().cloned());
+            skipped.extend(parsed.skipped.iter().cloned());
+        }
+        let objects = ClusterObjects { services: services.into_values().collect(), slices: slices.into_values().collect() };
+        Ok(Update { objects, skipped })
+    }
 }
 
 /// Whether the agent reads this file: YAML or JSON, not hidden (editors and
@@ -59,23 +112,23 @@ fn changes_content(kind: &EventKind) -> bool {
         || matches!(kind, EventKind::Modify(m) if !matches!(m, ModifyKind::Metadata(_)))
 }
 
-/// Adds the objects of a multi-document YAML (or JSON) text to `update`.
-pub fn parse_documents(text: &str, origin: &str, update: &mut Update) {
+/// Adds the objects of a multi-document YAML (or JSON) text to `parsed`.
+pub fn parse_documents(text: &str, origin: &str, parsed: &mut Parsed) {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let place = format!("{origin} document {}", index + 1);
         match serde_yaml_ng::Value::deserialize(document) {
             Ok(serde_yaml_ng::Value::Null) => {}
-            Ok(value) => add_object(value, &place, update),
+            Ok(value) => add_object(value, &place, parsed),
             Err(e) => {
                 // A syntax error ends the stream: the rest of the file is unreadable.
-                update.skipped.push(format!("{place}: not YAML: {e}"));
+                parsed.skipped.push(format!("{place}: not YAML: {e}"));
                 return;
             }
         }
     }
 }
 
-fn add_object(value: serde_yaml_ng::Value, place: &str, update: &mut Update) {
+fn add_object(value: serde_yaml_ng::Value, place: &str, parsed: &mut Parsed) {
     let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     let name = value
@@ -85,25 +138,24 @@ fn add_object(value: serde_yaml_ng::Value, place: &str, update: &mut Update) {
         .unwrap_or("(no name)")
         .to_owned();
     let label = format!("{place}: {kind} {name}");
-    let objects = &mut update.objects;
     let result = match (api_version.as_str(), kind.as_str()) {
         (_, "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for (i, item) in items.iter().enumerate() {
-                    add_object(item.clone(), &format!("{place} item {}", i + 1), update);
+                    add_object(item.clone(), &format!("{place} item {}", i + 1), parsed);
                 }
             }
             Ok(())
         }
         ("v1", "Service") => serde_yaml_ng::from_value::<Service>(value).map(|s| {
-            objects.services.insert(ObjectKey::of(&s.metadata), s);
+            parsed.services.push((ObjectKey::of(&s.metadata), Arc::new(s)));
         }),
         ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml_ng::from_value::<EndpointSlice>(value).map(|s| {
-            objects.slices.insert(ObjectKey::of(&s.metadata), s);
+            parsed.slices.push((ObjectKey::of(&s.metadata), Arc::new(s)));
         }),
         ("v1", "Endpoints") => serde_yaml_ng::from_value::<Endpoints>(value).map(|e| {
             for slice in mirror(&e) {
-                objects.slices.insert(ObjectKey::of(&slice.metadata), slice);
+                parsed.slices.push((ObjectKey::of(&slice.metadata), Arc::new(slice)));
             }
         }),
         _ => {
@@ -112,7 +164,7 @@ fn add_object(value: serde_yaml_ng::Value, place: &str, update: &mut Update) {
         }
     };
     if let Err(e) = result {
-        update.skipped.push(format!("{label} skipped: {e}"));
+        parsed.skipped.push(format!("{label} skipped: {e}"));
     }
 }
 
@@ -197,10 +249,10 @@ pub async fn watch(dir: PathBuf, changes: ChangeSender) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Update {
-        let mut update = Update { objects: ClusterObjects::default(), skipped: Vec::new() };
-        parse_documents(text, "test.yaml", &mut update);
-        update
+    fn parse(text: &str) -> Parsed {
+        let mut parsed = Parsed::default();
+        parse_documents(text, "test.yaml", &mut parsed);
+        parsed
     }
 
     #[test]
@@ -237,9 +289,9 @@ endpoints:
 "#,
         );
         assert!(update.skipped.is_empty(), "{:?}", update.skipped);
-        assert_eq!(update.objects.services.len(), 1);
-        assert_eq!(update.objects.slices.len(), 1);
-        assert!(update.objects.services.keys().all(|k| k.namespace == "default"), "namespace defaults to default");
+        assert_eq!(update.services.len(), 1);
+        assert_eq!(update.slices.len(), 1);
+        assert!(update.services.iter().all(|(k, _)| k.namespace == "default"), "namespace defaults to default");
     }
 
     #[test]
@@ -259,7 +311,7 @@ items:
   spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}
 "#,
         );
-        assert_eq!(update.objects.services.len(), 2);
+        assert_eq!(update.services.len(), 2);
     }
 
     #[test]
@@ -275,11 +327,29 @@ subsets:
   ports: [{port: 80}]
 "#,
         );
-        let slice = update.objects.slices.values().next().expect("a mirrored slice");
+        let slice = &update.slices.first().expect("a mirrored slice").1;
         assert_eq!(slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str), Some("external-service"));
         let ready: Vec<_> = slice.endpoints.iter().map(|e| e.conditions.as_ref().and_then(|c| c.ready)).collect();
         assert_eq!(ready, [Some(true), Some(true), Some(false)]);
         assert_eq!(slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port), Some(80));
+    }
+
+    #[test]
+    fn unchanged_files_keep_their_objects_and_the_later_file_wins() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let svc = |ip: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n");
+        std::fs::write(dir.join("1.yaml"), svc("10.96.0.1")).expect("write");
+        std::fs::write(dir.join("2.yaml"), svc("10.96.0.2")).expect("write");
+        std::fs::write(dir.join(".hidden.yaml"), svc("10.96.0.3")).expect("write");
+        let mut manifests = ManifestDir::new(dir.clone());
+        let first = manifests.load().expect("load");
+        let second = manifests.load().expect("load");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(first.objects.services.len(), 1, "one object, defined twice");
+        let ip = first.objects.services[0].spec.as_ref().and_then(|s| s.cluster_ip.clone());
+        assert_eq!(ip.as_deref(), Some("10.96.0.2"), "the later file wins; hidden files are not read");
+        assert!(Arc::ptr_eq(&first.objects.services[0], &second.objects.services[0]), "an unchanged file is not parsed again");
     }
 
     #[test]
@@ -299,6 +369,6 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
         );
         assert_eq!(update.skipped.len(), 1);
         assert!(update.skipped[0].contains("Service broken"), "{:?}", update.skipped);
-        assert_eq!(update.objects.services.len(), 1);
+        assert_eq!(update.services.len(), 1);
     }
 }

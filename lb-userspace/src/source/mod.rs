@@ -5,7 +5,7 @@
 pub mod api;
 pub mod manifests;
 
-use std::{path::PathBuf, time::Instant};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -25,15 +25,15 @@ pub type ChangeSender = watch::Sender<Option<Instant>>;
 pub type ChangeReceiver = watch::Receiver<Option<Instant>>;
 
 pub enum Source {
-    Manifests(PathBuf),
+    Manifests(manifests::ManifestDir),
     Api(api::ApiSource),
 }
 
 impl Source {
     /// The objects now.
-    pub fn snapshot(&self) -> Result<Update> {
+    pub fn snapshot(&mut self) -> Result<Update> {
         match self {
-            Source::Manifests(dir) => manifests::load_dir(dir),
+            Source::Manifests(dir) => dir.load(),
             Source::Api(api) => Ok(api.snapshot()),
         }
     }

@@ -1,6 +1,6 @@
 //! Typed handles on the datapath's maps, and the map writes the syncer
 //! issues through `sync::MapWriter`.
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
@@ -142,12 +142,12 @@ impl MapWriter for DatapathMaps {
         self.service_counters.set(service_id, zeros, 0).map_err(map_err(MAP_SERVICE_COUNTERS))
     }
 
-    fn remove_service_flows(&mut self, service_id: u32) -> Result<usize> {
+    fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
         let stale: Vec<ConntrackKey> = self
             .conntrack
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter(|(_, v)| v.service_id == service_id)
+            .filter(|(_, v)| service_ids.contains(&v.service_id))
             .map(|(k, _)| k)
             .collect();
         for key in &stale {

@@ -37,8 +37,9 @@ pub trait MapWriter {
     fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()>;
     fn remove_service_vip(&mut self, ip: u32) -> Result<()>;
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
-    /// Removes conntrack entries of the service; returns how many.
-    fn remove_service_flows(&mut self, service_id: u32) -> Result<usize>;
+    /// Removes the conntrack entries of these services (one pass over the
+    /// table, however many services); returns how many.
+    fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize>;
 }
 
 /// What one `apply` changed.
@@ -130,12 +131,20 @@ impl Syncer {
         maps: &mut impl MapWriter,
     ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
-        // Removals first: they free ids and map capacity for the additions.
+        // Removals first: they free map capacity for the additions. Their
+        // ids are reused only after their flows are gone.
+        let mut removed_ids = BTreeSet::new();
         for name in names {
-            if !desired.services.contains_key(name) && self.programmed.contains_key(name) {
-                self.remove(name, maps)?;
+            if !desired.services.contains_key(name)
+                && let Some(id) = self.remove(name, maps)?
+            {
+                removed_ids.insert(id);
                 report.removed += 1;
             }
+        }
+        if !removed_ids.is_empty() {
+            maps.remove_service_flows(&removed_ids)?;
+            self.free_ids.extend(removed_ids);
         }
         for name in names {
             let Some(service) = desired.services.get(name) else { continue };
@@ -199,16 +208,16 @@ impl Syncer {
         Ok(())
     }
 
-    fn remove(&mut self, name: &ServicePortName, maps: &mut impl MapWriter) -> Result<()> {
-        let Some(p) = self.programmed.remove(name) else { return Ok(()) };
+    /// Unprograms a service port; returns its id, for the caller to purge
+    /// its flows and free it.
+    fn remove(&mut self, name: &ServicePortName, maps: &mut impl MapWriter) -> Result<Option<u32>> {
+        let Some(p) = self.programmed.remove(name) else { return Ok(None) };
         for frontend in &p.frontends {
             self.remove_frontend(frontend, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
         delete_set(p.set, &p.backends, maps)?;
-        maps.remove_service_flows(p.id)?;
-        self.free_ids.push_back(p.id);
-        Ok(())
+        Ok(Some(p.id))
     }
 
     /// Writes a complete backend set (slots and memberships, draining
@@ -415,8 +424,8 @@ mod tests {
         fn reset_service_counters(&mut self, _: u32) -> Result<()> {
             Ok(())
         }
-        fn remove_service_flows(&mut self, service_id: u32) -> Result<usize> {
-            self.flows_removed_for.push(service_id);
+        fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
+            self.flows_removed_for.extend(service_ids);
             Ok(0)
         }
     }

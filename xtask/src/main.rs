@@ -20,7 +20,8 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the eBPF toolchain and test tools (Debian's rustc with its
-    /// BPF core, LLVM 22, bpf-linker, iproute2, bpftool, ethtool).
+    /// BPF core, LLVM 22, bpf-linker, iproute2, bpftool, ethtool,
+    /// iptables for the benchmark baseline, curl for the demo).
     Setup,
     /// Set up, then build everything in release mode.
     Build,
@@ -28,7 +29,9 @@ enum Cmd {
     Demo,
     /// Set up, then run the whole test suite (unit, packet, end-to-end) and clippy.
     Test,
-    /// Set up, then run the datapath benchmarks (BPF_PROG_TEST_RUN).
+    /// Set up, then run the benchmarks: the datapath (ns per packet through
+    /// BPF_PROG_TEST_RUN) and the control plane (10,000 services against
+    /// iptables-restore).
     Bench,
 }
 
@@ -42,6 +45,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "ethtool",
+    "iptables",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -74,8 +79,10 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             require_root("the benchmarks load eBPF programs")?;
             setup()?;
-            step("running the datapath benchmarks");
-            cargo(&root, &["bench", "-p", "lb-tests", "--bench", "datapath"])
+            step("datapath benchmark");
+            cargo(&root, &["bench", "-p", "lb-tests", "--bench", "datapath"])?;
+            step("control-plane benchmark");
+            cargo(&root, &["bench", "-p", "lb-tests", "--bench", "control_plane"])
         }
     }
 }

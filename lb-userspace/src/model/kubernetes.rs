@@ -103,6 +103,9 @@ pub fn desired_state(objects: &ClusterObjects, node: &str) -> Computed {
 
 /// One service's contribution, remembered.
 struct CachedService {
+    /// Held, so that its address (the cache key) cannot be reused by a new
+    /// object while the entry exists.
+    _service: Arc<Service>,
     key: ObjectKey,
     ports: Vec<ServicePortName>,
     skipped: Vec<String>,
@@ -112,6 +115,8 @@ struct CachedService {
 
 /// A slice the model knows, by allocation.
 struct KnownSlice {
+    /// Held, so that its address (the key) cannot be reused meanwhile.
+    _slice: Arc<EndpointSlice>,
     /// The service it names, if any.
     owner: Option<ObjectKey>,
     seen: u64,
@@ -128,7 +133,8 @@ pub struct Changes {
 
 /// The desired state, kept up to date incrementally. Objects are shared
 /// `Arc`s, so an unchanged object is the same allocation from one snapshot
-/// to the next: one pass over the snapshot, looking up pointers only, finds
+/// to the next (the model holds on to the objects it knows, so no new object
+/// can take over a known address): one pass over the snapshot, looking up pointers only, finds
 /// the new and the vanished objects, and only the services they touch are
 /// computed again. One endpoint change among 10,000 services costs that
 /// pass plus one service's work.
@@ -165,7 +171,7 @@ impl Model {
                 self.slices_of.entry(owner.clone()).or_default().push(slice.clone());
                 dirty.push(owner.clone());
             }
-            self.slices.insert(ptr, KnownSlice { owner, seen });
+            self.slices.insert(ptr, KnownSlice { _slice: slice.clone(), owner, seen });
         }
         let slices_of = &mut self.slices_of;
         self.slices.retain(|ptr, known| {
@@ -200,7 +206,7 @@ impl Model {
             }
             let key = ObjectKey::of(&service.metadata);
             let slices = self.slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
-            recomputed.push((ptr, key, compute_service(service, slices, node)));
+            recomputed.push((service, key, compute_service(service, slices, node)));
         }
         // Entries not seen now belong to services that changed or are gone.
         let mut changes = Changes::default();
@@ -218,14 +224,15 @@ impl Model {
             }
             false
         });
-        for (ptr, key, (ports, skipped)) in recomputed {
+        for (service, key, (ports, skipped)) in recomputed {
             let names = ports.iter().map(|(name, _)| name.clone()).collect();
             for (name, port) in ports {
                 changes.ports.insert(name.clone());
                 self.state.services.insert(name, port);
             }
+            let ptr = Arc::as_ptr(service);
             self.service_of.insert(key.clone(), ptr);
-            self.services.insert(ptr, CachedService { key, ports: names, skipped, seen });
+            self.services.insert(ptr, CachedService { _service: service.clone(), key, ports: names, skipped, seen });
         }
         changes.skipped = self.services.values().flat_map(|c| c.skipped.iter().cloned()).collect();
         changes
@@ -662,6 +669,20 @@ mod tests {
         assert_eq!(removed.ports.iter().map(ToString::to_string).collect::<Vec<_>>(), ["default/kubia:http"]);
         assert_eq!(model.state.services.keys().map(ToString::to_string).collect::<Vec<_>>(), ["default/other:http"]);
         assert_eq!(model.state, desired_state(&objects, NODE).state, "incremental equals computed from scratch");
+    }
+
+    /// The cache is keyed by address: were an object freed while cached, a
+    /// new object could take its address and be mistaken for it.
+    #[test]
+    fn model_holds_the_objects_it_caches() {
+        let objects = objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2")]))]);
+        let (service, slice) = (objects.services[0].clone(), objects.slices[0].clone());
+        let mut model = Model::default();
+        model.update(&objects, NODE);
+        drop(objects);
+        assert!(Arc::strong_count(&service) > 1 && Arc::strong_count(&slice) > 1);
+        model.update(&ClusterObjects::default(), NODE);
+        assert_eq!((Arc::strong_count(&service), Arc::strong_count(&slice)), (1, 1), "released once gone");
     }
 
     #[test]

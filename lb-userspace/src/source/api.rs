@@ -16,7 +16,7 @@ use kube::{
         watcher::{self, Event, watcher},
     },
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ChangeSender, Update};
 use crate::model::kubernetes::ClusterObjects;
@@ -34,6 +34,7 @@ enum Kind {
 }
 
 /// What a watch event means for the stores.
+#[derive(Debug)]
 enum Effect {
     /// A list (initial or after an error) completed: the store was replaced.
     Listed,
@@ -69,6 +70,9 @@ impl ApiSource {
             let mut events = std::pin::pin!(stream::select(service_events, slice_events));
             let (mut services_listed, mut slices_listed) = (false, false);
             while let Some((kind, event)) = events.next().await {
+                if let Ok(effect) = &event {
+                    debug!(?kind, ?effect, "watch event");
+                }
                 match event {
                     Err(e) => warn!("watching {kind:?}: {e}; keeping the last known state, retrying with backoff"),
                     Ok(Effect::Listing) => {}

@@ -40,6 +40,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
     pub bpffs_dir: PathBuf,
 
+    /// Where to serve /healthz and /livez (kube-proxy's health port).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    pub healthz_addr: std::net::SocketAddr,
+
     /// Least average time between syncs, in milliseconds: a change after a
     /// quiet period is applied at once (up to two back to back), changes in
     /// a burst are applied together.
@@ -85,12 +89,13 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 6] = [
             (&["--manifests", "/"], "no interface"),
             (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
             (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
             (&["--iface", "eth0", "--manifests", "/", "--kubeconfig", "k"], "cannot be used with"),
             (&["--iface", "eth0", "--min-sync-interval-ms", "soon"], "invalid value"),
+            (&["--iface", "eth0", "--healthz-addr", "10256"], "invalid socket address"),
         ];
         for (args, expected) in cases {
             let error = parse(args).err().unwrap_or_default();

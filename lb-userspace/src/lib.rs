@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod datapath;
 pub mod error;
+pub mod health;
 pub mod maps;
 pub mod model;
 pub mod source;

@@ -4,6 +4,7 @@
 use std::{
     collections::HashSet,
     process::ExitCode,
+    sync::Arc,
     time::Instant,
 };
 
@@ -13,6 +14,7 @@ use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
     cli::AgentArgs,
     datapath::Datapath,
+    health::{self, Health},
     model::kubernetes::Model,
     source::{ChangeReceiver, Source, api::ApiSource, manifests},
     sync::{SyncLimiter, Syncer},
@@ -98,8 +100,15 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         }
     };
 
+    let health = Arc::new(Health::default());
+    let listener = tokio::net::TcpListener::bind(args.healthz_addr)
+        .await
+        .with_context(|| format!("serving health checks on --healthz-addr {} (choose another address)", args.healthz_addr))?;
+    tokio::spawn(health::serve(listener, health.clone()));
+
     let mut datapath = Datapath::load(Some(&args.bpffs_dir))?;
-    let result = serve(args, &node, source, source_task, changes, &mut datapath, &mut shutdown).await;
+    let running = RunningSource { source, task: source_task, changes };
+    let result = serve(args, &node, running, &mut datapath, &health, &mut shutdown).await;
     for name in lb_userspace::maps::ALL_MAPS {
         let pin = args.bpffs_dir.join(name);
         if let Err(e) = std::fs::remove_file(&pin) {
@@ -135,15 +144,23 @@ async fn kube_client(args: &AgentArgs) -> anyhow::Result<Client> {
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
+/// A started source: its objects, the task that follows it, and the
+/// channel on which it signals changes.
+struct RunningSource {
+    source: Source,
+    task: JoinHandle<anyhow::Result<()>>,
+    changes: ChangeReceiver,
+}
+
 async fn serve(
     args: &AgentArgs,
     node: &str,
-    mut source: Source,
-    source_task: JoinHandle<anyhow::Result<()>>,
-    mut changes: ChangeReceiver,
+    running: RunningSource,
     datapath: &mut Datapath,
+    health: &Health,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
+    let RunningSource { mut source, task: source_task, mut changes } = running;
     let mut model = Model::default();
     let mut syncer = Syncer::new();
     let mut reported = HashSet::new();
@@ -164,6 +181,7 @@ async fn serve(
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
                 sync(&mut source, node, state, datapath, generation, noticed)?;
+                health.record_sync();
                 if generation == 1 {
                     for iface in &args.ifaces {
                         datapath.attach_tc(iface)?;
@@ -173,7 +191,8 @@ async fn serve(
                         datapath.attach_xdp(iface)?;
                         info!(iface, "attached xdp");
                     }
-                    info!(pinned = %args.bpffs_dir.display(), "ready");
+                    health.set_ready();
+                    info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
             () = shutdown.recv() => break,

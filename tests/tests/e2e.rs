@@ -235,3 +235,49 @@ fn service_deleted_from_the_directory_is_no_longer_served() {
         "{outcome:?}"
     );
 }
+
+/// The maps a running agent pins carry BTF: bpftool prints their keys and
+/// values field by field.
+#[test]
+fn bpftool_dumps_pinned_maps_with_field_names() {
+    let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
+    let map = cluster.bpffs.dir.join("SERVICE_FRONTENDS");
+    let out = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&map).arg("-j").output().expect("bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    assert_eq!(entries.len(), 4, "kubia http and dns, no-endpoints http and dns");
+    for entry in &entries {
+        let formatted = &entry["formatted"];
+        for field in ["ip", "port", "proto"] {
+            assert!(formatted["key"].get(field).is_some(), "key field {field} in {entry}");
+        }
+        for field in ["service_id", "backend_set", "backend_count", "flags"] {
+            assert!(formatted["value"].get(field).is_some(), "value field {field} in {entry}");
+        }
+    }
+}
+
+/// kube-proxy's health endpoints, on its port, in the node's namespace.
+#[test]
+fn health_endpoints_answer_on_the_node() {
+    let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
+    let get = |path: &'static str| {
+        cluster
+            .node
+            .enter(move || -> std::io::Result<String> {
+                use std::io::{Read, Write};
+                let mut conn = TcpStream::connect("127.0.0.1:10256")?;
+                conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+                write!(conn, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+                let mut response = String::new();
+                conn.read_to_string(&mut response)?;
+                Ok(response)
+            })
+            .expect("node")
+            .expect("an HTTP answer")
+    };
+    let healthz = get("/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200") && healthz.contains("\"ready\":true"), "{healthz}");
+    assert!(get("/livez").starts_with("HTTP/1.1 200"));
+    assert!(get("/nothing").starts_with("HTTP/1.1 404"));
+}

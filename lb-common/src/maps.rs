@@ -197,6 +197,20 @@ pub struct ServiceCounters {
     pub rejected: u64,
 }
 
+impl core::ops::Add for ServiceCounters {
+    type Output = Self;
+
+    /// Sums two CPUs' slots.
+    fn add(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            new_flows: self.new_flows + other.new_flows,
+            rejected: self.rejected + other.rejected,
+        }
+    }
+}
+
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<FrontendValue>() == 16);

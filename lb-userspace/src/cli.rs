@@ -44,6 +44,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
     pub healthz_addr: std::net::SocketAddr,
 
+    /// Where to serve the Prometheus metrics (/metrics; kube-proxy's
+    /// metrics port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    pub metrics_addr: std::net::SocketAddr,
+
     /// Least average time between syncs, in milliseconds: a change after a
     /// quiet period is applied at once (up to two back to back), changes in
     /// a burst are applied together.

@@ -5,8 +5,9 @@
 pub mod cli;
 pub mod datapath;
 pub mod error;
-pub mod health;
+pub mod http;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -4,7 +4,7 @@
 use std::{
     collections::HashSet,
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
@@ -14,7 +14,8 @@ use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
     cli::AgentArgs,
     datapath::Datapath,
-    health::{self, Health},
+    http::{self, Health},
+    metrics::{self, AgentStats, ServiceLabels},
     model::kubernetes::Model,
     source::{ChangeReceiver, Source, api::ApiSource, manifests},
     sync::{SyncLimiter, Syncer},
@@ -101,14 +102,22 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     };
 
     let health = Arc::new(Health::default());
-    let listener = tokio::net::TcpListener::bind(args.healthz_addr)
-        .await
-        .with_context(|| format!("serving health checks on --healthz-addr {} (choose another address)", args.healthz_addr))?;
-    tokio::spawn(health::serve(listener, health.clone()));
+    let stats = Arc::new(AgentStats::default());
+    let registry = Arc::new(metrics::registry(args.bpffs_dir.clone(), stats.clone()));
+    for (addr, flag, endpoints) in [
+        (args.healthz_addr, "--healthz-addr", http::Endpoints::Health(health.clone())),
+        (args.metrics_addr, "--metrics-addr", http::Endpoints::Metrics(registry)),
+    ] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {flag} {addr} (choose another address)"))?;
+        tokio::spawn(http::serve(listener, endpoints));
+    }
 
     let mut datapath = Datapath::load(Some(&args.bpffs_dir))?;
     let running = RunningSource { source, task: source_task, changes };
-    let result = serve(args, &node, running, &mut datapath, &health, &mut shutdown).await;
+    let reporting = Reporting { health: &health, stats: &stats };
+    let result = serve(args, &node, running, &mut datapath, reporting, &mut shutdown).await;
     for name in lb_userspace::maps::ALL_MAPS {
         let pin = args.bpffs_dir.join(name);
         if let Err(e) = std::fs::remove_file(&pin) {
@@ -157,7 +166,7 @@ async fn serve(
     node: &str,
     running: RunningSource,
     datapath: &mut Datapath,
-    health: &Health,
+    reporting: Reporting<'_>,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let RunningSource { mut source, task: source_task, mut changes } = running;
@@ -180,8 +189,8 @@ async fn serve(
                 generation += 1;
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
-                sync(&mut source, node, state, datapath, generation, noticed)?;
-                health.record_sync();
+                sync(&mut source, node, state, datapath, generation, noticed, reporting.stats)?;
+                reporting.health.record_sync();
                 if generation == 1 {
                     for iface in &args.ifaces {
                         datapath.attach_tc(iface)?;
@@ -191,7 +200,7 @@ async fn serve(
                         datapath.attach_xdp(iface)?;
                         info!(iface, "attached xdp");
                     }
-                    health.set_ready();
+                    reporting.health.set_ready();
                     info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
@@ -200,6 +209,13 @@ async fn serve(
     }
     info!("shutting down: detaching programs and removing pins");
     Ok(())
+}
+
+/// Where the loop reports its progress: health checks and metrics.
+#[derive(Clone, Copy)]
+struct Reporting<'a> {
+    health: &'a Health,
+    stats: &'a AgentStats,
 }
 
 /// What the agent keeps from one sync to the next.
@@ -212,7 +228,15 @@ struct State<'a> {
 
 /// Programs what changed in the source's objects; logs each skipped object
 /// once.
-fn sync(source: &mut Source, node: &str, state: State<'_>, datapath: &mut Datapath, generation: u64, noticed: Instant) -> anyhow::Result<()> {
+fn sync(
+    source: &mut Source,
+    node: &str,
+    state: State<'_>,
+    datapath: &mut Datapath,
+    generation: u64,
+    noticed: Instant,
+    stats: &AgentStats,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let update = source.snapshot()?;
     let changes = state.model.update(&update.objects, node);
@@ -222,6 +246,22 @@ fn sync(source: &mut Source, node: &str, state: State<'_>, datapath: &mut Datapa
     }
     *state.reported = skipped;
     let report = state.syncer.apply_changes(&state.model.state, &changes.ports, &mut datapath.maps)?;
+    stats.sync_seconds.observe(started.elapsed().as_secs_f64());
+    stats.syncs.fetch_add(1, Ordering::Relaxed);
+    stats.backends.store(state.model.state.endpoint_count() as u64, Ordering::Relaxed);
+    if let Ok(mut services) = stats.services.write() {
+        for name in &changes.ports {
+            let port = state.model.state.services.get(name);
+            match (state.syncer.service_id(name), port.and_then(|p| p.frontends.first())) {
+                (Some(id), Some(frontend)) => {
+                    services.insert(name.clone(), ServiceLabels { id, protocol: frontend.protocol });
+                }
+                _ => {
+                    services.remove(name);
+                }
+            }
+        }
+    }
     info!(
         generation,
         services = state.model.state.services.len(),

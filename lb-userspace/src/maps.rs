@@ -89,12 +89,7 @@ impl DatapathMaps {
     /// A service's counters summed over CPUs.
     pub fn service_totals(&self, service_id: u32) -> Result<ServiceCounters> {
         let per_cpu = self.service_counters.get(&service_id, 0).map_err(map_err(MAP_SERVICE_COUNTERS))?;
-        Ok(per_cpu.iter().fold(ServiceCounters::default(), |acc, c| ServiceCounters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-            new_flows: acc.new_flows + c.new_flows,
-            rejected: acc.rejected + c.rejected,
-        }))
+        Ok(per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
     }
 }
 

@@ -111,11 +111,6 @@ impl Syncer {
         self.programmed.get(name).map(|p| p.id)
     }
 
-    /// Programmed service ports and their ids.
-    pub fn service_ids(&self) -> impl Iterator<Item = (&ServicePortName, u32)> {
-        self.programmed.iter().map(|(name, p)| (name, p.id))
-    }
-
     /// Makes the maps equal to `desired`, comparing every service port.
     pub fn apply(&mut self, desired: &DesiredState, maps: &mut impl MapWriter) -> Result<SyncReport> {
         let names: BTreeSet<ServicePortName> = self.programmed.keys().chain(desired.services.keys()).cloned().collect();

@@ -281,3 +281,57 @@ fn health_endpoints_answer_on_the_node() {
     assert!(get("/livez").starts_with("HTTP/1.1 200"));
     assert!(get("/nothing").starts_with("HTTP/1.1 404"));
 }
+
+/// /metrics after real traffic: the per-service counters moved by exactly
+/// the traffic sent.
+#[test]
+fn metrics_count_the_traffic_sent_through_the_vip() {
+    const NEW: usize = 25;
+    const REFUSED: usize = 7;
+    let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    let hits = spread(&cluster, NEW);
+    assert_eq!(hits.values().sum::<usize>(), NEW);
+    cluster
+        .client
+        .enter(|| {
+            for _ in 0..REFUSED {
+                let refused = TcpStream::connect_timeout(&std::net::SocketAddr::V4(SocketAddrV4::new(EMPTY_VIP, 80)), Duration::from_secs(5));
+                assert!(refused.is_err());
+            }
+        })
+        .expect("client");
+    let metrics = cluster
+        .node
+        .enter(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut conn = TcpStream::connect("127.0.0.1:10249")?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(conn, "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .expect("node")
+        .expect("a scrape");
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP"}"#;
+    let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP"}"#;
+    assert_eq!(value(&format!("lb_service_new_connections_total{kubia}")), NEW as u64);
+    assert_eq!(value(&format!("lb_service_rejected_total{empty}")), REFUSED as u64);
+    assert_eq!(value(&format!("lb_service_new_connections_total{empty}")), 0);
+    // Each HTTP exchange: at least SYN, ACK, request, FIN out and SYN-ACK,
+    // response, FIN back; every packet at least a 20-byte IP and TCP header.
+    let packets = value(&format!("lb_service_packets_total{kubia}"));
+    assert!(packets >= 7 * NEW as u64, "{packets} packets for {NEW} exchanges");
+    assert!(value(&format!("lb_service_bytes_total{kubia}")) >= packets * 40);
+    assert_eq!(value(r#"lb_packets_total{verdict="forward_new"}"#), NEW as u64);
+    assert_eq!(value(r#"lb_packets_total{verdict="reject_no_backend"}"#), REFUSED as u64);
+    assert!(value("lb_conntrack_entries") >= 2 * NEW as u64);
+    assert_eq!(value("lb_services"), 4);
+    assert_eq!(value("lb_backends"), 4);
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics, encoded with prometheus-client. The datapath's
+//! counters live in per-CPU BPF maps; they are read (from the pins) at
+//! scrape time by `DatapathCollector`, so a scrape always shows the kernel's
+//! current figures and the fast path does no extra work for it.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    ConntrackKey, ConntrackValue, MAP_CONNTRACK, MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, MAX_CONNTRACK_ENTRIES,
+    Reason, ServiceCounters,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::model::{Protocol, ServicePortName};
+
+/// A programmed service port's id (its counters' index) and protocol.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceLabels {
+    pub id: u32,
+    pub protocol: Protocol,
+}
+
+/// What the agent's loop reports for the metrics.
+#[derive(Debug)]
+pub struct AgentStats {
+    /// The programmed service ports, updated by each sync for what it
+    /// changed.
+    pub services: RwLock<BTreeMap<ServicePortName, ServiceLabels>>,
+    pub backends: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_seconds: Histogram,
+}
+
+impl Default for AgentStats {
+    fn default() -> Self {
+        Self {
+            services: RwLock::default(),
+            backends: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+        }
+    }
+}
+
+/// The registry of everything /metrics shows.
+pub fn registry(maps_dir: PathBuf, stats: Arc<AgentStats>) -> Registry {
+    let mut registry = Registry::with_prefix("lb");
+    registry.register("sync_duration_seconds", "Time to program one change into the maps", stats.sync_seconds.clone());
+    registry.register_collector(Box::new(DatapathCollector { maps_dir, stats }));
+    registry
+}
+
+/// Picks one counter out of a service's counters.
+type CounterField = fn(&ServiceCounters) -> u64;
+
+#[derive(Debug)]
+struct DatapathCollector {
+    maps_dir: PathBuf,
+    stats: Arc<AgentStats>,
+}
+
+fn open(dir: &std::path::Path, name: &str, wrap: fn(MapData) -> Map) -> Option<Map> {
+    MapData::from_pin(dir.join(name)).ok().map(wrap)
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let service_counters = open(&self.maps_dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)
+            .and_then(|m| PerCpuArray::<_, ServiceCounters>::try_from(m).ok());
+        let services = self.stats.services.read().map(|s| s.clone()).unwrap_or_default();
+        let totals: Vec<(Vec<(&str, String)>, ServiceCounters)> = services
+            .iter()
+            .map(|(name, labels)| {
+                let sum = service_counters
+                    .as_ref()
+                    .and_then(|m| m.get(&labels.id, 0).ok())
+                    .map(|per_cpu| per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
+                    .unwrap_or_default();
+                let protocol = match labels.protocol {
+                    Protocol::Tcp => "TCP",
+                    Protocol::Udp => "UDP",
+                };
+                let set = vec![
+                    ("namespace", name.namespace.clone()),
+                    ("service", name.name.clone()),
+                    ("port", name.port.clone()),
+                    ("protocol", protocol.to_owned()),
+                ];
+                (set, sum)
+            })
+            .collect();
+        let per_service: [(&str, &str, CounterField); 4] = [
+            ("service_packets", "Packets translated for the service, both directions", |c| c.packets),
+            ("service_bytes", "Bytes (from the IP header on) translated for the service", |c| c.bytes),
+            ("service_new_connections", "Connections assigned a backend", |c| c.new_flows),
+            ("service_rejected", "Packets rejected (TCP reset, ICMP port unreachable) for lack of endpoints", |c| c.rejected),
+        ];
+        for (name, help, value) in per_service {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, counters) in &totals {
+                ConstCounter::new(value(counters)).encode(family.encode_family(labels)?)?;
+            }
+        }
+
+        let verdicts = open(&self.maps_dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok());
+        let mut family = encoder.encode_descriptor("packets", "Packets seen by the datapath, by verdict", None, MetricType::Counter)?;
+        for reason in Reason::ALL {
+            let count = verdicts.as_ref().and_then(|m| m.get(&(reason as u32), 0).ok()).map(|v| v.iter().sum()).unwrap_or(0u64);
+            ConstCounter::new(count).encode(family.encode_family(&vec![("verdict", reason.name())])?)?;
+        }
+
+        // Counting conntrack entries walks the table: one syscall per entry.
+        let conntrack = open(&self.maps_dir, MAP_CONNTRACK, Map::LruHashMap)
+            .and_then(|m| HashMap::<_, ConntrackKey, ConntrackValue>::try_from(m).ok());
+        let entries = conntrack.map(|m| m.keys().filter(Result::is_ok).count()).unwrap_or(0) as i64;
+        let gauges: [(&str, &str, i64); 4] = [
+            ("conntrack_entries", "Conntrack entries (two per translated flow)", entries),
+            ("conntrack_capacity", "Conntrack table size; when full, the least recently used entries go", i64::from(MAX_CONNTRACK_ENTRIES)),
+            ("services", "Service ports programmed", services.len() as i64),
+            ("backends", "Backends programmed, summed over service ports", self.stats.backends.load(Ordering::Relaxed) as i64),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let syncs = ConstCounter::new(self.stats.syncs.load(Ordering::Relaxed));
+        syncs.encode(encoder.encode_descriptor("syncs", "Syncs of the maps with the desired state", None, syncs.metric_type())?)?;
+        Ok(())
+    }
+}
+
+/// The registry in Prometheus' text format.
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _infallible = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}

@@ -30,6 +30,9 @@ pub const MAP_SERVICE_BACKEND_SETS: &str = "SERVICE_BACKEND_SETS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
+/// Service id → name, for inspection tools; created and written by the
+/// agent, never read by the datapath.
+pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
 
 /// Program names, as the `#[classifier]`/`#[xdp]` functions are called.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
@@ -197,6 +200,40 @@ pub struct ServiceCounters {
     pub rejected: u64,
 }
 
+/// A service port's name ("namespace/name:port") and protocol, for
+/// `SERVICE_NAMES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceName {
+    /// UTF-8, `len` bytes used.
+    pub text: [u8; SERVICE_NAME_MAX],
+    pub len: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Kubernetes names: namespace and service up to 63 bytes each, port name
+/// up to 15, and the separators.
+pub const SERVICE_NAME_MAX: usize = 156;
+
+impl ServiceName {
+    /// The name, cut at `SERVICE_NAME_MAX` bytes.
+    pub fn new(name: &str, proto: u8) -> Self {
+        let mut text = [0u8; SERVICE_NAME_MAX];
+        let mut len = name.len().min(SERVICE_NAME_MAX);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        text[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self { text, len: len as u16, proto, _pad: 0 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = usize::from(self.len).min(SERVICE_NAME_MAX);
+        core::str::from_utf8(&self.text[..len]).unwrap_or("?")
+    }
+}
+
 impl core::ops::Add for ServiceCounters {
     type Output = Self;
 
@@ -220,6 +257,7 @@ const _: () = {
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 16);
     assert!(size_of::<ServiceCounters>() == 32);
+    assert!(size_of::<ServiceName>() == 160);
     assert!(align_of::<ConntrackKey>() == 4);
     assert!(align_of::<ServiceCounters>() == 8);
 };
@@ -237,4 +275,5 @@ mod user {
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for ServiceName {}
 }

@@ -38,7 +38,7 @@ impl Datapath {
             ensure_bpffs(dir)?;
             DatapathMaps::pin_all(&ebpf, dir)?;
         }
-        let maps = DatapathMaps::take(&mut ebpf)?;
+        let maps = DatapathMaps::take(&mut ebpf, pin_dir)?;
         Ok(Self { ebpf, maps })
     }
 

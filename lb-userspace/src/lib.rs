@@ -6,6 +6,7 @@ pub mod cli;
 pub mod datapath;
 pub mod error;
 pub mod http;
+pub mod inspect;
 pub mod maps;
 pub mod metrics;
 pub mod model;

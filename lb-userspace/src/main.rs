@@ -118,7 +118,7 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let running = RunningSource { source, task: source_task, changes };
     let reporting = Reporting { health: &health, stats: &stats };
     let result = serve(args, &node, running, &mut datapath, reporting, &mut shutdown).await;
-    for name in lb_userspace::maps::ALL_MAPS {
+    for name in lb_userspace::maps::OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]) {
         let pin = args.bpffs_dir.join(name);
         if let Err(e) = std::fs::remove_file(&pin) {
             warn!("removing pin {}: {e}", pin.display());

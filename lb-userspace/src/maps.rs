@@ -11,15 +11,19 @@ use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
     FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
-    MAP_VERDICT_COUNTERS, Reason, ServiceCounters,
+    MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, Reason, ServiceCounters, ServiceName,
 };
+
+/// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 use crate::{
     error::{Error, Result},
     sync::MapWriter,
 };
 
-pub const ALL_MAPS: [&str; 8] = [
+/// The maps declared in the eBPF object.
+pub const OBJECT_MAPS: [&str; 8] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
@@ -39,6 +43,8 @@ pub struct DatapathMaps {
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     pub service_counters: PerCpuArray<MapData, ServiceCounters>,
     pub verdict_counters: PerCpuArray<MapData, u64>,
+    /// Not in the object: created by the agent, for inspection tools.
+    pub service_names: HashMap<MapData, u32, ServiceName>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -52,8 +58,9 @@ fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) 
 
 impl DatapathMaps {
     /// Moves the maps out of a loaded object (after its programs are loaded:
-    /// they hold their own references to the maps).
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    /// they hold their own references to the maps), and creates the ones
+    /// the agent keeps itself, pinned under `pin_dir` if given.
+    pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
         Ok(Self {
             frontends: take(ebpf, MAP_SERVICE_FRONTENDS)?,
             service_vips: take(ebpf, MAP_SERVICE_VIPS)?,
@@ -63,12 +70,13 @@ impl DatapathMaps {
             conntrack: take(ebpf, MAP_CONNTRACK)?,
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
+            service_names: service_names(pin_dir)?,
         })
     }
 
     /// Pins every map of the object as `dir/NAME`.
     pub fn pin_all(ebpf: &Ebpf, dir: &Path) -> Result<()> {
-        for name in ALL_MAPS {
+        for name in OBJECT_MAPS {
             let map = ebpf.map(name).ok_or(Error::Missing(name))?;
             map.pin(dir.join(name))
                 .map_err(|e| Error::Pin { path: dir.join(name), reason: e.to_string() })?;
@@ -137,6 +145,14 @@ impl MapWriter for DatapathMaps {
         self.service_counters.set(service_id, zeros, 0).map_err(map_err(MAP_SERVICE_COUNTERS))
     }
 
+    fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()> {
+        self.service_names.insert(service_id, name, 0).map_err(map_err(MAP_SERVICE_NAMES))
+    }
+
+    fn remove_service_name(&mut self, service_id: u32) -> Result<()> {
+        ignore_missing(self.service_names.remove(&service_id)).map_err(map_err(MAP_SERVICE_NAMES))
+    }
+
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
         let stale: Vec<ConntrackKey> = self
             .conntrack
@@ -150,6 +166,17 @@ impl MapWriter for DatapathMaps {
         }
         Ok(stale.len())
     }
+}
+
+/// `SERVICE_NAMES`, created empty (and pinned, then used through its pin).
+fn service_names(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, ServiceName>> {
+    let created = HashMap::<MapData, u32, ServiceName>::create(MAX_SERVICES, BPF_F_NO_PREALLOC)
+        .map_err(map_err(MAP_SERVICE_NAMES))?;
+    let Some(dir) = pin_dir else { return Ok(created) };
+    let path = dir.join(MAP_SERVICE_NAMES);
+    created.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
+    let pinned = MapData::from_pin(&path).map_err(map_err(MAP_SERVICE_NAMES))?;
+    HashMap::try_from(Map::HashMap(pinned)).map_err(map_err(MAP_SERVICE_NAMES))
 }
 
 /// A key that is already gone is what a removal wants.

@@ -16,7 +16,7 @@ use std::{
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ip_be,
+    FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ServiceName, ip_be,
 };
 
 use crate::{
@@ -37,6 +37,8 @@ pub trait MapWriter {
     fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()>;
     fn remove_service_vip(&mut self, ip: u32) -> Result<()>;
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
+    fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()>;
+    fn remove_service_name(&mut self, service_id: u32) -> Result<()>;
     /// Removes the conntrack entries of these services (one pass over the
     /// table, however many services); returns how many.
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize>;
@@ -163,6 +165,8 @@ impl Syncer {
     fn add(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
         let id = self.allocate_id()?;
         maps.reset_service_counters(id)?;
+        let proto = service.frontends.first().map_or(0, |f| f.protocol.ip_proto());
+        maps.put_service_name(id, ServiceName::new(&name.to_string(), proto))?;
         let backends = BackendSet::of(service);
         let set = self.write_set(&backends, maps)?;
         maps.put_service_backend_set(id, set)?;
@@ -212,6 +216,7 @@ impl Syncer {
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
         delete_set(p.set, &p.backends, maps)?;
+        maps.remove_service_name(p.id)?;
         Ok(Some(p.id))
     }
 
@@ -354,6 +359,7 @@ mod tests {
         frontends: HashMap<FrontendKey, FrontendValue>,
         service_sets: HashMap<u32, u32>,
         vips: HashMap<u32, u32>,
+        names: HashMap<u32, String>,
         flows_removed_for: Vec<u32>,
     }
 
@@ -419,6 +425,14 @@ mod tests {
         fn reset_service_counters(&mut self, _: u32) -> Result<()> {
             Ok(())
         }
+        fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()> {
+            self.names.insert(service_id, name.as_str().to_owned());
+            Ok(())
+        }
+        fn remove_service_name(&mut self, service_id: u32) -> Result<()> {
+            self.names.remove(&service_id);
+            Ok(())
+        }
         fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
             self.flows_removed_for.extend(service_ids);
             Ok(0)
@@ -466,6 +480,9 @@ mod tests {
         assert_eq!(maps.slots.len(), expected_slots, "no leftover backend slots");
         assert_eq!(maps.members.len(), expected_members, "no leftover memberships");
         assert_eq!(maps.vips, vips);
+        let names: HashMap<u32, String> =
+            desired.services.keys().map(|n| (syncer.service_id(n).expect("programmed"), n.to_string())).collect();
+        assert_eq!(maps.names, names, "a name per programmed service id");
     }
 
     #[test]

@@ -276,16 +276,17 @@ pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
     ask(&mut conn)
 }
 
-/// The `lb-agent` binary built next to the running test or tool.
-pub fn agent_binary() -> Result<PathBuf> {
+/// A binary of lb-userspace (`lb-agent`, `lbctl`) built next to the
+/// running test or tool.
+pub fn userspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join("lb-agent");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    bail!("lb-agent is not built next to {}: run `cargo build -p lb-userspace` (cargo xtask test does)", exe.display())
+    bail!("{name} is not built next to {}: run `cargo build -p lb-userspace` (cargo xtask test does)", exe.display())
 }
 
 /// The real agent running in a namespace; its stderr lines are collected.
@@ -298,7 +299,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        let binary = agent_binary()?;
+        let binary = userspace_binary("lb-agent")?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(&binary)

@@ -335,3 +335,49 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
     assert_eq!(value("lb_services"), 4);
     assert_eq!(value("lb_backends"), 4);
 }
+
+/// lbctl against a running agent: its services with their endpoints, the
+/// flows of the traffic sent, the counters; as JSON and as a table.
+#[test]
+fn lbctl_shows_services_flows_and_counters_of_a_running_agent() {
+    const NEW: usize = 12;
+    let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    assert_eq!(spread(&cluster, NEW).values().sum::<usize>(), NEW);
+    let lbctl = lb_tests::netns::userspace_binary("lbctl").expect("lbctl");
+    let run = |args: &[&str]| -> String {
+        let out = std::process::Command::new(&lbctl).arg("--bpffs-dir").arg(&cluster.bpffs.dir).args(args).output().expect("lbctl runs");
+        assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&run(&all)).expect("JSON")
+    };
+
+    let services = json(&["services"]);
+    let kubia = services.as_array().expect("a list").iter().find(|s| s["name"] == "default/kubia:http").expect("kubia:http");
+    assert_eq!(kubia["frontends"], serde_json::json!(["10.96.0.10:80/TCP"]));
+    assert_eq!(kubia["backends"], serde_json::json!(["10.244.1.2:8080", "10.244.2.2:8080"]));
+    assert_eq!(kubia["new_connections"], NEW);
+    let empty = services.as_array().expect("a list").iter().find(|s| s["name"] == "default/no-endpoints:http").expect("no-endpoints");
+    assert_eq!(empty["backends"], serde_json::json!([]));
+
+    let flows = json(&["conntrack", "--filter", "10.201.0.2"]);
+    let flows = flows.as_array().expect("a list");
+    let forward = flows.iter().filter(|f| f["direction"] == "forward" && f["destination"] == "10.96.0.10:80").count();
+    let replies = flows.iter().filter(|f| f["direction"] == "reply" && f["translated_to"] == "10.96.0.10:80").count();
+    assert_eq!((forward, replies), (NEW, NEW), "one forward and one reply entry per connection");
+    assert!(flows.iter().all(|f| f["service"] == "default/kubia:http"));
+
+    assert_eq!(json(&["counters"])["forward_new"], NEW);
+
+    let table = run(&["services"]);
+    let line = table.lines().find(|l| l.starts_with("default/kubia:http")).unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("10.244.1.2:8080,10.244.2.2:8080"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("default/no-endpoints:http") && l.contains("<none>")), "{table}");
+
+    let missing = std::process::Command::new(&lbctl).args(["--bpffs-dir", "/nonexistent", "services"]).output().expect("lbctl runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("is lb-agent running with --bpffs-dir"));
+}

@@ -1,0 +1,163 @@
+//! Reading a running agent's pinned maps for `lbctl`: services with their
+//! frontends and backends, conntrack entries, counters. Read-only: nothing
+//! here writes a map.
+use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    Backend, BackendSlotKey, CT_FORWARD, ConntrackKey, ConntrackValue, FrontendKey, FrontendValue, IPPROTO_TCP,
+    IPPROTO_UDP, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES,
+    MAP_VERDICT_COUNTERS, Reason, ServiceCounters, ServiceName, ip_from_be,
+};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Handles on the pinned maps of one agent.
+pub struct PinnedMaps {
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    slots: HashMap<MapData, BackendSlotKey, Backend>,
+    names: HashMap<MapData, u32, ServiceName>,
+    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    service_counters: PerCpuArray<MapData, ServiceCounters>,
+    verdicts: PerCpuArray<MapData, u64>,
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| Error::Pin {
+        path: path.clone(),
+        reason: format!("{e} (is lb-agent running with --bpffs-dir {}?)", dir.display()),
+    })?;
+    T::try_from(wrap(data)).map_err(|source| Error::Map { name, source })
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            frontends: open(dir, MAP_SERVICE_FRONTENDS, Map::HashMap)?,
+            slots: open(dir, MAP_BACKEND_SLOTS, Map::HashMap)?,
+            names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?,
+            conntrack: open(dir, MAP_CONNTRACK, Map::LruHashMap)?,
+            service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
+            verdicts: open(dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)?,
+        })
+    }
+
+    fn name(&self, service_id: u32) -> String {
+        self.names.get(&service_id, 0).map(|n| n.as_str().to_owned()).unwrap_or_else(|_| format!("#{service_id}"))
+    }
+}
+
+/// One service port, as `kubectl describe svc` would summarise it.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub id: u32,
+    pub name: String,
+    pub frontends: Vec<String>,
+    /// The endpoints new connections go to.
+    pub backends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+    pub rejected: u64,
+}
+
+fn protocol(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn endpoint(ip: u32, port: u16) -> String {
+    SocketAddrV4::new(ip_from_be(ip), u16::from_be(port)).to_string()
+}
+
+pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
+    let mut by_id: BTreeMap<u32, ServiceView> = BTreeMap::new();
+    for entry in maps.frontends.iter() {
+        let (key, value) = entry.map_err(|source| Error::Map { name: MAP_SERVICE_FRONTENDS, source })?;
+        let view = by_id.entry(value.service_id).or_insert_with(|| {
+            let backends = (0..value.backend_count)
+                .filter_map(|slot| maps.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
+                .map(|b| endpoint(b.ip, b.port))
+                .collect();
+            let counters = maps
+                .service_counters
+                .get(&value.service_id, 0)
+                .map(|per_cpu| per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
+                .unwrap_or_default();
+            ServiceView {
+                id: value.service_id,
+                name: maps.name(value.service_id),
+                frontends: Vec::new(),
+                backends,
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_connections: counters.new_flows,
+                rejected: counters.rejected,
+            }
+        });
+        view.frontends.push(format!("{}/{}", endpoint(key.ip, key.port), protocol(key.proto)));
+    }
+    let mut views: Vec<ServiceView> = by_id.into_values().collect();
+    for view in &mut views {
+        view.frontends.sort();
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(views)
+}
+
+/// One direction of a tracked flow.
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    pub service: String,
+    pub protocol: &'static str,
+    /// "forward" (client → service, to the backend) or "reply".
+    pub direction: &'static str,
+    pub source: String,
+    pub destination: String,
+    /// The backend (forward) or the service frontend (reply) it is
+    /// translated to.
+    pub translated_to: String,
+}
+
+/// Conntrack entries whose addresses or service name contain `filter`.
+pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView>> {
+    let mut flows = Vec::new();
+    for entry in maps.conntrack.iter() {
+        let Ok((key, value)) = entry else { continue }; // evicted while we walked
+        let flow = FlowView {
+            service: maps.name(value.service_id),
+            protocol: protocol(key.proto),
+            direction: if value.direction == CT_FORWARD { "forward" } else { "reply" },
+            source: endpoint(key.src_ip, key.src_port),
+            destination: endpoint(key.dst_ip, key.dst_port),
+            translated_to: endpoint(value.nat_ip, value.nat_port),
+        };
+        let shown = filter.is_none_or(|f| {
+            [&flow.service, &flow.source, &flow.destination, &flow.translated_to].iter().any(|s| s.contains(f))
+        });
+        if shown {
+            flows.push(flow);
+        }
+    }
+    flows.sort_by(|a, b| (&a.service, &a.source, a.direction).cmp(&(&b.service, &b.source, b.direction)));
+    Ok(flows)
+}
+
+/// Packets per verdict reason, summed over CPUs.
+pub fn verdicts(maps: &PinnedMaps) -> Result<Vec<(&'static str, u64)>> {
+    Reason::ALL
+        .iter()
+        .map(|reason| {
+            let per_cpu = maps
+                .verdicts
+                .get(&(*reason as u32), 0)
+                .map_err(|source| Error::Map { name: MAP_VERDICT_COUNTERS, source })?;
+            Ok((reason.name(), per_cpu.iter().sum()))
+        })
+        .collect()
+}

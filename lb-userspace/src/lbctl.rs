@@ -1,0 +1,105 @@
+//! lbctl: inspects a running lb-agent through its pinned maps.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::inspect::{self, PinnedMaps};
+use serde::Serialize;
+
+/// Inspect a running lb-agent: its services, tracked flows and counters,
+/// read from the maps it pins (read-only).
+#[derive(Parser)]
+#[command(name = "lbctl", version)]
+struct Args {
+    /// The agent's --bpffs-dir.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb", global = true)]
+    bpffs_dir: PathBuf,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Service ports with their frontends, backends and counters.
+    Services,
+    /// Tracked flows (two entries each: forward and reply).
+    Conntrack {
+        /// Only entries whose addresses or service name contain this text.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
+    },
+    /// Packets per verdict reason.
+    Counters,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&args.bpffs_dir)?;
+    match &args.command {
+        Command::Services => {
+            let services = inspect::services(&maps)?;
+            print(args.output, &services, || {
+                let rows = services.iter().map(|s| {
+                    let backends = if s.backends.is_empty() { "<none>".to_owned() } else { s.backends.join(",") };
+                    vec![s.name.clone(), s.frontends.join(","), backends, s.new_connections.to_string(), s.rejected.to_string()]
+                });
+                table(&["SERVICE", "FRONTENDS", "ENDPOINTS", "CONNECTIONS", "REJECTED"], rows)
+            })
+        }
+        Command::Conntrack { filter } => {
+            let flows = inspect::conntrack(&maps, filter.as_deref())?;
+            print(args.output, &flows, || {
+                let rows = flows.iter().map(|f| {
+                    vec![f.service.clone(), f.protocol.to_owned(), f.direction.to_owned(), f.source.clone(), f.destination.clone(), f.translated_to.clone()]
+                });
+                table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED TO"], rows)
+            })
+        }
+        Command::Counters => {
+            let verdicts = inspect::verdicts(&maps)?;
+            let as_map: std::collections::BTreeMap<_, _> = verdicts.iter().copied().collect();
+            print(args.output, &as_map, || table(&["VERDICT", "PACKETS"], verdicts.iter().map(|(r, n)| vec![r.to_string(), n.to_string()])))
+        }
+    }
+}
+
+fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", table()),
+    }
+    Ok(())
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect()).chain(rows).collect();
+    let widths: Vec<usize> = (0..header.len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -3,10 +3,11 @@
 //! here writes a map.
 use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, BackendSlotKey, CT_FORWARD, ConntrackKey, ConntrackValue, FrontendKey, FrontendValue, IPPROTO_TCP,
-    IPPROTO_UDP, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES,
+    Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, ConntrackKey, ConntrackValue, FrontendKey,
+    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
+    MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
     MAP_VERDICT_COUNTERS, Reason, ServiceCounters, ServiceName, ip_from_be,
 };
 use serde::Serialize;
@@ -15,10 +16,13 @@ use crate::error::{Error, Result};
 
 /// Handles on the pinned maps of one agent.
 pub struct PinnedMaps {
-    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub(crate) frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    pub(crate) vips: HashMap<MapData, u32, u32>,
+    pub(crate) slots: HashMap<MapData, BackendSlotKey, Backend>,
+    pub(crate) members: HashMap<MapData, BackendSetMemberKey, u32>,
+    pub(crate) service_backend_sets: Array<MapData, u32>,
     names: HashMap<MapData, u32, ServiceName>,
-    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    pub(crate) conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     verdicts: PerCpuArray<MapData, u64>,
 }
@@ -36,7 +40,10 @@ impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<Self> {
         Ok(Self {
             frontends: open(dir, MAP_SERVICE_FRONTENDS, Map::HashMap)?,
+            vips: open(dir, MAP_SERVICE_VIPS, Map::HashMap)?,
             slots: open(dir, MAP_BACKEND_SLOTS, Map::HashMap)?,
+            members: open(dir, MAP_BACKEND_SET_MEMBERS, Map::HashMap)?,
+            service_backend_sets: open(dir, MAP_SERVICE_BACKEND_SETS, Map::Array)?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?,
             conntrack: open(dir, MAP_CONNTRACK, Map::LruHashMap)?,
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
@@ -44,7 +51,8 @@ impl PinnedMaps {
         })
     }
 
-    fn name(&self, service_id: u32) -> String {
+    /// A service port's name, or `#id` when it has none.
+    pub fn name(&self, service_id: u32) -> String {
         self.names.get(&service_id, 0).map(|n| n.as_str().to_owned()).unwrap_or_else(|_| format!("#{service_id}"))
     }
 }

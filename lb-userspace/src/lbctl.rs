@@ -2,7 +2,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::inspect::{self, PinnedMaps};
+use lb_userspace::{
+    explain::{self, Probe},
+    inspect::{self, PinnedMaps},
+};
 use serde::Serialize;
 
 /// Inspect a running lb-agent: its services, tracked flows and counters,
@@ -40,6 +43,19 @@ enum Command {
     },
     /// Packets per verdict reason.
     Counters,
+    /// What the datapath would do with a packet (a TCP SYN or a UDP
+    /// datagram) from SOURCE to DESTINATION: the real program is run on a
+    /// copy of the live maps, which stay untouched. Needs root.
+    Explain {
+        /// ip or ip:port of the sender (port 40000 when left out).
+        #[arg(value_parser = explain::parse_source)]
+        source: std::net::SocketAddrV4,
+        /// ip:port the packet is sent to.
+        destination: std::net::SocketAddrV4,
+        /// tcp or udp.
+        #[arg(value_parser = explain::parse_protocol)]
+        protocol: u8,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +89,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     vec![f.service.clone(), f.protocol.to_owned(), f.direction.to_owned(), f.source.clone(), f.destination.clone(), f.translated_to.clone()]
                 });
                 table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED TO"], rows)
+            })
+        }
+        Command::Explain { source, destination, protocol } => {
+            let answer = explain::explain(&maps, &Probe { source: *source, destination: *destination, proto: *protocol })?;
+            print(args.output, &answer, || {
+                let mut rows = vec![
+                    vec!["verdict".to_owned(), answer.verdict.to_owned()],
+                    vec!["action".to_owned(), answer.action.to_owned()],
+                ];
+                rows.extend(answer.service.iter().map(|s| vec!["service".to_owned(), s.clone()]));
+                rows.extend(answer.backend.iter().map(|b| vec!["backend".to_owned(), b.clone()]));
+                rows.push(vec!["why".to_owned(), answer.why.clone()]);
+                table(&["PACKET", format!("{source} -> {destination}").as_str()], rows.into_iter())
             })
         }
         Command::Counters => {

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod datapath;
 pub mod error;
+pub mod explain;
 pub mod http;
 pub mod inspect;
 pub mod maps;

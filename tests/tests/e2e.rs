@@ -381,3 +381,58 @@ fn lbctl_shows_services_flows_and_counters_of_a_running_agent() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("is lb-agent running with --bpffs-dir"));
 }
+
+/// lbctl explain runs the real program on a copy of the live maps: it names
+/// the service, the backend and the reason, and changes nothing live.
+#[test]
+fn lbctl_explain_answers_without_changing_the_live_maps() {
+    let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    assert_eq!(spread(&cluster, 3).values().sum::<usize>(), 3);
+    let lbctl = lb_tests::netns::userspace_binary("lbctl").expect("lbctl");
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(&lbctl)
+            .arg("--bpffs-dir")
+            .arg(&cluster.bpffs.dir)
+            .args(args)
+            .args(["-o", "json"])
+            .output()
+            .expect("lbctl runs");
+        assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    // IPv6 neighbour discovery on the veths keeps counting pass_not_ipv4
+    // meanwhile; every other verdict must stand still.
+    let ipv4_verdicts = |mut counters: serde_json::Value| {
+        counters.as_object_mut().map(|c| c.remove("pass_not_ipv4"));
+        counters
+    };
+    let counters_before = ipv4_verdicts(json(&["counters"]));
+    let flows_before = json(&["conntrack"]).as_array().map(Vec::len);
+
+    let new = json(&["explain", "10.201.0.2:45000", "10.96.0.10:80", "tcp"]);
+    assert_eq!((new["verdict"].as_str(), new["service"].as_str()), (Some("forward_new"), Some("default/kubia:http")), "{new}");
+    assert!(matches!(new["backend"].as_str(), Some("10.244.1.2:8080" | "10.244.2.2:8080")), "{new}");
+
+    let flow = json(&["conntrack", "--filter", "10.201.0.2"])
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["direction"] == "forward").cloned())
+        .expect("a tracked flow from the client");
+    let source = flow["source"].as_str().expect("source");
+    let established = json(&["explain", source, "10.96.0.10:80", "tcp"]);
+    assert_eq!(established["verdict"], "forward_established", "{established}");
+    assert_eq!(established["backend"], flow["translated_to"], "the tracked flow's own backend");
+
+    let cases = [
+        (["explain", "10.201.0.2", "10.96.0.11:80", "tcp"], "reject_no_backend", "bounce"),
+        (["explain", "10.201.0.2", "10.96.0.11:53", "udp"], "reject_no_backend", "bounce"),
+        (["explain", "10.201.0.2", "10.96.0.10:81", "tcp"], "reject_unknown_port", "bounce"),
+        (["explain", "10.201.0.2", "10.0.0.9:80", "tcp"], "pass_not_service", "pass"),
+    ];
+    for (args, verdict, action) in cases {
+        let answer = json(&args);
+        assert_eq!((answer["verdict"].as_str(), answer["action"].as_str()), (Some(verdict), Some(action)), "{args:?}: {answer}");
+    }
+
+    assert_eq!(ipv4_verdicts(json(&["counters"])), counters_before, "explain counted nothing live");
+    assert_eq!(json(&["conntrack"]).as_array().map(Vec::len), flows_before, "explain tracked nothing live");
+}

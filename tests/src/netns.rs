@@ -264,9 +264,18 @@ pub fn ask(conn: &mut TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
 }
 
-/// The pod name in an answer ("You've hit NAME").
-pub fn pod_name(answer: &str) -> String {
-    answer.trim_start_matches("You've hit ").to_owned()
+/// The whole response (status line, headers, body) to a GET of `path`
+/// from `addr`, from inside `ns`.
+pub fn http_get(ns: &Netns, addr: &'static str, path: &'static str) -> Result<String> {
+    ns.enter(move || -> std::io::Result<String> {
+        let mut conn = TcpStream::connect(addr)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        Ok(response)
+    })?
+    .with_context(|| format!("GET {addr}{path}"))
 }
 
 /// Connects to `addr` and asks once.

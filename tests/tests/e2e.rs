@@ -16,7 +16,7 @@ use lb_tests::{
         ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, MANIFEST_FILE, PodState, kubia_http, kubia_manifests, pod_name,
         ready,
     },
-    netns::{ask, connect_and_ask},
+    netns::{ask, connect_and_ask, http_get},
 };
 
 const CONNECTIONS: usize = 300;
@@ -261,21 +261,7 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
 #[test]
 fn health_endpoints_answer_on_the_node() {
     let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
-    let get = |path: &'static str| {
-        cluster
-            .node
-            .enter(move || -> std::io::Result<String> {
-                use std::io::{Read, Write};
-                let mut conn = TcpStream::connect("127.0.0.1:10256")?;
-                conn.set_read_timeout(Some(Duration::from_secs(3)))?;
-                write!(conn, "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-                let mut response = String::new();
-                conn.read_to_string(&mut response)?;
-                Ok(response)
-            })
-            .expect("node")
-            .expect("an HTTP answer")
-    };
+    let get = |path: &'static str| http_get(&cluster.node, "127.0.0.1:10256", path).expect("an HTTP answer");
     let healthz = get("/healthz");
     assert!(healthz.starts_with("HTTP/1.1 200") && healthz.contains("\"ready\":true"), "{healthz}");
     assert!(get("/livez").starts_with("HTTP/1.1 200"));
@@ -300,19 +286,7 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
             }
         })
         .expect("client");
-    let metrics = cluster
-        .node
-        .enter(|| -> std::io::Result<String> {
-            use std::io::{Read, Write};
-            let mut conn = TcpStream::connect("127.0.0.1:10249")?;
-            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(conn, "GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            conn.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .expect("node")
-        .expect("a scrape");
+    let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
     let value = |series: &str| -> u64 {
         metrics
             .lines()

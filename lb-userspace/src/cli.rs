@@ -30,6 +30,12 @@ pub struct AgentArgs {
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
 
+    /// Attach the tc ingress program to every interface whose name matches
+    /// this pattern (`*` and `?`, e.g. 'veth*', 'cali*', 'cni*'), including
+    /// interfaces created later; detach from removed ones. Repeatable.
+    #[arg(long = "iface-pattern", value_name = "GLOB")]
+    pub iface_patterns: Vec<String>,
+
     /// Attach the XDP program instead to this interface (for NICs whose
     /// packets carry complete checksums). Repeatable.
     #[arg(long = "xdp-iface", value_name = "NAME")]
@@ -63,8 +69,8 @@ pub struct AgentArgs {
 impl AgentArgs {
     /// Checks what clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
-        if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() {
-            return Err("no interface to attach to: give at least one --iface NAME (or --xdp-iface NAME)".into());
+        if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.iface_patterns.is_empty() {
+            return Err("no interface to attach to: give at least one --iface NAME, --iface-pattern GLOB or --xdp-iface NAME".into());
         }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));

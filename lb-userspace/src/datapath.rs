@@ -4,7 +4,7 @@ use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
 
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId},
 };
 use lb_common::{PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR};
 
@@ -43,11 +43,15 @@ impl Datapath {
     }
 
     /// Attaches the tc program at the ingress of `iface` (tcx).
-    pub fn attach_tc(&mut self, iface: &str) -> Result<()> {
+    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
-        tc.attach(iface, TcAttachType::Ingress)
-            .map(drop)
-            .map_err(|source| Error::Attach { iface: iface.into(), source })
+        tc.attach(iface, TcAttachType::Ingress).map_err(|source| Error::Attach { iface: iface.into(), source })
+    }
+
+    /// Lets go of an attachment (the interface may be gone already).
+    pub fn detach_tc(&mut self, link: SchedClassifierLinkId) -> Result<()> {
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
+        tc.detach(link).map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
     }
 
     /// Attaches the XDP program to `iface` (native mode where the driver

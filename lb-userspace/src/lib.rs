@@ -8,6 +8,7 @@ pub mod error;
 pub mod explain;
 pub mod http;
 pub mod inspect;
+pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -2,7 +2,7 @@
 //! manifest directory, attaches it, and keeps it in sync until SIGINT or
 //! SIGTERM.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
     time::Instant,
@@ -15,11 +15,13 @@ use lb_userspace::{
     cli::AgentArgs,
     datapath::Datapath,
     http::{self, Health},
+    links::{self, LinkEvent},
     metrics::{self, AgentStats, ServiceLabels},
     model::kubernetes::Model,
     source::{ChangeReceiver, Source, api::ApiSource, manifests},
     sync::{SyncLimiter, Syncer},
 };
+use aya::programs::tc::SchedClassifierLinkId;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::watch,
@@ -175,6 +177,10 @@ async fn serve(
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
     let mut generation = 0u64;
+    // Interfaces attached by pattern, and their events (from the first sync on).
+    let mut by_pattern: HashMap<String, SchedClassifierLinkId> = HashMap::new();
+    let (link_events_tx, mut link_events) = tokio::sync::mpsc::unbounded_channel();
+    let mut link_events_tx = Some(link_events_tx);
     loop {
         tokio::select! {
             changed = changes.changed() => {
@@ -200,15 +206,50 @@ async fn serve(
                         datapath.attach_xdp(iface)?;
                         info!(iface, "attached xdp");
                     }
+                    if let Some(tx) = link_events_tx.take().filter(|_| !args.iface_patterns.is_empty()) {
+                        tokio::spawn(async move {
+                            if let Err(e) = links::watch(tx).await {
+                                error!("following interfaces: {e}");
+                            }
+                        });
+                    }
                     reporting.health.set_ready();
                     info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
+            Some(event) = link_events.recv() => follow_link(args, datapath, &mut by_pattern, event),
             () = shutdown.recv() => break,
         }
     }
     info!("shutting down: detaching programs and removing pins");
     Ok(())
+}
+
+/// Attaches to a new interface matching a pattern, lets go of a removed one.
+fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashMap<String, SchedClassifierLinkId>, event: LinkEvent) {
+    match event {
+        LinkEvent::Present(iface) => {
+            let wanted = args.iface_patterns.iter().any(|p| links::matches(p, &iface))
+                && !args.ifaces.contains(&iface)
+                && !args.xdp_ifaces.contains(&iface);
+            if wanted && !by_pattern.contains_key(&iface) {
+                match datapath.attach_tc(&iface) {
+                    Ok(link) => {
+                        info!(iface, "attached tc ingress (pattern)");
+                        by_pattern.insert(iface, link);
+                    }
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
+        LinkEvent::Gone(iface) => {
+            if let Some(link) = by_pattern.remove(&iface) {
+                // The kernel dropped the attachment with the interface.
+                let _already_gone = datapath.detach_tc(link);
+                info!(iface, "interface removed, let go");
+            }
+        }
+    }
 }
 
 /// Where the loop reports its progress: health checks and metrics.

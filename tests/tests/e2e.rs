@@ -410,3 +410,38 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
     assert_eq!(ipv4_verdicts(json(&["counters"])), counters_before, "explain counted nothing live");
     assert_eq!(json(&["conntrack"]).as_array().map(Vec::len), flows_before, "explain tracked nothing live");
 }
+
+/// An interface created after the agent started, matching --iface-pattern,
+/// is attached (a new pod's traffic through the ClusterIP works without a
+/// restart), and let go when it is removed.
+#[test]
+fn interfaces_created_later_are_attached_by_pattern() {
+    use lb_tests::{
+        cluster::{TempDir, Topology},
+        netns::{Netns, link},
+    };
+    let net = Topology::new(2, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0, 1]))).expect("manifest");
+    let source = vec![
+        "--manifests".to_owned(),
+        manifests.0.to_string_lossy().into_owned(),
+        "--iface-pattern".to_owned(),
+        "newpod*".to_owned(),
+    ];
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+
+    let pod = Netns::new("newpod").expect("namespace");
+    link(&cluster.node, "newpod0", std::net::Ipv4Addr::new(10, 203, 0, 1), &pod, "eth0", std::net::Ipv4Addr::new(10, 203, 0, 2)).expect("veth");
+    pod.ip(&["route", "add", "default", "via", "10.203.0.1"]).expect("route");
+    cluster.agent.wait_for(&["attached tc ingress (pattern)", "newpod0"], Duration::from_secs(20)).expect("attached");
+    let answers = pod
+        .enter(|| (0..10).map(|_| connect_and_ask(kubia())).collect::<Vec<_>>())
+        .expect("new pod");
+    for answer in answers {
+        assert!(answer.expect("through the ClusterIP from the new pod").starts_with("You've hit kubia-"));
+    }
+
+    drop(pod);
+    cluster.agent.wait_for(&["interface removed", "newpod0"], Duration::from_secs(20)).expect("let go");
+}

@@ -89,7 +89,8 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let (source, source_task): (Source, JoinHandle<anyhow::Result<()>>) = match &args.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), node, "source: manifest directory");
-            let task = tokio::spawn(manifests::watch(dir.clone(), changes_tx)).map_err_into();
+            let watched = dir.clone();
+            let task = tokio::spawn(async move { Ok(manifests::watch(watched, changes_tx).await?) });
             (Source::Manifests(manifests::ManifestDir::new(dir.clone())), task)
         }
         None => {
@@ -127,17 +128,6 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         }
     }
     result
-}
-
-/// A spawned source task's outcome, with a panic or cancellation as an error.
-trait JoinInto {
-    fn map_err_into(self) -> JoinHandle<anyhow::Result<()>>;
-}
-
-impl JoinInto for JoinHandle<lb_userspace::error::Result<()>> {
-    fn map_err_into(self) -> JoinHandle<anyhow::Result<()>> {
-        tokio::spawn(async move { Ok(self.await.context("source task")??) })
-    }
 }
 
 async fn kube_client(args: &AgentArgs) -> anyhow::Result<Client> {

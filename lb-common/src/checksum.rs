@@ -12,23 +12,28 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// The checksum field after one 16-bit word covered by it changed from `old`
-/// to `new`: HC' = ~(~HC + ~m + m') (RFC 1624, eqn. 3).
+/// The change to a checksum when a 16-bit word covered by it goes from
+/// `old` to `new`: ~m + m', unfolded, to be summed with other changes and
+/// applied once.
 #[inline(always)]
-pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
-    !fold(!check as u32 + !old as u32 + new as u32)
+pub const fn delta_u16(old: u16, new: u16) -> u32 {
+    !old as u32 + new as u32
 }
 
-/// The checksum field after a 32-bit value covered by it (an address)
-/// changed from `old` to `new`.
+/// The change when a 32-bit value (an address) goes from `old` to `new`.
+/// An address is covered by both the IPv4 header checksum and, through the
+/// pseudo-header, the TCP/UDP checksum: the same delta serves both.
 #[inline(always)]
-pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = !check as u32
-        + (!old & 0xffff)
-        + (!old >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
-    !fold(sum)
+pub const fn delta_u32(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// The checksum field after the changes summed in `delta`:
+/// HC' = ~(~HC + delta) (RFC 1624, eqn. 3). `delta` may sum up to a few
+/// hundred changes without overflowing.
+#[inline(always)]
+pub const fn apply(check: u16, delta: u32) -> u16 {
+    !fold(!check as u32 + delta)
 }
 
 /// A UDP checksum after an update: zero means "no checksum" in UDP, so a
@@ -94,7 +99,7 @@ mod tests {
             let check = finish(sum_words(&data, 0));
             let old = u32::from_ne_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
             data[at..at + 4].copy_from_slice(&new);
-            let updated = replace_u32(check, old, u32::from_ne_bytes(new));
+            let updated = apply(check, delta_u32(old, u32::from_ne_bytes(new)));
             let recomputed = finish(sum_words(&data, 0));
             // 0x0000 and 0xffff are the same one's complement value.
             assert!(
@@ -110,8 +115,26 @@ mod tests {
         let check = finish(sum_words(&data, 0));
         let old = u16::from_ne_bytes([data[2], data[3]]);
         data[2..4].copy_from_slice(&8080u16.to_be_bytes());
-        let updated = replace_u16(check, old, 8080u16.to_be());
+        let updated = apply(check, delta_u16(old, 8080u16.to_be()));
         assert_eq!(updated, finish(sum_words(&data, 0)));
+    }
+
+    /// Address and port changes summed and applied once equal applying them
+    /// one after the other (and recomputing).
+    #[test]
+    fn summed_deltas_equal_successive_updates() {
+        let mut data = [10, 0, 0, 1, 10, 96, 0, 10, 0x9c, 0x40, 0x00, 0x50];
+        let check = finish(sum_words(&data, 0));
+        let old_ip = u32::from_ne_bytes([10, 96, 0, 10]);
+        let new_ip = u32::from_ne_bytes([10, 244, 1, 2]);
+        let old_port = u16::from_ne_bytes([0x00, 0x50]);
+        let new_port = 8080u16.to_be();
+        let once = apply(check, delta_u32(old_ip, new_ip) + delta_u16(old_port, new_port));
+        let twice = apply(apply(check, delta_u32(old_ip, new_ip)), delta_u16(old_port, new_port));
+        data[4..8].copy_from_slice(&new_ip.to_ne_bytes());
+        data[10..12].copy_from_slice(&new_port.to_ne_bytes());
+        assert_eq!(once, twice);
+        assert_eq!(once, finish(sum_words(&data, 0)));
     }
 
     #[test]

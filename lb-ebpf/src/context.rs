@@ -12,6 +12,17 @@ use lb_common::checksum;
 /// A helper failed; the packet is dropped and counted.
 pub struct HelperFailed;
 
+/// What changed in the fields an L4 checksum covers: one address (through
+/// the pseudo-header) and one port.
+pub struct L4Change {
+    /// (old, new), network byte order.
+    pub ip: (u32, u32),
+    /// `checksum::delta_u32` of `ip`, computed once for the IPv4 header.
+    pub ip_delta: u32,
+    /// (old, new), network byte order.
+    pub port: (u16, u16),
+}
+
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -25,13 +36,7 @@ pub trait Packet {
     /// Updates the L4 checksum at `check_off` after the address covered by
     /// the pseudo-header and the port changed. UDP's "no checksum" zero is
     /// kept as it is.
-    fn update_l4_checksum(
-        &self,
-        check_off: usize,
-        udp: bool,
-        ip: (u32, u32),
-        port: (u16, u16),
-    ) -> Result<(), HelperFailed>;
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed>;
 
     /// Makes the packet exactly `len` bytes long. The content afterwards is
     /// unspecified: the caller rewrites all of it.
@@ -82,13 +87,7 @@ impl Packet for XdpPacket<'_> {
     /// XDP sees packets as they came off the wire, with complete checksums,
     /// so the RFC 1624 update is done here directly.
     #[inline(always)]
-    fn update_l4_checksum(
-        &self,
-        check_off: usize,
-        udp: bool,
-        ip: (u32, u32),
-        port: (u16, u16),
-    ) -> Result<(), HelperFailed> {
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed> {
         let check_ptr = ptr_at::<_, u16>(self, check_off).ok_or(HelperFailed)?;
         // SAFETY: bounds-checked just above; read_unaligned because the L4
         // header follows a 14-byte Ethernet header.
@@ -96,8 +95,8 @@ impl Packet for XdpPacket<'_> {
         if udp && check == 0 {
             return Ok(());
         }
-        let mut check = checksum::replace_u32(check, ip.0, ip.1);
-        check = checksum::replace_u16(check, port.0, port.1);
+        let delta = change.ip_delta + checksum::delta_u16(change.port.0, change.port.1);
+        let mut check = checksum::apply(check, delta);
         if udp {
             check = checksum::udp_nonzero(check);
         }
@@ -171,13 +170,8 @@ impl Packet for TcPacket<'_> {
     /// sender with offload) or a device-computed one (CHECKSUM_COMPLETE):
     /// only the kernel's helper updates each kind correctly.
     #[inline(always)]
-    fn update_l4_checksum(
-        &self,
-        check_off: usize,
-        udp: bool,
-        ip: (u32, u32),
-        port: (u16, u16),
-    ) -> Result<(), HelperFailed> {
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed> {
+        let (ip, port) = (change.ip, change.port);
         let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
         let addr_flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
         self.ctx

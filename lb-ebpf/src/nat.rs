@@ -2,7 +2,7 @@
 use lb_common::{IPPROTO_UDP, checksum, reply::ETH_HLEN};
 
 use crate::{
-    context::{HelperFailed, Packet, ptr_at},
+    context::{HelperFailed, L4Change, Packet, ptr_at},
     parse::Flow,
 };
 
@@ -40,7 +40,9 @@ pub fn rewrite<P: Packet>(
     let udp = flow.tuple.proto == IPPROTO_UDP;
     let check_off = flow.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
 
-    // The IPv4 header checksum is never offloaded: updated directly.
+    // The IPv4 header checksum is never offloaded: updated directly, with
+    // the address delta the L4 checksum needs as well.
+    let ip_delta = checksum::delta_u32(old_ip, new_ip);
     let ip_check = ptr_at::<_, u16>(pkt, IP_CHECK_OFF).ok_or(HelperFailed)?;
     let ip_addr = ptr_at::<_, u32>(pkt, ip_off).ok_or(HelperFailed)?;
     let port = ptr_at::<_, u16>(pkt, port_off).ok_or(HelperFailed)?;
@@ -48,10 +50,11 @@ pub fn rewrite<P: Packet>(
     // because the IP header sits 14 bytes into the frame.
     unsafe {
         let check = ip_check.read_unaligned();
-        ip_check.write_unaligned(checksum::replace_u32(check, old_ip, new_ip));
+        ip_check.write_unaligned(checksum::apply(check, ip_delta));
         ip_addr.write_unaligned(new_ip);
         port.write_unaligned(new_port);
     }
     // Last, because on tc the helpers invalidate the packet pointers.
-    pkt.update_l4_checksum(check_off, udp, (old_ip, new_ip), (old_port, new_port))
+    let change = L4Change { ip: (old_ip, new_ip), ip_delta, port: (old_port, new_port) };
+    pkt.update_l4_checksum(check_off, udp, &change)
 }

@@ -1,6 +1,7 @@
 //! The BPF maps, declared with BTF so that bpftool prints their keys and
 //! values field by field. Layouts and names live in lb-common.
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -31,9 +32,16 @@ pub static BACKEND_SET_MEMBERS: HashMap<BackendSetMemberKey, u32, { MAX_BACKEND_
 #[btf_map]
 pub static SERVICE_BACKEND_SETS: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 
+/// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU), as Katran does: recording a new
+/// flow never contends on one shared LRU lock, and each CPU evicts the
+/// least recently used of the flows it recorded. Lookups see every entry.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { MAX_CONNTRACK_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<
+    ConntrackKey,
+    ConntrackValue,
+    { MAX_CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 #[btf_map]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =

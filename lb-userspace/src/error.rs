@@ -19,8 +19,6 @@ pub enum Error {
     Read { path: PathBuf, source: std::io::Error },
     #[error("watching {path}: {reason}")]
     Watch { path: PathBuf, reason: String },
-    #[error("Kubernetes API: {0}")]
-    Kube(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("out of {what}: at most {limit} can be programmed")]

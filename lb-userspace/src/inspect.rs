@@ -12,7 +12,10 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    maps::{service_totals, verdict_totals},
+};
 
 /// Handles on the pinned maps of one agent.
 pub struct PinnedMaps {
@@ -92,11 +95,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
                 .filter_map(|slot| maps.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
                 .map(|b| endpoint(b.ip, b.port))
                 .collect();
-            let counters = maps
-                .service_counters
-                .get(&value.service_id, 0)
-                .map(|per_cpu| per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
-                .unwrap_or_default();
+            let counters = service_totals(&maps.service_counters, value.service_id).unwrap_or_default();
             ServiceView {
                 id: value.service_id,
                 name: maps.name(value.service_id),
@@ -158,14 +157,6 @@ pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView
 
 /// Packets per verdict reason, summed over CPUs.
 pub fn verdicts(maps: &PinnedMaps) -> Result<Vec<(&'static str, u64)>> {
-    Reason::ALL
-        .iter()
-        .map(|reason| {
-            let per_cpu = maps
-                .verdicts
-                .get(&(*reason as u32), 0)
-                .map_err(|source| Error::Map { name: MAP_VERDICT_COUNTERS, source })?;
-            Ok((reason.name(), per_cpu.iter().sum()))
-        })
-        .collect()
+    let totals = verdict_totals(&maps.verdicts)?;
+    Ok(Reason::ALL.iter().map(|reason| (reason.name(), totals[*reason as usize])).collect())
 }

@@ -86,19 +86,30 @@ impl DatapathMaps {
 
     /// Verdict counters summed over CPUs, indexed by `Reason`.
     pub fn verdict_totals(&self) -> Result<[u64; Reason::COUNT as usize]> {
-        let mut totals = [0; Reason::COUNT as usize];
-        for reason in Reason::ALL {
-            let per_cpu = self.verdict_counters.get(&(reason as u32), 0).map_err(map_err(MAP_VERDICT_COUNTERS))?;
-            totals[reason as usize] = per_cpu.iter().sum();
-        }
-        Ok(totals)
+        verdict_totals(&self.verdict_counters)
     }
 
     /// A service's counters summed over CPUs.
     pub fn service_totals(&self, service_id: u32) -> Result<ServiceCounters> {
-        let per_cpu = self.service_counters.get(&service_id, 0).map_err(map_err(MAP_SERVICE_COUNTERS))?;
-        Ok(per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
+        service_totals(&self.service_counters, service_id)
     }
+}
+
+/// `VERDICT_COUNTERS` summed over CPUs, indexed by `Reason`; for the agent's
+/// own handle and for handles opened from its pins alike.
+pub fn verdict_totals(map: &PerCpuArray<MapData, u64>) -> Result<[u64; Reason::COUNT as usize]> {
+    let mut totals = [0; Reason::COUNT as usize];
+    for reason in Reason::ALL {
+        let per_cpu = map.get(&(reason as u32), 0).map_err(map_err(MAP_VERDICT_COUNTERS))?;
+        totals[reason as usize] = per_cpu.iter().sum();
+    }
+    Ok(totals)
+}
+
+/// One service's `SERVICE_COUNTERS` summed over CPUs.
+pub fn service_totals(map: &PerCpuArray<MapData, ServiceCounters>, service_id: u32) -> Result<ServiceCounters> {
+    let per_cpu = map.get(&service_id, 0).map_err(map_err(MAP_SERVICE_COUNTERS))?;
+    Ok(per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
 }
 
 impl MapWriter for DatapathMaps {

@@ -28,7 +28,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::model::{Protocol, ServicePortName};
+use crate::{
+    maps::{service_totals, verdict_totals},
+    model::{Protocol, ServicePortName},
+};
 
 /// A programmed service port's id (its counters' index) and protocol.
 #[derive(Clone, Copy, Debug)]
@@ -88,11 +91,7 @@ impl Collector for DatapathCollector {
         let totals: Vec<(Vec<(&str, String)>, ServiceCounters)> = services
             .iter()
             .map(|(name, labels)| {
-                let sum = service_counters
-                    .as_ref()
-                    .and_then(|m| m.get(&labels.id, 0).ok())
-                    .map(|per_cpu| per_cpu.iter().fold(ServiceCounters::default(), |sum, cpu| sum + *cpu))
-                    .unwrap_or_default();
+                let sum = service_counters.as_ref().and_then(|m| service_totals(m, labels.id).ok()).unwrap_or_default();
                 let protocol = match labels.protocol {
                     Protocol::Tcp => "TCP",
                     Protocol::Udp => "UDP",
@@ -120,11 +119,12 @@ impl Collector for DatapathCollector {
         }
 
         let verdicts = open(&self.maps_dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)
-            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok());
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|m| verdict_totals(&m).ok())
+            .unwrap_or_default();
         let mut family = encoder.encode_descriptor("packets", "Packets seen by the datapath, by verdict", None, MetricType::Counter)?;
         for reason in Reason::ALL {
-            let count = verdicts.as_ref().and_then(|m| m.get(&(reason as u32), 0).ok()).map(|v| v.iter().sum()).unwrap_or(0u64);
-            ConstCounter::new(count).encode(family.encode_family(&vec![("verdict", reason.name())])?)?;
+            ConstCounter::new(verdicts[reason as usize]).encode(family.encode_family(&vec![("verdict", reason.name())])?)?;
         }
 
         // Counting conntrack entries walks the table: one syscall per entry.

@@ -54,6 +54,19 @@ impl PinnedMaps {
         })
     }
 
+    /// The backends a frontend picks new connections from, in slot order;
+    /// `None` when the frontend does not exist.
+    pub fn backends(&self, frontend: &FrontendKey) -> Option<Vec<SocketAddrV4>> {
+        self.frontends.get(frontend, 0).ok().map(|value| self.set_backends(&value))
+    }
+
+    fn set_backends(&self, value: &FrontendValue) -> Vec<SocketAddrV4> {
+        (0..value.backend_count)
+            .filter_map(|slot| self.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
+            .map(|b| SocketAddrV4::new(ip_from_be(b.ip), u16::from_be(b.port)))
+            .collect()
+    }
+
     /// A service port's name, or `#id` when it has none.
     pub fn name(&self, service_id: u32) -> String {
         self.names.get(&service_id, 0).map(|n| n.as_str().to_owned()).unwrap_or_else(|_| format!("#{service_id}"))
@@ -91,10 +104,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
     for entry in maps.frontends.iter() {
         let (key, value) = entry.map_err(|source| Error::Map { name: MAP_SERVICE_FRONTENDS, source })?;
         let view = by_id.entry(value.service_id).or_insert_with(|| {
-            let backends = (0..value.backend_count)
-                .filter_map(|slot| maps.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
-                .map(|b| endpoint(b.ip, b.port))
-                .collect();
+            let backends = maps.set_backends(&value).iter().map(ToString::to_string).collect();
             let counters = service_totals(&maps.service_counters, value.service_id).unwrap_or_default();
             ServiceView {
                 id: value.service_id,

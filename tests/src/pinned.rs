@@ -1,5 +1,5 @@
-//! Reading a running agent's pinned maps, to wait for it to have applied a
-//! change and to measure how long that took.
+//! Waiting on a running agent's pinned maps (through lbctl's reader) for a
+//! change to be applied, and measuring how long that took.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -7,39 +7,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{
-    Backend, BackendSlotKey, FrontendKey, FrontendValue, MAP_BACKEND_SLOTS, MAP_SERVICE_FRONTENDS, ip_from_be,
-};
+use anyhow::{Result, bail};
+use lb_common::FrontendKey;
+use lb_userspace::inspect;
 
-pub struct PinnedMaps {
-    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    slots: HashMap<MapData, BackendSlotKey, Backend>,
-}
-
-fn open_hash(dir: &Path, name: &str) -> Result<Map> {
-    let data = MapData::from_pin(dir.join(name)).with_context(|| format!("opening pinned map {name}"))?;
-    Ok(Map::HashMap(data))
-}
+pub struct PinnedMaps(inspect::PinnedMaps);
 
 impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<Self> {
-        Ok(Self {
-            frontends: HashMap::try_from(open_hash(dir, MAP_SERVICE_FRONTENDS)?)?,
-            slots: HashMap::try_from(open_hash(dir, MAP_BACKEND_SLOTS)?)?,
-        })
+        Ok(Self(inspect::PinnedMaps::open(dir)?))
     }
 
     /// The backend addresses a frontend picks new connections from, or
     /// `None` when the frontend does not exist.
     pub fn backends(&self, frontend: FrontendKey) -> Option<BTreeSet<Ipv4Addr>> {
-        let value = self.frontends.get(&frontend, 0).ok()?;
-        (0..value.backend_count)
-            .map(|slot| {
-                self.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok().map(|b| ip_from_be(b.ip))
-            })
-            .collect()
+        self.0.backends(&frontend).map(|backends| backends.iter().map(|b| *b.ip()).collect())
     }
 
     /// Polls until the frontend's backends are `expected` (`None`: until the

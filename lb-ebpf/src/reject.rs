@@ -3,7 +3,7 @@
 use lb_common::{
     IPPROTO_TCP,
     reply::{
-        ETH_HLEN, IPV4_HLEN, PORT_UNREACHABLE_LEN, TCP_HLEN, TCP_RESET_LEN, TcpSegment,
+        ETH_HLEN, IPV4_HLEN, PORT_UNREACHABLE_LEN, TCP_HLEN, TcpSegment,
         UDP_HLEN, UdpDatagram, port_unreachable, tcp_reset,
     },
 };
@@ -86,5 +86,3 @@ fn write_reply<P: Packet, const N: usize>(pkt: &P, reply: &[u8; N]) -> Result<()
     unsafe { out.write_unaligned(*reply) };
     Ok(())
 }
-
-const _: () = assert!(TCP_RESET_LEN == ETH_HLEN + IPV4_HLEN + TCP_HLEN);

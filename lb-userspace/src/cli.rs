@@ -61,6 +61,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "MS", default_value_t = 100)]
     pub min_sync_interval_ms: u64,
 
+    /// Detach the programs a previous agent left attached, remove its pinned
+    /// maps under --bpffs-dir, and exit (to uninstall; a plain stop leaves
+    /// the datapath running for the next agent to take over).
+    #[arg(long)]
+    pub cleanup: bool,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -69,6 +75,9 @@ pub struct AgentArgs {
 impl AgentArgs {
     /// Checks what clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.cleanup {
+            return Ok(());
+        }
         if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.iface_patterns.is_empty() {
             return Err("no interface to attach to: give at least one --iface NAME, --iface-pattern GLOB or --xdp-iface NAME".into());
         }

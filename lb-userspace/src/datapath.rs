@@ -1,66 +1,255 @@
 //! Loading the eBPF object, attaching its programs to interfaces, and
 //! pinning its maps.
-use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId},
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR};
+use tracing::{info, warn};
 
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
-    maps::DatapathMaps,
+    maps::{self, DatapathMaps, OBJECT_MAPS, PinnedState},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// Where attachment links are pinned across restarts, below the pin dir.
+const LINKS_DIR: &str = "links";
+
 /// The loaded datapath: its programs (attached or not) and its maps.
-/// Dropping it detaches every program it attached.
+/// Dropping it detaches every program it attached, except those handed to
+/// bpffs by `keep_attached`.
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: DatapathMaps,
+    /// Where attachments are pinned to outlive the agent (pinned datapath).
+    links_dir: Option<PathBuf>,
+    attached: HashMap<String, Attachment>,
+}
+
+#[derive(Debug)]
+enum Attachment {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+impl Attachment {
+    const fn kind(&self) -> LinkKind {
+        match self {
+            Attachment::Tc(_) => LinkKind::TcIngress,
+            Attachment::Xdp(_) => LinkKind::Xdp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkKind {
+    TcIngress,
+    Xdp,
+}
+
+impl LinkKind {
+    const fn prefix(self) -> &'static str {
+        match self {
+            LinkKind::TcIngress => "tc-ingress@",
+            LinkKind::Xdp => "xdp@",
+        }
+    }
+}
+
+/// How an interface came to run this agent's program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment.
+    Fresh,
+    /// A previous agent's attachment, switched to this agent's program in
+    /// one atomic link update: no packet went unprocessed.
+    TakenOver,
 }
 
 impl Datapath {
-    /// Loads every program into the kernel. With `pin_dir`, the maps are
-    /// pinned there (the directory must be on a bpf filesystem).
-    pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    /// Loads every program with maps of its own, pinned nowhere (a scratch
+    /// copy, for tests, benchmarks and `lbctl explain`).
+    pub fn load() -> Result<Self> {
+        Self::load_with(Ebpf::load(EBPF_OBJECT)?, None)
+    }
+
+    /// Loads every program with its maps pinned under `dir` (on a bpf
+    /// filesystem), taking over the maps a previous agent pinned there when
+    /// their layout agrees, so flows, backend sets and counters survive a
+    /// restart or an upgrade.
+    pub fn load_pinned(dir: &Path) -> Result<(Self, PinnedState)> {
+        ensure_bpffs(dir)?;
+        let pinned = maps::check_pins(dir)?;
+        let mut loader = EbpfLoader::new();
+        for name in OBJECT_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let links_dir = dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(|e| Error::Pin { path: links_dir.clone(), reason: e.to_string() })?;
+        let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir))?;
+        Ok((Self { links_dir: Some(links_dir), ..datapath }, pinned))
+    }
+
+    fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_INGRESS)?;
         tc.load().map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
         for name in [PROG_XDP, PROG_XDP_FLOOR] {
             let xdp: &mut Xdp = program_mut(&mut ebpf, name)?;
             xdp.load().map_err(|source| Error::Program { name, source })?;
         }
-        if let Some(dir) = pin_dir {
-            ensure_bpffs(dir)?;
-            DatapathMaps::pin_all(&ebpf, dir)?;
-        }
         let maps = DatapathMaps::take(&mut ebpf, pin_dir)?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new() })
     }
 
-    /// Attaches the tc program at the ingress of `iface` (tcx).
-    pub fn attach_tc(&mut self, iface: &str) -> Result<SchedClassifierLinkId> {
+    /// Attaches the tc program at the ingress of `iface` (tcx), taking over
+    /// the attachment a previous agent left pinned there if any.
+    pub fn attach_tc(&mut self, iface: &str) -> Result<Attached> {
+        if self.attached.contains_key(iface) {
+            return Ok(Attached::Fresh);
+        }
+        let pinned = self.take_pinned_link(iface, LinkKind::TcIngress);
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
-        tc.attach(iface, TcAttachType::Ingress).map_err(|source| Error::Attach { iface: iface.into(), source })
-    }
-
-    /// Lets go of an attachment (the interface may be gone already).
-    pub fn detach_tc(&mut self, link: SchedClassifierLinkId) -> Result<()> {
-        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
-        tc.detach(link).map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
+        let taken_over = pinned.and_then(|link| {
+            let link = SchedClassifierLink::try_from(link).map_err(|e| e.to_string())?;
+            tc.attach_to_link(link).map_err(|e| e.to_string())
+        });
+        let (id, how) = match taken_over {
+            Ok(id) => (id, Attached::TakenOver),
+            Err(reason) => {
+                if !reason.is_empty() {
+                    warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
+                }
+                let id = tc
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|source| Error::Attach { iface: iface.into(), source })?;
+                (id, Attached::Fresh)
+            }
+        };
+        self.attached.insert(iface.into(), Attachment::Tc(id));
+        Ok(how)
     }
 
     /// Attaches the XDP program to `iface` (native mode where the driver
-    /// supports it).
-    pub fn attach_xdp(&mut self, iface: &str) -> Result<()> {
+    /// supports it), taking over a pinned attachment as `attach_tc` does.
+    pub fn attach_xdp(&mut self, iface: &str) -> Result<Attached> {
+        if self.attached.contains_key(iface) {
+            return Ok(Attached::Fresh);
+        }
+        let pinned = self.take_pinned_link(iface, LinkKind::Xdp);
         let xdp: &mut Xdp = program_mut(&mut self.ebpf, PROG_XDP)?;
-        xdp.attach(iface, XdpMode::Default)
-            .map(drop)
-            .map_err(|source| Error::Attach { iface: iface.into(), source })
+        let taken_over = pinned.and_then(|link| {
+            let link = XdpLink::try_from(link).map_err(|e| e.to_string())?;
+            xdp.attach_to_link(link).map_err(|e| e.to_string())
+        });
+        let (id, how) = match taken_over {
+            Ok(id) => (id, Attached::TakenOver),
+            Err(reason) => {
+                if !reason.is_empty() {
+                    warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
+                }
+                let id = xdp
+                    .attach(iface, XdpMode::Default)
+                    .map_err(|source| Error::Attach { iface: iface.into(), source })?;
+                (id, Attached::Fresh)
+            }
+        };
+        self.attached.insert(iface.into(), Attachment::Xdp(id));
+        Ok(how)
+    }
+
+    /// The pinned link of a previous agent for `iface`, unpinned: an empty
+    /// error when there is none.
+    fn take_pinned_link(&self, iface: &str, kind: LinkKind) -> Result<FdLink, String> {
+        let Some(path) = self.link_pin(iface, kind) else { return Err(String::new()) };
+        if !path.exists() {
+            return Err(String::new());
+        }
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        pinned.unpin().map_err(|e| format!("unpinning {}: {e}", path.display()))
+    }
+
+    fn link_pin(&self, iface: &str, kind: LinkKind) -> Option<PathBuf> {
+        Some(self.links_dir.as_ref()?.join(format!("{}{}", kind.prefix(), encode_pin_name(iface))))
+    }
+
+    /// Lets go of an interface (it may be gone already, and with it the
+    /// attachment).
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        match self.attached.remove(iface) {
+            Some(Attachment::Tc(id)) => {
+                let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
+                tc.detach(id).map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
+            }
+            Some(Attachment::Xdp(id)) => {
+                let xdp: &mut Xdp = program_mut(&mut self.ebpf, PROG_XDP)?;
+                xdp.detach(id).map_err(|source| Error::Program { name: PROG_XDP, source })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the attachments a previous agent pinned that this one did
+    /// not take over: interfaces no longer wanted (or gone). Returns them.
+    pub fn release_stale_links(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.links_dir else { return Ok(Vec::new()) };
+        let entries = std::fs::read_dir(dir).map_err(|source| Error::Read { path: dir.clone(), source })?;
+        let mut released = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Read { path: dir.clone(), source })?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let iface = [LinkKind::TcIngress, LinkKind::Xdp]
+                .into_iter()
+                .find_map(|kind| file.strip_prefix(kind.prefix()))
+                .map(decode_pin_name);
+            if let Some(iface) = iface.filter(|i| !self.attached.contains_key(i)) {
+                // Unpinning drops the last reference: the program detaches.
+                std::fs::remove_file(entry.path()).map_err(|e| Error::Pin { path: entry.path(), reason: e.to_string() })?;
+                released.push(iface);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Pins every attachment so that the programs stay attached, using the
+    /// pinned maps, after the agent exits; the next agent takes them over.
+    /// Returns how many were kept.
+    pub fn keep_attached(&mut self) -> Result<usize> {
+        let Some(dir) = self.links_dir.clone() else { return Ok(0) };
+        let mut kept = 0;
+        for (iface, attachment) in std::mem::take(&mut self.attached) {
+            let path = dir.join(format!("{}{}", attachment.kind().prefix(), encode_pin_name(&iface)));
+            let link = match attachment {
+                Attachment::Tc(id) => program_mut::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?
+                    .take_link(id)
+                    .map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
+                    .and_then(|link| FdLink::try_from(link).map_err(|e| pin_err(&path, e))),
+                Attachment::Xdp(id) => program_mut::<Xdp>(&mut self.ebpf, PROG_XDP)?
+                    .take_link(id)
+                    .map_err(|source| Error::Program { name: PROG_XDP, source })
+                    .and_then(|link| FdLink::try_from(link).map_err(|e| pin_err(&path, e))),
+            };
+            match link.and_then(|link| link.pin(&path).map_err(|e| pin_err(&path, e))) {
+                Ok(_pinned) => kept += 1,
+                Err(e) => warn!(iface, "{e}; the program detaches when the agent exits"),
+            }
+        }
+        info!(kept, dir = %dir.display(), "attachments pinned for the next agent");
+        Ok(kept)
     }
 
     pub fn tc_program(&self) -> Result<&SchedClassifier> {
@@ -127,4 +316,33 @@ pub fn mount_bpffs(path: &Path) -> std::io::Result<()> {
     // SAFETY: all strings are NUL-terminated and outlive the call.
     let rc = unsafe { libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Pin { path: path.into(), reason: e.to_string() }
+}
+
+/// bpffs refuses names with a dot, which interface names may have
+/// (`eth0.100`): dots and the escape character itself are percent-escaped.
+fn encode_pin_name(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2E")
+}
+
+fn decode_pin_name(file: &str) -> String {
+    file.replace("%2E", ".").replace("%25", "%")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_have_no_dot_and_decode_back() {
+        let cases = [("plain name", "veth1a2b"), ("vlan with a dot", "eth0.100"), ("a literal escape", "odd%2E.x")];
+        for (rule, iface) in cases {
+            let encoded = encode_pin_name(iface);
+            assert!(!encoded.contains('.'), "{rule}: {encoded}");
+            assert_eq!(decode_pin_name(&encoded), iface, "{rule}");
+        }
+    }
 }

@@ -83,7 +83,7 @@ fn copy_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
 /// Runs the probe through a fresh copy of the datapath holding the live
 /// services and the live conntrack entry of the probe's 5-tuple.
 pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
-    let mut copy = Datapath::load(None)?;
+    let mut copy = Datapath::load()?;
     let maps = &mut copy.maps;
     for entry in live.frontends.iter() {
         let (key, value) = entry.map_err(copy_err(MAP_SERVICE_FRONTENDS))?;

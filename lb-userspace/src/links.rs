@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkEvent {
     Present(String),
+    /// Every link that existed at the start has been sent.
+    DumpDone,
     Gone(String),
 }
 
@@ -47,6 +49,9 @@ pub async fn watch(events: mpsc::UnboundedSender<LinkEvent>) -> Result<()> {
         {
             return Ok(());
         }
+    }
+    if events.send(LinkEvent::DumpDone).is_err() {
+        return Ok(());
     }
     while let Some((message, _)) = messages.next().await {
         let event = match message.payload {

@@ -2,7 +2,7 @@
 //! manifest directory, attaches it, and keeps it in sync until SIGINT or
 //! SIGTERM.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashSet},
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
     time::Instant,
@@ -21,7 +21,6 @@ use lb_userspace::{
     source::{ChangeReceiver, Source, api::ApiSource, manifests},
     sync::{SyncLimiter, Syncer},
 };
-use aya::programs::tc::SchedClassifierLinkId;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::watch,
@@ -48,7 +47,8 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    match run(&args).await {
+    let result = if args.cleanup { cleanup(&args.bpffs_dir) } else { run(&args).await };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -117,17 +117,38 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(http::serve(listener, endpoints));
     }
 
-    let mut datapath = Datapath::load(Some(&args.bpffs_dir))?;
+    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir)?;
+    if !pinned.replaced.is_empty() {
+        warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
+    }
+    let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps)?;
+    info!(maps = pinned.adopted.len(), services = adopted.adopted, discarded = adopted.discarded, "adopted the pinned datapath");
     let running = RunningSource { source, task: source_task, changes };
     let reporting = Reporting { health: &health, stats: &stats };
-    let result = serve(args, &node, running, &mut datapath, reporting, &mut shutdown).await;
-    for name in lb_userspace::maps::OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]) {
-        let pin = args.bpffs_dir.join(name);
-        if let Err(e) = std::fs::remove_file(&pin) {
-            warn!("removing pin {}: {e}", pin.display());
+    let result = serve(args, &node, running, (&mut datapath, syncer), reporting, &mut shutdown).await;
+    // Programs stay attached and maps pinned: the next agent takes them over
+    // (`lb-agent --cleanup` removes them).
+    datapath.keep_attached()?;
+    result
+}
+
+/// `--cleanup`: detaches every program a previous agent left attached and
+/// removes its pinned maps.
+fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
+    let links = dir.join("links");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&links).into_iter().flatten().chain(std::fs::read_dir(dir).into_iter().flatten()) {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        if path.is_file() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
         }
     }
-    result
+    if links.exists() {
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    info!(removed, dir = %dir.display(), "removed the pinned datapath");
+    Ok(())
 }
 
 async fn kube_client(args: &AgentArgs) -> anyhow::Result<Client> {
@@ -157,18 +178,17 @@ async fn serve(
     args: &AgentArgs,
     node: &str,
     running: RunningSource,
-    datapath: &mut Datapath,
+    (datapath, mut syncer): (&mut Datapath, Syncer),
     reporting: Reporting<'_>,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let RunningSource { mut source, task: source_task, mut changes } = running;
     let mut model = Model::default();
-    let mut syncer = Syncer::new();
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
     let mut generation = 0u64;
     // Interfaces attached by pattern, and their events (from the first sync on).
-    let mut by_pattern: HashMap<String, SchedClassifierLinkId> = HashMap::new();
+    let mut by_pattern: HashSet<String> = HashSet::new();
     let (link_events_tx, mut link_events) = tokio::sync::mpsc::unbounded_channel();
     let mut link_events_tx = Some(link_events_tx);
     loop {
@@ -189,12 +209,15 @@ async fn serve(
                 reporting.health.record_sync();
                 if generation == 1 {
                     for iface in &args.ifaces {
-                        datapath.attach_tc(iface)?;
-                        info!(iface, "attached tc ingress");
+                        let how = datapath.attach_tc(iface)?;
+                        info!(iface, ?how, "attached tc ingress");
                     }
                     for iface in &args.xdp_ifaces {
-                        datapath.attach_xdp(iface)?;
-                        info!(iface, "attached xdp");
+                        let how = datapath.attach_xdp(iface)?;
+                        info!(iface, ?how, "attached xdp");
+                    }
+                    if args.iface_patterns.is_empty() {
+                        release_stale_links(datapath)?;
                     }
                     if let Some(tx) = link_events_tx.take().filter(|_| !args.iface_patterns.is_empty()) {
                         tokio::spawn(async move {
@@ -207,39 +230,50 @@ async fn serve(
                     info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
-            Some(event) = link_events.recv() => follow_link(args, datapath, &mut by_pattern, event),
+            Some(event) = link_events.recv() => follow_link(args, datapath, &mut by_pattern, event)?,
             () = shutdown.recv() => break,
         }
     }
-    info!("shutting down: detaching programs and removing pins");
+    info!("shutting down: the programs stay attached for the next agent");
+    Ok(())
+}
+
+/// Once every wanted interface is attached: lets go of the interfaces a
+/// previous agent was attached to and this one does not want.
+fn release_stale_links(datapath: &Datapath) -> anyhow::Result<()> {
+    for iface in datapath.release_stale_links()? {
+        info!(iface, "detached from an interface the previous agent had and this one does not want");
+    }
     Ok(())
 }
 
 /// Attaches to a new interface matching a pattern, lets go of a removed one.
-fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashMap<String, SchedClassifierLinkId>, event: LinkEvent) {
+fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
     match event {
         LinkEvent::Present(iface) => {
             let wanted = args.iface_patterns.iter().any(|p| links::matches(p, &iface))
                 && !args.ifaces.contains(&iface)
                 && !args.xdp_ifaces.contains(&iface);
-            if wanted && !by_pattern.contains_key(&iface) {
+            if wanted && !by_pattern.contains(&iface) {
                 match datapath.attach_tc(&iface) {
-                    Ok(link) => {
-                        info!(iface, "attached tc ingress (pattern)");
-                        by_pattern.insert(iface, link);
+                    Ok(how) => {
+                        info!(iface, ?how, "attached tc ingress (pattern)");
+                        by_pattern.insert(iface);
                     }
                     Err(e) => warn!("{e}"),
                 }
             }
         }
+        LinkEvent::DumpDone => release_stale_links(datapath)?,
         LinkEvent::Gone(iface) => {
-            if let Some(link) = by_pattern.remove(&iface) {
+            if by_pattern.remove(&iface) {
                 // The kernel dropped the attachment with the interface.
-                let _already_gone = datapath.detach_tc(link);
+                let _already_gone = datapath.detach(&iface);
                 info!(iface, "interface removed, let go");
             }
         }
     }
+    Ok(())
 }
 
 /// Where the loop reports its progress: health checks and metrics.
@@ -276,12 +310,19 @@ fn sync(
         warn!("{line}");
     }
     *state.reported = skipped;
-    let report = state.syncer.apply_changes(&state.model.state, &changes.ports, &mut datapath.maps)?;
+    // The first sync compares everything: services adopted from a previous
+    // agent and deleted while no agent ran are not among the changes.
+    let names: BTreeSet<_> = if generation == 1 {
+        changes.ports.iter().chain(state.syncer.programmed_names()).cloned().collect()
+    } else {
+        changes.ports.clone()
+    };
+    let report = state.syncer.apply_changes(&state.model.state, &names, &mut datapath.maps)?;
     stats.sync_seconds.observe(started.elapsed().as_secs_f64());
     stats.syncs.fetch_add(1, Ordering::Relaxed);
     stats.backends.store(state.model.state.endpoint_count() as u64, Ordering::Relaxed);
     if let Ok(mut services) = stats.services.write() {
-        for name in &changes.ports {
+        for name in &names {
             let port = state.model.state.services.get(name);
             match (state.syncer.service_id(name), port.and_then(|p| p.frontends.first())) {
                 (Some(id), Some(frontend)) => {

@@ -4,14 +4,15 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
     FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
-    MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, Reason, ServiceCounters, ServiceName,
+    MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
+    ServiceName,
 };
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
@@ -19,7 +20,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 use crate::{
     error::{Error, Result},
-    sync::MapWriter,
+    sync::{MapWriter, ProgrammedMaps},
 };
 
 /// The maps declared in the eBPF object.
@@ -74,14 +75,25 @@ impl DatapathMaps {
         })
     }
 
-    /// Pins every map of the object as `dir/NAME`.
-    pub fn pin_all(ebpf: &Ebpf, dir: &Path) -> Result<()> {
-        for name in OBJECT_MAPS {
-            let map = ebpf.map(name).ok_or(Error::Missing(name))?;
-            map.pin(dir.join(name))
-                .map_err(|e| Error::Pin { path: dir.join(name), reason: e.to_string() })?;
+    /// Reads back what the syncer programmed, for a restarted agent to
+    /// adopt it.
+    pub fn read_programmed(&self) -> Result<ProgrammedMaps> {
+        let mut found = ProgrammedMaps::default();
+        for entry in self.service_names.iter() {
+            let (id, name) = entry.map_err(map_err(MAP_SERVICE_NAMES))?;
+            found.names.insert(id, name);
         }
-        Ok(())
+        for &id in found.names.keys() {
+            let set = self.service_backend_sets.get(&id, 0).map_err(map_err(MAP_SERVICE_BACKEND_SETS))?;
+            if set != NO_BACKEND_SET {
+                found.service_sets.insert(id, set);
+            }
+        }
+        found.frontends = self.frontends.iter().collect::<Result<_, _>>().map_err(map_err(MAP_SERVICE_FRONTENDS))?;
+        found.vips = self.service_vips.keys().collect::<Result<_, _>>().map_err(map_err(MAP_SERVICE_VIPS))?;
+        found.slots = self.backend_slots.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SLOTS))?;
+        found.members = self.backend_set_members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SET_MEMBERS))?;
+        Ok(found)
     }
 
     /// Verdict counters summed over CPUs, indexed by `Reason`.
@@ -179,15 +191,89 @@ impl MapWriter for DatapathMaps {
     }
 }
 
-/// `SERVICE_NAMES`, created empty (and pinned, then used through its pin).
+/// `SERVICE_NAMES`: the pinned one of a previous run if `pin_dir` has it,
+/// else created empty (and pinned, then used through its pin).
 fn service_names(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, ServiceName>> {
-    let created = HashMap::<MapData, u32, ServiceName>::create(MAX_SERVICES, BPF_F_NO_PREALLOC)
-        .map_err(map_err(MAP_SERVICE_NAMES))?;
-    let Some(dir) = pin_dir else { return Ok(created) };
+    let open = |map: MapData| HashMap::try_from(Map::HashMap(map)).map_err(map_err(MAP_SERVICE_NAMES));
+    let Some(dir) = pin_dir else {
+        return open(MapData::create(service_names_definition(), MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?);
+    };
     let path = dir.join(MAP_SERVICE_NAMES);
-    created.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
-    let pinned = MapData::from_pin(&path).map_err(map_err(MAP_SERVICE_NAMES))?;
-    HashMap::try_from(Map::HashMap(pinned)).map_err(map_err(MAP_SERVICE_NAMES))
+    if !path.exists() {
+        let created = MapData::create(service_names_definition(), MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?;
+        created.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
+    }
+    open(MapData::from_pin(&path).map_err(map_err(MAP_SERVICE_NAMES))?)
+}
+
+fn service_names_definition() -> aya_obj::Map {
+    let hash = aya::maps::MapType::Hash as u32;
+    aya_obj::Map::new_from_params(hash, 4, size_of::<ServiceName>() as u32, MAX_SERVICES, BPF_F_NO_PREALLOC)
+}
+
+/// A map's shape: what must agree for a pinned map to be taken over.
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+}
+
+impl Layout {
+    fn of(map: &aya_obj::Map) -> Self {
+        Self {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        }
+    }
+}
+
+/// What the pins under a directory hold, before the datapath is loaded.
+#[derive(Debug, Default)]
+pub struct PinnedState {
+    /// Maps a previous run left that this binary takes over as they are.
+    pub adopted: Vec<&'static str>,
+    /// Maps with another layout (from an incompatible version), unpinned to
+    /// be created afresh.
+    pub replaced: Vec<&'static str>,
+}
+
+/// Checks every map pinned under `dir` against this binary's definition of
+/// it; keeps the ones that agree and unpins the others.
+pub fn check_pins(dir: &Path) -> Result<PinnedState> {
+    let object = aya_obj::Object::parse(crate::EBPF_OBJECT).map_err(|e| Error::Load(e.into()))?;
+    let mut state = PinnedState::default();
+    let wanted = OBJECT_MAPS
+        .into_iter()
+        .map(|name| object.maps.get(name).map(|m| (name, Layout::of(m))).ok_or(Error::Missing(name)))
+        .chain([Ok((MAP_SERVICE_NAMES, Layout::of(&service_names_definition())))]);
+    for entry in wanted {
+        let (name, layout) = entry?;
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+        let pinned = Layout {
+            map_type: info.map_type().map_err(map_err(name))? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        };
+        if pinned == layout {
+            state.adopted.push(name);
+        } else {
+            std::fs::remove_file(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
+            state.replaced.push(name);
+        }
+    }
+    Ok(state)
 }
 
 /// A key that is already gone is what a removal wants.

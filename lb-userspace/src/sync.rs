@@ -24,6 +24,9 @@ use crate::{
     model::{DesiredState, Endpoint, Frontend, ServicePort, ServicePortName},
 };
 
+mod adopt;
+pub use adopt::{AdoptReport, ProgrammedMaps};
+
 /// The map writes the syncer needs; implemented by the real maps and, in
 /// tests, by an in-memory model that checks the ordering guarantees.
 pub trait MapWriter {
@@ -111,6 +114,11 @@ impl Syncer {
     /// The id (index of its counters) of a programmed service port.
     pub fn service_id(&self, name: &ServicePortName) -> Option<u32> {
         self.programmed.get(name).map(|p| p.id)
+    }
+
+    /// The service ports programmed.
+    pub fn programmed_names(&self) -> impl Iterator<Item = &ServicePortName> {
+        self.programmed.keys()
     }
 
     /// Makes the maps equal to `desired`, comparing every service port.
@@ -439,6 +447,20 @@ mod tests {
         }
     }
 
+    impl FakeMaps {
+        /// What a restarted agent would read back.
+        fn read_back(&self) -> ProgrammedMaps {
+            ProgrammedMaps {
+                names: self.names.iter().map(|(&id, n)| (id, ServiceName::new(n, lb_common::IPPROTO_TCP))).collect(),
+                service_sets: self.service_sets.iter().filter(|&(_, &s)| s != NO_BACKEND_SET).map(|(&i, &s)| (i, s)).collect(),
+                frontends: self.frontends.iter().map(|(&k, &v)| (k, v)).collect(),
+                vips: self.vips.keys().copied().collect(),
+                slots: self.slots.clone(),
+                members: self.members.clone(),
+            }
+        }
+    }
+
     fn name(n: &str) -> ServicePortName {
         ServicePortName { namespace: "default".into(), name: n.into(), port: "http".into() }
     }
@@ -584,5 +606,84 @@ mod tests {
         syncer.apply(&next, &mut maps).expect("apply");
         assert_eq!(syncer.service_id(&name("d")), a);
         assert_eq!(syncer.service_id(&name("e")), b);
+    }
+
+    /// Services, one with a draining endpoint, one dropping when empty, two
+    /// sharing an address.
+    fn varied_state() -> DesiredState {
+        let mut draining = service([10, 96, 0, 1], 80, &[1, 2]);
+        draining.draining.insert(Endpoint { ip: [10, 244, 0, 9].into(), port: 8080 });
+        let dropping = ServicePort { drop_when_empty: true, ..service([10, 96, 0, 2], 53, &[]) };
+        state(&[("a", draining), ("b", dropping), ("c", service([10, 96, 0, 1], 443, &[3])), ("d", service([10, 96, 0, 4], 80, &[4, 5, 6]))])
+    }
+
+    #[test]
+    fn an_adopted_state_is_unchanged_by_the_same_desired_state() {
+        let desired = varied_state();
+        let mut first = Syncer::new();
+        let mut maps = FakeMaps::default();
+        first.apply(&desired, &mut maps).expect("apply");
+        let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        assert_eq!(report, AdoptReport { adopted: 4, discarded: 0 });
+        assert_maps_equal(&maps, &first, &desired);
+        let resync = adopted.apply(&desired, &mut maps).expect("apply");
+        assert_eq!(resync, SyncReport { unchanged: 4, ..Default::default() }, "the first sync after a restart changes nothing");
+        for n in desired.services.keys() {
+            assert_eq!(adopted.service_id(n), first.service_id(n), "{n} keeps its id (and its counters)");
+        }
+        assert!(maps.flows_removed_for.is_empty(), "no flow is purged");
+    }
+
+    #[test]
+    fn changes_made_while_away_are_applied_on_top_of_an_adopted_state() {
+        let mut first = Syncer::new();
+        let mut maps = FakeMaps::default();
+        first.apply(&varied_state(), &mut maps).expect("apply");
+        let (mut adopted, _) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        let mut changed = varied_state();
+        changed.services.remove(&name("c"));
+        changed.services.insert(name("d"), service([10, 96, 0, 4], 80, &[4, 7]));
+        changed.services.insert(name("e"), service([10, 96, 0, 5], 80, &[8]));
+        // FakeMaps panics if a set id still in use were written again.
+        let report = adopted.apply(&changed, &mut maps).expect("apply");
+        assert_eq!(report, SyncReport { added: 1, updated: 1, removed: 1, unchanged: 2 });
+        assert_maps_equal(&maps, &adopted, &changed);
+        assert_eq!(maps.flows_removed_for, vec![first.service_id(&name("c")).expect("programmed")]);
+    }
+
+    #[test]
+    fn pieces_of_no_adoptable_service_are_deleted() {
+        let desired = state(&[("a", service([10, 96, 0, 1], 80, &[1, 2]))]);
+        let mut first = Syncer::new();
+        let mut maps = FakeMaps::default();
+        first.apply(&desired, &mut maps).expect("apply");
+        // A crash halfway through adding service id 7: name, set and one slot
+        // written, no frontend yet. And a frontend of an id without a name.
+        maps.names.insert(7, "default/half:http".into());
+        maps.service_sets.insert(7, 40);
+        maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
+        maps.vips.insert(ip_be([10, 96, 0, 8].into()), 1);
+        let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0 };
+        maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
+        let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });
+        assert_maps_equal(&maps, &adopted, &desired);
+        assert_eq!(maps.flows_removed_for, vec![7, 9]);
+        assert!(!maps.service_sets.values().any(|&s| s == 40));
+    }
+
+    #[test]
+    fn adopted_names_parse_back_into_service_ports() {
+        let cases = [
+            ("namespace, name and port", "default/kubia:http", Some(("default", "kubia", "http"))),
+            ("an unnamed single port", "kube-system/dns", Some(("kube-system", "dns", ""))),
+            ("no namespace", "kubia:http", None),
+            ("empty name", "default/:http", None),
+        ];
+        for (rule, text, expected) in cases {
+            let parsed = adopt::parse_port_name(text);
+            let expected = expected.map(|(namespace, n, port)| ServicePortName { namespace: namespace.into(), name: n.into(), port: port.into() });
+            assert_eq!(parsed, expected, "{rule}");
+        }
     }
 }

@@ -75,7 +75,7 @@ struct AgentFigures {
 fn agent() -> Result<AgentFigures> {
     eprintln!("==> agent: {SERVICES} services x {ENDPOINTS} endpoints from empty");
     let mut objects = objects();
-    let mut datapath = Datapath::load(None)?;
+    let mut datapath = Datapath::load()?;
     let mut model = Model::default();
     let mut syncer = Syncer::new();
     let started = Instant::now();

@@ -222,8 +222,16 @@ impl Topology {
 /// first, then the manifest directory goes, then the namespaces.
 pub struct Cluster {
     pub agent: Agent,
+    agent_args: Vec<String>,
     manifests: Option<TempDir>,
     net: Topology,
+}
+
+/// When a restarted agent went away and when its successor was ready.
+#[derive(Clone, Copy, Debug)]
+pub struct Restart {
+    pub stopped: Instant,
+    pub ready: Instant,
 }
 
 impl std::ops::Deref for Cluster {
@@ -253,12 +261,19 @@ impl Cluster {
     /// Starts the agent on `net` with the source arguments `source`, and
     /// waits until it is ready.
     pub fn run_agent(net: Topology, source: Vec<String>, manifests: Option<TempDir>) -> Result<Self> {
-        let mut args = source;
-        args.extend(net.agent_args());
-        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start(&net.node, &arg_refs)?;
-        agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
-        Ok(Self { agent, manifests, net })
+        let mut agent_args = source;
+        agent_args.extend(net.agent_args());
+        let agent = start_agent(&net.node, &agent_args)?;
+        Ok(Self { agent, agent_args, manifests, net })
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one with the same
+    /// arguments; returns once the new one is ready.
+    pub fn restart_agent(&mut self) -> Result<Restart> {
+        self.agent.stop(AGENT_TIMEOUT)?;
+        let stopped = Instant::now();
+        self.agent = start_agent(&self.net.node, &self.agent_args)?;
+        Ok(Restart { stopped, ready: Instant::now() })
     }
 
     fn manifest_dir(&self) -> Result<&Path> {
@@ -291,6 +306,13 @@ impl Cluster {
         let at = self.write_manifest(MANIFEST_FILE, &kubia_manifests(pods))?;
         maps.wait_for(kubia_http(), Some(&ready_ips(pods)), at, AGENT_TIMEOUT)
     }
+}
+
+fn start_agent(node: &Netns, args: &[String]) -> Result<Agent> {
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(node, &arg_refs)?;
+    agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
+    Ok(agent)
 }
 
 /// The addresses of the ready pods among `pods`.

@@ -49,7 +49,7 @@ pub struct RunResult {
 
 impl Fixture {
     pub fn new(desired: &DesiredState) -> Self {
-        let datapath = Datapath::load(None).expect("loading the datapath (needs root)");
+        let datapath = Datapath::load().expect("loading the datapath (needs root)");
         let mut fixture = Self { datapath, syncer: Syncer::new() };
         fixture.program(desired);
         fixture

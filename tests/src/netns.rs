@@ -351,6 +351,22 @@ impl Agent {
     pub fn log(&self) -> String {
         self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
+
+    /// Stops the agent with SIGTERM, as the kubelet does, and checks that it
+    /// exits cleanly within `timeout`.
+    pub fn stop(&mut self, timeout: Duration) -> Result<()> {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(status.success(), "the agent exited with {status}; its log:\n{}", self.log());
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the agent did not exit within {timeout:?} of SIGTERM");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for Agent {

@@ -445,3 +445,102 @@ fn interfaces_created_later_are_attached_by_pattern() {
     drop(pod);
     cluster.agent.wait_for(&["interface removed", "newpod0"], Duration::from_secs(20)).expect("let go");
 }
+
+/// The agent is stopped and started again while a client keeps long-lived
+/// connections busy and opens new ones through the VIP. While no agent
+/// runs, the programs stay attached and the maps pinned; the new agent
+/// adopts the maps, takes the attachments over in one atomic update each,
+/// and its first sync changes nothing: no connection breaks or is refused.
+#[test]
+fn agent_restart_under_load_breaks_and_refuses_no_connection() {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize},
+        },
+        time::Instant,
+    };
+    const LONG_LIVED: usize = 20;
+    const NEW_BEFORE_AND_AFTER: usize = 50;
+    let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+
+    let long_lived = {
+        let stop = stop.clone();
+        cluster
+            .client
+            .spawn_thread(move || {
+                let mut conns: Vec<(TcpStream, String, Option<String>)> = (0..LONG_LIVED)
+                    .map(|_| {
+                        let mut conn = TcpStream::connect(kubia()).expect("connect");
+                        conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                        let first = ask(&mut conn).expect("first answer");
+                        (conn, first, None)
+                    })
+                    .collect();
+                let mut asked = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for (conn, first, broken) in conns.iter_mut().filter(|c| c.2.is_none()) {
+                        match ask(conn) {
+                            Ok(answer) if answer == *first => asked += 1,
+                            other => *broken = Some(format!("was {first}, then {other:?}")),
+                        }
+                    }
+                }
+                (asked, conns.into_iter().filter_map(|c| c.2).collect::<Vec<_>>())
+            })
+            .expect("long-lived client")
+    };
+    let new_connections = {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        cluster
+            .client
+            .spawn_thread(move || {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = connect_and_ask(kubia()).map_err(|e| e.to_string());
+                    if outcome.is_ok() {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes.push((Instant::now(), outcome));
+                }
+                outcomes
+            })
+            .expect("new-connection client")
+    };
+    let wait_for_answers = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while answered.load(Ordering::Relaxed) < count {
+            assert!(Instant::now() < deadline, "the client got {} answers, not {count}", answered.load(Ordering::Relaxed));
+            std::thread::yield_now();
+        }
+    };
+
+    wait_for_answers(NEW_BEFORE_AND_AFTER);
+    let restart = cluster.restart_agent().expect("restart");
+    let after_restart = answered.load(Ordering::Relaxed);
+    wait_for_answers(after_restart + NEW_BEFORE_AND_AFTER);
+    stop.store(true, Ordering::Relaxed);
+    let (asked, broken) = long_lived.join().expect("long-lived client");
+    let outcomes = new_connections.join().expect("new-connection client");
+
+    let refused: Vec<_> = outcomes.iter().filter_map(|(_, o)| o.as_ref().err()).collect();
+    let served_without_agent =
+        outcomes.iter().filter(|(at, o)| o.is_ok() && (restart.stopped..restart.ready).contains(at)).count();
+    println!(
+        "restart: no agent for {:?}; {} new connections, {} refused, {served_without_agent} served while no agent ran; \
+         {LONG_LIVED} long-lived connections asked {asked} times, {} broken",
+        restart.ready - restart.stopped,
+        outcomes.len(),
+        refused.len(),
+        broken.len()
+    );
+    assert!(broken.is_empty(), "established connections broke: {broken:?}");
+    assert!(refused.is_empty(), "new connections were refused: {refused:?}");
+    assert!(served_without_agent > 0, "the test did not send traffic while no agent ran");
+    let log = cluster.agent.log();
+    assert!(log.contains("adopted the pinned datapath") && log.contains("services=4") && log.contains("discarded=0"), "{log}");
+    assert_eq!(log.matches("how=TakenOver").count(), 4, "every interface taken over, none attached afresh: {log}");
+    assert!(log.contains("added=0 updated=0 removed=0"), "the first sync after the restart changed nothing: {log}");
+}

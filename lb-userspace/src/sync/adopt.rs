@@ -1,0 +1,165 @@
+//! Adopting what a previous agent programmed: the syncer's bookkeeping is
+//! rebuilt from the pinned maps, so that a restarted agent's first sync
+//! writes only what changed while it was away, and established flows keep
+//! their backend sets.
+//!
+//! A service port is adopted when its pieces agree: a name, a current
+//! backend set, frontends pointing at that set, and a complete set. Pieces
+//! that belong to no adopted service (left by a crash halfway through a
+//! write, or by an incompatible map) are deleted; a partly written service
+//! is then simply programmed again by the first sync.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lb_common::{
+    Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
+    FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET, ServiceName, ip_from_be,
+};
+
+use super::{BackendSet, MapWriter, Programmed, Syncer};
+use crate::{
+    error::Result,
+    model::{Endpoint, Frontend, Protocol, ServicePortName},
+};
+
+/// The contents of the maps the syncer writes, as read back at start.
+#[derive(Debug, Default)]
+pub struct ProgrammedMaps {
+    pub names: BTreeMap<u32, ServiceName>,
+    /// `SERVICE_BACKEND_SETS` entries other than `NO_BACKEND_SET`.
+    pub service_sets: BTreeMap<u32, u32>,
+    pub frontends: Vec<(FrontendKey, FrontendValue)>,
+    pub vips: Vec<u32>,
+    pub slots: HashMap<BackendSlotKey, Backend>,
+    pub members: HashMap<BackendSetMemberKey, u32>,
+}
+
+/// What adoption found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    /// Service ports taken over as they were.
+    pub adopted: usize,
+    /// Service ids whose pieces did not agree; deleted (flows included), to
+    /// be programmed again by the first sync if still wanted.
+    pub discarded: usize,
+}
+
+impl Syncer {
+    /// A syncer that owns what `found` holds, after deleting from `maps`
+    /// whatever belongs to no adoptable service port.
+    pub fn adopt(found: &ProgrammedMaps, maps: &mut impl MapWriter) -> Result<(Self, AdoptReport)> {
+        let mut syncer = Syncer::new();
+        let mut frontends_of: BTreeMap<u32, Vec<(FrontendKey, FrontendValue)>> = BTreeMap::new();
+        for &(key, value) in &found.frontends {
+            frontends_of.entry(value.service_id).or_default().push((key, value));
+        }
+        for (&id, name) in &found.names {
+            let frontends = frontends_of.get(&id).map_or(&[][..], Vec::as_slice);
+            if let Some((port_name, programmed)) = adoptable(id, name, found, frontends) {
+                syncer.programmed.insert(port_name, programmed);
+            }
+        }
+
+        let adopted_ids: BTreeSet<u32> = syncer.programmed.values().map(|p| p.id).collect();
+        let adopted_sets: BTreeSet<u32> = syncer.programmed.values().map(|p| p.set).collect();
+        for p in syncer.programmed.values() {
+            for frontend in &p.frontends {
+                *syncer.frontends_per_vip.entry(frontend.ip).or_insert(0) += 1;
+            }
+        }
+
+        // Everything else goes, frontends first so that nothing in use
+        // points at what is deleted after them.
+        for &(key, value) in &found.frontends {
+            if !adopted_ids.contains(&value.service_id) {
+                maps.remove_frontend(key)?;
+            }
+        }
+        for &vip in &found.vips {
+            match syncer.frontends_per_vip.get(&ip_from_be(vip)) {
+                Some(&count) => maps.put_service_vip(vip, count)?,
+                None => maps.remove_service_vip(vip)?,
+            }
+        }
+        let discarded: BTreeSet<u32> = found
+            .names
+            .keys()
+            .chain(found.service_sets.keys())
+            .chain(frontends_of.keys())
+            .copied()
+            .filter(|id| !adopted_ids.contains(id))
+            .collect();
+        for &id in &discarded {
+            maps.put_service_backend_set(id, NO_BACKEND_SET)?;
+            maps.remove_service_name(id)?;
+        }
+        for key in found.slots.keys().filter(|k| !adopted_sets.contains(&k.backend_set)) {
+            maps.remove_backend_slot(*key)?;
+        }
+        for key in found.members.keys().filter(|k| !adopted_sets.contains(&k.backend_set)) {
+            maps.remove_set_member(*key)?;
+        }
+        if !discarded.is_empty() {
+            maps.remove_service_flows(&discarded)?;
+        }
+
+        syncer.next_id = adopted_ids.last().map_or(0, |last| last + 1);
+        syncer.free_ids = (0..syncer.next_id).filter(|id| !adopted_ids.contains(id)).collect();
+        syncer.next_set = adopted_sets.last().map_or(NO_BACKEND_SET + 1, |last| last.wrapping_add(1).max(NO_BACKEND_SET + 1));
+        let report = AdoptReport { adopted: syncer.programmed.len(), discarded: discarded.len() };
+        Ok((syncer, report))
+    }
+}
+
+/// A service port as the maps hold it, if its pieces agree.
+fn adoptable(
+    id: u32,
+    name: &ServiceName,
+    found: &ProgrammedMaps,
+    frontends: &[(FrontendKey, FrontendValue)],
+) -> Option<(ServicePortName, Programmed)> {
+    let port_name = parse_port_name(name.as_str())?;
+    let set = *found.service_sets.get(&id)?;
+    let &(_, first) = frontends.first()?;
+    if frontends.iter().any(|(_, v)| (v.backend_set, v.backend_count, v.flags) != (set, first.backend_count, first.flags)) {
+        return None;
+    }
+    let mut endpoints = Vec::new();
+    for slot in 0..first.backend_count {
+        let backend = *found.slots.get(&BackendSlotKey { backend_set: set, slot })?;
+        if found.members.get(&BackendSetMemberKey { backend_set: set, backend }) != Some(&slot) {
+            return None;
+        }
+        endpoints.push(endpoint(backend));
+    }
+    let mut draining: Vec<Endpoint> = found
+        .members
+        .iter()
+        .filter(|&(k, &slot)| k.backend_set == set && slot == DRAINING_SLOT)
+        .map(|(k, _)| endpoint(k.backend))
+        .collect();
+    draining.sort();
+    let frontends = frontends.iter().map(|(k, _)| frontend(k)).collect::<Option<_>>()?;
+    let backends = BackendSet { endpoints, draining, drop_when_empty: first.flags & FRONTEND_DROP_WHEN_EMPTY != 0 };
+    Some((port_name, Programmed { id, set, frontends, backends }))
+}
+
+/// The inverse of `ServicePortName`'s display: `namespace/name[:port]`.
+pub(super) fn parse_port_name(text: &str) -> Option<ServicePortName> {
+    let (namespace, rest) = text.split_once('/')?;
+    let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
+    (!namespace.is_empty() && !name.is_empty())
+        .then(|| ServicePortName { namespace: namespace.into(), name: name.into(), port: port.into() })
+}
+
+fn endpoint(backend: Backend) -> Endpoint {
+    Endpoint { ip: ip_from_be(backend.ip), port: u16::from_be(backend.port) }
+}
+
+fn frontend(key: &FrontendKey) -> Option<Frontend> {
+    let protocol = match key.proto {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    Some(Frontend { ip: ip_from_be(key.ip), port: u16::from_be(key.port), protocol })
+}

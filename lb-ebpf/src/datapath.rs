@@ -1,5 +1,6 @@
 //! The decision for one packet, shared by both hooks: established flow,
 //! reply, new connection, reject, or not ours.
+use aya_log_ebpf::{debug, warn};
 use lb_common::{Backend, CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, Reason};
 
 use crate::{
@@ -61,16 +62,28 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     if !service::is_service_address(flow.tuple.dst_ip) {
         return (Action::Pass, Reason::PassNotService);
     }
-    let Some(fe) = service::frontend(&flow.tuple) else {
+    // Logging happens only off the fast path: rejects and drops at debug
+    // (off unless the agent runs at debug), failures that should not
+    // happen at warn.
+    let t = &flow.tuple;
+    let Some(fe) = service::frontend(t) else {
+        debug!(pkt, "reject {:i}:{} -> {:i}:{} proto {}: the service address has no such port",
+            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), t.proto);
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
     let Some(backend) = service::pick_backend(&fe) else {
         if fe.flags & FRONTEND_DROP_WHEN_EMPTY != 0 {
+            debug!(pkt, "drop {:i}:{} -> {:i}:{}: service {} has no local endpoint",
+                u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);
             return (Action::Drop, Reason::DropNoLocalEndpoint);
         }
+        debug!(pkt, "reject {:i}:{} -> {:i}:{}: service {} has no endpoints",
+            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);
         return reject(pkt, &flow, Some(fe.service_id), Reason::RejectNoBackend);
     };
-    if conntrack::record(&flow.tuple, fe.service_id, backend, fe.backend_set).is_err() {
+    if conntrack::record(t, fe.service_id, backend, fe.backend_set).is_err() {
+        warn!(pkt, "drop {:i}:{} -> {:i}:{}: the conntrack entry could not be stored",
+            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
         return (Action::Drop, Reason::DropConntrackFull);
     }
     let reason = if rescheduled { Reason::ForwardRescheduled } else { Reason::ForwardNew };
@@ -107,6 +120,9 @@ fn translate<P: Packet>(
     reason: Reason,
 ) -> (Action, Reason) {
     if nat::rewrite(pkt, flow, side, new_ip, new_port).is_err() {
+        let t = &flow.tuple;
+        warn!(pkt, "drop {:i}:{} -> {:i}:{}: a kernel helper failed while rewriting the packet",
+            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
         return (Action::Drop, Reason::DropRewriteFailed);
     }
     stats::count_service_packet(service_id, flow.ip_len, new_flow);

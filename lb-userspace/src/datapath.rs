@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya_log::EbpfLogger;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -26,6 +27,9 @@ use crate::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `AYA_LOG_LEVEL` below every level: the programs log nothing.
+const EBPF_LOG_OFF: u8 = 0;
 
 /// Where attachment links are pinned across restarts, below the pin dir.
 const LINKS_DIR: &str = "links";
@@ -84,18 +88,23 @@ pub enum Attached {
 impl Datapath {
     /// Loads every program with maps of its own, pinned nowhere (a scratch
     /// copy, for tests, benchmarks and `lbctl explain`).
+    /// Its eBPF logging is off.
     pub fn load() -> Result<Self> {
-        Self::load_with(Ebpf::load(EBPF_OBJECT)?, None)
+        let ebpf = EbpfLoader::new().override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
+        Self::load_with(ebpf, None)
     }
 
     /// Loads every program with its maps pinned under `dir` (on a bpf
     /// filesystem), taking over the maps a previous agent pinned there when
     /// their layout agrees, so flows, backend sets and counters survive a
     /// restart or an upgrade.
-    pub fn load_pinned(dir: &Path) -> Result<(Self, PinnedState)> {
+    /// The programs log (through `take_logger`) up to `log_level`.
+    pub fn load_pinned(dir: &Path, log_level: Option<aya_log::Level>) -> Result<(Self, PinnedState)> {
         ensure_bpffs(dir)?;
         let pinned = maps::check_pins(dir)?;
         let mut loader = EbpfLoader::new();
+        let level = log_level.map_or(EBPF_LOG_OFF, |l| l as u8);
+        loader.override_global(aya_log::LEVEL, &level, true);
         for name in OBJECT_MAPS {
             loader.map_pin_path(name, dir.join(name));
         }
@@ -250,6 +259,12 @@ impl Datapath {
         }
         info!(kept, dir = %dir.display(), "attachments pinned for the next agent");
         Ok(kept)
+    }
+
+    /// The reader of the programs' log records, which it passes to the
+    /// `log` crate (and so to `tracing`) when flushed.
+    pub fn take_logger(&mut self) -> Result<EbpfLogger<&'static dyn log::Log>> {
+        EbpfLogger::init(&mut self.ebpf).map_err(|e| Error::Io { what: "the eBPF log".into(), source: std::io::Error::other(e) })
     }
 
     pub fn tc_program(&self) -> Result<&SchedClassifier> {

@@ -42,12 +42,13 @@ async fn main() -> ExitCode {
         eprintln!("error: --log-level {:?} is not a level (error, warn, info, debug, trace) or a tracing filter", args.log_level);
         return ExitCode::from(2);
     };
+    let ebpf_log_level = filter.max_level_hint().and_then(ebpf_level);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let result = if args.cleanup { cleanup(&args.bpffs_dir) } else { run(&args).await };
+    let result = if args.cleanup { cleanup(&args.bpffs_dir) } else { run(&args, ebpf_log_level).await };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -79,7 +80,32 @@ impl Shutdown {
     }
 }
 
-async fn run(args: &AgentArgs) -> anyhow::Result<()> {
+/// The eBPF programs' log level for the agent's most verbose one.
+fn ebpf_level(max: tracing::level_filters::LevelFilter) -> Option<aya_log::Level> {
+    use tracing::Level;
+    Some(match max.into_level()? {
+        Level::ERROR => aya_log::Level::Error,
+        Level::WARN => aya_log::Level::Warn,
+        Level::INFO => aya_log::Level::Info,
+        Level::DEBUG => aya_log::Level::Debug,
+        Level::TRACE => aya_log::Level::Trace,
+    })
+}
+
+/// Passes the programs' log records on as they arrive.
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the
+    // same until the logger, owned by the AsyncFd, is dropped with it.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logs = registered.map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?;
+    loop {
+        let mut ready = logs.readable_mut().await.context("waiting for eBPF log records")?;
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
+
+async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow::Result<()> {
     let mut shutdown = Shutdown::new()?;
     let node = match &args.node_name {
         Some(name) => name.clone(),
@@ -117,7 +143,13 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(http::serve(listener, endpoints));
     }
 
-    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir)?;
+    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level)?;
+    let logger = datapath.take_logger()?;
+    tokio::spawn(async move {
+        if let Err(e) = forward_ebpf_logs(logger).await {
+            error!("{e:#}");
+        }
+    });
     if !pinned.replaced.is_empty() {
         warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
     }
@@ -136,10 +168,12 @@ async fn run(args: &AgentArgs) -> anyhow::Result<()> {
 /// removes its pinned maps.
 fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
     let links = dir.join("links");
+    let link_pins = std::fs::read_dir(&links).into_iter().flatten().map(|entry| entry.map(|e| e.path()));
+    let map_pins = lb_userspace::maps::OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| Ok(dir.join(name)));
     let mut removed = 0;
-    for entry in std::fs::read_dir(&links).into_iter().flatten().chain(std::fs::read_dir(dir).into_iter().flatten()) {
-        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
-        if path.is_file() {
+    for path in link_pins.chain(map_pins) {
+        let path = path.with_context(|| format!("listing {}", links.display()))?;
+        if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             removed += 1;
         }

@@ -122,10 +122,10 @@ fn udp_request_and_response_through_the_vip() {
     assert!(pods.len() > 1 && pods.iter().all(|p| p.starts_with("You've hit kubia-")), "answers from several pods: {pods:?}");
 }
 
-#[test]
-fn service_without_endpoints_is_refused_at_once() {
-    let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
-    let outcomes = cluster
+/// TCP and UDP to a service without endpoints, and TCP to a port the
+/// service does not serve, from the client: how each attempt ended.
+fn refusals(cluster: &Cluster) -> [(&'static str, Result<(), ErrorKind>); 3] {
+    cluster
         .client
         .enter(|| {
             let tcp = |addr| TcpStream::connect_timeout(&std::net::SocketAddr::V4(addr), Duration::from_secs(5)).map(drop);
@@ -143,12 +143,38 @@ fn service_without_endpoints_is_refused_at_once() {
             ]
             .map(|(what, result)| (what, result.map_err(|e| e.kind())))
         })
-        .expect("client");
-    for (what, outcome) in outcomes {
+        .expect("client")
+}
+
+#[test]
+fn service_without_endpoints_is_refused_at_once() {
+    let cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
+    for (what, outcome) in refusals(&cluster) {
         // A timeout would be TimedOut / WouldBlock: refused means the reset
         // or the ICMP error came back.
         assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
     }
+    // Rejects are logged by the datapath at debug only; the agent runs at info.
+    assert!(!cluster.agent.log().contains("reject 10.201.0.2"), "a packet was logged at the default level:\n{}", cluster.agent.log());
+}
+
+/// At debug, the datapath's log records (aya-log) reach the agent's log:
+/// each reject names the client, the service address and why.
+#[test]
+fn datapath_logs_rejects_when_the_agent_runs_at_debug() {
+    use lb_tests::cluster::{TempDir, Topology};
+    let net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0]))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--log-level", "debug"].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    for (what, outcome) in refusals(&cluster) {
+        assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
+    }
+    let timeout = Duration::from_secs(10);
+    cluster.agent.wait_for(&["reject 10.201.0.2:", "-> 10.96.0.11:80", "has no endpoints"], timeout).expect("TCP reject logged");
+    cluster.agent.wait_for(&["reject 10.201.0.2:", "-> 10.96.0.11:53", "has no endpoints"], timeout).expect("UDP reject logged");
+    cluster.agent.wait_for(&["reject 10.201.0.2:", "-> 10.96.0.10:81", "has no such port"], timeout).expect("unknown port logged");
 }
 
 /// The XDP entry point on the client-facing interface (tc still serves the
@@ -543,4 +569,42 @@ fn agent_restart_under_load_breaks_and_refuses_no_connection() {
     assert!(log.contains("adopted the pinned datapath") && log.contains("services=4") && log.contains("discarded=0"), "{log}");
     assert_eq!(log.matches("how=TakenOver").count(), 4, "every interface taken over, none attached afresh: {log}");
     assert!(log.contains("added=0 updated=0 removed=0"), "the first sync after the restart changed nothing: {log}");
+}
+
+/// A stopped agent leaves its programs serving the VIP; `lb-agent --cleanup`
+/// detaches them and removes every pin, after which the VIP is not served.
+#[test]
+fn cleanup_detaches_the_programs_a_stopped_agent_left() {
+    let mut cluster = Cluster::start(1, &kubia_manifests(&ready(&[0]))).expect("cluster");
+    cluster.agent.stop(Duration::from_secs(20)).expect("agent stops");
+    let answer = cluster.client.enter(|| connect_and_ask(kubia())).expect("client");
+    assert_eq!(answer.expect("served with no agent running"), "You've hit kubia-1");
+
+    let agent = lb_tests::netns::userspace_binary("lb-agent").expect("built");
+    let bpffs = cluster.bpffs.dir.to_string_lossy().into_owned();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &cluster.node.name])
+        .arg(agent)
+        .args(["--cleanup", "--bpffs-dir", &bpffs])
+        .status()
+        .expect("lb-agent --cleanup");
+    assert!(status.success());
+    let left: Vec<_> = walk(&cluster.bpffs.dir);
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+    let after = cluster.client.enter(|| connect_and_ask(kubia())).expect("client");
+    assert!(after.is_err(), "the VIP was still served after --cleanup: {after:?}");
+}
+
+/// Every file below `dir`, less the bpf filesystem's own (`*.debug`).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("readable").map(|e| e.expect("entry").path()) {
+        if entry.is_dir() {
+            files.push(entry.clone());
+            files.extend(walk(&entry));
+        } else if entry.extension().is_none_or(|e| e != "debug") {
+            files.push(entry);
+        }
+    }
+    files
 }

@@ -3,8 +3,9 @@
 //! How the maps fit together (see docs/architecture.md):
 //! - `SERVICE_FRONTENDS`: (address, port, protocol) → which service and which
 //!   backend set. One entry per frontend.
-//! - `SERVICE_VIPS`: address → number of frontends on it, to reject traffic to
-//!   a known service address on a port it does not serve.
+//! - `SERVICE_VIPS`: address → number of frontends on it and whether traffic
+//!   to a port it does not serve is rejected (cluster IPs) or passed on
+//!   (node addresses, load balancer and external IPs).
 //! - `BACKEND_SLOTS`: (backend set, slot) → backend address and port. A set is
 //!   written whole under a fresh id before a frontend points at it, so a
 //!   reader sees either the old or the new set, never half of one.
@@ -19,6 +20,8 @@
 //!   decides.
 //! - `CONNTRACK`: LRU, wire 5-tuple → the translation for that direction.
 //! - `SERVICE_COUNTERS`, `VERDICT_COUNTERS`: per-CPU counters.
+//! - `DATAPATH_CONFIG`: one entry, the node's settings (the address source
+//!   NAT uses and its port range).
 use bytemuck::{Pod, Zeroable};
 use core::net::Ipv4Addr;
 
@@ -30,6 +33,7 @@ pub const MAP_SERVICE_BACKEND_SETS: &str = "SERVICE_BACKEND_SETS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
+pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 /// Service id → name, for inspection tools; created and written by the
 /// agent, never read by the datapath.
 pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
@@ -107,6 +111,42 @@ pub struct FrontendValue {
 /// (kube-proxy's behaviour for internalTrafficPolicy Local without a local
 /// endpoint).
 pub const FRONTEND_DROP_WHEN_EMPTY: u32 = 1;
+/// `FrontendValue::flags`: translate the source of new flows to the node's
+/// address (`DatapathConfig::snat_ip`), so that replies come back through
+/// this node: external traffic with externalTrafficPolicy Cluster.
+pub const FRONTEND_SNAT: u32 = 2;
+
+/// A service address: how many frontends it has, and `VIP_*` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipValue {
+    pub frontends: u32,
+    pub flags: u32,
+}
+
+/// `VipValue::flags`: traffic to a port the address does not serve is
+/// rejected, and malformed packets and fragments to it dropped (cluster
+/// IPs, which nothing else answers). Without it such packets pass, for the
+/// node itself or whatever else owns the address.
+pub const VIP_CLUSTER_IP: u32 = 1;
+
+/// The node's datapath settings: `DATAPATH_CONFIG`'s one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// The address external traffic (externalTrafficPolicy Cluster) and
+    /// hairpin traffic is translated to, network byte order; 0: no source
+    /// translation configured, such flows are dropped.
+    pub snat_ip: u32,
+    /// Source ports for translated flows, host byte order, inclusive. Above
+    /// Linux's default ephemeral range (32768-60999), so they do not collide
+    /// with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -183,6 +223,13 @@ pub struct ConntrackValue {
     /// `CT_FORWARD`: the backend set the backend was last found in; while
     /// it is the service's current set, the backend still serves.
     pub backend_set: u32,
+    /// Source NAT, 0 when none: for `CT_FORWARD` the new source (the node's
+    /// address), for `CT_REPLY` the new destination (the client). Network
+    /// byte order.
+    pub snat_ip: u32,
+    /// Network byte order.
+    pub snat_port: u16,
+    pub _pad2: u16,
 }
 
 /// Per-service counters, one slot per CPU, summed by user space.
@@ -255,7 +302,9 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<BackendSetMemberKey>() == 12);
     assert!(size_of::<ConntrackKey>() == 16);
-    assert!(size_of::<ConntrackValue>() == 16);
+    assert!(size_of::<ConntrackValue>() == 24);
+    assert!(size_of::<VipValue>() == 8);
+    assert!(size_of::<DatapathConfig>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);
     assert!(size_of::<ServiceName>() == 160);
     assert!(align_of::<ConntrackKey>() == 4);
@@ -276,4 +325,6 @@ mod user {
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for DatapathConfig {}
 }

@@ -41,10 +41,14 @@ pub enum Reason {
     /// For a frontend without backends that drops rather than rejects
     /// (internalTrafficPolicy Local without a local endpoint).
     DropNoLocalEndpoint = 14,
+    /// A new flow needed source translation (external traffic with
+    /// externalTrafficPolicy Cluster, or a pod reaching itself) and no node
+    /// address is configured, or no source port was free: dropped.
+    DropNoSnatPort = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -62,6 +66,7 @@ impl Reason {
         Reason::DropConntrackFull,
         Reason::DropRewriteFailed,
         Reason::DropNoLocalEndpoint,
+        Reason::DropNoSnatPort,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -82,6 +87,7 @@ impl Reason {
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::DropNoLocalEndpoint => "drop_no_local_endpoint",
+            Reason::DropNoSnatPort => "drop_no_snat_port",
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The decision for one packet, shared by both hooks: established flow,
 //! reply, new connection, reject, or not ours.
 use aya_log_ebpf::{debug, warn};
-use lb_common::{Backend, CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, Reason};
+use lb_common::{
+    Backend, CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SNAT, Reason, VIP_CLUSTER_IP,
+};
 
 use crate::{
-    conntrack,
+    conntrack::{self, RecordError},
     context::Packet,
     nat::{self, Side},
     parse::{self, Flow, Parsed},
@@ -33,11 +35,11 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         Parsed::Flow(flow) => flow,
         Parsed::NotIpv4 => return (Action::Pass, Reason::PassNotIpv4),
         Parsed::OtherProtocol => return (Action::Pass, Reason::PassNotService),
-        Parsed::Malformed { dst: Some(dst) } if service::is_service_address(dst) => {
+        Parsed::Malformed { dst: Some(dst) } if service::is_cluster_ip(dst) => {
             return (Action::Drop, Reason::DropMalformed);
         }
         Parsed::Malformed { .. } => return (Action::Pass, Reason::PassMalformed),
-        Parsed::Fragment { dst } if service::is_service_address(dst) => {
+        Parsed::Fragment { dst } if service::is_cluster_ip(dst) => {
             return (Action::Drop, Reason::DropFragment);
         }
         Parsed::Fragment { .. } => return (Action::Pass, Reason::PassNotService),
@@ -50,23 +52,31 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     if let Some(entry) = conntrack::lookup(&flow.tuple) {
         let ct = entry.value();
         if ct.direction == CT_REPLY {
-            return translate(pkt, &flow, Side::Source, ct.nat_ip, ct.nat_port, ct.service_id, false, Reason::ReplyTranslated);
+            // The source becomes the frontend again; with source NAT the
+            // destination (the node's address) becomes the client again.
+            let nat = Nat { side: Side::Source, ip: ct.nat_ip, port: ct.nat_port, other_ip: ct.snat_ip, other_port: ct.snat_port };
+            return translate(pkt, &flow, nat, ct.service_id, false, Reason::ReplyTranslated);
         }
         let backend = Backend { ip: ct.nat_ip, port: ct.nat_port, _pad: 0 };
         if still_serves(&entry, &ct, backend) {
-            return translate(pkt, &flow, Side::Destination, backend.ip, backend.port, ct.service_id, false, Reason::ForwardEstablished);
+            let nat = Nat { side: Side::Destination, ip: backend.ip, port: backend.port, other_ip: ct.snat_ip, other_port: ct.snat_port };
+            return translate(pkt, &flow, nat, ct.service_id, false, Reason::ForwardEstablished);
         }
         // The backend left: the flow gets a new one, like a new connection.
         rescheduled = true;
     }
-    if !service::is_service_address(flow.tuple.dst_ip) {
+    let Some(vip) = service::vip(flow.tuple.dst_ip) else {
         return (Action::Pass, Reason::PassNotService);
-    }
+    };
     // Logging happens only off the fast path: rejects and drops at debug
     // (off unless the agent runs at debug), failures that should not
     // happen at warn.
     let t = &flow.tuple;
     let Some(fe) = service::frontend(t) else {
+        if vip.flags & VIP_CLUSTER_IP == 0 {
+            // A node address or an external IP: other ports are the node's.
+            return (Action::Pass, Reason::PassNotService);
+        }
         debug!(pkt, "reject {:i}:{} -> {:i}:{} proto {}: the service address has no such port",
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), t.proto);
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
@@ -81,13 +91,44 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);
         return reject(pkt, &flow, Some(fe.service_id), Reason::RejectNoBackend);
     };
-    if conntrack::record(t, fe.service_id, backend, fe.backend_set).is_err() {
-        warn!(pkt, "drop {:i}:{} -> {:i}:{}: the conntrack entry could not be stored",
-            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
-        return (Action::Drop, Reason::DropConntrackFull);
+    // Source NAT for external traffic with externalTrafficPolicy Cluster,
+    // and for hairpin: a pod sent to itself would otherwise get a packet
+    // from its own address, and answer it without going through the node.
+    let mut nat = Nat { side: Side::Destination, ip: backend.ip, port: backend.port, other_ip: 0, other_port: 0 };
+    let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip {
+        let config = service::config();
+        conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, &config).map(|port| {
+            nat.other_ip = config.snat_ip;
+            nat.other_port = port;
+        })
+    } else {
+        conntrack::record(t, fe.service_id, backend, fe.backend_set)
+    };
+    match recorded {
+        Ok(()) => {}
+        Err(RecordError::Full) => {
+            warn!(pkt, "drop {:i}:{} -> {:i}:{}: the conntrack entry could not be stored",
+                u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
+            return (Action::Drop, Reason::DropConntrackFull);
+        }
+        Err(RecordError::NoSnatPort) => {
+            warn!(pkt, "drop {:i}:{} -> {:i}:{}: source NAT needed, and no node address is configured or no port is free",
+                u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
+            return (Action::Drop, Reason::DropNoSnatPort);
+        }
     }
     let reason = if rescheduled { Reason::ForwardRescheduled } else { Reason::ForwardNew };
-    translate(pkt, &flow, Side::Destination, backend.ip, backend.port, fe.service_id, true, reason)
+    translate(pkt, &flow, nat, fe.service_id, true, reason)
+}
+
+/// A translation: `side` gets `ip:port`; when `other_ip` is not 0 the other
+/// side gets `other_ip:other_port` (source NAT and its reversal).
+struct Nat {
+    side: Side,
+    ip: u32,
+    port: u16,
+    other_ip: u32,
+    other_port: u16,
 }
 
 /// Whether an established flow's backend still serves its service: at once
@@ -108,18 +149,12 @@ fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue, backend: Backend)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn translate<P: Packet>(
-    pkt: &P,
-    flow: &Flow,
-    side: Side,
-    new_ip: u32,
-    new_port: u16,
-    service_id: u32,
-    new_flow: bool,
-    reason: Reason,
-) -> (Action, Reason) {
-    if nat::rewrite(pkt, flow, side, new_ip, new_port).is_err() {
+fn translate<P: Packet>(pkt: &P, flow: &Flow, nat: Nat, service_id: u32, new_flow: bool, reason: Reason) -> (Action, Reason) {
+    let mut rewritten = nat::rewrite(pkt, flow, nat.side, nat.ip, nat.port);
+    if rewritten.is_ok() && nat.other_ip != 0 {
+        rewritten = nat::rewrite(pkt, flow, nat.side.other(), nat.other_ip, nat.other_port);
+    }
+    if rewritten.is_err() {
         let t = &flow.tuple;
         warn!(pkt, "drop {:i}:{} -> {:i}:{}: a kernel helper failed while rewriting the packet",
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));

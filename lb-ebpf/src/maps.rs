@@ -6,18 +6,22 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey, FrontendValue,
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
-    ServiceCounters,
+    ServiceCounters, VipValue,
 };
 
 #[btf_map]
 pub static SERVICE_FRONTENDS: HashMap<FrontendKey, FrontendValue, { MAX_FRONTENDS as usize }> =
     HashMap::new();
 
-/// Service address (network byte order) → number of frontends on it.
+/// Service address (network byte order) → its frontend count and kind.
 #[btf_map]
-pub static SERVICE_VIPS: HashMap<u32, u32, { MAX_VIPS as usize }> = HashMap::new();
+pub static SERVICE_VIPS: HashMap<u32, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+
+/// The node's settings, one entry.
+#[btf_map]
+pub static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map]
 pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend, { MAX_BACKEND_SLOTS as usize }> =

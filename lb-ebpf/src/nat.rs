@@ -9,10 +9,22 @@ use crate::{
 /// Which end of the packet is translated.
 #[derive(Clone, Copy)]
 pub enum Side {
-    /// Replies: the backend becomes the service frontend again.
+    /// Replies: the backend becomes the service frontend again. Requests
+    /// with source NAT: the client becomes the node.
     Source,
-    /// Requests: the service frontend becomes the backend.
+    /// Requests: the service frontend becomes the backend. Replies with
+    /// source NAT: the node becomes the client again.
     Destination,
+}
+
+impl Side {
+    #[inline(always)]
+    pub const fn other(self) -> Self {
+        match self {
+            Side::Source => Side::Destination,
+            Side::Destination => Side::Source,
+        }
+    }
 }
 
 const IP_CHECK_OFF: usize = ETH_HLEN + 10;

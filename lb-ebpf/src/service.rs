@@ -2,12 +2,13 @@
 //! check that a backend still serves its service.
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, FrontendKey, FrontendValue,
-    NO_BACKEND_SET,
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue,
 };
 
 use crate::maps::{
-    BACKEND_SET_MEMBERS, BACKEND_SLOTS, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS, SERVICE_VIPS,
+    BACKEND_SET_MEMBERS, BACKEND_SLOTS, DATAPATH_CONFIG, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS,
+    SERVICE_VIPS,
 };
 
 /// The frontend a packet is addressed to, if any.
@@ -19,10 +20,27 @@ pub fn frontend(tuple: &ConntrackKey) -> Option<FrontendValue> {
     unsafe { SERVICE_FRONTENDS.get(&key).copied() }
 }
 
-/// Whether `ip` is the address of any service frontend.
+/// The service address `ip`, if it is one.
 #[inline(always)]
-pub fn is_service_address(ip: u32) -> bool {
-    SERVICE_VIPS.get_ptr(ip).is_some()
+pub fn vip(ip: u32) -> Option<VipValue> {
+    // SAFETY: copied out at once.
+    SERVICE_VIPS.get_ptr(ip).map(|v| unsafe { *v })
+}
+
+/// Whether `ip` is a cluster IP: nothing but the services answer there.
+#[inline(always)]
+pub fn is_cluster_ip(ip: u32) -> bool {
+    vip(ip).is_some_and(|v| v.flags & VIP_CLUSTER_IP != 0)
+}
+
+/// The node's settings (zeroes until the agent writes them).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    match DATAPATH_CONFIG.get_ptr(0) {
+        // SAFETY: a pointer into the array's one slot; copied out at once.
+        Some(config) => unsafe { *config },
+        None => DatapathConfig { snat_ip: 0, snat_port_min: 0, snat_port_max: 0 },
+    }
 }
 
 /// A backend picked uniformly at random among the frontend's current set,

@@ -26,6 +26,12 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
+    /// An address of this node: node ports answer on it, and the first one
+    /// is the source of translated external and hairpin traffic (so replies
+    /// come back through this node). Repeatable.
+    #[arg(long = "node-ip", value_name = "IPV4")]
+    pub node_ips: Vec<std::net::Ipv4Addr>,
+
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,

@@ -297,6 +297,15 @@ where
     program.try_into().map_err(|source| Error::Program { name, source })
 }
 
+/// Lets `iface` receive packets whose source is one of the node's own
+/// addresses (`accept_local`): after source NAT to the node's address, a
+/// translated packet is routed from the interface it arrived on, and the
+/// kernel would otherwise drop it as a martian.
+pub fn accept_local_sources(iface: &str) -> Result<()> {
+    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"));
+    std::fs::write(&path, "1").map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })
+}
+
 /// Creates `dir` and checks that it is on a bpf filesystem, mounting one at
 /// /sys/fs/bpf when `dir` is below it and nothing is mounted there yet.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {

@@ -103,6 +103,8 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         let (key, value): (BackendSetMemberKey, _) = entry.map_err(copy_err(MAP_BACKEND_SET_MEMBERS))?;
         maps.backend_set_members.insert(key, value, 0).map_err(copy_err(MAP_BACKEND_SET_MEMBERS))?;
     }
+    let config = live.config.get(&0, 0).map_err(copy_err(lb_common::MAP_DATAPATH_CONFIG))?;
+    maps.set_config(config)?;
     let tuple = ConntrackKey {
         src_ip: ip_be(*probe.source.ip()),
         dst_ip: ip_be(*probe.destination.ip()),

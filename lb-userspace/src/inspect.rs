@@ -8,7 +8,7 @@ use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, ConntrackKey, ConntrackValue, FrontendKey,
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
-    MAP_VERDICT_COUNTERS, Reason, ServiceCounters, ServiceName, ip_from_be,
+    MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
 };
 use serde::Serialize;
 
@@ -20,7 +20,7 @@ use crate::{
 /// Handles on the pinned maps of one agent.
 pub struct PinnedMaps {
     pub(crate) frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    pub(crate) vips: HashMap<MapData, u32, u32>,
+    pub(crate) vips: HashMap<MapData, u32, VipValue>,
     pub(crate) slots: HashMap<MapData, BackendSlotKey, Backend>,
     pub(crate) members: HashMap<MapData, BackendSetMemberKey, u32>,
     pub(crate) service_backend_sets: Array<MapData, u32>,
@@ -28,6 +28,7 @@ pub struct PinnedMaps {
     pub(crate) conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     verdicts: PerCpuArray<MapData, u64>,
+    pub(crate) config: Array<MapData, DatapathConfig>,
 }
 
 fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T> {
@@ -51,6 +52,7 @@ impl PinnedMaps {
             conntrack: open(dir, MAP_CONNTRACK, Map::LruHashMap)?,
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
             verdicts: open(dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)?,
+            config: open(dir, MAP_DATAPATH_CONFIG, Map::Array)?,
         })
     }
 

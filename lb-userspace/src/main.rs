@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
@@ -153,6 +154,14 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     if !pinned.replaced.is_empty() {
         warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
     }
+    datapath.maps.set_config(DatapathConfig {
+        snat_ip: args.node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
+        snat_port_min: SNAT_PORT_MIN,
+        snat_port_max: SNAT_PORT_MAX,
+    })?;
+    if args.node_ips.is_empty() {
+        warn!("no --node-ip: node ports answer nowhere, and external (Cluster policy) and hairpin traffic is dropped");
+    }
     let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps)?;
     info!(maps = pinned.adopted.len(), services = adopted.adopted, discarded = adopted.discarded, "adopted the pinned datapath");
     let running = RunningSource { source, task: source_task, changes };
@@ -217,7 +226,7 @@ async fn serve(
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let RunningSource { mut source, task: source_task, mut changes } = running;
-    let mut model = Model::default();
+    let mut model = Model::with_node_ips(args.node_ips.clone());
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
     let mut generation = 0u64;
@@ -244,10 +253,12 @@ async fn serve(
                 if generation == 1 {
                     for iface in &args.ifaces {
                         let how = datapath.attach_tc(iface)?;
+                        accept_local(args, iface);
                         info!(iface, ?how, "attached tc ingress");
                     }
                     for iface in &args.xdp_ifaces {
                         let how = datapath.attach_xdp(iface)?;
+                        accept_local(args, iface);
                         info!(iface, ?how, "attached xdp");
                     }
                     if args.iface_patterns.is_empty() {
@@ -272,6 +283,16 @@ async fn serve(
     Ok(())
 }
 
+/// With node addresses (so source NAT), lets the interface take packets
+/// translated to them; a failure is logged, the rest of the service works.
+fn accept_local(args: &AgentArgs, iface: &str) {
+    if !args.node_ips.is_empty()
+        && let Err(e) = lb_userspace::datapath::accept_local_sources(iface)
+    {
+        warn!(iface, "{e}: node ports, external traffic and hairpin through this interface may be dropped as martians");
+    }
+}
+
 /// Once every wanted interface is attached: lets go of the interfaces a
 /// previous agent was attached to and this one does not want.
 fn release_stale_links(datapath: &Datapath) -> anyhow::Result<()> {
@@ -291,6 +312,7 @@ fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashS
             if wanted && !by_pattern.contains(&iface) {
                 match datapath.attach_tc(&iface) {
                     Ok(how) => {
+                        accept_local(args, &iface);
                         info!(iface, ?how, "attached tc ingress (pattern)");
                         by_pattern.insert(iface);
                     }

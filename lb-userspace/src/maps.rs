@@ -8,11 +8,11 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, FrontendKey,
+    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey,
     FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    ServiceName,
+    MAP_DATAPATH_CONFIG, ServiceName, VipValue,
 };
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 8] = [
+pub const OBJECT_MAPS: [&str; 9] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
@@ -33,17 +33,19 @@ pub const OBJECT_MAPS: [&str; 8] = [
     MAP_CONNTRACK,
     MAP_SERVICE_COUNTERS,
     MAP_VERDICT_COUNTERS,
+    MAP_DATAPATH_CONFIG,
 ];
 
 pub struct DatapathMaps {
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    pub service_vips: HashMap<MapData, u32, u32>,
+    pub service_vips: HashMap<MapData, u32, VipValue>,
     pub backend_slots: HashMap<MapData, BackendSlotKey, Backend>,
     pub backend_set_members: HashMap<MapData, BackendSetMemberKey, u32>,
     pub service_backend_sets: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     pub service_counters: PerCpuArray<MapData, ServiceCounters>,
     pub verdict_counters: PerCpuArray<MapData, u64>,
+    pub datapath_config: Array<MapData, DatapathConfig>,
     /// Not in the object: created by the agent, for inspection tools.
     pub service_names: HashMap<MapData, u32, ServiceName>,
 }
@@ -71,8 +73,14 @@ impl DatapathMaps {
             conntrack: take(ebpf, MAP_CONNTRACK)?,
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
+            datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
             service_names: service_names(pin_dir)?,
         })
+    }
+
+    /// Writes the node's settings.
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
+        self.datapath_config.set(0, config, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
     }
 
     /// Reads back what the syncer programmed, for a restarted agent to
@@ -153,8 +161,8 @@ impl MapWriter for DatapathMaps {
         ignore_missing(self.frontends.remove(&key)).map_err(map_err(MAP_SERVICE_FRONTENDS))
     }
 
-    fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()> {
-        self.service_vips.insert(ip, frontends, 0).map_err(map_err(MAP_SERVICE_VIPS))
+    fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()> {
+        self.service_vips.insert(ip, vip, 0).map_err(map_err(MAP_SERVICE_VIPS))
     }
 
     fn remove_service_vip(&mut self, ip: u32) -> Result<()> {

@@ -101,6 +101,8 @@ impl Collector for DatapathCollector {
                     ("service", name.name.clone()),
                     ("port", name.port.clone()),
                     ("protocol", protocol.to_owned()),
+                    // Cluster IP, or node ports and external addresses.
+                    ("traffic", if name.external { "external" } else { "internal" }.to_owned()),
                 ];
                 (set, sum)
             })

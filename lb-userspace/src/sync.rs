@@ -16,7 +16,8 @@ use std::{
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ServiceName, ip_be,
+    FRONTEND_SNAT, FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ServiceName,
+    VIP_CLUSTER_IP, VipValue, ip_be,
 };
 
 use crate::{
@@ -37,7 +38,7 @@ pub trait MapWriter {
     fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()>;
     fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()>;
     fn remove_frontend(&mut self, key: FrontendKey) -> Result<()>;
-    fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()>;
+    fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()>;
     fn remove_service_vip(&mut self, ip: u32) -> Result<()>;
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
     fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()>;
@@ -65,12 +66,14 @@ struct Programmed {
     backends: BackendSet,
 }
 
-/// What a backend set holds: endpoints in slot order, and draining ones.
+/// What a backend set holds: endpoints in slot order, and draining ones;
+/// with how the frontends using it treat traffic.
 #[derive(Debug, PartialEq, Eq)]
 struct BackendSet {
     endpoints: Vec<Endpoint>,
     draining: Vec<Endpoint>,
     drop_when_empty: bool,
+    snat: bool,
 }
 
 impl BackendSet {
@@ -79,14 +82,29 @@ impl BackendSet {
             endpoints: service.endpoints.iter().copied().collect(),
             draining: service.draining.iter().copied().collect(),
             drop_when_empty: service.drop_when_empty,
+            snat: service.snat,
         }
+    }
+}
+
+/// The frontends on one address: how many, and how many of them are
+/// cluster IPs (which make the address reject ports it does not serve).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct VipUse {
+    frontends: u32,
+    cluster: u32,
+}
+
+impl VipUse {
+    fn value(self) -> VipValue {
+        VipValue { frontends: self.frontends, flags: if self.cluster > 0 { VIP_CLUSTER_IP } else { 0 } }
     }
 }
 
 #[derive(Debug)]
 pub struct Syncer {
     programmed: BTreeMap<ServicePortName, Programmed>,
-    frontends_per_vip: BTreeMap<Ipv4Addr, u32>,
+    frontends_per_vip: BTreeMap<Ipv4Addr, VipUse>,
     /// Service ids never used yet start at `next_id`; freed ones are reused
     /// oldest first, so an id is not reused while its old flows may linger.
     free_ids: VecDeque<u32>,
@@ -180,7 +198,7 @@ impl Syncer {
         maps.put_service_backend_set(id, set)?;
         let value = frontend_value(id, set, &backends);
         for frontend in &service.frontends {
-            self.add_frontend(frontend, value, maps)?;
+            self.add_frontend(frontend, !name.external, value, maps)?;
         }
         self.programmed.insert(name.clone(), Programmed { id, set, frontends: service.frontends.clone(), backends });
         Ok(())
@@ -197,11 +215,11 @@ impl Syncer {
         let old = old.transpose()?;
         let value = frontend_value(p.id, p.set, &p.backends);
         for frontend in p.frontends.difference(&service.frontends) {
-            self.remove_frontend(frontend, maps)?;
+            self.remove_frontend(frontend, !name.external, maps)?;
         }
         for frontend in &service.frontends {
             if !p.frontends.contains(frontend) {
-                self.add_frontend(frontend, value, maps)?;
+                self.add_frontend(frontend, !name.external, value, maps)?;
             } else if endpoints_changed {
                 maps.put_frontend(frontend_key(frontend), value)?;
             }
@@ -220,7 +238,7 @@ impl Syncer {
     fn remove(&mut self, name: &ServicePortName, maps: &mut impl MapWriter) -> Result<Option<u32>> {
         let Some(p) = self.programmed.remove(name) else { return Ok(None) };
         for frontend in &p.frontends {
-            self.remove_frontend(frontend, maps)?;
+            self.remove_frontend(frontend, !name.external, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
         delete_set(p.set, &p.backends, maps)?;
@@ -245,22 +263,25 @@ impl Syncer {
         Ok(set)
     }
 
-    fn add_frontend(&mut self, frontend: &Frontend, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
-        let count = self.frontends_per_vip.entry(frontend.ip).or_insert(0);
-        *count += 1;
-        maps.put_service_vip(ip_be(frontend.ip), *count)?;
+    fn add_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
+        let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
+        vip.frontends += 1;
+        vip.cluster += u32::from(cluster_ip);
+        maps.put_service_vip(ip_be(frontend.ip), vip.value())?;
         maps.put_frontend(frontend_key(frontend), value)
     }
 
-    fn remove_frontend(&mut self, frontend: &Frontend, maps: &mut impl MapWriter) -> Result<()> {
+    fn remove_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, maps: &mut impl MapWriter) -> Result<()> {
         maps.remove_frontend(frontend_key(frontend))?;
-        let count = self.frontends_per_vip.entry(frontend.ip).or_insert(1);
-        *count -= 1;
-        if *count == 0 {
+        let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
+        vip.frontends = vip.frontends.saturating_sub(1);
+        vip.cluster = vip.cluster.saturating_sub(u32::from(cluster_ip));
+        if vip.frontends == 0 {
             self.frontends_per_vip.remove(&frontend.ip);
             maps.remove_service_vip(ip_be(frontend.ip))
         } else {
-            maps.put_service_vip(ip_be(frontend.ip), *count)
+            let value = vip.value();
+            maps.put_service_vip(ip_be(frontend.ip), value)
         }
     }
 
@@ -285,7 +306,8 @@ fn frontend_value(service_id: u32, set: u32, backends: &BackendSet) -> FrontendV
         service_id,
         backend_set: set,
         backend_count: backends.endpoints.len() as u32,
-        flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 },
+        flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 }
+            | if backends.snat { FRONTEND_SNAT } else { 0 },
     }
 }
 
@@ -366,7 +388,7 @@ mod tests {
         members: HashMap<BackendSetMemberKey, u32>,
         frontends: HashMap<FrontendKey, FrontendValue>,
         service_sets: HashMap<u32, u32>,
-        vips: HashMap<u32, u32>,
+        vips: HashMap<u32, VipValue>,
         names: HashMap<u32, String>,
         flows_removed_for: Vec<u32>,
     }
@@ -422,8 +444,8 @@ mod tests {
             self.frontends.remove(&key);
             Ok(())
         }
-        fn put_service_vip(&mut self, ip: u32, frontends: u32) -> Result<()> {
-            self.vips.insert(ip, frontends);
+        fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()> {
+            self.vips.insert(ip, vip);
             Ok(())
         }
         fn remove_service_vip(&mut self, ip: u32) -> Result<()> {
@@ -462,7 +484,7 @@ mod tests {
     }
 
     fn name(n: &str) -> ServicePortName {
-        ServicePortName { namespace: "default".into(), name: n.into(), port: "http".into() }
+        ServicePortName::new("default", n, "http")
     }
 
     fn service(vip: [u8; 4], port: u16, endpoints: &[u8]) -> ServicePort {
@@ -485,7 +507,11 @@ mod tests {
         for (n, s) in &desired.services {
             let id = syncer.service_id(n).expect("programmed");
             for f in &s.frontends {
-                *vips.entry(ip_be(f.ip)).or_insert(0) += 1;
+                let vip = vips.entry(ip_be(f.ip)).or_insert(VipValue { frontends: 0, flags: 0 });
+                vip.frontends += 1;
+                if !n.external {
+                    vip.flags = VIP_CLUSTER_IP;
+                }
                 let value = maps.frontends[&frontend_key(f)];
                 assert_eq!(value.service_id, id);
                 let programmed: BTreeSet<Endpoint> = (0..value.backend_count)
@@ -662,7 +688,7 @@ mod tests {
         maps.names.insert(7, "default/half:http".into());
         maps.service_sets.insert(7, 40);
         maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
-        maps.vips.insert(ip_be([10, 96, 0, 8].into()), 1);
+        maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
         let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0 };
         maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
         let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
@@ -682,8 +708,10 @@ mod tests {
         ];
         for (rule, text, expected) in cases {
             let parsed = adopt::parse_port_name(text);
-            let expected = expected.map(|(namespace, n, port)| ServicePortName { namespace: namespace.into(), name: n.into(), port: port.into() });
+            let expected = expected.map(|(namespace, n, port)| ServicePortName::new(namespace, n, port));
             assert_eq!(parsed, expected, "{rule}");
         }
+        let external = ServicePortName::new("default", "kubia", "http").to_external();
+        assert_eq!(adopt::parse_port_name(&external.to_string()), Some(external), "the external side of a port");
     }
 }

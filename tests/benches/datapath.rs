@@ -34,7 +34,7 @@ fn vip(index: u32) -> Ipv4Addr {
 /// `count` services, each with its own VIP:80 as its only backend.
 fn fixture(count: u32) -> Fixture {
     let services = (0..count).map(|i| {
-        let name = ServicePortName { namespace: "bench".into(), name: format!("svc-{i}"), port: "http".into() };
+        let name = ServicePortName::new("bench", &format!("svc-{i}"), "http");
         let service = ServicePort {
             frontends: [Frontend { ip: vip(i), port: 80, protocol: Protocol::Tcp }].into(),
             endpoints: [Endpoint { ip: vip(i), port: 80 }].into(),

@@ -23,6 +23,8 @@ use crate::{
 };
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+/// The node's address on the client side: where node ports answer.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 pub const KUBIA_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const HTTP_TARGET_PORT: u16 = 8080;
@@ -171,7 +173,7 @@ impl Topology {
     pub fn new(pod_count: usize, hook: ClientHook) -> Result<Self> {
         let node = Netns::new("node")?;
         let client = Netns::new("client")?;
-        link(&node, "c0", Ipv4Addr::new(10, 201, 0, 1), &client, "eth0", CLIENT_IP)?;
+        link(&node, "c0", NODE_IP, &client, "eth0", CLIENT_IP)?;
         client.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
@@ -209,6 +211,7 @@ impl Topology {
         };
         args.extend([client_flag.to_owned(), "c0".to_owned()]);
         args.extend(["--node-name".to_owned(), NODE_NAME.to_owned()]);
+        args.extend(["--node-ip".to_owned(), NODE_IP.to_string()]);
         args.extend(["--bpffs-dir".to_owned(), self.bpffs.dir.to_string_lossy().into_owned()]);
         args
     }

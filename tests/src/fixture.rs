@@ -85,7 +85,7 @@ impl Fixture {
     }
 
     pub fn service_id(&self, namespace: &str, name: &str, port: &str) -> u32 {
-        let key = ServicePortName { namespace: namespace.into(), name: name.into(), port: port.into() };
+        let key = ServicePortName::new(namespace, name, port);
         self.syncer.service_id(&key).unwrap_or_else(|| panic!("{key} is not programmed"))
     }
 }
@@ -93,7 +93,7 @@ impl Fixture {
 /// A service port in the "default" namespace with one frontend.
 pub fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, endpoints: &[([u8; 4], u16)]) -> (ServicePortName, ServicePort) {
     (
-        ServicePortName { namespace: "default".into(), name: name.into(), port: port.to_string() },
+        ServicePortName::new("default", name, &port.to_string()),
         ServicePort {
             frontends: [Frontend { ip: Ipv4Addr::from(vip), port, protocol }].into(),
             endpoints: endpoints.iter().map(|&(ip, port)| Endpoint { ip: ip.into(), port }).collect(),

@@ -137,6 +137,9 @@ pub struct EchoServer {
     pub name: String,
     /// Bytes received over TCP, all connections together.
     pub tcp_bytes: Arc<AtomicU64>,
+    /// The address each TCP connection and UDP datagram came from, in order:
+    /// the server's log of its clients.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
 }
@@ -147,10 +150,12 @@ impl EchoServer {
     pub fn start(ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let tcp_bytes = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
         let answer = format!("You've hit {name}\n");
         let (listening_tx, listening_rx) = mpsc::channel::<Result<()>>();
 
         let (stop_t, bytes_t, answer_t, tx) = (stop.clone(), tcp_bytes.clone(), answer.clone(), listening_tx.clone());
+        let (peers_t, peers_u) = (peers.clone(), peers.clone());
         let tcp = ns.spawn_thread(move || {
             let listener = match TcpListener::bind(("0.0.0.0", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
                 Ok(l) => {
@@ -164,7 +169,10 @@ impl EchoServer {
             };
             while !stop_t.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, from)) => {
+                        if let Ok(mut seen) = peers_t.lock() {
+                            seen.push(from);
+                        }
                         let (stop_c, bytes_c, answer_c) = (stop_t.clone(), bytes_t.clone(), answer_t.clone());
                         thread::spawn(move || serve_tcp(conn, &stop_c, &bytes_c, &answer_c));
                     }
@@ -188,6 +196,9 @@ impl EchoServer {
             let mut buf = [0u8; 2048];
             while !stop_u.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    if let Ok(mut seen) = peers_u.lock() {
+                        seen.push(from);
+                    }
                     let _ = socket.send_to(answer.as_bytes(), from);
                 }
             }
@@ -195,7 +206,7 @@ impl EchoServer {
         for _ in 0..2 {
             listening_rx.recv().context("server thread ended")??;
         }
-        Ok(Self { name: name.into(), tcp_bytes, stop, threads: vec![tcp, udp] })
+        Ok(Self { name: name.into(), tcp_bytes, peers, stop, threads: vec![tcp, udp] })
     }
 }
 

@@ -319,8 +319,8 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
             .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
     };
-    let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP"}"#;
-    let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP"}"#;
+    let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP",traffic="internal"}"#;
+    let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP",traffic="internal"}"#;
     assert_eq!(value(&format!("lb_service_new_connections_total{kubia}")), NEW as u64);
     assert_eq!(value(&format!("lb_service_rejected_total{empty}")), REFUSED as u64);
     assert_eq!(value(&format!("lb_service_new_connections_total{empty}")), 0);
@@ -607,4 +607,87 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// Two NodePort services over the kubia pods: `cluster` (externalTrafficPolicy
+/// Cluster, node port 30123) and `local` (Local, node port 30124), where only
+/// kubia-1 is on this node.
+fn node_port_manifests() -> String {
+    use lb_tests::cluster::{NODE_NAME, pod_ip};
+    let service = |name: &str, node_port: u16, policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  type: NodePort\n  clusterIP: 10.96.0.{node_port_octet}\n  externalTrafficPolicy: {policy}\n  selector: {{app: kubia}}\n  \
+             ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: {node_port}, protocol: TCP}}\n  \
+             - {{name: dns, port: 53, targetPort: 5353, nodePort: {node_port}, protocol: UDP}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+             labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
+             ports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
+             endpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: {NODE_NAME}}}\n\
+             - {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node-2}}\n---\n",
+            pod_ip(0),
+            pod_ip(1),
+            node_port_octet = node_port - 30000,
+        )
+    };
+    service("cluster", 30123, "Cluster") + &service("local", 30124, "Local")
+}
+
+/// NodePort from outside the node: with Cluster every endpoint serves and
+/// the backend sees the node's address (source NAT, replies back through the
+/// node); with Local only the local pod serves and sees the client's own
+/// address. TCP and UDP.
+#[test]
+fn node_ports_follow_the_external_traffic_policy() {
+    use lb_tests::cluster::{CLIENT_IP, NODE_IP};
+    let cluster = Cluster::start(2, &node_port_manifests()).expect("cluster");
+    let hits = |port: u16, count: usize| -> BTreeMap<String, usize> {
+        cluster
+            .client
+            .enter(move || {
+                let mut hits = BTreeMap::<String, usize>::new();
+                for _ in 0..count {
+                    let answer = connect_and_ask(SocketAddrV4::new(NODE_IP, port)).expect("request to the node port");
+                    *hits.entry(answer).or_default() += 1;
+                }
+                hits
+            })
+            .expect("client")
+    };
+    let peers_of = |pod: usize| cluster.pods[pod].server.peers.lock().expect("peers").iter().map(|p| p.ip()).collect::<BTreeSet<_>>();
+
+    let cluster_hits = hits(30123, 40);
+    println!("node port 30123 (Cluster): {cluster_hits:?}");
+    assert_eq!(cluster_hits.len(), 2, "Cluster policy: both pods serve: {cluster_hits:?}");
+    let seen: BTreeSet<_> = peers_of(0).union(&peers_of(1)).copied().collect();
+    assert_eq!(seen, BTreeSet::from([std::net::IpAddr::V4(NODE_IP)]), "Cluster policy: backends see the node's address");
+
+    for pod in &cluster.pods {
+        pod.server.peers.lock().expect("peers").clear();
+    }
+    let local_hits = hits(30124, 20);
+    println!("node port 30124 (Local): {local_hits:?}");
+    assert_eq!(local_hits, BTreeMap::from([(format!("You've hit {}", pod_name(0)), 20)]), "Local policy: only the local pod");
+    assert_eq!(peers_of(0), BTreeSet::from([std::net::IpAddr::V4(CLIENT_IP)]), "Local policy: the backend sees the client");
+
+    let udp = cluster
+        .client
+        .enter(|| -> std::io::Result<Vec<String>> {
+            [30123, 30124]
+                .map(|port| {
+                    let socket = UdpSocket::bind("0.0.0.0:0")?;
+                    socket.connect(SocketAddrV4::new(NODE_IP, port))?;
+                    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    socket.send(b"query")?;
+                    let mut buf = [0u8; 64];
+                    let n = socket.recv(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
+                })
+                .into_iter()
+                .collect()
+        })
+        .expect("client")
+        .expect("UDP through both node ports");
+    assert!(udp[0].starts_with("You've hit kubia-"), "{udp:?}");
+    assert_eq!(udp[1], format!("You've hit {}", pod_name(0)), "UDP, Local policy: the local pod");
 }

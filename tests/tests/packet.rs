@@ -4,12 +4,12 @@
 //! addresses, ports and checksums are checked independently of our code) and
 //! the verdict reason it must be counted under. Every case runs through both
 //! hooks, XDP and tc. Needs root.
-use lb_common::Reason;
+use lb_common::{DatapathConfig, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
     packets::Frame,
 };
-use lb_userspace::model::{DesiredState, Protocol};
+use lb_userspace::model::{DesiredState, Protocol, ServicePort, ServicePortName};
 
 const BACKEND: [u8; 4] = [10, 244, 1, 2];
 
@@ -129,10 +129,10 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn run_table(hook: Hook) {
-    let fixture = Fixture::new(&services());
+/// Runs `cases` in order; one line per way a case went wrong.
+fn check_cases(fixture: &Fixture, hook: Hook, cases: Vec<Case>) -> Vec<String> {
     let mut failures = Vec::new();
-    for case in cases() {
+    for case in cases {
         if case.xdp_only && hook != Hook::Xdp {
             continue;
         }
@@ -160,6 +160,12 @@ fn run_table(hook: Hook) {
             failures.push(format!("{}: counted under {counted:?}, expected once under {:?}", case.name, case.reason));
         }
     }
+    failures
+}
+
+fn run_table(hook: Hook) {
+    let fixture = Fixture::new(&services());
+    let failures = check_cases(&fixture, hook, cases());
     assert!(failures.is_empty(), "{hook:?}: {} failures:\n{}", failures.len(), failures.join("\n"));
 
     // The per-service counters moved with the cases above.
@@ -229,4 +235,106 @@ fn new_flows_spread_over_all_backends() {
         hits[index] += 1;
     }
     assert!(hits.iter().all(|&h| h >= 60), "each backend gets at least 20% of 300: {hits:?}");
+}
+
+const NODE_IP: [u8; 4] = [192, 168, 0, 1];
+const LOCAL_BACKEND: [u8; 4] = [10, 244, 1, 3];
+
+/// The external side of services on a node at 192.168.0.1: a node port
+/// with externalTrafficPolicy Cluster (source NAT), one with Local and a
+/// local endpoint, one with Local and none; and a cluster IP whose only
+/// endpoint is 10.244.1.2, for hairpin.
+fn external_services() -> DesiredState {
+    let external = |(name, port): (ServicePortName, ServicePort), local: bool| {
+        (name.to_external(), ServicePort { drop_when_empty: local, snat: !local, ..port })
+    };
+    desired([
+        service("hairpin", [10, 96, 0, 20], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
+        external(service("cluster", NODE_IP, 30080, Protocol::Tcp, &[(BACKEND, 8080)]), false),
+        external(service("cluster", NODE_IP, 30053, Protocol::Udp, &[(BACKEND, 5353)]), false),
+        external(service("local", NODE_IP, 30081, Protocol::Tcp, &[(LOCAL_BACKEND, 8080)]), true),
+        external(service("nolocal", NODE_IP, 30082, Protocol::Tcp, &[]), true),
+    ])
+}
+
+fn node_fixture() -> Fixture {
+    let mut fixture = Fixture::new(&external_services());
+    let config = DatapathConfig { snat_ip: ip_be(NODE_IP.into()), snat_port_min: SNAT_PORT_MIN, snat_port_max: SNAT_PORT_MAX };
+    fixture.datapath.maps.set_config(config).expect("config");
+    fixture
+}
+
+/// Client ports in the source NAT range (61000-65535) are kept when free,
+/// which makes these outputs exact.
+fn external_cases() -> Vec<Case> {
+    use Expect::*;
+    use Verdict::*;
+    let syn = Frame::tcp_syn("10.0.0.2:62000", "192.168.0.1:30080");
+    let data = Frame::tcp_data("10.0.0.2:62000", "192.168.0.1:30080", b"GET / HTTP/1.0\r\n\r\n");
+    let reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:62000", b"You've hit kubia-1");
+    let query = Frame::udp("10.0.0.2:62001", "192.168.0.1:30053", b"query");
+    let answer = Frame::udp("10.244.1.2:5353", "192.168.0.1:62001", b"answer");
+    let local_syn = Frame::tcp_syn("10.0.0.2:40001", "192.168.0.1:30081");
+    let local_reply = Frame::tcp_data("10.244.1.3:8080", "10.0.0.2:40001", b"hi");
+    let no_local = Frame::tcp_syn("10.0.0.2:40002", "192.168.0.1:30082");
+    let ssh = Frame::tcp_syn("10.0.0.2:40003", "192.168.0.1:22");
+    let hairpin = Frame::tcp_syn("10.244.1.2:63000", "10.96.0.20:80");
+    let hairpin_reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:63000", b"me");
+    vec![
+        case("node port, Cluster policy: to the backend, from the node", syn.bytes(), Pass, Bytes(syn.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardNew),
+        case("node port, Cluster policy, established: the same translation", data.bytes(), Pass, Bytes(data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardEstablished),
+        case("node port, Cluster policy, reply: from the node port, to the client", reply.bytes(), Pass, Bytes(reply.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.2:62000").bytes()), Reason::ReplyTranslated),
+        case("UDP node port, Cluster policy: source translated", query.bytes(), Pass, Bytes(query.clone().with_dst("10.244.1.2:5353").with_src("192.168.0.1:62001").bytes()), Reason::ForwardNew),
+        case("UDP node port, Cluster policy, reply: back to the client", answer.bytes(), Pass, Bytes(answer.clone().with_src("192.168.0.1:30053").with_dst("10.0.0.2:62001").bytes()), Reason::ReplyTranslated),
+        case("node port, Local policy: to the local backend, client address kept", local_syn.bytes(), Pass, Bytes(local_syn.clone().with_dst("10.244.1.3:8080").bytes()), Reason::ForwardNew),
+        case("node port, Local policy, reply: from the node port", local_reply.bytes(), Pass, Bytes(local_reply.clone().with_src("192.168.0.1:30081").bytes()), Reason::ReplyTranslated),
+        case("node port, Local policy, no local endpoint: dropped", no_local.bytes(), Drop, Unchanged, Reason::DropNoLocalEndpoint),
+        case("node address, another port: the node's own traffic, unchanged", ssh.bytes(), Pass, Unchanged, Reason::PassNotService),
+        case("node address, malformed: left to the kernel", edited(&ssh, |b| b[14] = 0x44), Pass, Unchanged, Reason::PassMalformed),
+        case("node address, fragment: left to the kernel", edited(&ssh, |b| b[20] |= 0x20), Pass, Unchanged, Reason::PassNotService),
+        case("hairpin: a pod reaching itself gets the node as source", hairpin.bytes(), Pass, Bytes(hairpin.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:63000").bytes()), Reason::ForwardNew),
+        case("hairpin reply: from the service, back to the pod", hairpin_reply.bytes(), Pass, Bytes(hairpin_reply.clone().with_src("10.96.0.20:80").with_dst("10.244.1.2:63000").bytes()), Reason::ReplyTranslated),
+    ]
+}
+
+#[test]
+fn node_port_source_nat_and_hairpin_translations() {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let fixture = node_fixture();
+        let failures = check_cases(&fixture, hook, external_cases());
+        assert!(failures.is_empty(), "{hook:?}: {} failures:\n{}", failures.len(), failures.join("\n"));
+    }
+}
+
+/// A second client using the same source port to the same backend gets
+/// another port from the range; its reply finds its own client.
+#[test]
+fn source_nat_ports_do_not_collide() {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let fixture = node_fixture();
+        let first = Frame::tcp_syn("10.0.0.2:62000", "192.168.0.1:30080");
+        let second = Frame::tcp_syn("10.0.0.3:62000", "192.168.0.1:30080");
+        assert_eq!(fixture.run(hook, &first.bytes()).verdict, Verdict::Pass);
+        let out = fixture.run(hook, &second.bytes());
+        assert_eq!(out.verdict, Verdict::Pass);
+        let l4 = second.l4_offset();
+        let port = u16::from_be_bytes([out.output[l4], out.output[l4 + 1]]);
+        assert!(port != 62000 && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{hook:?}: source port {port}");
+        let expected = second.clone().with_dst("10.244.1.2:8080").with_src(&format!("192.168.0.1:{port}"));
+        assert_eq!(out.output, expected.bytes(), "{hook:?}: exact apart from the chosen port");
+        let reply = Frame::tcp_data("10.244.1.2:8080", &format!("192.168.0.1:{port}"), b"to the second");
+        let back = fixture.run(hook, &reply.bytes());
+        assert_eq!(back.output, reply.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.3:62000").bytes(), "{hook:?}");
+    }
+}
+
+/// Without a node address configured, traffic that needs source NAT is
+/// dropped (and counted), not sent out with the client's address.
+#[test]
+fn source_nat_without_a_node_address_drops() {
+    let fixture = Fixture::new(&external_services());
+    let syn = Frame::tcp_syn("10.0.0.2:62000", "192.168.0.1:30080");
+    let before = fixture.reason_totals()[Reason::DropNoSnatPort as usize];
+    assert_eq!(fixture.run(Hook::Xdp, &syn.bytes()).verdict, Verdict::Drop);
+    assert_eq!(fixture.reason_totals()[Reason::DropNoSnatPort as usize], before + 1);
 }

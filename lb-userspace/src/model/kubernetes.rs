@@ -94,9 +94,16 @@ struct ValidSlice {
     endpoints: Vec<SliceEndpoint>,
 }
 
-/// The desired state for `objects` on the node named `node`.
+/// The desired state for `objects` on the node named `node` (with no
+/// node addresses: node ports answer nowhere).
 pub fn desired_state(objects: &ClusterObjects, node: &str) -> Computed {
-    let mut model = Model::default();
+    desired_state_on(objects, node, &[])
+}
+
+/// The desired state for `objects` on the node named `node` with the
+/// addresses `node_ips`.
+pub fn desired_state_on(objects: &ClusterObjects, node: &str, node_ips: &[Ipv4Addr]) -> Computed {
+    let mut model = Model::with_node_ips(node_ips.to_vec());
     let skipped = model.update(objects, node).skipped;
     Computed { state: model.state, skipped }
 }
@@ -148,9 +155,16 @@ pub struct Model {
     /// The current service object of each name.
     service_of: HashMap<ObjectKey, *const Service>,
     updates: u64,
+    /// This node's addresses, where node ports answer.
+    node_ips: Vec<Ipv4Addr>,
 }
 
 impl Model {
+    /// A model for a node with these addresses (for node ports).
+    pub fn with_node_ips(node_ips: Vec<Ipv4Addr>) -> Self {
+        Self { node_ips, ..Self::default() }
+    }
+
     pub fn update(&mut self, objects: &ClusterObjects, node: &str) -> Changes {
         self.updates += 1;
         let seen = self.updates;
@@ -206,7 +220,7 @@ impl Model {
             }
             let key = ObjectKey::of(&service.metadata);
             let slices = self.slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
-            recomputed.push((service, key, compute_service(service, slices, node)));
+            recomputed.push((service, key, compute_service(service, slices, node, &self.node_ips)));
         }
         // Entries not seen now belong to services that changed or are gone.
         let mut changes = Changes::default();
@@ -240,7 +254,12 @@ impl Model {
 }
 
 /// A service's ports and the lines for what was skipped on the way.
-fn compute_service(service: &Service, slices: &[Arc<EndpointSlice>], node: &str) -> (Vec<(ServicePortName, ServicePort)>, Vec<String>) {
+fn compute_service(
+    service: &Service,
+    slices: &[Arc<EndpointSlice>],
+    node: &str,
+    node_ips: &[Ipv4Addr],
+) -> (Vec<(ServicePortName, ServicePort)>, Vec<String>) {
     let key = ObjectKey::of(&service.metadata);
     let mut skipped = Vec::new();
     let mut valid = Vec::new();
@@ -251,7 +270,7 @@ fn compute_service(service: &Service, slices: &[Arc<EndpointSlice>], node: &str)
             Err(reason) => skipped.push(format!("EndpointSlice {} skipped: {reason}", ObjectKey::of(&slice.metadata))),
         }
     }
-    match service_ports(&key, service, &valid) {
+    match service_ports(&key, service, &valid, node_ips) {
         Ok(ports) => (ports, skipped),
         Err(reason) => {
             skipped.push(format!("Service {key} skipped: {reason}"));
@@ -262,7 +281,12 @@ fn compute_service(service: &Service, slices: &[Arc<EndpointSlice>], node: &str)
 
 /// The service ports of one service, or why it is invalid. An empty list
 /// for services that are valid but not for this proxy.
-fn service_ports(key: &ObjectKey, service: &Service, slices: &[ValidSlice]) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+fn service_ports(
+    key: &ObjectKey,
+    service: &Service,
+    slices: &[ValidSlice],
+    node_ips: &[Ipv4Addr],
+) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
     let labels = service.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
         return Ok(Vec::new());
@@ -280,6 +304,29 @@ fn service_ports(key: &ObjectKey, service: &Service, slices: &[ValidSlice]) -> R
         return Ok(Vec::new());
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
+    // Addresses answering on the service port from outside: external IPs
+    // (any type) and, for LoadBalancer services, the ingress IPs.
+    let mut external_addresses = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => external_addresses.push(ip),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("externalIP {ip:?} is not an IP address")),
+        }
+    }
+    if service_type == "LoadBalancer" {
+        let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => external_addresses.push(ip),
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => return Err(format!("load balancer ingress IP {ip:?} is not an IP address")),
+            }
+        }
+    }
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         let number = valid_port(port.port, "port")?;
@@ -288,16 +335,33 @@ fn service_ports(key: &ObjectKey, service: &Service, slices: &[ValidSlice]) -> R
             None => continue, // SCTP: valid, not supported by this datapath
         };
         let name = port.name.clone().unwrap_or_default();
+        let internal_name = ServicePortName::new(&key.namespace, &key.name, &name);
         let (endpoints, draining) = serving_endpoints(slices, &name, protocol, local_only);
-        ports.push((
-            ServicePortName { namespace: key.namespace.clone(), name: key.name.clone(), port: name },
-            ServicePort {
-                frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
-                endpoints,
-                draining,
-                drop_when_empty: local_only,
-            },
-        ));
+        let internal = ServicePort {
+            frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
+            endpoints,
+            draining,
+            drop_when_empty: local_only,
+            snat: false,
+        };
+
+        // The external side: the node port on every node address, and the
+        // service port on external and load balancer addresses.
+        let mut frontends: BTreeSet<Frontend> =
+            external_addresses.iter().map(|&ip| Frontend { ip, port: number, protocol }).collect();
+        if has_node_ports && let Some(node_port) = port.node_port {
+            let node_port = valid_port(node_port, "nodePort")?;
+            frontends.extend(node_ips.iter().map(|&ip| Frontend { ip, port: node_port, protocol }));
+        }
+        if !frontends.is_empty() {
+            // Local: this node's endpoints only, client address kept, and
+            // dropped when there are none. Cluster: every endpoint, the
+            // source translated to the node so replies come back through it.
+            let (endpoints, draining) = serving_endpoints(slices, &name, protocol, external_local);
+            let external = ServicePort { frontends, endpoints, draining, drop_when_empty: external_local, snat: !external_local };
+            ports.push((internal_name.to_external(), external));
+        }
+        ports.push((internal_name, internal));
     }
     Ok(ports)
 }
@@ -712,5 +776,66 @@ mod tests {
         let computed = desired_state(&objects, NODE);
         let port = computed.state.services.values().next().expect("programmed");
         assert!(port.endpoints.is_empty() && port.drop_when_empty);
+    }
+
+    /// The external side of a service port: which frontends, which
+    /// endpoints, and whether its source is translated or it drops when
+    /// empty. Node at 192.168.0.1 and 10.0.0.1 with one local endpoint
+    /// (10.244.1.2) and one elsewhere (10.244.2.2).
+    #[test]
+    fn external_traffic_rules() {
+        type External = Option<(Vec<&'static str>, Vec<&'static str>, bool, bool)>;
+        let node_ips = [Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 0, 0, 1)];
+        let with = |extra: serde_json::Value, status: serde_json::Value| {
+            let mut service = kubia(extra);
+            service["status"] = status;
+            let remote = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "node-b"});
+            objects(&[service], &[kubia_slice("s1", json!([ep("10.244.1.2"), remote]))])
+        };
+        let node_port = json!({"type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]});
+        let mut node_port_local = node_port.clone();
+        node_port_local["externalTrafficPolicy"] = json!("Local");
+        let load_balancer = json!({"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]});
+        let lb_status = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]}});
+        let both = ["10.244.1.2:8080", "10.244.2.2:8080"];
+        let cases: Vec<(&str, ClusterObjects, External)> = vec![
+            ("ClusterIP service: no external side", with(json!({}), json!({})), None),
+            ("NodePort, Cluster policy: node port on every node address, every endpoint, source translated",
+                with(node_port.clone(), json!({})), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123"], both.to_vec(), true, false))),
+            ("NodePort, Local policy: this node's endpoints only, client kept, dropped when none",
+                with(node_port_local, json!({})), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123"], vec!["10.244.1.2:8080"], false, true))),
+            ("LoadBalancer: ingress IPs on the service port, node ports too; hostnames ignored",
+                with(load_balancer.clone(), lb_status.clone()), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123", "203.0.113.7:80"], both.to_vec(), true, false))),
+            ("LoadBalancer without nodePort (allocateLoadBalancerNodePorts false): ingress IPs only",
+                with(json!({"type": "LoadBalancer"}), lb_status), Some((vec!["203.0.113.7:80"], both.to_vec(), true, false))),
+            ("externalIPs on a ClusterIP service: on the service port",
+                with(json!({"externalIPs": ["198.51.100.9"]}), json!({})), Some((vec!["198.51.100.9:80"], both.to_vec(), true, false))),
+            ("ingress IPs of a service that is not a LoadBalancer: ignored",
+                with(node_port, json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}})), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123"], both.to_vec(), true, false))),
+        ];
+        for (rule, objects, expected) in cases {
+            let computed = desired_state_on(&objects, NODE, &node_ips);
+            assert!(computed.skipped.is_empty(), "{rule}: {:?}", computed.skipped);
+            let internal = computed.state.services.get(&ServicePortName::new("default", "kubia", "http")).expect("internal side");
+            assert_eq!(internal.endpoints.len(), 2, "{rule}: in-cluster traffic uses every endpoint");
+            assert!(!internal.snat && !internal.drop_when_empty, "{rule}");
+            let external = computed.state.services.get(&ServicePortName::new("default", "kubia", "http").to_external()).map(|p| {
+                let frontends = p.frontends.iter().map(|f| format!("{}:{}", f.ip, f.port)).collect::<Vec<_>>();
+                let endpoints = p.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect::<Vec<_>>();
+                (frontends, endpoints, p.snat, p.drop_when_empty)
+            });
+            let expected = expected.map(|(f, e, snat, drop)| {
+                (f.iter().map(ToString::to_string).collect(), e.iter().map(ToString::to_string).collect(), snat, drop)
+            });
+            assert_eq!(external, expected, "{rule}");
+        }
+    }
+
+    #[test]
+    fn invalid_external_addresses_skip_the_service() {
+        let objects = objects(&[kubia(json!({"externalIPs": ["not-an-ip"]}))], &[]);
+        let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
+        assert!(computed.state.services.is_empty());
+        assert!(computed.skipped.iter().any(|l| l.contains("not-an-ip")), "{:?}", computed.skipped);
     }
 }

@@ -11,12 +11,28 @@ use std::{
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-/// A service port, as kube-proxy names it: namespace/name:port-name.
+/// A service port, as kube-proxy names it: namespace/name:port-name; its
+/// external side (node ports, load balancer and external IPs, which have
+/// their own traffic policy and so their own backend set) adds
+/// `/external`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     pub namespace: String,
     pub name: String,
     pub port: String,
+    pub external: bool,
+}
+
+impl ServicePortName {
+    /// The in-cluster side (cluster IP) of a service port.
+    pub fn new(namespace: &str, name: &str, port: &str) -> Self {
+        Self { namespace: namespace.into(), name: name.into(), port: port.into(), external: false }
+    }
+
+    /// The external side of the same service port.
+    pub fn to_external(&self) -> Self {
+        Self { external: true, ..self.clone() }
+    }
 }
 
 impl fmt::Display for ServicePortName {
@@ -24,6 +40,9 @@ impl fmt::Display for ServicePortName {
         write!(f, "{}/{}", self.namespace, self.name)?;
         if !self.port.is_empty() {
             write!(f, ":{}", self.port)?;
+        }
+        if self.external {
+            write!(f, "/external")?;
         }
         Ok(())
     }
@@ -69,8 +88,11 @@ pub struct ServicePort {
     /// they have.
     pub draining: BTreeSet<Endpoint>,
     /// With no endpoints, drop traffic rather than reject it: kube-proxy's
-    /// behaviour for internalTrafficPolicy Local without a local endpoint.
+    /// behaviour for a Local traffic policy without a local endpoint.
     pub drop_when_empty: bool,
+    /// Translate the source of new flows to the node's address, so replies
+    /// come back through this node (externalTrafficPolicy Cluster).
+    pub snat: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET, ServiceName, ip_from_be,
+    FRONTEND_SNAT, FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET, ServiceName, ip_from_be,
 };
 
 use super::{BackendSet, MapWriter, Programmed, Syncer};
@@ -61,9 +61,11 @@ impl Syncer {
 
         let adopted_ids: BTreeSet<u32> = syncer.programmed.values().map(|p| p.id).collect();
         let adopted_sets: BTreeSet<u32> = syncer.programmed.values().map(|p| p.set).collect();
-        for p in syncer.programmed.values() {
+        for (name, p) in &syncer.programmed {
             for frontend in &p.frontends {
-                *syncer.frontends_per_vip.entry(frontend.ip).or_insert(0) += 1;
+                let vip = syncer.frontends_per_vip.entry(frontend.ip).or_default();
+                vip.frontends += 1;
+                vip.cluster += u32::from(!name.external);
             }
         }
 
@@ -76,7 +78,7 @@ impl Syncer {
         }
         for &vip in &found.vips {
             match syncer.frontends_per_vip.get(&ip_from_be(vip)) {
-                Some(&count) => maps.put_service_vip(vip, count)?,
+                Some(vip_use) => maps.put_service_vip(vip, vip_use.value())?,
                 None => maps.remove_service_vip(vip)?,
             }
         }
@@ -139,16 +141,26 @@ fn adoptable(
         .collect();
     draining.sort();
     let frontends = frontends.iter().map(|(k, _)| frontend(k)).collect::<Option<_>>()?;
-    let backends = BackendSet { endpoints, draining, drop_when_empty: first.flags & FRONTEND_DROP_WHEN_EMPTY != 0 };
+    let backends = BackendSet {
+        endpoints,
+        draining,
+        drop_when_empty: first.flags & FRONTEND_DROP_WHEN_EMPTY != 0,
+        snat: first.flags & FRONTEND_SNAT != 0,
+    };
     Some((port_name, Programmed { id, set, frontends, backends }))
 }
 
-/// The inverse of `ServicePortName`'s display: `namespace/name[:port]`.
+/// The inverse of `ServicePortName`'s display:
+/// `namespace/name[:port][/external]`.
 pub(super) fn parse_port_name(text: &str) -> Option<ServicePortName> {
+    let (text, external) = match text.strip_suffix("/external") {
+        Some(internal) => (internal, true),
+        None => (text, false),
+    };
     let (namespace, rest) = text.split_once('/')?;
     let (name, port) = rest.split_once(':').unwrap_or((rest, ""));
-    (!namespace.is_empty() && !name.is_empty())
-        .then(|| ServicePortName { namespace: namespace.into(), name: name.into(), port: port.into() })
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/'))
+        .then(|| ServicePortName { external, ..ServicePortName::new(namespace, name, port) })
 }
 
 fn endpoint(backend: Backend) -> Endpoint {

@@ -20,6 +20,8 @@
 //!   decides.
 //! - `CONNTRACK`: LRU, wire 5-tuple → the translation for that direction.
 //! - `SERVICE_COUNTERS`, `VERDICT_COUNTERS`: per-CPU counters.
+//! - `SESSION_AFFINITY`: LRU, (client, service) → the backend its new
+//!   connections stick to and when it last opened one.
 //! - `DATAPATH_CONFIG`: one entry, the node's settings (the address source
 //!   NAT uses and its port range).
 use bytemuck::{Pod, Zeroable};
@@ -34,6 +36,7 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
+pub const MAP_SESSION_AFFINITY: &str = "SESSION_AFFINITY";
 /// Service id → name, for inspection tools; created and written by the
 /// agent, never read by the datapath.
 pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
@@ -50,6 +53,7 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 /// Service ids index `SERVICE_COUNTERS`, so they are below this bound.
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
+pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -105,6 +109,10 @@ pub struct FrontendValue {
     pub backend_count: u32,
     /// `FRONTEND_*` bits.
     pub flags: u32,
+    /// sessionAffinity ClientIP: a client's new connections go to the
+    /// backend of its last one while no more than this many seconds passed
+    /// between them; 0 without affinity.
+    pub affinity_seconds: u32,
 }
 
 /// `FrontendValue::flags`: with no backends, drop instead of rejecting
@@ -115,6 +123,24 @@ pub const FRONTEND_DROP_WHEN_EMPTY: u32 = 1;
 /// address (`DatapathConfig::snat_ip`), so that replies come back through
 /// this node: external traffic with externalTrafficPolicy Cluster.
 pub const FRONTEND_SNAT: u32 = 2;
+
+/// A client of a service with session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// Network byte order.
+    pub client_ip: u32,
+    pub service_id: u32,
+}
+
+/// The backend a client's connections stick to, and when it last opened
+/// one (`bpf_ktime_get_ns`, monotonic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    pub last_used_ns: u64,
+}
 
 /// A service address: how many frontends it has, and `VIP_*` bits.
 #[repr(C)]
@@ -297,7 +323,9 @@ impl core::ops::Add for ServiceCounters {
 
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
-    assert!(size_of::<FrontendValue>() == 16);
+    assert!(size_of::<FrontendValue>() == 20);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<BackendSlotKey>() == 8);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<BackendSetMemberKey>() == 12);
@@ -326,5 +354,7 @@ mod user {
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for DatapathConfig {}
 }

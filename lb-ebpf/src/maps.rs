@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
+    AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
     ServiceCounters, VipValue,
 };
@@ -18,6 +18,11 @@ pub static SERVICE_FRONTENDS: HashMap<FrontendKey, FrontendValue, { MAX_FRONTEND
 /// Service address (network byte order) → its frontend count and kind.
 #[btf_map]
 pub static SERVICE_VIPS: HashMap<u32, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+
+/// sessionAffinity ClientIP: (client, service) → backend and last use.
+#[btf_map]
+pub static SESSION_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// The node's settings, one entry.
 #[btf_map]

@@ -1,14 +1,14 @@
 //! Service lookups: frontends, service addresses, backend choice and the
 //! check that a backend still serves its service.
-use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue,
 };
 
 use crate::maps::{
     BACKEND_SET_MEMBERS, BACKEND_SLOTS, DATAPATH_CONFIG, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS,
-    SERVICE_VIPS,
+    SERVICE_VIPS, SESSION_AFFINITY,
 };
 
 /// The frontend a packet is addressed to, if any.
@@ -56,6 +56,41 @@ pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
     // SAFETY: copied out at once; sets are immutable once a frontend points
     // at them.
     unsafe { BACKEND_SLOTS.get(&key).copied() }
+}
+
+/// The backend for a new connection of `client` to a frontend with session
+/// affinity: the one its last connection got, if that was at most the
+/// affinity's timeout ago and the backend still takes new connections;
+/// else a random one, remembered for the next.
+#[inline(always)]
+pub fn pick_backend_with_affinity(fe: &FrontendValue, client: u32) -> Option<Backend> {
+    let key = AffinityKey { client_ip: client, service_id: fe.service_id };
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(fe.affinity_seconds) * 1_000_000_000;
+    if let Some(entry) = SESSION_AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: a pointer from a successful lookup, valid for this run.
+        let remembered = unsafe { *entry };
+        if now.saturating_sub(remembered.last_used_ns) <= timeout_ns && takes_new_connections(fe.backend_set, remembered.backend) {
+            // SAFETY: as above; one aligned u64 store.
+            unsafe { (*entry).last_used_ns = now };
+            return Some(remembered.backend);
+        }
+    }
+    let backend = pick_backend(fe)?;
+    // A client whose affinity cannot be stored still gets its backend.
+    let _best_effort = SESSION_AFFINITY.insert(&key, &AffinityValue { backend, last_used_ns: now }, 0);
+    Some(backend)
+}
+
+/// Whether `backend` has a slot in `backend_set` (a member, not draining).
+#[inline(always)]
+fn takes_new_connections(backend_set: u32, backend: Backend) -> bool {
+    match BACKEND_SET_MEMBERS.get_ptr(BackendSetMemberKey { backend_set, backend }) {
+        // SAFETY: a pointer into a map value, read at once.
+        Some(slot) => (unsafe { *slot }) != DRAINING_SLOT,
+        None => false,
+    }
 }
 
 /// The service's current backend set (an array read, no hashing).

@@ -12,7 +12,7 @@ use lb_common::{
     FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, ServiceName, VipValue,
+    MAP_DATAPATH_CONFIG, MAP_SESSION_AFFINITY, ServiceName, VipValue,
 };
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 9] = [
+pub const OBJECT_MAPS: [&str; 10] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
@@ -34,6 +34,7 @@ pub const OBJECT_MAPS: [&str; 9] = [
     MAP_SERVICE_COUNTERS,
     MAP_VERDICT_COUNTERS,
     MAP_DATAPATH_CONFIG,
+    MAP_SESSION_AFFINITY,
 ];
 
 pub struct DatapathMaps {

@@ -74,6 +74,7 @@ struct BackendSet {
     draining: Vec<Endpoint>,
     drop_when_empty: bool,
     snat: bool,
+    affinity_seconds: u32,
 }
 
 impl BackendSet {
@@ -83,6 +84,7 @@ impl BackendSet {
             draining: service.draining.iter().copied().collect(),
             drop_when_empty: service.drop_when_empty,
             snat: service.snat,
+            affinity_seconds: service.affinity_seconds,
         }
     }
 }
@@ -308,6 +310,7 @@ fn frontend_value(service_id: u32, set: u32, backends: &BackendSet) -> FrontendV
         backend_count: backends.endpoints.len() as u32,
         flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 }
             | if backends.snat { FRONTEND_SNAT } else { 0 },
+        affinity_seconds: backends.affinity_seconds,
     }
 }
 
@@ -689,7 +692,7 @@ mod tests {
         maps.service_sets.insert(7, 40);
         maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
         maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
-        let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0 };
+        let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0 };
         maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
         let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
         assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });

@@ -691,3 +691,33 @@ fn node_ports_follow_the_external_traffic_policy() {
     assert!(udp[0].starts_with("You've hit kubia-"), "{udp:?}");
     assert_eq!(udp[1], format!("You've hit {}", pod_name(0)), "UDP, Local policy: the local pod");
 }
+
+/// sessionAffinity ClientIP with a one-second timeout: 15 consecutive new
+/// connections land on one pod; after a second without connections the
+/// affinity has expired and the next connection is placed afresh, so over a
+/// few such pauses the connections reach more than one pod.
+#[test]
+fn session_affinity_sticks_until_its_timeout() {
+    let manifests = kubia_manifests(&ready(&[0, 1, 2])).replacen(
+        "  selector: {app: kubia}\n",
+        "  selector: {app: kubia}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n",
+        1,
+    );
+    let cluster = Cluster::start(3, &manifests).expect("cluster");
+    let sticky = spread(&cluster, 15);
+    println!("15 connections with ClientIP affinity: {sticky:?}");
+    assert_eq!(sticky.len(), 1, "all on one pod: {sticky:?}");
+
+    let mut after_timeouts = BTreeSet::new();
+    for _ in 0..10 {
+        // Waiting out the timeout is the point: a connection meanwhile would
+        // renew the affinity.
+        std::thread::sleep(Duration::from_millis(1300));
+        after_timeouts.extend(spread(&cluster, 1).into_keys());
+        if after_timeouts.len() > 1 {
+            break;
+        }
+    }
+    println!("first connections after each timeout reached {after_timeouts:?}");
+    assert!(after_timeouts.len() > 1, "after the timeout, connections are placed afresh: {after_timeouts:?}");
+}

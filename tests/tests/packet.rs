@@ -4,12 +4,14 @@
 //! addresses, ports and checksums are checked independently of our code) and
 //! the verdict reason it must be counted under. Every case runs through both
 //! hooks, XDP and tc. Needs root.
+use std::collections::BTreeSet;
+
 use lb_common::{DatapathConfig, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
     packets::Frame,
 };
-use lb_userspace::model::{DesiredState, Protocol, ServicePort, ServicePortName};
+use lb_userspace::model::{DesiredState, Endpoint, Protocol, ServicePort, ServicePortName};
 
 const BACKEND: [u8; 4] = [10, 244, 1, 2];
 
@@ -337,4 +339,49 @@ fn source_nat_without_a_node_address_drops() {
     let before = fixture.reason_totals()[Reason::DropNoSnatPort as usize];
     assert_eq!(fixture.run(Hook::Xdp, &syn.bytes()).verdict, Verdict::Drop);
     assert_eq!(fixture.reason_totals()[Reason::DropNoSnatPort as usize], before + 1);
+}
+
+/// sessionAffinity ClientIP: a client's new connections all reach the
+/// backend its first one got, other clients still spread, and once that
+/// backend leaves (or only drains) the client gets a new one and sticks to
+/// it.
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_while_it_serves() {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let backends: Vec<([u8; 4], u16)> = (1..=3).map(|i| ([10, 244, i, 2], 8080)).collect();
+        let sticky = |backends: &[([u8; 4], u16)]| {
+            let (name, port) = service("web", [10, 96, 0, 10], 80, Protocol::Tcp, backends);
+            desired([(name, ServicePort { affinity_seconds: 100, ..port })])
+        };
+        let mut fixture = Fixture::new(&sticky(&backends));
+        let backend_of = |fixture: &Fixture, client: &str, port: u16| -> [u8; 4] {
+            let out = fixture.run(hook, &Frame::tcp_syn(&format!("{client}:{port}"), "10.96.0.10:80").bytes());
+            out.output[30..34].try_into().expect("an address")
+        };
+        let first = backend_of(&fixture, "10.0.0.2", 40000);
+        for port in 40001..40015 {
+            assert_eq!(backend_of(&fixture, "10.0.0.2", port), first, "{hook:?}: 15 connections, one backend");
+        }
+        let others: BTreeSet<[u8; 4]> = (2..40).map(|i| backend_of(&fixture, &format!("10.0.1.{i}"), 40000)).collect();
+        assert_eq!(others.len(), 3, "{hook:?}: other clients still spread over every backend");
+
+        // Its backend leaves: the next connection goes elsewhere, and sticks there.
+        let rest: Vec<_> = backends.iter().copied().filter(|(ip, _)| *ip != first).collect();
+        fixture.program(&sticky(&rest));
+        let second = backend_of(&fixture, "10.0.0.2", 41000);
+        assert_ne!(second, first, "{hook:?}: an affinity whose backend left is dropped");
+        for port in 41001..41010 {
+            assert_eq!(backend_of(&fixture, "10.0.0.2", port), second, "{hook:?}: the new affinity holds");
+        }
+
+        // Its backend terminates (drains): no new connection goes there.
+        let serving: Vec<_> = rest.iter().copied().filter(|(ip, _)| *ip != second).collect();
+        let mut draining = sticky(&serving);
+        for port in draining.services.values_mut() {
+            port.draining.insert(Endpoint { ip: second.into(), port: 8080 });
+        }
+        fixture.program(&draining);
+        let third = backend_of(&fixture, "10.0.0.2", 42000);
+        assert!(third != second && third != first, "{hook:?}: not to a draining backend");
+    }
 }

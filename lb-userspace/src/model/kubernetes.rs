@@ -17,6 +17,12 @@
 //!   counts once.
 //! - internalTrafficPolicy Local: only endpoints on this node serve, and
 //!   with none, traffic is dropped.
+//! - Node ports (on every node address), load balancer ingress IPs and
+//!   external IPs form the external side of a service port, with
+//!   externalTrafficPolicy: Local uses this node's endpoints and keeps the
+//!   client address, Cluster uses every endpoint behind source NAT.
+//! - sessionAffinity ClientIP: a client sticks to its backend until
+//!   `timeoutSeconds` (default 10800) pass without a new connection.
 //!
 //! Invalid objects (bad addresses, ports out of range, unknown protocols,
 //! missing fields) are skipped, each with one line saying which and why;
@@ -37,6 +43,10 @@ use super::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePort
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// sessionAffinityConfig.clientIP.timeoutSeconds when not given (3 hours),
+/// and the most the API allows (a day).
+const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+const MAX_AFFINITY_SECONDS: i32 = 86_400;
 
 /// namespace/name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -306,6 +316,17 @@ fn service_ports(
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let affinity_seconds = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let configured = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds);
+            match configured {
+                None => DEFAULT_AFFINITY_SECONDS,
+                Some(seconds) if (1..=MAX_AFFINITY_SECONDS).contains(&seconds) => seconds as u32,
+                Some(seconds) => return Err(format!("sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is not in 1..=86400")),
+            }
+        }
+        _ => 0,
+    };
     let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     // Addresses answering on the service port from outside: external IPs
     // (any type) and, for LoadBalancer services, the ingress IPs.
@@ -343,6 +364,7 @@ fn service_ports(
             draining,
             drop_when_empty: local_only,
             snat: false,
+            affinity_seconds,
         };
 
         // The external side: the node port on every node address, and the
@@ -358,7 +380,14 @@ fn service_ports(
             // dropped when there are none. Cluster: every endpoint, the
             // source translated to the node so replies come back through it.
             let (endpoints, draining) = serving_endpoints(slices, &name, protocol, external_local);
-            let external = ServicePort { frontends, endpoints, draining, drop_when_empty: external_local, snat: !external_local };
+            let external = ServicePort {
+                frontends,
+                endpoints,
+                draining,
+                drop_when_empty: external_local,
+                snat: !external_local,
+                affinity_seconds,
+            };
             ports.push((internal_name.to_external(), external));
         }
         ports.push((internal_name, internal));
@@ -837,5 +866,21 @@ mod tests {
         let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
         assert!(computed.state.services.is_empty());
         assert!(computed.skipped.iter().any(|l| l.contains("not-an-ip")), "{:?}", computed.skipped);
+    }
+
+    #[test]
+    fn session_affinity_client_ip_timeouts() {
+        let cases: [(&str, serde_json::Value, Option<u32>); 4] = [
+            ("no affinity", json!({}), Some(0)),
+            ("ClientIP without a timeout: 10800 seconds", json!({"sessionAffinity": "ClientIP"}), Some(10_800)),
+            ("ClientIP with a timeout", json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 5}}}), Some(5)),
+            ("a timeout of 0: service skipped", json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}), None),
+        ];
+        for (rule, extra, expected) in cases {
+            let computed = desired_state(&objects(&[kubia(extra)], &[]), NODE);
+            let seconds = computed.state.services.values().next().map(|p| p.affinity_seconds);
+            assert_eq!(seconds, expected, "{rule}");
+            assert_eq!(computed.skipped.len(), usize::from(expected.is_none()), "{rule}");
+        }
     }
 }

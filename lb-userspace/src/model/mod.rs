@@ -93,6 +93,8 @@ pub struct ServicePort {
     /// Translate the source of new flows to the node's address, so replies
     /// come back through this node (externalTrafficPolicy Cluster).
     pub snat: bool,
+    /// sessionAffinity ClientIP's timeout in seconds; 0 without affinity.
+    pub affinity_seconds: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -122,7 +122,8 @@ fn adoptable(
     let port_name = parse_port_name(name.as_str())?;
     let set = *found.service_sets.get(&id)?;
     let &(_, first) = frontends.first()?;
-    if frontends.iter().any(|(_, v)| (v.backend_set, v.backend_count, v.flags) != (set, first.backend_count, first.flags)) {
+    let shape = |v: &FrontendValue| (v.backend_set, v.backend_count, v.flags, v.affinity_seconds);
+    if frontends.iter().any(|(_, v)| shape(v) != (set, first.backend_count, first.flags, first.affinity_seconds)) {
         return None;
     }
     let mut endpoints = Vec::new();
@@ -146,6 +147,7 @@ fn adoptable(
         draining,
         drop_when_empty: first.flags & FRONTEND_DROP_WHEN_EMPTY != 0,
         snat: first.flags & FRONTEND_SNAT != 0,
+        affinity_seconds: first.affinity_seconds,
     };
     Some((port_name, Programmed { id, set, frontends, backends }))
 }

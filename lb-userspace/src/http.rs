@@ -3,10 +3,14 @@
 //! view of the services (503 before, for a readiness probe), `/livez` 200
 //! while the agent runs (for a liveness probe), both on --healthz-addr
 //! (10256); `/metrics` the Prometheus metrics on --metrics-addr (10249).
+//! Each healthCheckNodePort of a LoadBalancer service with
+//! externalTrafficPolicy Local gets a listener of its own, answering as
+//! kube-proxy does: 200 with the count of local endpoints, 503 when none.
 use std::{
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
@@ -15,11 +19,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use prometheus_client::registry::Registry;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-use crate::metrics;
+use crate::{metrics, model::ServiceHealth};
 
 /// What the health endpoints report; updated by the agent's loop.
 #[derive(Debug, Default)]
@@ -52,24 +56,94 @@ impl Health {
     }
 }
 
+/// The health check node ports' answers, by port; written after each sync.
+pub type ServiceHealthTable = Arc<RwLock<BTreeMap<u16, ServiceHealth>>>;
+
 /// Which endpoints a listener serves.
 #[derive(Clone)]
 pub enum Endpoints {
     Health(Arc<Health>),
     Metrics(Arc<Registry>),
+    /// A health check node port (any path).
+    ServiceHealth { table: ServiceHealthTable, port: u16 },
+}
+
+/// A response, before hyper.
+struct Answer {
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+    /// kube-proxy's `X-Load-Balancing-Endpoint-Weight`: the local endpoints.
+    weight: Option<usize>,
 }
 
 impl Endpoints {
-    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+    fn answer(&self, path: &str) -> Answer {
+        let text = |status, body: String| Answer { status, content_type: "text/plain", body, weight: None };
         match (self, path) {
             (Endpoints::Health(health), _) => {
                 let (status, body) = health.answer(path);
-                (status, "text/plain", body)
+                text(status, body)
             }
-            (Endpoints::Metrics(registry), "/metrics") => {
-                (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics::encode(registry))
+            (Endpoints::Metrics(registry), "/metrics") => Answer {
+                status: StatusCode::OK,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: metrics::encode(registry),
+                weight: None,
+            },
+            (Endpoints::Metrics(_), _) => text(StatusCode::NOT_FOUND, "not found: try /metrics\n".to_owned()),
+            (Endpoints::ServiceHealth { table, port }, _) => {
+                let health = table.read().ok().and_then(|t| t.get(port).cloned());
+                let Some(health) = health else {
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "no service uses this health check port\n".to_owned());
+                };
+                let status = if health.local_endpoints > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let body = serde_json::json!({
+                    "service": {"namespace": health.namespace, "name": health.name},
+                    "localEndpoints": health.local_endpoints,
+                    "serviceProxyHealthy": true,
+                });
+                Answer { status, content_type: "application/json", body: format!("{body}\n"), weight: Some(health.local_endpoints) }
             }
-            (Endpoints::Metrics(_), _) => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_owned()),
+        }
+    }
+}
+
+/// The listeners of the health check node ports, opened and closed as
+/// services come and go.
+#[derive(Default)]
+pub struct HealthCheckServers {
+    table: ServiceHealthTable,
+    servers: HashMap<u16, JoinHandle<()>>,
+}
+
+impl HealthCheckServers {
+    /// Makes the listeners and their answers those of `wanted`. A port that
+    /// cannot be bound is logged and tried again at the next update.
+    pub async fn update(&mut self, wanted: BTreeMap<u16, ServiceHealth>) {
+        self.servers.retain(|port, server| {
+            let keep = wanted.contains_key(port);
+            if !keep {
+                server.abort();
+                info!(port, "health check node port closed");
+            }
+            keep
+        });
+        for port in wanted.keys() {
+            if self.servers.contains_key(port) {
+                continue;
+            }
+            match TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, *port)).await {
+                Ok(listener) => {
+                    let endpoints = Endpoints::ServiceHealth { table: self.table.clone(), port: *port };
+                    self.servers.insert(*port, tokio::spawn(serve(listener, endpoints)));
+                    info!(port, "health check node port open");
+                }
+                Err(e) => warn!(port, "health check node port: {e} (is another process listening there?)"),
+            }
+        }
+        if let Ok(mut table) = self.table.write() {
+            *table = wanted;
         }
     }
 }
@@ -81,11 +155,16 @@ pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
         let endpoints = endpoints.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let (status, content_type, body) = endpoints.answer(request.uri().path());
-                let mut response = Response::new(Full::new(Bytes::from(body)));
-                *response.status_mut() = status;
-                if let Ok(value) = content_type.parse() {
-                    response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+                let answer = endpoints.answer(request.uri().path());
+                let mut response = Response::new(Full::new(Bytes::from(answer.body)));
+                *response.status_mut() = answer.status;
+                let headers = response.headers_mut();
+                if let Ok(value) = answer.content_type.parse() {
+                    headers.insert(hyper::header::CONTENT_TYPE, value);
+                }
+                if let Some(weight) = answer.weight {
+                    headers.insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
+                    headers.insert("x-load-balancing-endpoint-weight", weight.into());
                 }
                 async move { Ok::<_, Infallible>(response) }
             });
@@ -109,5 +188,27 @@ mod tests {
         health.set_ready();
         assert_eq!(health.answer("/healthz"), (StatusCode::OK, "{\"ready\":true,\"syncs\":1}\n".to_owned()));
         assert_eq!(health.answer("/metrics").0, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn health_check_node_ports_answer_like_kube_proxy() {
+        let table = ServiceHealthTable::default();
+        let endpoints = Endpoints::ServiceHealth { table: table.clone(), port: 32000 };
+        let kubia = |local_endpoints| ServiceHealth { namespace: "default".into(), name: "kubia".into(), local_endpoints };
+        let cases = [
+            ("two local endpoints: 200 and the count", Some(kubia(2)), StatusCode::OK, Some(2)),
+            ("none local: 503", Some(kubia(0)), StatusCode::SERVICE_UNAVAILABLE, Some(0)),
+            ("no service on the port: 503", None, StatusCode::SERVICE_UNAVAILABLE, None),
+        ];
+        for (rule, health, status, count) in cases {
+            *table.write().expect("table") = health.map(|h| BTreeMap::from([(32000, h)])).unwrap_or_default();
+            let answer = endpoints.answer("/");
+            assert_eq!((answer.status, answer.weight), (status, count), "{rule}");
+            if let Some(count) = count {
+                let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+                assert_eq!(body["localEndpoints"], count, "{rule}");
+                assert_eq!(body["service"]["name"], "kubia", "{rule}");
+            }
+        }
     }
 }

@@ -232,6 +232,7 @@ async fn serve(
     let mut generation = 0u64;
     // Interfaces attached by pattern, and their events (from the first sync on).
     let mut by_pattern: HashSet<String> = HashSet::new();
+    let mut health_checks = http::HealthCheckServers::default();
     let (link_events_tx, mut link_events) = tokio::sync::mpsc::unbounded_channel();
     let mut link_events_tx = Some(link_events_tx);
     loop {
@@ -249,6 +250,7 @@ async fn serve(
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
                 sync(&mut source, node, state, datapath, generation, noticed, reporting.stats)?;
+                health_checks.update(model.state.health_checks()).await;
                 reporting.health.record_sync();
                 if generation == 1 {
                     for iface in &args.ifaces {

@@ -721,3 +721,65 @@ fn session_affinity_sticks_until_its_timeout() {
     println!("first connections after each timeout reached {after_timeouts:?}");
     assert!(after_timeouts.len() > 1, "after the timeout, connections are placed afresh: {after_timeouts:?}");
 }
+
+/// A LoadBalancer service (externalTrafficPolicy Local) whose ingress IP
+/// 10.202.0.100 the client reaches through the node, with only kubia-1 on
+/// this node (kubia-2 elsewhere), or none.
+fn load_balancer_manifests(local_pod: bool) -> String {
+    use lb_tests::cluster::{NODE_NAME, pod_ip};
+    let local = if local_pod {
+        format!("- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: {NODE_NAME}}}\n", pod_ip(0))
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kubia-lb, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
+         ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30200}}\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 10.202.0.100}}]}}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubia-lb-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: kubia-lb}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         endpoints:\n{local}- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node-2}}\n",
+        pod_ip(1)
+    )
+}
+
+/// The load balancer IP serves like the node port (Local: the local pod,
+/// which sees the client), and the health check node port answers 200 with
+/// the local endpoint count, then 503 once the local pod is gone, then 200
+/// again when it is back.
+#[test]
+fn load_balancer_ip_and_health_check_node_port() {
+    use lb_tests::cluster::CLIENT_IP;
+    let cluster = Cluster::start(2, &load_balancer_manifests(true)).expect("cluster");
+    let answers = cluster
+        .client
+        .enter(|| (0..10).map(|_| connect_and_ask(SocketAddrV4::new([10, 202, 0, 100].into(), 80))).collect::<Vec<_>>())
+        .expect("client");
+    for answer in answers {
+        assert_eq!(answer.expect("through the load balancer IP"), format!("You've hit {}", pod_name(0)));
+    }
+    assert!(cluster.pods[0].server.peers.lock().expect("peers").iter().all(|p| p.ip() == CLIENT_IP), "the client is seen");
+
+    let health_until = |expected: &str| -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = http_get(&cluster.client, "10.201.0.1:32000", "/healthz").unwrap_or_default();
+            if response.starts_with(expected) || std::time::Instant::now() > deadline {
+                return response;
+            }
+            std::thread::yield_now();
+        }
+    };
+    let healthy = health_until("HTTP/1.1 200");
+    assert!(healthy.starts_with("HTTP/1.1 200") && healthy.contains("\"localEndpoints\":1"), "{healthy}");
+    assert!(healthy.to_lowercase().contains("x-load-balancing-endpoint-weight: 1"), "{healthy}");
+
+    cluster.write_manifest(MANIFEST_FILE, &load_balancer_manifests(false)).expect("manifest");
+    let unhealthy = health_until("HTTP/1.1 503");
+    assert!(unhealthy.starts_with("HTTP/1.1 503") && unhealthy.contains("\"localEndpoints\":0"), "{unhealthy}");
+
+    cluster.write_manifest(MANIFEST_FILE, &load_balancer_manifests(true)).expect("manifest");
+    let healthy_again = health_until("HTTP/1.1 200");
+    assert!(healthy_again.starts_with("HTTP/1.1 200"), "{healthy_again}");
+}

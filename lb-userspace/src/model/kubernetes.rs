@@ -348,6 +348,11 @@ fn service_ports(
             }
         }
     }
+    // Asked by cloud load balancers whether this node has local endpoints.
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(port) if service_type == "LoadBalancer" && external_local => Some(valid_port(port, "healthCheckNodePort")?),
+        _ => None,
+    };
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         let number = valid_port(port.port, "port")?;
@@ -365,6 +370,7 @@ fn service_ports(
             drop_when_empty: local_only,
             snat: false,
             affinity_seconds,
+            health_check_node_port: None,
         };
 
         // The external side: the node port on every node address, and the
@@ -387,6 +393,7 @@ fn service_ports(
                 drop_when_empty: external_local,
                 snat: !external_local,
                 affinity_seconds,
+                health_check_node_port,
             };
             ports.push((internal_name.to_external(), external));
         }
@@ -487,6 +494,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::model::ServiceHealth;
 
     const NODE: &str = "node-a";
 
@@ -882,5 +890,22 @@ mod tests {
             assert_eq!(seconds, expected, "{rule}");
             assert_eq!(computed.skipped.len(), usize::from(expected.is_none()), "{rule}");
         }
+    }
+
+    #[test]
+    fn health_check_node_port_counts_local_endpoints() {
+        let spec = |policy: &str| {
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": policy, "healthCheckNodePort": 32000,
+                   "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]})
+        };
+        let remote = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "node-b"});
+        let slices = [kubia_slice("s1", json!([ep("10.244.1.2"), ep("10.244.1.3"), remote]))];
+        let node_ips = [Ipv4Addr::new(192, 168, 0, 1)];
+        let local = desired_state_on(&objects(&[kubia(spec("Local"))], &slices), NODE, &node_ips);
+        let health = local.state.health_checks();
+        let expected = ServiceHealth { namespace: "default".into(), name: "kubia".into(), local_endpoints: 2 };
+        assert_eq!(health, BTreeMap::from([(32000, expected)]), "Local: the local endpoints, not the remote one");
+        let cluster = desired_state_on(&objects(&[kubia(spec("Cluster"))], &slices), NODE, &node_ips);
+        assert!(cluster.state.health_checks().is_empty(), "only with externalTrafficPolicy Local");
     }
 }

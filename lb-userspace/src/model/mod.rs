@@ -95,6 +95,10 @@ pub struct ServicePort {
     pub snat: bool,
     /// sessionAffinity ClientIP's timeout in seconds; 0 without affinity.
     pub affinity_seconds: u32,
+    /// The external side of a LoadBalancer service with
+    /// externalTrafficPolicy Local: the node port where load balancers ask
+    /// whether this node has local endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -102,8 +106,31 @@ pub struct DesiredState {
     pub services: BTreeMap<ServicePortName, ServicePort>,
 }
 
+/// What a health check node port answers for: its service and how many
+/// endpoints of it are on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
 impl DesiredState {
     pub fn endpoint_count(&self) -> usize {
         self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    /// The health check node ports and what each reports: the service's
+    /// distinct local endpoint addresses over all its ports.
+    pub fn health_checks(&self) -> BTreeMap<u16, ServiceHealth> {
+        let mut local: BTreeMap<u16, (ServiceHealth, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+        for (name, port) in &self.services {
+            let Some(node_port) = port.health_check_node_port else { continue };
+            let (_, ips) = local.entry(node_port).or_insert_with(|| {
+                (ServiceHealth { namespace: name.namespace.clone(), name: name.name.clone(), local_endpoints: 0 }, BTreeSet::new())
+            });
+            ips.extend(port.endpoints.iter().map(|e| e.ip));
+        }
+        local.into_iter().map(|(port, (health, ips))| (port, ServiceHealth { local_endpoints: ips.len(), ..health })).collect()
     }
 }

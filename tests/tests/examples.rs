@@ -3,8 +3,14 @@
 //! describe.
 use std::{collections::BTreeMap, path::PathBuf};
 
-use lb_tests::cluster::{kubia_manifests, ready};
-use lb_userspace::{model::kubernetes::desired_state, source::manifests::ManifestDir};
+use lb_tests::cluster::{NODE_IP, kubia_manifests, ready};
+use lb_userspace::{
+    model::{
+        ServicePortName,
+        kubernetes::{desired_state, desired_state_on},
+    },
+    source::manifests::ManifestDir,
+};
 
 fn programmed(state: &lb_userspace::model::DesiredState) -> BTreeMap<String, Vec<String>> {
     state
@@ -19,18 +25,28 @@ fn examples_program_the_seeds_services() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let update = ManifestDir::new(dir).load().expect("the examples load");
     assert!(update.skipped.is_empty(), "{:?}", update.skipped);
-    let computed = desired_state(&update.objects, "node-1");
+    let computed = desired_state_on(&update.objects, "node-1", &[NODE_IP]);
     assert!(computed.skipped.is_empty(), "{:?}", computed.skipped);
     let kubia: Vec<String> = (1..=3).map(|i| format!("10.244.{i}.2:8080")).collect();
     let dns: Vec<String> = (1..=3).map(|i| format!("10.244.{i}.2:5353")).collect();
     let expected = BTreeMap::from([
         ("default/external-service".to_owned(), vec!["11.11.11.11:80".to_owned(), "22.22.22.22:80".to_owned()]),
         ("default/kubia:dns".to_owned(), dns),
-        ("default/kubia:http".to_owned(), kubia),
+        ("default/kubia:http".to_owned(), kubia.clone()),
+        ("default/kubia-nodeport".to_owned(), kubia.clone()),
+        ("default/kubia-nodeport/external".to_owned(), kubia.clone()),
+        ("default/kubia-loadbalancer".to_owned(), kubia.clone()),
+        ("default/kubia-loadbalancer/external".to_owned(), kubia),
         ("default/no-endpoints:dns".to_owned(), vec![]),
         ("default/no-endpoints:http".to_owned(), vec![]),
     ]);
     assert_eq!(programmed(&computed.state), expected);
+    let external_frontends = |name: &str| -> Vec<String> {
+        let port = &computed.state.services[&ServicePortName::new("default", name, "").to_external()];
+        port.frontends.iter().map(|f| format!("{}:{}", f.ip, f.port)).collect()
+    };
+    assert_eq!(external_frontends("kubia-nodeport"), ["10.201.0.1:30123"], "the seeds' node port");
+    assert_eq!(external_frontends("kubia-loadbalancer"), ["10.201.0.1:31234", "10.202.0.100:80"]);
 }
 
 /// The demo replaces the example kubia.yaml with generated ones as pods

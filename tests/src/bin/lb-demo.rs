@@ -1,17 +1,20 @@
 //! The demo behind `cargo xtask demo`: the seeds' kubia service (ClusterIP
-//! 10.96.0.10, port 80 → targetPort 8080, three pods) from the manifests in
-//! deploy/examples/, in network namespaces on this machine, with the real
+//! 10.96.0.10, port 80 → targetPort 8080, three pods), its NodePort
+//! (30123) and LoadBalancer variants, from the manifests in deploy/examples/, in network namespaces on this machine, with the real
 //! lb-agent doing the load balancing and real curl requests. No cluster
 //! needed. Everything it creates is removed when it ends.
 use std::{net::SocketAddrV4, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 use lb_tests::{
-    cluster::{ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, PodState, pod_ip, pod_name},
+    cluster::{ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, NODE_IP, PodState, pod_ip, pod_name},
     netns::connect_and_ask,
 };
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+/// The address deploy/examples/kubia-loadbalancer.yaml gives the load
+/// balancer; the client's default route leads there through the node.
+const LOAD_BALANCER_IP: &str = "10.202.0.100";
 
 fn curl(cluster: &Cluster, url: &str) -> Result<String> {
     let out = Command::new("ip")
@@ -49,6 +52,15 @@ fn main() -> Result<()> {
     println!("\n==> $ kubectl exec client -- curl -s http://{KUBIA_VIP}   (x6)");
     for _ in 0..6 {
         println!("    {}", curl(&cluster, &format!("http://{KUBIA_VIP}"))?);
+    }
+
+    println!("\n==> the seeds' NodePort service: port 30123 of the node (kubia-nodeport.yaml)");
+    for _ in 0..4 {
+        println!("    $ curl http://{NODE_IP}:30123  ->  {}", curl(&cluster, &format!("http://{NODE_IP}:30123"))?);
+    }
+    println!("\n==> the seeds' LoadBalancer service: its ingress IP (kubia-loadbalancer.yaml)");
+    for _ in 0..4 {
+        println!("    $ curl http://{LOAD_BALANCER_IP}  ->  {}", curl(&cluster, &format!("http://{LOAD_BALANCER_IP}"))?);
     }
 
     println!("\n==> a service without endpoints is refused at once, as with kube-proxy");

@@ -5,3 +5,4 @@ pub mod fixture;
 pub mod netns;
 pub mod packets;
 pub mod pinned;
+pub mod two_nodes;

@@ -1,0 +1,143 @@
+//! Two nodes in network namespaces, each running its own `lb-agent` (its
+//! own bpf filesystem) on one shared manifest directory, with pods behind
+//! each node and routes between the nodes for pod traffic, as a CNI sets
+//! them; an external client on the nodes' LAN.
+//!
+//! ```text
+//!                       lan (bridge) 192.168.50.0/24
+//!        ┌───────────────────────┼────────────────────────┐
+//!  client .100           node-1 .1 [lb-agent]       node-2 .2 [lb-agent]
+//!                        │ b1 10.244.1.1              │ b3 10.244.3.1
+//!                        │   kubia-1 10.244.1.2       │   kubia-3 10.244.3.2
+//!                        │ b2 10.244.2.1
+//!                        │   kubia-2 10.244.2.2
+//!  routes: node-1 10.244.3.0/24 via .2; node-2 10.244.1.0/24 and 10.244.2.0/24 via .1
+//! ```
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+
+use crate::{
+    cluster::{AGENT_TIMEOUT, DNS_TARGET_PORT, HTTP_TARGET_PORT, MANIFEST_FILE, Pod, TempDir, pod_ip, pod_name},
+    netns::{Agent, Bpffs, EchoServer, Netns, link},
+};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
+pub const NODE_NAMES: [&str; 2] = ["node-1", "node-2"];
+pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 168, 50, 1), Ipv4Addr::new(192, 168, 50, 2)];
+/// Which node each pod (by index, as `pod_ip`) runs on.
+pub const POD_NODES: [usize; 3] = [0, 0, 1];
+
+/// One node: its namespace, pods, bpf filesystem and agent. Fields drop
+/// in order: the agent stops first.
+pub struct Node {
+    pub agent: Agent,
+    pub bpffs: Bpffs,
+    pub pods: Vec<(usize, Pod)>,
+    pub ns: Netns,
+}
+
+/// The whole topology. Fields drop in order: the nodes (agents, pods,
+/// namespaces), then the LAN and client, then the manifest directory.
+pub struct TwoNodes {
+    pub nodes: Vec<Node>,
+    pub client: Netns,
+    lan: Netns,
+    manifests: TempDir,
+}
+
+impl TwoNodes {
+    /// Builds the topology and starts both agents on `manifests`; returns
+    /// once both are ready.
+    pub fn start(manifests: &str) -> Result<Self> {
+        let dir = TempDir::new("manifests")?;
+        std::fs::write(dir.0.join(MANIFEST_FILE), manifests).context("writing the manifests")?;
+        let lan = Netns::new("lan")?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new("extclient")?;
+        join_lan(&lan, &client, "pc", CLIENT_IP)?;
+
+        let mut nodes = Vec::new();
+        for (n, node_ip) in NODE_IPS.iter().enumerate() {
+            let ns = Netns::new(&format!("node{}", n + 1))?;
+            join_lan(&lan, &ns, &format!("p{}", n + 1), *node_ip)?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+                ns.sysctl(key, "0")?;
+            }
+            let mut pods = Vec::new();
+            for (i, _) in POD_NODES.iter().enumerate().filter(|(_, on)| **on == n) {
+                let pod_ns = Netns::new(&format!("pod{}", i + 1))?;
+                link(&ns, &format!("b{}", i + 1), Ipv4Addr::new(10, 244, i as u8 + 1, 1), &pod_ns, "eth0", pod_ip(i))?;
+                pod_ns.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", i + 1)])?;
+                let server = EchoServer::start(&pod_ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
+                pods.push((i, Pod { server, ns: pod_ns }));
+            }
+            // The CNI's routes: the other node's pods through the other node.
+            let other = NODE_IPS[1 - n].to_string();
+            for (i, _) in POD_NODES.iter().enumerate().filter(|(_, on)| **on != n) {
+                ns.ip(&["route", "add", &format!("10.244.{}.0/24", i + 1), "via", &other])?;
+            }
+            nodes.push((ns, pods));
+        }
+
+        let mut started = Vec::new();
+        for (n, (ns, pods)) in nodes.into_iter().enumerate() {
+            let bpffs = Bpffs::new()?;
+            let mut args = vec![
+                "--manifests".to_owned(),
+                dir.0.to_string_lossy().into_owned(),
+                "--node-name".to_owned(),
+                NODE_NAMES[n].to_owned(),
+                "--node-ip".to_owned(),
+                NODE_IPS[n].to_string(),
+                "--bpffs-dir".to_owned(),
+                bpffs.dir.to_string_lossy().into_owned(),
+                "--iface".to_owned(),
+                "lan0".to_owned(),
+            ];
+            for (i, _) in &pods {
+                args.extend(["--iface".to_owned(), format!("b{}", i + 1)]);
+            }
+            let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = Agent::start(&ns, &arg_refs)?;
+            started.push(Node { agent, bpffs, pods, ns });
+        }
+        for node in &started {
+            node.agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
+        }
+        Ok(Self { nodes: started, client, lan, manifests: dir })
+    }
+
+    /// The pod with index `i`, wherever it runs.
+    pub fn pod(&self, i: usize) -> &Pod {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter())
+            .find_map(|(index, pod)| (*index == i).then_some(pod))
+            .unwrap_or_else(|| panic!("no pod {i}"))
+    }
+
+    /// Replaces the manifest file both agents read.
+    pub fn write_manifests(&self, content: &str) -> Result<()> {
+        let aside = self.manifests.0.join(format!(".{MANIFEST_FILE}.partial"));
+        std::fs::write(&aside, content).context("writing the manifests")?;
+        std::fs::rename(&aside, self.manifests.0.join(MANIFEST_FILE)).context("renaming the manifests into place")
+    }
+
+    /// The LAN's bridge namespace (kept for its lifetime).
+    pub fn lan(&self) -> &Netns {
+        &self.lan
+    }
+}
+
+/// Connects `ns` to the LAN bridge through a veth whose LAN end is `port`;
+/// the inside end is `lan0` with `ip/24`.
+fn join_lan(lan: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
+    lan.ip(&["link", "add", port, "type", "veth", "peer", "name", "lan0", "netns", &ns.name])?;
+    lan.ip(&["link", "set", port, "master", "br0"])?;
+    lan.ip(&["link", "set", port, "up"])?;
+    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "lan0"])?;
+    ns.ip(&["link", "set", "lan0", "up"])
+}

@@ -1,0 +1,183 @@
+//! End-to-end on two nodes (tests/src/two_nodes.rs): each node runs its own
+//! lb-agent, pods run behind both, and an external client on the LAN
+//! reaches the nodes. Real TCP and UDP clients and servers. Needs root.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    cluster::pod_ip,
+    netns::{Netns, connect_and_ask, http_get},
+    two_nodes::{CLIENT_IP, NODE_IPS, NODE_NAMES, POD_NODES, TwoNodes},
+};
+
+/// A service over the pods `pods` (by index), each on its node.
+fn service(name: &str, spec: &str, pods: &[usize]) -> String {
+    let mut endpoints = String::new();
+    for &i in pods {
+        endpoints.push_str(&format!(
+            "- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: {}}}\n",
+            pod_ip(i),
+            NODE_NAMES[POD_NODES[i]]
+        ));
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
+         ports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
+         endpoints:\n{}---\n",
+        if endpoints.is_empty() { "[]\n".to_owned() } else { endpoints }
+    )
+}
+
+const PORTS: &str = "  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: NODEPORT}\n  \
+                     - {name: dns, port: 53, targetPort: 5353, protocol: UDP, nodePort: NODEPORT}\n";
+
+/// kubia: NodePort 30123, Cluster policy, every pod. kubia-local:
+/// LoadBalancer, Local policy, node port 30124, health check 32000, only
+/// kubia-3 (node-2). kubia-self: a cluster IP whose one endpoint is kubia-1.
+/// kubia-sticky: ClientIP affinity, one second.
+fn manifests(local_pods: &[usize]) -> String {
+    let ports = |node_port: &str| PORTS.replace("NODEPORT", node_port);
+    service("kubia", &format!("  type: NodePort\n  clusterIP: 10.96.0.10\n{}", ports("30123")), &[0, 1, 2])
+        + &service(
+            "kubia-local",
+            &format!("  type: LoadBalancer\n  clusterIP: 10.96.0.11\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n{}", ports("30124")),
+            local_pods,
+        )
+        + &service("kubia-self", "  clusterIP: 10.96.0.12\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n", &[0])
+        + &service(
+            "kubia-sticky",
+            "  clusterIP: 10.96.0.13\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  \
+             ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+            &[0, 1, 2],
+        )
+}
+
+/// `count` connections from `ns` to `addr`; who answered (errors by kind).
+fn hits(ns: &Netns, addr: SocketAddrV4, count: usize) -> BTreeMap<String, usize> {
+    ns.enter(move || {
+        let mut hits = BTreeMap::<String, usize>::new();
+        for _ in 0..count {
+            let answer = connect_and_ask(addr).unwrap_or_else(|e| format!("error: {:?}", e.kind()));
+            *hits.entry(answer.trim_start_matches("You've hit ").to_owned()).or_default() += 1;
+        }
+        hits
+    })
+    .expect("client")
+}
+
+fn udp_ask(ns: &Netns, addr: SocketAddrV4) -> std::io::Result<String> {
+    ns.enter(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send(b"query")?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim_end().trim_start_matches("You've hit ").to_owned())
+    })
+    .expect("client")
+}
+
+fn peers(cluster: &TwoNodes, pod: usize) -> BTreeSet<IpAddr> {
+    cluster.pod(pod).server.peers.lock().expect("peers").iter().map(|p| p.ip()).collect()
+}
+
+/// NodePort with externalTrafficPolicy Cluster on both nodes reaches the
+/// pods on both nodes: traffic to a pod on the other node is translated to
+/// the node's address, crosses to the other node, and its replies come back
+/// through the first node to the client. TCP and UDP.
+#[test]
+fn node_ports_on_both_nodes_reach_pods_on_both_nodes() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    for node_ip in NODE_IPS {
+        let seen = hits(&cluster.client, SocketAddrV4::new(node_ip, 30123), 45);
+        println!("{node_ip}:30123 (Cluster) -> {seen:?}");
+        assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["kubia-1", "kubia-2", "kubia-3"], "{node_ip}: {seen:?}");
+    }
+    let node_addresses: BTreeSet<IpAddr> = NODE_IPS.iter().map(|&ip| IpAddr::V4(ip)).collect();
+    for pod in 0..3 {
+        assert!(peers(&cluster, pod).is_subset(&node_addresses), "kubia-{} saw {:?}, not only node addresses", pod + 1, peers(&cluster, pod));
+    }
+    let mut udp = BTreeSet::new();
+    for _ in 0..30 {
+        udp.insert(udp_ask(&cluster.client, SocketAddrV4::new(NODE_IPS[0], 30123)).expect("UDP through node-1's node port"));
+    }
+    assert!(udp.contains("kubia-3"), "UDP crosses to node-2 too: {udp:?}");
+}
+
+/// externalTrafficPolicy Local: the node with the local pod serves it and
+/// the pod sees the client's own address; the node without a local pod does
+/// not forward (the connection times out). The health check node port
+/// answers 200 on the node with the local endpoint, 503 on the other, and
+/// follows the endpoints as they move.
+#[test]
+fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    let served = hits(&cluster.client, SocketAddrV4::new(NODE_IPS[1], 30124), 10);
+    assert_eq!(served, BTreeMap::from([("kubia-3".to_owned(), 10)]), "node-2 serves its local pod");
+    assert_eq!(peers(&cluster, 2), BTreeSet::from([IpAddr::V4(CLIENT_IP)]), "the backend logs the client's own address");
+    assert_eq!(udp_ask(&cluster.client, SocketAddrV4::new(NODE_IPS[1], 30124)).expect("UDP, Local"), "kubia-3");
+
+    let refused = hits(&cluster.client, SocketAddrV4::new(NODE_IPS[0], 30124), 1);
+    assert!(refused.keys().all(|k| k.starts_with("error")), "node-1 has no local pod and must not forward: {refused:?}");
+
+    let health = |node: usize, expected: &'static str| -> String {
+        let addr: &'static str = if node == 0 { "192.168.50.1:32000" } else { "192.168.50.2:32000" };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = http_get(&cluster.client, addr, "/").unwrap_or_default();
+            if response.starts_with(expected) || Instant::now() > deadline {
+                return response;
+            }
+            std::thread::yield_now();
+        }
+    };
+    let on_node2 = health(1, "HTTP/1.1 200");
+    assert!(on_node2.starts_with("HTTP/1.1 200") && on_node2.contains("\"localEndpoints\":1"), "{on_node2}");
+    let on_node1 = health(0, "HTTP/1.1 503");
+    assert!(on_node1.starts_with("HTTP/1.1 503") && on_node1.contains("\"localEndpoints\":0"), "{on_node1}");
+
+    // The endpoint moves to node-1: the answers follow.
+    cluster.write_manifests(&manifests(&[0])).expect("manifests");
+    assert!(health(0, "HTTP/1.1 200").starts_with("HTTP/1.1 200"));
+    assert!(health(1, "HTTP/1.1 503").starts_with("HTTP/1.1 503"));
+}
+
+/// A pod reaching its own service and landing on itself (hairpin), and a
+/// pod on node-1 reaching the cluster IP of pods on both nodes.
+#[test]
+fn pods_reach_services_across_nodes_and_themselves() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    let kubia1 = &cluster.pod(0).ns;
+    let itself = hits(kubia1, SocketAddrV4::new([10, 96, 0, 12].into(), 80), 5);
+    assert_eq!(itself, BTreeMap::from([("kubia-1".to_owned(), 5)]), "hairpin");
+    let everywhere = hits(kubia1, SocketAddrV4::new([10, 96, 0, 10].into(), 80), 45);
+    assert_eq!(everywhere.keys().cloned().collect::<Vec<_>>(), ["kubia-1", "kubia-2", "kubia-3"], "{everywhere:?}");
+    assert!(peers(&cluster, 2).contains(&IpAddr::V4(pod_ip(0))), "in-cluster traffic keeps the pod's address across nodes");
+}
+
+/// sessionAffinity ClientIP from a pod: 15 consecutive connections land on
+/// one pod; after the one-second timeout they are placed afresh.
+#[test]
+fn session_affinity_across_nodes() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    let kubia2 = &cluster.pod(1).ns;
+    let sticky = SocketAddrV4::new([10, 96, 0, 13].into(), 80);
+    let first = hits(kubia2, sticky, 15);
+    assert_eq!(first.len(), 1, "15 connections, one pod: {first:?}");
+    let mut after = BTreeSet::new();
+    for _ in 0..10 {
+        // Waiting out the timeout is the point: a connection would renew it.
+        std::thread::sleep(Duration::from_millis(1300));
+        after.extend(hits(kubia2, sticky, 1).into_keys());
+        if after.len() > 1 {
+            break;
+        }
+    }
+    assert!(after.len() > 1, "after the timeout connections spread again: {after:?}");
+}

@@ -22,6 +22,8 @@
 //! - `SERVICE_COUNTERS`, `VERDICT_COUNTERS`: per-CPU counters.
 //! - `SESSION_AFFINITY`: LRU, (client, service) → the backend its new
 //!   connections stick to and when it last opened one.
+//! - `SOCKET_REVNAT`: LRU, (socket cookie, backend) → frontend, for the
+//!   node's own sockets translated at connect/send time.
 //! - `DATAPATH_CONFIG`: one entry, the node's settings (the address source
 //!   NAT uses and its port range).
 use bytemuck::{Pod, Zeroable};
@@ -37,6 +39,7 @@ pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const MAP_SESSION_AFFINITY: &str = "SESSION_AFFINITY";
+pub const MAP_SOCKET_REVNAT: &str = "SOCKET_REVNAT";
 /// Service id → name, for inspection tools; created and written by the
 /// agent, never read by the datapath.
 pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
@@ -46,6 +49,11 @@ pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
 pub const PROG_XDP: &str = "lb_xdp";
 /// An XDP program that returns XDP_PASS at once: the benchmark floor.
 pub const PROG_XDP_FLOOR: &str = "lb_xdp_floor";
+/// The socket-level programs for the node's own processes (cgroup hooks).
+pub const PROG_SOCK_CONNECT4: &str = "lb_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 
 pub const MAX_FRONTENDS: u32 = 65_536;
 pub const MAX_VIPS: u32 = 65_536;
@@ -54,6 +62,7 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
 pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
+pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -140,6 +149,31 @@ pub struct AffinityKey {
 pub struct AffinityValue {
     pub backend: Backend,
     pub last_used_ns: u64,
+}
+
+/// One of the node's own sockets, translated to `backend_*` at connect or
+/// send time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketRevNatKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// Network byte order.
+    pub backend_ip: u32,
+    /// Network byte order.
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketRevNatValue {
+    /// Network byte order.
+    pub frontend_ip: u32,
+    /// Network byte order.
+    pub frontend_port: u16,
+    pub _pad: u16,
 }
 
 /// A service address: how many frontends it has, and `VIP_*` bits.
@@ -325,6 +359,8 @@ const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<FrontendValue>() == 20);
     assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<SocketRevNatKey>() == 16);
+    assert!(size_of::<SocketRevNatValue>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<BackendSlotKey>() == 8);
     assert!(size_of::<Backend>() == 8);
@@ -355,6 +391,8 @@ mod user {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for SocketRevNatKey {}
+    unsafe impl aya::Pod for SocketRevNatValue {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for DatapathConfig {}
 }

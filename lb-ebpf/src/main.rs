@@ -1,5 +1,6 @@
 //! The service load balancer's datapath: thin entry points for the tc (tcx)
-//! and XDP hooks over one packet-processing routine (`datapath::process`).
+//! and XDP hooks over one packet-processing routine (`datapath::process`),
+//! and the cgroup socket hooks for the node's own processes (`sock`).
 //! See docs/architecture.md for which hook serves which traffic.
 #![no_std]
 #![no_main]
@@ -12,13 +13,14 @@ mod nat;
 mod parse;
 mod reject;
 mod service;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::generated::bpf_redirect,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 use context::{TcPacket, XdpPacket};
@@ -45,6 +47,30 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Action::Drop => xdp_action::XDP_DROP,
         Action::Bounce => xdp_action::XDP_TX,
     }
+}
+
+/// The node's own TCP connects and connected UDP sockets to a service.
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx)
+}
+
+/// The node's own unconnected UDP datagrams to a service.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx)
+}
+
+/// Datagrams from a backend show the service as their source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore_source(&ctx)
+}
+
+/// getpeername shows the service, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore_source(&ctx)
 }
 
 /// The benchmark floor: an XDP program that does nothing at all.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
+    AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, MAX_SOCKET_REVNAT_ENTRIES, SocketRevNatKey, SocketRevNatValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
     ServiceCounters, VipValue,
 };
@@ -22,6 +22,13 @@ pub static SERVICE_VIPS: HashMap<u32, VipValue, { MAX_VIPS as usize }> = HashMap
 /// sessionAffinity ClientIP: (client, service) → backend and last use.
 #[btf_map]
 pub static SESSION_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// The node's own sockets sent to a backend instead of a frontend:
+/// (socket cookie, backend) → frontend, to show replies and the peer as
+/// the frontend.
+#[btf_map]
+pub static SOCKET_REVNAT: LruHashMap<SocketRevNatKey, SocketRevNatValue, { MAX_SOCKET_REVNAT_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// The node's settings, one entry.

@@ -14,10 +14,15 @@ use crate::maps::{
 /// The frontend a packet is addressed to, if any.
 #[inline(always)]
 pub fn frontend(tuple: &ConntrackKey) -> Option<FrontendValue> {
-    let key = FrontendKey { ip: tuple.dst_ip, port: tuple.dst_port, proto: tuple.proto, _pad: 0 };
+    frontend_by_key(&FrontendKey { ip: tuple.dst_ip, port: tuple.dst_port, proto: tuple.proto, _pad: 0 })
+}
+
+/// The frontend `key`, if it exists.
+#[inline(always)]
+pub fn frontend_by_key(key: &FrontendKey) -> Option<FrontendValue> {
     // SAFETY: the value is copied out at once; user space replaces entries
     // whole, so the copy is of one version.
-    unsafe { SERVICE_FRONTENDS.get(&key).copied() }
+    unsafe { SERVICE_FRONTENDS.get(key).copied() }
 }
 
 /// The service address `ip`, if it is one.

@@ -35,3 +35,13 @@ pub fn count_service_reject(service_id: u32) {
         unsafe { (*counters).rejected += 1 };
     }
 }
+
+/// A connection of one of the node's own sockets translated at connect or
+/// send time (no packet passes the hooks for it).
+#[inline(always)]
+pub fn count_service_connection(service_id: u32) {
+    if let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(service_id) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { (*counters).new_flows += 1 };
+    }
+}

@@ -47,6 +47,18 @@ pub struct AgentArgs {
     #[arg(long = "xdp-iface", value_name = "NAME")]
     pub xdp_ifaces: Vec<String>,
 
+    /// The cgroup (v2) whose processes reach services through the socket
+    /// programs: the node's own processes, hostNetwork pods and the kubelet,
+    /// whose packets pass no ingress hook (default: the cgroup v2 root,
+    /// /sys/fs/cgroup or /sys/fs/cgroup/unified).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_socket_lb")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Do not attach the socket programs: the node's own processes do not
+    /// reach services.
+    #[arg(long)]
+    pub no_socket_lb: bool,
+
     /// Directory on a bpf filesystem where the maps are pinned; distinct per
     /// agent when several run on one machine.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]

@@ -11,13 +11,17 @@ use aya_log::EbpfLogger;
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use lb_common::{PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR};
+use lb_common::{
+    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_INGRESS, PROG_XDP,
+    PROG_XDP_FLOOR,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -34,6 +38,13 @@ const EBPF_LOG_OFF: u8 = 0;
 /// Where attachment links are pinned across restarts, below the pin dir.
 const LINKS_DIR: &str = "links";
 
+/// The socket-level programs, attached to a cgroup for the node's own
+/// processes.
+const SOCK_PROGRAMS: [&str; 4] = [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4, PROG_SOCK_GETPEERNAME4];
+
+/// Pin name prefix of a socket program's cgroup link.
+const CGROUP_LINK_PREFIX: &str = "cgroup-";
+
 /// The loaded datapath: its programs (attached or not) and its maps.
 /// Dropping it detaches every program it attached, except those handed to
 /// bpffs by `keep_attached`.
@@ -43,6 +54,8 @@ pub struct Datapath {
     /// Where attachments are pinned to outlive the agent (pinned datapath).
     links_dir: Option<PathBuf>,
     attached: HashMap<String, Attachment>,
+    /// The socket programs' cgroup links, by program.
+    sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
 
 #[derive(Debug)]
@@ -121,8 +134,12 @@ impl Datapath {
             let xdp: &mut Xdp = program_mut(&mut ebpf, name)?;
             xdp.load().map_err(|source| Error::Program { name, source })?;
         }
+        for name in SOCK_PROGRAMS {
+            let sock: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            sock.load().map_err(|source| Error::Program { name, source })?;
+        }
         let maps = DatapathMaps::take(&mut ebpf, pin_dir)?;
-        Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new() })
+        Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new(), sock_links: Vec::new() })
     }
 
     /// Attaches the tc program at the ingress of `iface` (tcx), taking over
@@ -181,6 +198,30 @@ impl Datapath {
         Ok(how)
     }
 
+    /// Attaches the socket programs to the cgroup (v2) directory `cgroup`,
+    /// so the node's own processes in it reach services, then lets go of a
+    /// previous agent's (both run meanwhile: the first to translate wins,
+    /// the other then sees a backend, not a service).
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| Error::Read { path: cgroup.into(), source })?;
+        for name in SOCK_PROGRAMS {
+            let sock: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
+            // Cgroup links take no flags and always allow several programs.
+            let id = sock
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach { iface: format!("cgroup {}", cgroup.display()), source })?;
+            self.sock_links.push((name, id));
+        }
+        let Some(links) = &self.links_dir else { return Ok(()) };
+        for name in SOCK_PROGRAMS {
+            let previous = links.join(format!("{CGROUP_LINK_PREFIX}{name}"));
+            if previous.exists() {
+                std::fs::remove_file(&previous).map_err(|e| pin_err(&previous, e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The pinned link of a previous agent for `iface`, unpinned: an empty
     /// error when there is none.
     fn take_pinned_link(&self, iface: &str, kind: LinkKind) -> Result<FdLink, String> {
@@ -221,6 +262,9 @@ impl Datapath {
         for entry in entries {
             let entry = entry.map_err(|source| Error::Read { path: dir.clone(), source })?;
             let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with(CGROUP_LINK_PREFIX) {
+                continue;
+            }
             let iface = [LinkKind::TcIngress, LinkKind::Xdp]
                 .into_iter()
                 .find_map(|kind| file.strip_prefix(kind.prefix()))
@@ -255,6 +299,17 @@ impl Datapath {
             match link.and_then(|link| link.pin(&path).map_err(|e| pin_err(&path, e))) {
                 Ok(_pinned) => kept += 1,
                 Err(e) => warn!(iface, "{e}; the program detaches when the agent exits"),
+            }
+        }
+        for (name, id) in std::mem::take(&mut self.sock_links) {
+            let path = dir.join(format!("{CGROUP_LINK_PREFIX}{name}"));
+            let link = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)?
+                .take_link(id)
+                .map_err(|source| Error::Program { name, source })
+                .and_then(|link| FdLink::try_from(link).map_err(|e| pin_err(&path, e)));
+            match link.and_then(|link| link.pin(&path).map_err(|e| pin_err(&path, e))) {
+                Ok(_pinned) => kept += 1,
+                Err(e) => warn!(program = name, "{e}; the program detaches when the agent exits"),
             }
         }
         info!(kept, dir = %dir.display(), "attachments pinned for the next agent");
@@ -295,6 +350,20 @@ where
 {
     let program = ebpf.program(name).ok_or(Error::Missing(name))?;
     program.try_into().map_err(|source| Error::Program { name, source })
+}
+
+/// The cgroup v2 hierarchy's root: `/sys/fs/cgroup` on a unified system,
+/// `/sys/fs/cgroup/unified` on a hybrid one; `None` without cgroup v2.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|path| {
+        let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else { return false };
+        // SAFETY: statfs writes into a zeroed struct we own; c_path is NUL-terminated.
+        unsafe {
+            let mut stat: libc::statfs = std::mem::zeroed();
+            libc::statfs(c_path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == CGROUP2_SUPER_MAGIC
+        }
+    })
 }
 
 /// Lets `iface` receive packets whose source is one of the node's own

@@ -263,6 +263,13 @@ async fn serve(
                         accept_local(args, iface);
                         info!(iface, ?how, "attached xdp");
                     }
+                    if !args.no_socket_lb {
+                        let cgroup = args.cgroup.clone().or_else(lb_userspace::datapath::cgroup2_root).context(
+                            "no cgroup v2 hierarchy for the socket programs: give --cgroup DIR, or --no-socket-lb",
+                        )?;
+                        datapath.attach_sockets(&cgroup)?;
+                        info!(cgroup = %cgroup.display(), "attached the socket programs (the node's own processes)");
+                    }
                     if args.iface_patterns.is_empty() {
                         release_stale_links(datapath)?;
                     }

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use lb_common::{FrontendKey, IPPROTO_TCP};
 
 use crate::{
-    netns::{Agent, Bpffs, EchoServer, Netns, link, run, unique_name},
+    netns::{Agent, Bpffs, Cgroup, EchoServer, Netns, link, run, unique_name},
     pinned::PinnedMaps,
 };
 
@@ -166,6 +166,8 @@ pub struct Topology {
     pub client: Netns,
     pub node: Netns,
     pub bpffs: Bpffs,
+    /// Where the agent's socket programs apply (the node's own processes).
+    pub cgroup: Cgroup,
     hook: ClientHook,
 }
 
@@ -196,7 +198,7 @@ impl Topology {
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
         }
-        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, hook })
+        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, hook })
     }
 
     /// The agent's arguments for this topology, less the source.
@@ -213,6 +215,7 @@ impl Topology {
         args.extend(["--node-name".to_owned(), NODE_NAME.to_owned()]);
         args.extend(["--node-ip".to_owned(), NODE_IP.to_string()]);
         args.extend(["--bpffs-dir".to_owned(), self.bpffs.dir.to_string_lossy().into_owned()]);
+        args.extend(["--cgroup".to_owned(), self.cgroup.dir.to_string_lossy().into_owned()]);
         args
     }
 

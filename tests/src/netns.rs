@@ -121,6 +121,60 @@ impl Drop for Bpffs {
     }
 }
 
+/// A cgroup (v2) of the test's own, for the agent's socket programs: only
+/// processes the test puts in it are translated, never the machine's
+/// others. The hierarchy is mounted again under /tmp, because `ip netns
+/// exec` gives the agent a fresh /sys without /sys/fs/cgroup. Removed on
+/// drop.
+pub struct Cgroup {
+    pub dir: PathBuf,
+    mount: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Result<Self> {
+        let mount = std::env::temp_dir().join(unique_name("cgroot"));
+        std::fs::create_dir(&mount).with_context(|| format!("creating {}", mount.display()))?;
+        if let Err(e) = run("mount", &["-t", "cgroup2", "none", &mount.to_string_lossy()]) {
+            let _ = std::fs::remove_dir(&mount);
+            return Err(e.context("mounting the cgroup v2 hierarchy (needs cgroup v2)"));
+        }
+        let dir = mount.join(unique_name("cg"));
+        let cgroup = Self { dir, mount };
+        std::fs::create_dir(&cgroup.dir).with_context(|| format!("creating cgroup {}", cgroup.dir.display()))?;
+        Ok(cgroup)
+    }
+
+    /// Runs a bash `script` in namespace `ns` as a process of this cgroup;
+    /// returns its standard output, or its error output when it fails.
+    pub fn run_in(&self, ns: &Netns, script: &str) -> Result<String> {
+        let procs = self.dir.join("cgroup.procs");
+        let joined = format!("echo $$ > {} && {script}", procs.display());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bash", "-c", &joined])
+            .output()
+            .context("running bash in the namespace")?;
+        if !out.status.success() {
+            bail!("{script}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if self.dir.exists()
+            && let Err(e) = std::fs::remove_dir(&self.dir)
+        {
+            eprintln!("cleanup: removing cgroup {}: {e}", self.dir.display());
+        }
+        if let Err(e) = run("umount", &[&self.mount.to_string_lossy()]) {
+            eprintln!("cleanup: {e}");
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
 /// Joins two namespaces with a veth pair; `a` gets `a_ip/24` on `a_if`,
 /// `b` gets `b_ip/24` on `b_if`.
 pub fn link(a: &Netns, a_if: &str, a_ip: Ipv4Addr, b: &Netns, b_if: &str, b_ip: Ipv4Addr) -> Result<()> {

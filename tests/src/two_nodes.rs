@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     cluster::{AGENT_TIMEOUT, DNS_TARGET_PORT, HTTP_TARGET_PORT, MANIFEST_FILE, Pod, TempDir, pod_ip, pod_name},
-    netns::{Agent, Bpffs, EchoServer, Netns, link},
+    netns::{Agent, Bpffs, Cgroup, EchoServer, Netns, link},
 };
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
@@ -33,6 +33,8 @@ pub const POD_NODES: [usize; 3] = [0, 0, 1];
 pub struct Node {
     pub agent: Agent,
     pub bpffs: Bpffs,
+    /// Where the agent's socket programs apply (the node's own processes).
+    pub cgroup: Cgroup,
     pub pods: Vec<(usize, Pod)>,
     pub ns: Netns,
 }
@@ -85,7 +87,10 @@ impl TwoNodes {
         let mut started = Vec::new();
         for (n, (ns, pods)) in nodes.into_iter().enumerate() {
             let bpffs = Bpffs::new()?;
+            let cgroup = Cgroup::new()?;
             let mut args = vec![
+                "--cgroup".to_owned(),
+                cgroup.dir.to_string_lossy().into_owned(),
                 "--manifests".to_owned(),
                 dir.0.to_string_lossy().into_owned(),
                 "--node-name".to_owned(),
@@ -102,7 +107,7 @@ impl TwoNodes {
             }
             let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let agent = Agent::start(&ns, &arg_refs)?;
-            started.push(Node { agent, bpffs, pods, ns });
+            started.push(Node { agent, bpffs, cgroup, pods, ns });
         }
         for node in &started {
             node.agent.wait_for(&["ready"], AGENT_TIMEOUT)?;

@@ -181,3 +181,37 @@ fn session_affinity_across_nodes() {
     }
     assert!(after.len() > 1, "after the timeout connections spread again: {after:?}");
 }
+
+/// A process in node-1's own network namespace (as a hostNetwork pod or
+/// the kubelet) reaches the cluster IP, pods on both nodes included, and
+/// the node port on its own address, over TCP and UDP: the socket programs
+/// translate at connect time, and UDP replies show the service address.
+#[test]
+fn node_local_processes_reach_cluster_ips_and_own_node_ports() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    let node = &cluster.nodes[0];
+    let tcp = |address: &str, port: u16| {
+        // The server keeps connections open: read up to the answer line.
+        let script = format!(
+            "exec 3<>/dev/tcp/{address}/{port} && printf 'GET / HTTP/1.1\\r\\nHost: kubia\\r\\n\\r\\n' >&3 && \
+             while read -r -t 5 line <&3; do case \"$line\" in \"You've hit\"*) echo \"$line\"; exit 0;; esac; done; exit 1"
+        );
+        node.cgroup.run_in(&node.ns, &script).expect("a node-local TCP client")
+    };
+    let mut reached = BTreeSet::new();
+    for _ in 0..30 {
+        let response = tcp("10.96.0.10", 80);
+        let pod = response.lines().last().unwrap_or_default().trim_start_matches("You've hit ").to_owned();
+        assert!(pod.starts_with("kubia-"), "{response}");
+        reached.insert(pod);
+    }
+    assert_eq!(reached.into_iter().collect::<Vec<_>>(), ["kubia-1", "kubia-2", "kubia-3"], "the cluster IP, from the node");
+    let own_node_port = tcp("192.168.50.1", 30123);
+    assert!(own_node_port.contains("You've hit kubia-"), "the node port on the node's own address: {own_node_port}");
+    let udp = node
+        .cgroup
+        // One read of the datagram (bash's read would take it byte by byte).
+        .run_in(&node.ns, "exec 3<>/dev/udp/10.96.0.10/53 && printf query >&3 && timeout 3 dd bs=100 count=1 <&3 2>/dev/null")
+        .expect("a node-local UDP client");
+    assert!(udp.starts_with("You've hit kubia-"), "UDP through the cluster IP from the node: {udp:?}");
+}

@@ -1,0 +1,67 @@
+//! Socket-level load balancing for the node's own processes (hostNetwork
+//! pods, the kubelet): their packets to a service never pass an ingress
+//! hook, so the destination is translated when the socket connects (TCP,
+//! connected UDP) or sends (unconnected UDP), and translated back where the
+//! application reads the peer (received datagrams, getpeername).
+use aya_ebpf::{EbpfContext, helpers::generated::bpf_get_socket_cookie, programs::SockAddrContext};
+use lb_common::{FrontendKey, SocketRevNatKey, SocketRevNatValue};
+
+use crate::{maps::SOCKET_REVNAT, service, stats};
+
+/// What a sock_addr program returns: go on, or fail the call with EPERM.
+pub const ALLOW: i32 = 1;
+pub const REFUSE: i32 = 0;
+
+/// connect4 and sendmsg4: a service frontend becomes one of its backends.
+#[inline(always)]
+pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
+    let addr = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr; these are
+    // plain field reads. user_port holds the port in network byte order in
+    // its low 16 bits.
+    let (ip, port, proto) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16, (*addr).protocol as u8) };
+    let key = FrontendKey { ip, port, proto, _pad: 0 };
+    let Some(fe) = service::frontend_by_key(&key) else { return ALLOW };
+    let Some(backend) = service::pick_backend(&fe) else {
+        // No endpoints: fail at once, as a reject does for packets.
+        stats::count_service_reject(fe.service_id);
+        return REFUSE;
+    };
+    // SAFETY: a helper taking the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let reverse_key = SocketRevNatKey { cookie, backend_ip: backend.ip, backend_port: backend.port, _pad: 0 };
+    let reverse = SocketRevNatValue { frontend_ip: ip, frontend_port: port, _pad: 0 };
+    // Without the reverse entry a UDP reply would not be recognised: refuse
+    // rather than half-translate.
+    if SOCKET_REVNAT.insert(&reverse_key, &reverse, 0).is_err() {
+        return REFUSE;
+    }
+    stats::count_service_connection(fe.service_id);
+    // SAFETY: connect4 and sendmsg4 may write the destination.
+    unsafe {
+        (*addr).user_ip4 = backend.ip;
+        (*addr).user_port = u32::from(backend.port);
+    }
+    ALLOW
+}
+
+/// recvmsg4 and getpeername4: a backend the socket was sent to by
+/// `translate_destination` shows as the service frontend again.
+#[inline(always)]
+pub fn restore_source(ctx: &SockAddrContext) -> i32 {
+    let addr = ctx.sock_addr;
+    // SAFETY: as above.
+    let (ip, port) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16) };
+    // SAFETY: a helper taking the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SocketRevNatKey { cookie, backend_ip: ip, backend_port: port, _pad: 0 };
+    if let Some(frontend) = SOCKET_REVNAT.get_ptr(&key) {
+        // SAFETY: a pointer from a successful lookup; recvmsg4 and
+        // getpeername4 may write the address.
+        unsafe {
+            (*addr).user_ip4 = (*frontend).frontend_ip;
+            (*addr).user_port = u32::from((*frontend).frontend_port);
+        }
+    }
+    ALLOW
+}

@@ -28,7 +28,9 @@ pub struct AgentArgs {
 
     /// An address of this node: node ports answer on it, and the first one
     /// is the source of translated external and hairpin traffic (so replies
-    /// come back through this node). Repeatable.
+    /// come back through this node). Repeatable. Default with the
+    /// Kubernetes API: the Node object's InternalIP, then ExternalIP,
+    /// addresses.
     #[arg(long = "node-ip", value_name = "IPV4")]
     pub node_ips: Vec<std::net::Ipv4Addr>,
 

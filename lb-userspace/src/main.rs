@@ -19,7 +19,7 @@ use lb_userspace::{
     links::{self, LinkEvent},
     metrics::{self, AgentStats, ServiceLabels},
     model::kubernetes::Model,
-    source::{ChangeReceiver, Source, api::ApiSource, manifests},
+    source::{ChangeReceiver, Source, api::{self, ApiSource}, manifests},
     sync::{SyncLimiter, Syncer},
 };
 use tokio::{
@@ -112,6 +112,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         Some(name) => name.clone(),
         None => std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name for --node-name")?.trim().to_owned(),
     };
+    let mut node_ips = args.node_ips.clone();
     let (changes_tx, changes) = watch::channel(None);
     let (source, source_task): (Source, JoinHandle<anyhow::Result<()>>) = match &args.manifests {
         Some(dir) => {
@@ -123,6 +124,15 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         None => {
             let client = kube_client(args).await?;
             info!(node, "source: Kubernetes API");
+            if node_ips.is_empty() {
+                match api::node_addresses(client.clone(), &node).await {
+                    Ok(addresses) => {
+                        info!(node, ?addresses, "node addresses from the Node object");
+                        node_ips = addresses;
+                    }
+                    Err(e) => warn!(node, "reading the Node object for its addresses: {e} (give --node-ip)"),
+                }
+            }
             let (api, task) = ApiSource::start(client, changes_tx);
             (Source::Api(api), tokio::spawn(async move {
                 task.await;
@@ -155,18 +165,19 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
     }
     datapath.maps.set_config(DatapathConfig {
-        snat_ip: args.node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
+        snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
     })?;
-    if args.node_ips.is_empty() {
+    if node_ips.is_empty() {
         warn!("no --node-ip: node ports answer nowhere, and external (Cluster policy) and hairpin traffic is dropped");
     }
     let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps)?;
     info!(maps = pinned.adopted.len(), services = adopted.adopted, discarded = adopted.discarded, "adopted the pinned datapath");
     let running = RunningSource { source, task: source_task, changes };
     let reporting = Reporting { health: &health, stats: &stats };
-    let result = serve(args, &node, running, (&mut datapath, syncer), reporting, &mut shutdown).await;
+    let this_node = ThisNode { name: &node, ips: &node_ips };
+    let result = serve(args, this_node, running, (&mut datapath, syncer), reporting, &mut shutdown).await;
     // Programs stay attached and maps pinned: the next agent takes them over
     // (`lb-agent --cleanup` removes them).
     datapath.keep_attached()?;
@@ -217,16 +228,24 @@ struct RunningSource {
     changes: ChangeReceiver,
 }
 
+/// The node the agent runs on: its name and its addresses.
+#[derive(Clone, Copy)]
+struct ThisNode<'a> {
+    name: &'a str,
+    ips: &'a [std::net::Ipv4Addr],
+}
+
 async fn serve(
     args: &AgentArgs,
-    node: &str,
+    node: ThisNode<'_>,
     running: RunningSource,
     (datapath, mut syncer): (&mut Datapath, Syncer),
     reporting: Reporting<'_>,
     shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let RunningSource { mut source, task: source_task, mut changes } = running;
-    let mut model = Model::with_node_ips(args.node_ips.clone());
+    let mut model = Model::with_node_ips(node.ips.to_vec());
+    let with_snat = !node.ips.is_empty();
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
     let mut generation = 0u64;
@@ -249,18 +268,18 @@ async fn serve(
                 generation += 1;
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
-                sync(&mut source, node, state, datapath, generation, noticed, reporting.stats)?;
+                sync(&mut source, node.name, state, datapath, generation, noticed, reporting.stats)?;
                 health_checks.update(model.state.health_checks()).await;
                 reporting.health.record_sync();
                 if generation == 1 {
                     for iface in &args.ifaces {
                         let how = datapath.attach_tc(iface)?;
-                        accept_local(args, iface);
+                        accept_local(with_snat, iface);
                         info!(iface, ?how, "attached tc ingress");
                     }
                     for iface in &args.xdp_ifaces {
                         let how = datapath.attach_xdp(iface)?;
-                        accept_local(args, iface);
+                        accept_local(with_snat, iface);
                         info!(iface, ?how, "attached xdp");
                     }
                     if !args.no_socket_lb {
@@ -284,7 +303,7 @@ async fn serve(
                     info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
-            Some(event) = link_events.recv() => follow_link(args, datapath, &mut by_pattern, event)?,
+            Some(event) = link_events.recv() => follow_link(args, with_snat, datapath, &mut by_pattern, event)?,
             () = shutdown.recv() => break,
         }
     }
@@ -294,8 +313,8 @@ async fn serve(
 
 /// With node addresses (so source NAT), lets the interface take packets
 /// translated to them; a failure is logged, the rest of the service works.
-fn accept_local(args: &AgentArgs, iface: &str) {
-    if !args.node_ips.is_empty()
+fn accept_local(with_snat: bool, iface: &str) {
+    if with_snat
         && let Err(e) = lb_userspace::datapath::accept_local_sources(iface)
     {
         warn!(iface, "{e}: node ports, external traffic and hairpin through this interface may be dropped as martians");
@@ -312,7 +331,7 @@ fn release_stale_links(datapath: &Datapath) -> anyhow::Result<()> {
 }
 
 /// Attaches to a new interface matching a pattern, lets go of a removed one.
-fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
+fn follow_link(args: &AgentArgs, with_snat: bool, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
     match event {
         LinkEvent::Present(iface) => {
             let wanted = args.iface_patterns.iter().any(|p| links::matches(p, &iface))
@@ -321,7 +340,7 @@ fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashS
             if wanted && !by_pattern.contains(&iface) {
                 match datapath.attach_tc(&iface) {
                     Ok(how) => {
-                        accept_local(args, &iface);
+                        accept_local(with_snat, &iface);
                         info!(iface, ?how, "attached tc ingress (pattern)");
                         by_pattern.insert(iface);
                     }

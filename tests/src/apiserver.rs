@@ -81,6 +81,8 @@ struct State {
     held_lists: BTreeSet<Kind>,
     list_requests: Vec<Kind>,
     watchers: Vec<(Kind, mpsc::Sender<WatchMessage>)>,
+    /// Node objects by name, answered to GETs only.
+    nodes: BTreeMap<String, Value>,
 }
 
 /// The server; it runs until dropped.
@@ -130,6 +132,13 @@ impl FakeApiServer {
                 self.apply(value)?;
             }
         }
+        Ok(())
+    }
+
+    /// Stores a Node, served to `GET /api/v1/nodes/NAME`.
+    pub fn put_node(&self, node: Value) -> Result<()> {
+        let name = node["metadata"]["name"].as_str().context("a Node without a name")?.to_owned();
+        self.lock().nodes.insert(name, node);
         Ok(())
     }
 
@@ -277,6 +286,15 @@ fn serve(conn: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) {
         let target = request_line.split_whitespace().nth(1).unwrap_or_default();
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+            let node = lock(shared).nodes.get(name).cloned();
+            let (status, body) = match node {
+                Some(node) => ("200 OK", node.to_string()),
+                None => ("404 Not Found", json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string()),
+            };
+            let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            continue;
+        }
         let Some(kind) = Kind::from_path(path) else {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string();
             let _ = write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());

@@ -168,6 +168,9 @@ pub struct Topology {
     pub bpffs: Bpffs,
     /// Where the agent's socket programs apply (the node's own processes).
     pub cgroup: Cgroup,
+    /// Whether the agent is told `--node-ip` (else it finds the node's
+    /// addresses in its Node object).
+    pub node_ip_flag: bool,
     hook: ClientHook,
 }
 
@@ -198,7 +201,7 @@ impl Topology {
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
         }
-        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, hook })
+        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, node_ip_flag: true, hook })
     }
 
     /// The agent's arguments for this topology, less the source.
@@ -213,7 +216,9 @@ impl Topology {
         };
         args.extend([client_flag.to_owned(), "c0".to_owned()]);
         args.extend(["--node-name".to_owned(), NODE_NAME.to_owned()]);
-        args.extend(["--node-ip".to_owned(), NODE_IP.to_string()]);
+        if self.node_ip_flag {
+            args.extend(["--node-ip".to_owned(), NODE_IP.to_string()]);
+        }
         args.extend(["--bpffs-dir".to_owned(), self.bpffs.dir.to_string_lossy().into_owned()]);
         args.extend(["--cgroup".to_owned(), self.cgroup.dir.to_string_lossy().into_owned()]);
         args

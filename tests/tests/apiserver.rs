@@ -118,3 +118,29 @@ fn agent_follows_the_api_through_watch_failures_and_outages() {
         cluster.agent.log()
     );
 }
+
+/// In a cluster the node's addresses come from its Node object (named by
+/// --node-name / NODE_NAME): without --node-ip the agent reads them there,
+/// and the node port answers on the InternalIP.
+#[test]
+fn node_addresses_come_from_the_node_object() {
+    use lb_tests::cluster::{NODE_IP, NODE_NAME};
+    let mut net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    net.node_ip_flag = false;
+    let api = FakeApiServer::start_in(&net.node).expect("fake API server");
+    api.put_node(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME},
+        "status": {"addresses": [{"type": "Hostname", "address": NODE_NAME}, {"type": "InternalIP", "address": NODE_IP.to_string()}]}}))
+        .expect("node");
+    let node_port = kubia_manifests(&ready(&[0])).replacen("  selector: {app: kubia}\n", "  type: NodePort\n  selector: {app: kubia}\n", 1).replacen(
+        "targetPort: 8080}",
+        "targetPort: 8080, nodePort: 30123}",
+        1,
+    );
+    api.apply_yaml(&node_port).expect("objects");
+    let dir = TempDir::new("kubeconfig").expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir.0).expect("kubeconfig");
+    let cluster = Cluster::run_agent(net, vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()], None).expect("agent");
+    assert!(cluster.agent.log().contains("node addresses from the Node object"), "{}", cluster.agent.log());
+    let answer = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new(NODE_IP, 30123))).expect("client");
+    assert_eq!(answer.expect("the node port on the Node object's InternalIP"), "You've hit kubia-1");
+}

@@ -7,7 +7,10 @@
 use std::{future::Future, time::Instant};
 
 use futures::{StreamExt, stream};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     runtime::{
@@ -99,4 +102,16 @@ impl ApiSource {
         let objects = ClusterObjects { services: self.services.state(), slices: self.slices.state() };
         Update { objects, skipped: Vec::new() }
     }
+}
+
+/// This node's IPv4 addresses from its Node object: InternalIP ones first,
+/// then ExternalIP ones (where node ports answer, as kube-proxy's default).
+pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::Ipv4Addr>, kube::Error> {
+    let node = Api::<Node>::all(client).get(node).await?;
+    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+    let mut ips = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        ips.extend(addresses.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok()));
+    }
+    Ok(ips)
 }

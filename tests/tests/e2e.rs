@@ -734,7 +734,7 @@ fn load_balancer_manifests(local_pod: bool) -> String {
     };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: kubia-lb, namespace: default}}\n\
-         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.50\n  externalIPs: [10.202.0.200]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
          ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30200}}\n\
          status: {{loadBalancer: {{ingress: [{{ip: 10.202.0.100}}]}}}}\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubia-lb-1\n  namespace: default\n  \
@@ -744,7 +744,7 @@ fn load_balancer_manifests(local_pod: bool) -> String {
     )
 }
 
-/// The load balancer IP serves like the node port (Local: the local pod,
+/// The load balancer IP and the external IP serve like the node port (Local: the local pod,
 /// which sees the client), and the health check node port answers 200 with
 /// the local endpoint count, then 503 once the local pod is gone, then 200
 /// again when it is back.
@@ -752,12 +752,14 @@ fn load_balancer_manifests(local_pod: bool) -> String {
 fn load_balancer_ip_and_health_check_node_port() {
     use lb_tests::cluster::CLIENT_IP;
     let cluster = Cluster::start(2, &load_balancer_manifests(true)).expect("cluster");
-    let answers = cluster
-        .client
-        .enter(|| (0..10).map(|_| connect_and_ask(SocketAddrV4::new([10, 202, 0, 100].into(), 80))).collect::<Vec<_>>())
-        .expect("client");
-    for answer in answers {
-        assert_eq!(answer.expect("through the load balancer IP"), format!("You've hit {}", pod_name(0)));
+    for external in [[10, 202, 0, 100], [10, 202, 0, 200]] {
+        let answers = cluster
+            .client
+            .enter(move || (0..10).map(|_| connect_and_ask(SocketAddrV4::new(external.into(), 80))).collect::<Vec<_>>())
+            .expect("client");
+        for answer in answers {
+            assert_eq!(answer.expect("through the load balancer IP, then the external IP"), format!("You've hit {}", pod_name(0)));
+        }
     }
     assert!(cluster.pods[0].server.peers.lock().expect("peers").iter().all(|p| p.ip() == CLIENT_IP), "the client is seen");
 

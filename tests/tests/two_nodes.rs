@@ -39,7 +39,8 @@ const PORTS: &str = "  ports:\n  - {name: http, port: 80, targetPort: 8080, prot
 /// kubia: NodePort 30123, Cluster policy, every pod. kubia-local:
 /// LoadBalancer, Local policy, node port 30124, health check 32000, only
 /// kubia-3 (node-2). kubia-self: a cluster IP whose one endpoint is kubia-1.
-/// kubia-sticky: ClientIP affinity, one second.
+/// kubia-sticky: ClientIP affinity, one second. kubia-internal-local:
+/// internalTrafficPolicy Local over every pod.
 fn manifests(local_pods: &[usize]) -> String {
     let ports = |node_port: &str| PORTS.replace("NODEPORT", node_port);
     service("kubia", &format!("  type: NodePort\n  clusterIP: 10.96.0.10\n{}", ports("30123")), &[0, 1, 2])
@@ -53,6 +54,11 @@ fn manifests(local_pods: &[usize]) -> String {
             "kubia-sticky",
             "  clusterIP: 10.96.0.13\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n  \
              ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+            &[0, 1, 2],
+        )
+        + &service(
+            "kubia-internal-local",
+            "  clusterIP: 10.96.0.14\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
             &[0, 1, 2],
         )
 }
@@ -142,6 +148,11 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     let on_node1 = health(0, "HTTP/1.1 503");
     assert!(on_node1.starts_with("HTTP/1.1 503") && on_node1.contains("\"localEndpoints\":0"), "{on_node1}");
 
+    // In-cluster traffic to the same service is not limited to local
+    // endpoints: a pod on node-1 reaches kubia-3 through the cluster IP.
+    let in_cluster = hits(&cluster.pod(0).ns, SocketAddrV4::new([10, 96, 0, 11].into(), 80), 3);
+    assert_eq!(in_cluster, BTreeMap::from([("kubia-3".to_owned(), 3)]), "in-cluster clients use every endpoint");
+
     // The endpoint moves to node-1: the answers follow.
     cluster.write_manifests(&manifests(&[0])).expect("manifests");
     assert!(health(0, "HTTP/1.1 200").starts_with("HTTP/1.1 200"));
@@ -214,4 +225,16 @@ fn node_local_processes_reach_cluster_ips_and_own_node_ports() {
         .run_in(&node.ns, "exec 3<>/dev/udp/10.96.0.10/53 && printf query >&3 && timeout 3 dd bs=100 count=1 <&3 2>/dev/null")
         .expect("a node-local UDP client");
     assert!(udp.starts_with("You've hit kubia-"), "UDP through the cluster IP from the node: {udp:?}");
+}
+
+/// internalTrafficPolicy Local: pods use only the endpoints on their own
+/// node, on either node.
+#[test]
+fn internal_traffic_policy_local_keeps_pods_on_their_node() {
+    let cluster = TwoNodes::start(&manifests(&[2])).expect("two nodes");
+    let vip = SocketAddrV4::new([10, 96, 0, 14].into(), 80);
+    let from_node1 = hits(&cluster.pod(1).ns, vip, 30);
+    assert_eq!(from_node1.keys().cloned().collect::<Vec<_>>(), ["kubia-1", "kubia-2"], "node-1's pods only: {from_node1:?}");
+    let from_node2 = hits(&cluster.pod(2).ns, vip, 10);
+    assert_eq!(from_node2, BTreeMap::from([("kubia-3".to_owned(), 10)]), "node-2's pod only");
 }

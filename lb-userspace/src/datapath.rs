@@ -366,13 +366,14 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// Lets `iface` receive packets whose source is one of the node's own
-/// addresses (`accept_local`): after source NAT to the node's address, a
-/// translated packet is routed from the interface it arrived on, and the
+/// Lets every interface receive packets whose source is one of the node's
+/// own addresses (`net.ipv4.conf.all.accept_local`, which the kernel ORs
+/// with each interface's setting): after source NAT to the node's address,
+/// a translated packet is routed from the interface it arrived on, and the
 /// kernel would otherwise drop it as a martian.
-pub fn accept_local_sources(iface: &str) -> Result<()> {
-    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"));
-    std::fs::write(&path, "1").map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })
+pub fn accept_local_sources() -> Result<()> {
+    let path = Path::new("/proc/sys/net/ipv4/conf/all/accept_local");
+    std::fs::write(path, "1").map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })
 }
 
 /// Creates `dir` and checks that it is on a bpf filesystem, mounting one at

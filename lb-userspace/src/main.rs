@@ -169,6 +169,14 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
     })?;
+    if !node_ips.is_empty()
+        && let Err(e) = lb_userspace::datapath::accept_local_sources()
+    {
+        warn!(
+            "{e}: translated node port, external and hairpin traffic may be dropped as martians \
+             (set net.ipv4.conf.all.accept_local=1 on the node, as the DaemonSet's init container does)"
+        );
+    }
     if node_ips.is_empty() {
         warn!("no --node-ip: node ports answer nowhere, and external (Cluster policy) and hairpin traffic is dropped");
     }
@@ -245,7 +253,6 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let RunningSource { mut source, task: source_task, mut changes } = running;
     let mut model = Model::with_node_ips(node.ips.to_vec());
-    let with_snat = !node.ips.is_empty();
     let mut reported = HashSet::new();
     let mut limiter = SyncLimiter::new(SYNC_BURST, args.min_sync_interval(), Instant::now());
     let mut generation = 0u64;
@@ -274,12 +281,10 @@ async fn serve(
                 if generation == 1 {
                     for iface in &args.ifaces {
                         let how = datapath.attach_tc(iface)?;
-                        accept_local(with_snat, iface);
                         info!(iface, ?how, "attached tc ingress");
                     }
                     for iface in &args.xdp_ifaces {
                         let how = datapath.attach_xdp(iface)?;
-                        accept_local(with_snat, iface);
                         info!(iface, ?how, "attached xdp");
                     }
                     if !args.no_socket_lb {
@@ -303,22 +308,12 @@ async fn serve(
                     info!(pinned = %args.bpffs_dir.display(), healthz = %args.healthz_addr, "ready");
                 }
             }
-            Some(event) = link_events.recv() => follow_link(args, with_snat, datapath, &mut by_pattern, event)?,
+            Some(event) = link_events.recv() => follow_link(args, datapath, &mut by_pattern, event)?,
             () = shutdown.recv() => break,
         }
     }
     info!("shutting down: the programs stay attached for the next agent");
     Ok(())
-}
-
-/// With node addresses (so source NAT), lets the interface take packets
-/// translated to them; a failure is logged, the rest of the service works.
-fn accept_local(with_snat: bool, iface: &str) {
-    if with_snat
-        && let Err(e) = lb_userspace::datapath::accept_local_sources(iface)
-    {
-        warn!(iface, "{e}: node ports, external traffic and hairpin through this interface may be dropped as martians");
-    }
 }
 
 /// Once every wanted interface is attached: lets go of the interfaces a
@@ -331,7 +326,7 @@ fn release_stale_links(datapath: &Datapath) -> anyhow::Result<()> {
 }
 
 /// Attaches to a new interface matching a pattern, lets go of a removed one.
-fn follow_link(args: &AgentArgs, with_snat: bool, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
+fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
     match event {
         LinkEvent::Present(iface) => {
             let wanted = args.iface_patterns.iter().any(|p| links::matches(p, &iface))
@@ -340,7 +335,6 @@ fn follow_link(args: &AgentArgs, with_snat: bool, datapath: &mut Datapath, by_pa
             if wanted && !by_pattern.contains(&iface) {
                 match datapath.attach_tc(&iface) {
                     Ok(how) => {
-                        accept_local(with_snat, &iface);
                         info!(iface, ?how, "attached tc ingress (pattern)");
                         by_pattern.insert(iface);
                     }

@@ -154,18 +154,7 @@ impl Datapath {
             let link = SchedClassifierLink::try_from(link).map_err(|e| e.to_string())?;
             tc.attach_to_link(link).map_err(|e| e.to_string())
         });
-        let (id, how) = match taken_over {
-            Ok(id) => (id, Attached::TakenOver),
-            Err(reason) => {
-                if !reason.is_empty() {
-                    warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
-                }
-                let id = tc
-                    .attach(iface, TcAttachType::Ingress)
-                    .map_err(|source| Error::Attach { iface: iface.into(), source })?;
-                (id, Attached::Fresh)
-            }
-        };
+        let (id, how) = take_over_or(iface, taken_over, || tc.attach(iface, TcAttachType::Ingress))?;
         self.attached.insert(iface.into(), Attachment::Tc(id));
         Ok(how)
     }
@@ -182,18 +171,7 @@ impl Datapath {
             let link = XdpLink::try_from(link).map_err(|e| e.to_string())?;
             xdp.attach_to_link(link).map_err(|e| e.to_string())
         });
-        let (id, how) = match taken_over {
-            Ok(id) => (id, Attached::TakenOver),
-            Err(reason) => {
-                if !reason.is_empty() {
-                    warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
-                }
-                let id = xdp
-                    .attach(iface, XdpMode::Default)
-                    .map_err(|source| Error::Attach { iface: iface.into(), source })?;
-                (id, Attached::Fresh)
-            }
-        };
+        let (id, how) = take_over_or(iface, taken_over, || xdp.attach(iface, XdpMode::Default))?;
         self.attached.insert(iface.into(), Attachment::Xdp(id));
         Ok(how)
     }
@@ -410,6 +388,25 @@ pub fn mount_bpffs(path: &Path) -> std::io::Result<()> {
     // SAFETY: all strings are NUL-terminated and outlive the call.
     let rc = unsafe { libc::mount(c"bpf".as_ptr(), c_path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// A taken-over attachment, or else (logging why, when there was one to
+/// take over) a fresh one from `attach`.
+fn take_over_or<Id>(
+    iface: &str,
+    taken_over: Result<Id, String>,
+    attach: impl FnOnce() -> Result<Id, aya::programs::ProgramError>,
+) -> Result<(Id, Attached)> {
+    match taken_over {
+        Ok(id) => Ok((id, Attached::TakenOver)),
+        Err(reason) => {
+            if !reason.is_empty() {
+                warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
+            }
+            let id = attach().map_err(|source| Error::Attach { iface: iface.into(), source })?;
+            Ok((id, Attached::Fresh))
+        }
+    }
 }
 
 fn pin_err(path: &Path, e: impl std::fmt::Display) -> Error {

@@ -150,8 +150,8 @@ impl Datapath {
         }
         let pinned = self.take_pinned_link(iface, LinkKind::TcIngress);
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
-        let taken_over = pinned.and_then(|link| {
-            let link = SchedClassifierLink::try_from(link).map_err(|e| e.to_string())?;
+        let taken_over = pinned.map(|pinned| {
+            let link = SchedClassifierLink::try_from(pinned?).map_err(|e| e.to_string())?;
             tc.attach_to_link(link).map_err(|e| e.to_string())
         });
         let (id, how) = take_over_or(iface, taken_over, || tc.attach(iface, TcAttachType::Ingress))?;
@@ -167,8 +167,8 @@ impl Datapath {
         }
         let pinned = self.take_pinned_link(iface, LinkKind::Xdp);
         let xdp: &mut Xdp = program_mut(&mut self.ebpf, PROG_XDP)?;
-        let taken_over = pinned.and_then(|link| {
-            let link = XdpLink::try_from(link).map_err(|e| e.to_string())?;
+        let taken_over = pinned.map(|pinned| {
+            let link = XdpLink::try_from(pinned?).map_err(|e| e.to_string())?;
             xdp.attach_to_link(link).map_err(|e| e.to_string())
         });
         let (id, how) = take_over_or(iface, taken_over, || xdp.attach(iface, XdpMode::Default))?;
@@ -200,15 +200,15 @@ impl Datapath {
         Ok(())
     }
 
-    /// The pinned link of a previous agent for `iface`, unpinned: an empty
-    /// error when there is none.
-    fn take_pinned_link(&self, iface: &str, kind: LinkKind) -> Result<FdLink, String> {
-        let Some(path) = self.link_pin(iface, kind) else { return Err(String::new()) };
-        if !path.exists() {
-            return Err(String::new());
-        }
-        let pinned = PinnedLink::from_pin(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-        pinned.unpin().map_err(|e| format!("unpinning {}: {e}", path.display()))
+    /// The pinned link of a previous agent for `iface`, unpinned; `None`
+    /// when there is none.
+    fn take_pinned_link(&self, iface: &str, kind: LinkKind) -> Option<Result<FdLink, String>> {
+        let path = self.link_pin(iface, kind).filter(|path| path.exists())?;
+        let pinned = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => pinned,
+            Err(e) => return Some(Err(format!("opening {}: {e}", path.display()))),
+        };
+        Some(pinned.unpin().map_err(|e| format!("unpinning {}: {e}", path.display())))
     }
 
     fn link_pin(&self, iface: &str, kind: LinkKind) -> Option<PathBuf> {
@@ -390,23 +390,45 @@ pub fn mount_bpffs(path: &Path) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Detaches every program an agent left attached under `dir` (its pinned
+/// links) and removes its pinned maps; returns how many pins went.
+pub fn remove_pinned(dir: &Path) -> Result<usize> {
+    let links = dir.join(LINKS_DIR);
+    let mut pins = Vec::new();
+    if links.exists() {
+        for entry in std::fs::read_dir(&links).map_err(|source| Error::Read { path: links.clone(), source })? {
+            pins.push(entry.map_err(|source| Error::Read { path: links.clone(), source })?.path());
+        }
+    }
+    pins.extend(OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| dir.join(name)));
+    let mut removed = 0;
+    for pin in pins.iter().filter(|pin| pin.exists()) {
+        std::fs::remove_file(pin).map_err(|e| pin_err(pin, e))?;
+        removed += 1;
+    }
+    if links.exists() {
+        std::fs::remove_dir(&links).map_err(|e| pin_err(&links, e))?;
+    }
+    Ok(removed)
+}
+
 /// A taken-over attachment, or else (logging why, when there was one to
 /// take over) a fresh one from `attach`.
 fn take_over_or<Id>(
     iface: &str,
-    taken_over: Result<Id, String>,
+    taken_over: Option<Result<Id, String>>,
     attach: impl FnOnce() -> Result<Id, aya::programs::ProgramError>,
 ) -> Result<(Id, Attached)> {
-    match taken_over {
-        Ok(id) => Ok((id, Attached::TakenOver)),
-        Err(reason) => {
-            if !reason.is_empty() {
-                warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh");
+    if let Some(taken_over) = taken_over {
+        match taken_over {
+            Ok(id) => return Ok((id, Attached::TakenOver)),
+            Err(reason) => {
+                warn!(iface, "the previous agent's attachment could not be taken over ({reason}); attaching afresh")
             }
-            let id = attach().map_err(|source| Error::Attach { iface: iface.into(), source })?;
-            Ok((id, Attached::Fresh))
         }
     }
+    let id = attach().map_err(|source| Error::Attach { iface: iface.into(), source })?;
+    Ok((id, Attached::Fresh))
 }
 
 fn pin_err(path: &Path, e: impl std::fmt::Display) -> Error {

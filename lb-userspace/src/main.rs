@@ -195,20 +195,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
 /// `--cleanup`: detaches every program a previous agent left attached and
 /// removes its pinned maps.
 fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
-    let links = dir.join("links");
-    let link_pins = std::fs::read_dir(&links).into_iter().flatten().map(|entry| entry.map(|e| e.path()));
-    let map_pins = lb_userspace::maps::OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| Ok(dir.join(name)));
-    let mut removed = 0;
-    for path in link_pins.chain(map_pins) {
-        let path = path.with_context(|| format!("listing {}", links.display()))?;
-        if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            removed += 1;
-        }
-    }
-    if links.exists() {
-        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
-    }
+    let removed = lb_userspace::datapath::remove_pinned(dir)?;
     info!(removed, dir = %dir.display(), "removed the pinned datapath");
     Ok(())
 }

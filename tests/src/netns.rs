@@ -343,6 +343,30 @@ pub fn http_get(ns: &Netns, addr: &'static str, path: &'static str) -> Result<St
     .with_context(|| format!("GET {addr}{path}"))
 }
 
+/// Asks `addr` once over a connected UDP socket; the answer, trimmed.
+pub fn udp_ask(addr: SocketAddrV4) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+    socket.send(b"query")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
+}
+
+/// GETs `path` from `addr` inside `ns` until the response starts with
+/// `expected` (a status line) or `timeout` passes; the last response.
+pub fn http_get_until(ns: &Netns, addr: &'static str, path: &'static str, expected: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let response = http_get(ns, addr, path).unwrap_or_default();
+        if response.starts_with(expected) || Instant::now() > deadline {
+            return response;
+        }
+        thread::yield_now();
+    }
+}
+
 /// Connects to `addr` and asks once.
 pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
     let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(3))?;

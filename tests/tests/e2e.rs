@@ -16,7 +16,7 @@ use lb_tests::{
         ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, MANIFEST_FILE, PodState, kubia_http, kubia_manifests, pod_name,
         ready,
     },
-    netns::{ask, connect_and_ask, http_get},
+    netns::{ask, connect_and_ask, http_get, http_get_until, udp_ask},
 };
 
 const CONNECTIONS: usize = 300;
@@ -672,20 +672,7 @@ fn node_ports_follow_the_external_traffic_policy() {
 
     let udp = cluster
         .client
-        .enter(|| -> std::io::Result<Vec<String>> {
-            [30123, 30124]
-                .map(|port| {
-                    let socket = UdpSocket::bind("0.0.0.0:0")?;
-                    socket.connect(SocketAddrV4::new(NODE_IP, port))?;
-                    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-                    socket.send(b"query")?;
-                    let mut buf = [0u8; 64];
-                    let n = socket.recv(&mut buf)?;
-                    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
-                })
-                .into_iter()
-                .collect()
-        })
+        .enter(|| [30123, 30124].map(|port| udp_ask(SocketAddrV4::new(NODE_IP, port))).into_iter().collect::<std::io::Result<Vec<_>>>())
         .expect("client")
         .expect("UDP through both node ports");
     assert!(udp[0].starts_with("You've hit kubia-"), "{udp:?}");
@@ -763,16 +750,7 @@ fn load_balancer_ip_and_health_check_node_port() {
     }
     assert!(cluster.pods[0].server.peers.lock().expect("peers").iter().all(|p| p.ip() == CLIENT_IP), "the client is seen");
 
-    let health_until = |expected: &str| -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let response = http_get(&cluster.client, "10.201.0.1:32000", "/healthz").unwrap_or_default();
-            if response.starts_with(expected) || std::time::Instant::now() > deadline {
-                return response;
-            }
-            std::thread::yield_now();
-        }
-    };
+    let health_until = |expected: &str| http_get_until(&cluster.client, "10.201.0.1:32000", "/healthz", expected, Duration::from_secs(20));
     let healthy = health_until("HTTP/1.1 200");
     assert!(healthy.starts_with("HTTP/1.1 200") && healthy.contains("\"localEndpoints\":1"), "{healthy}");
     assert!(healthy.to_lowercase().contains("x-load-balancing-endpoint-weight: 1"), "{healthy}");

@@ -4,12 +4,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
     cluster::pod_ip,
-    netns::{Netns, connect_and_ask, http_get},
+    netns::{Netns, connect_and_ask, http_get_until, udp_ask},
     two_nodes::{CLIENT_IP, NODE_IPS, NODE_NAMES, POD_NODES, TwoNodes},
 };
 
@@ -76,17 +76,9 @@ fn hits(ns: &Netns, addr: SocketAddrV4, count: usize) -> BTreeMap<String, usize>
     .expect("client")
 }
 
-fn udp_ask(ns: &Netns, addr: SocketAddrV4) -> std::io::Result<String> {
-    ns.enter(move || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect(addr)?;
-        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-        socket.send(b"query")?;
-        let mut buf = [0u8; 64];
-        let n = socket.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).trim_end().trim_start_matches("You've hit ").to_owned())
-    })
-    .expect("client")
+/// One UDP question from `ns`; which pod answered.
+fn udp_from(ns: &Netns, addr: SocketAddrV4) -> std::io::Result<String> {
+    ns.enter(move || udp_ask(addr).map(|answer| answer.trim_start_matches("You've hit ").to_owned())).expect("client")
 }
 
 fn peers(cluster: &TwoNodes, pod: usize) -> BTreeSet<IpAddr> {
@@ -111,7 +103,7 @@ fn node_ports_on_both_nodes_reach_pods_on_both_nodes() {
     }
     let mut udp = BTreeSet::new();
     for _ in 0..30 {
-        udp.insert(udp_ask(&cluster.client, SocketAddrV4::new(NODE_IPS[0], 30123)).expect("UDP through node-1's node port"));
+        udp.insert(udp_from(&cluster.client, SocketAddrV4::new(NODE_IPS[0], 30123)).expect("UDP through node-1's node port"));
     }
     assert!(udp.contains("kubia-3"), "UDP crosses to node-2 too: {udp:?}");
 }
@@ -127,21 +119,14 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     let served = hits(&cluster.client, SocketAddrV4::new(NODE_IPS[1], 30124), 10);
     assert_eq!(served, BTreeMap::from([("kubia-3".to_owned(), 10)]), "node-2 serves its local pod");
     assert_eq!(peers(&cluster, 2), BTreeSet::from([IpAddr::V4(CLIENT_IP)]), "the backend logs the client's own address");
-    assert_eq!(udp_ask(&cluster.client, SocketAddrV4::new(NODE_IPS[1], 30124)).expect("UDP, Local"), "kubia-3");
+    assert_eq!(udp_from(&cluster.client, SocketAddrV4::new(NODE_IPS[1], 30124)).expect("UDP, Local"), "kubia-3");
 
     let refused = hits(&cluster.client, SocketAddrV4::new(NODE_IPS[0], 30124), 1);
     assert!(refused.keys().all(|k| k.starts_with("error")), "node-1 has no local pod and must not forward: {refused:?}");
 
-    let health = |node: usize, expected: &'static str| -> String {
-        let addr: &'static str = if node == 0 { "192.168.50.1:32000" } else { "192.168.50.2:32000" };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let response = http_get(&cluster.client, addr, "/").unwrap_or_default();
-            if response.starts_with(expected) || Instant::now() > deadline {
-                return response;
-            }
-            std::thread::yield_now();
-        }
+    let health = |node: usize, expected: &str| {
+        let addr = if node == 0 { "192.168.50.1:32000" } else { "192.168.50.2:32000" };
+        http_get_until(&cluster.client, addr, "/", expected, Duration::from_secs(20))
     };
     let on_node2 = health(1, "HTTP/1.1 200");
     assert!(on_node2.starts_with("HTTP/1.1 200") && on_node2.contains("\"localEndpoints\":1"), "{on_node2}");

@@ -3,7 +3,7 @@
 //! both the forward packet and the reply find their translation with one
 //! lookup.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
-use lb_common::{Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig};
+use lb_common::{Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint};
 
 use crate::maps::CONNTRACK;
 
@@ -47,22 +47,23 @@ const SNAT_PORT_ATTEMPTS: u32 = 8;
 
 /// Records that the flow `tuple` (client → frontend) goes to `backend`,
 /// picked from `backend_set`, and that the backend's replies are to be
-/// translated back to the frontend.
+/// translated back to the frontend; returns the forward entry.
 #[inline(always)]
-pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32) -> Result<(), RecordError> {
-    let reply_tuple = reply_key(tuple, backend, tuple.src_ip, tuple.src_port);
-    let reply = reply_value(tuple, service_id, 0, 0);
+pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32) -> Result<ConntrackValue, RecordError> {
+    let client = Endpoint { ip: tuple.src_ip, port: tuple.src_port };
+    let reply_tuple = reply_key(tuple, backend, client);
+    let reply = reply_value(&reply_tuple, tuple, service_id);
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.
     CONNTRACK.insert(&reply_tuple, &reply, 0).map_err(|_| RecordError::Full)?;
-    let forward = forward_value(service_id, backend, backend_set, 0, 0);
-    CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)
+    let forward = forward_value(tuple, client, service_id, backend, backend_set);
+    CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)?;
+    Ok(forward)
 }
 
 /// As `record`, with the flow's source translated to `config.snat_ip` and
 /// a source port of the configured range that no other flow to the same
-/// backend uses (the client's own port when it is in the range and free);
-/// returns that port (network byte order).
+/// backend uses (the client's own port when it is in the range and free).
 #[inline(always)]
 pub fn record_with_snat(
     tuple: &ConntrackKey,
@@ -70,14 +71,13 @@ pub fn record_with_snat(
     backend: Backend,
     backend_set: u32,
     config: &DatapathConfig,
-) -> Result<u16, RecordError> {
+) -> Result<ConntrackValue, RecordError> {
     let (min, max) = (config.snat_port_min, config.snat_port_max);
     if config.snat_ip == 0 || min == 0 || max < min {
         return Err(RecordError::NoSnatPort);
     }
     let span = u32::from(max - min) + 1;
     let client_port = u16::from_be(tuple.src_port);
-    let reply = reply_value(tuple, service_id, tuple.src_ip, tuple.src_port);
     for attempt in 0..SNAT_PORT_ATTEMPTS {
         let port = if attempt == 0 && client_port >= min && client_port <= max {
             client_port
@@ -85,53 +85,40 @@ pub fn record_with_snat(
             // SAFETY: a helper call without arguments.
             min + (unsafe { bpf_get_prandom_u32() } % span) as u16
         };
-        let reply_tuple = reply_key(tuple, backend, config.snat_ip, port.to_be());
+        let node = Endpoint { ip: config.snat_ip, port: port.to_be() };
+        let reply_tuple = reply_key(tuple, backend, node);
+        let reply = reply_value(&reply_tuple, tuple, service_id);
         // BPF_NOEXIST: a port another flow to this backend holds is taken,
         // even by a flow recorded on another CPU at the same moment.
         if CONNTRACK.insert(&reply_tuple, &reply, u64::from(BPF_NOEXIST)).is_ok() {
-            let forward = forward_value(service_id, backend, backend_set, config.snat_ip, port.to_be());
+            let forward = forward_value(tuple, node, service_id, backend, backend_set);
             CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)?;
-            return Ok(port.to_be());
+            return Ok(forward);
         }
     }
     Err(RecordError::NoSnatPort)
 }
 
-/// The key of the backend's replies, sent to `dst_ip:dst_port` (the client,
-/// or the node's address when the source was translated).
+/// The key of the backend's replies, sent to `to` (the client, or the
+/// node's address when the source was translated).
 #[inline(always)]
-fn reply_key(tuple: &ConntrackKey, backend: Backend, dst_ip: u32, dst_port: u16) -> ConntrackKey {
-    ConntrackKey { src_ip: backend.ip, dst_ip, src_port: backend.port, dst_port, proto: tuple.proto, _pad: 0, _pad2: 0 }
+fn reply_key(tuple: &ConntrackKey, backend: Backend, to: Endpoint) -> ConntrackKey {
+    ConntrackKey { src_ip: backend.ip, dst_ip: to.ip, src_port: backend.port, dst_port: to.port, proto: tuple.proto, _pad: 0, _pad2: 0 }
 }
 
-/// Replies get the frontend as their source back, and with source
-/// translation the client as their destination.
+/// Replies come from the frontend again and go to the client.
 #[inline(always)]
-fn reply_value(tuple: &ConntrackKey, service_id: u32, client_ip: u32, client_port: u16) -> ConntrackValue {
-    ConntrackValue {
-        nat_ip: tuple.dst_ip,
-        service_id,
-        nat_port: tuple.dst_port,
-        direction: CT_REPLY,
-        _pad: 0,
-        backend_set: 0,
-        snat_ip: client_ip,
-        snat_port: client_port,
-        _pad2: 0,
-    }
+fn reply_value(reply_tuple: &ConntrackKey, tuple: &ConntrackKey, service_id: u32) -> ConntrackValue {
+    let frontend = Endpoint { ip: tuple.dst_ip, port: tuple.dst_port };
+    let client = Endpoint { ip: tuple.src_ip, port: tuple.src_port };
+    ConntrackValue::translating(reply_tuple, frontend, client, service_id, 0, CT_REPLY)
 }
 
+/// Requests come from `source` (the client, or the node with source NAT)
+/// and go to the backend.
 #[inline(always)]
-fn forward_value(service_id: u32, backend: Backend, backend_set: u32, snat_ip: u32, snat_port: u16) -> ConntrackValue {
-    ConntrackValue {
-        nat_ip: backend.ip,
-        service_id,
-        nat_port: backend.port,
-        direction: CT_FORWARD,
-        _pad: 0,
-        backend_set,
-        snat_ip,
-        snat_port,
-        _pad2: 0,
-    }
+fn forward_value(tuple: &ConntrackKey, source: Endpoint, service_id: u32, backend: Backend, backend_set: u32) -> ConntrackValue {
+    let backend = Endpoint { ip: backend.ip, port: backend.port };
+    ConntrackValue::translating(tuple, source, backend, service_id, backend_set, CT_FORWARD)
 }
+

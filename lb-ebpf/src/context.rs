@@ -12,17 +12,6 @@ use lb_common::checksum;
 /// A helper failed; the packet is dropped and counted.
 pub struct HelperFailed;
 
-/// What changed in the fields an L4 checksum covers: one address (through
-/// the pseudo-header) and one port.
-pub struct L4Change {
-    /// (old, new), network byte order.
-    pub ip: (u32, u32),
-    /// `checksum::delta_u32` of `ip`, computed once for the IPv4 header.
-    pub ip_delta: u32,
-    /// (old, new), network byte order.
-    pub port: (u16, u16),
-}
-
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -33,10 +22,10 @@ pub trait Packet {
     /// shorter) readable through `data()..data_end()`.
     fn pull_headers(&self, len: u32);
 
-    /// Updates the L4 checksum at `check_off` after the address covered by
-    /// the pseudo-header and the port changed. UDP's "no checksum" zero is
-    /// kept as it is.
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed>;
+    /// Adds to the L4 checksum at `check_off` what changed in the addresses
+    /// (covered through the pseudo-header) and in the ports, both as folded
+    /// one's complement deltas. UDP's "no checksum" zero is kept as it is.
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed>;
 
     /// Makes the packet exactly `len` bytes long. The content afterwards is
     /// unspecified: the caller rewrites all of it.
@@ -87,7 +76,7 @@ impl Packet for XdpPacket<'_> {
     /// XDP sees packets as they came off the wire, with complete checksums,
     /// so the RFC 1624 update is done here directly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed> {
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed> {
         let check_ptr = ptr_at::<_, u16>(self, check_off).ok_or(HelperFailed)?;
         // SAFETY: bounds-checked just above; read_unaligned because the L4
         // header follows a 14-byte Ethernet header.
@@ -95,8 +84,7 @@ impl Packet for XdpPacket<'_> {
         if udp && check == 0 {
             return Ok(());
         }
-        let delta = change.ip_delta + checksum::delta_u16(change.port.0, change.port.1);
-        let mut check = checksum::apply(check, delta);
+        let mut check = checksum::apply(check, u32::from(addr_delta) + u32::from(port_delta));
         if udp {
             check = checksum::udp_nonzero(check);
         }
@@ -170,16 +158,16 @@ impl Packet for TcPacket<'_> {
     /// sender with offload) or a device-computed one (CHECKSUM_COMPLETE):
     /// only the kernel's helper updates each kind correctly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, change: &L4Change) -> Result<(), HelperFailed> {
-        let (ip, port) = (change.ip, change.port);
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed> {
         let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
-        let addr_flags = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+        // Field size 0: `to` is a delta to add (from must be 0). The address
+        // delta goes with BPF_F_PSEUDO_HDR, which a partial checksum takes
+        // in; the port delta without, since a partial checksum covers no
+        // ports, so the two cannot be one call.
         self.ctx
-            .l4_csum_replace(check_off, u64::from(ip.0), u64::from(ip.1), addr_flags)
+            .l4_csum_replace(check_off, 0, u64::from(addr_delta), u64::from(BPF_F_PSEUDO_HDR) | mangled)
             .map_err(|_| HelperFailed)?;
-        self.ctx
-            .l4_csum_replace(check_off, u64::from(port.0), u64::from(port.1), mangled | 2)
-            .map_err(|_| HelperFailed)
+        self.ctx.l4_csum_replace(check_off, 0, u64::from(port_delta), mangled).map_err(|_| HelperFailed)
     }
 
     #[inline(always)]

@@ -8,7 +8,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, RecordError},
     context::Packet,
-    nat::{self, Side},
+    nat,
     parse::{self, Flow, Parsed},
     reject::{self, RejectError},
     service, stats,
@@ -52,15 +52,10 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     if let Some(entry) = conntrack::lookup(&flow.tuple) {
         let ct = entry.value();
         if ct.direction == CT_REPLY {
-            // The source becomes the frontend again; with source NAT the
-            // destination (the node's address) becomes the client again.
-            let nat = Nat { side: Side::Source, ip: ct.nat_ip, port: ct.nat_port, other_ip: ct.snat_ip, other_port: ct.snat_port };
-            return translate(pkt, &flow, nat, ct.service_id, false, Reason::ReplyTranslated);
+            return translate(pkt, &flow, &ct, false, Reason::ReplyTranslated);
         }
-        let backend = Backend { ip: ct.nat_ip, port: ct.nat_port, _pad: 0 };
-        if still_serves(&entry, &ct, backend) {
-            let nat = Nat { side: Side::Destination, ip: backend.ip, port: backend.port, other_ip: ct.snat_ip, other_port: ct.snat_port };
-            return translate(pkt, &flow, nat, ct.service_id, false, Reason::ForwardEstablished);
+        if still_serves(&entry, &ct) {
+            return translate(pkt, &flow, &ct, false, Reason::ForwardEstablished);
         }
         // The backend left: the flow gets a new one, like a new connection.
         rescheduled = true;
@@ -99,18 +94,13 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     // Source NAT for external traffic with externalTrafficPolicy Cluster,
     // and for hairpin: a pod sent to itself would otherwise get a packet
     // from its own address, and answer it without going through the node.
-    let mut nat = Nat { side: Side::Destination, ip: backend.ip, port: backend.port, other_ip: 0, other_port: 0 };
     let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip {
-        let config = service::config();
-        conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, &config).map(|port| {
-            nat.other_ip = config.snat_ip;
-            nat.other_port = port;
-        })
+        conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, &service::config())
     } else {
         conntrack::record(t, fe.service_id, backend, fe.backend_set)
     };
-    match recorded {
-        Ok(()) => {}
+    let forward = match recorded {
+        Ok(forward) => forward,
         Err(RecordError::Full) => {
             warn!(pkt, "drop {:i}:{} -> {:i}:{}: the conntrack entry could not be stored",
                 u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
@@ -121,19 +111,9 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
                 u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
             return (Action::Drop, Reason::DropNoSnatPort);
         }
-    }
+    };
     let reason = if rescheduled { Reason::ForwardRescheduled } else { Reason::ForwardNew };
-    translate(pkt, &flow, nat, fe.service_id, true, reason)
-}
-
-/// A translation: `side` gets `ip:port`; when `other_ip` is not 0 the other
-/// side gets `other_ip:other_port` (source NAT and its reversal).
-struct Nat {
-    side: Side,
-    ip: u32,
-    port: u16,
-    other_ip: u32,
-    other_port: u16,
+    translate(pkt, &flow, &forward, true, reason)
 }
 
 /// Whether an established flow's backend still serves its service: at once
@@ -141,31 +121,29 @@ struct Nat {
 /// else by one membership lookup in the current set (remembered for the
 /// packets after).
 #[inline(always)]
-fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue, backend: Backend) -> bool {
+fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue) -> bool {
     let current = service::current_backend_set(ct.service_id);
     if ct.backend_set == current {
         return true;
     }
-    let member = service::is_member(current, backend);
+    let backend = ct.destination();
+    let member = service::is_member(current, Backend { ip: backend.ip, port: backend.port, _pad: 0 });
     if member {
         entry.remember_backend_set(current);
     }
     member
 }
 
+/// Rewrites the packet as the flow's conntrack entry `to` says.
 #[inline(always)]
-fn translate<P: Packet>(pkt: &P, flow: &Flow, nat: Nat, service_id: u32, new_flow: bool, reason: Reason) -> (Action, Reason) {
-    let mut rewritten = nat::rewrite(pkt, flow, nat.side, nat.ip, nat.port);
-    if rewritten.is_ok() && nat.other_ip != 0 {
-        rewritten = nat::rewrite(pkt, flow, nat.side.other(), nat.other_ip, nat.other_port);
-    }
-    if rewritten.is_err() {
+fn translate<P: Packet>(pkt: &P, flow: &Flow, to: &ConntrackValue, new_flow: bool, reason: Reason) -> (Action, Reason) {
+    if nat::rewrite(pkt, flow, to).is_err() {
         let t = &flow.tuple;
         warn!(pkt, "drop {:i}:{} -> {:i}:{}: a kernel helper failed while rewriting the packet",
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port));
         return (Action::Drop, Reason::DropRewriteFailed);
     }
-    stats::count_service_packet(service_id, flow.ip_len, new_flow);
+    stats::count_service_packet(to.service_id, flow.ip_len, new_flow);
     (Action::Pass, reason)
 }
 

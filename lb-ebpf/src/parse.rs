@@ -39,6 +39,7 @@ pub struct Flow {
 
 /// The fixed part of an IPv4 header, fields in network byte order.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Header {
     pub version_ihl: u8,
     pub tos: u8,
@@ -52,22 +53,39 @@ pub struct Ipv4Header {
     pub dst: u32,
 }
 
+/// An Ethernet header followed by the fixed part of an IPv4 header, as one
+/// bounds check reads them.
+#[repr(C, packed)]
+struct EthIpv4 {
+    _macs: [u8; 12],
+    ethertype: u16,
+    ip: Ipv4Header,
+}
+
+/// A TCP header without options, as 32-bit words: the ports, the sequence
+/// and acknowledgment numbers, then the data offset in the low byte of
+/// the fourth.
+type TcpWords = [u32; TCP_HLEN / 4];
+
+/// A UDP header as 32-bit words: the ports, then the length in the low
+/// half of the second.
+type UdpWords = [u32; UDP_HLEN / 4];
+
+/// Parses with one bounds check for the Ethernet and IPv4 headers and one
+/// for the TCP or UDP header: each check is a compare the hot path pays.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     pkt.pull_headers(MAX_HEADERS_LEN);
-    let Some(ethertype) = ptr_at::<_, u16>(pkt, 12) else {
-        return Parsed::Malformed { dst: None };
+    let Some(headers) = ptr_at::<_, EthIpv4>(pkt, 0) else {
+        return short_frame(pkt);
     };
     // SAFETY: bounds-checked by ptr_at; unaligned reads because packet data
-    // has no alignment guarantee.
-    if unsafe { ethertype.read_unaligned() } != ETH_P_IPV4.to_be() {
+    // has no alignment guarantee (and the struct is packed).
+    let headers = unsafe { headers.read_unaligned() };
+    if headers.ethertype != ETH_P_IPV4.to_be() {
         return Parsed::NotIpv4;
     }
-    let Some(ip) = ptr_at::<_, Ipv4Header>(pkt, ETH_HLEN) else {
-        return Parsed::Malformed { dst: None };
-    };
-    // SAFETY: as above.
-    let ip = unsafe { ip.read_unaligned() };
+    let ip = headers.ip;
     let malformed = Parsed::Malformed { dst: Some(ip.dst) };
     let ihl_bytes = usize::from(ip.version_ihl & 0x0f) * 4;
     let total_len = usize::from(u16::from_be(ip.total_len));
@@ -81,52 +99,68 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     if u16::from_be(ip.frag_off) & IP_FRAGMENT_MASK != 0 {
         return Parsed::Fragment { dst: ip.dst };
     }
-    let l4_min = match ip.proto {
-        IPPROTO_TCP => TCP_HLEN,
-        IPPROTO_UDP => UDP_HLEN,
+    let l4_off = ETH_HLEN + ihl_bytes;
+    let l4_len = total_len - ihl_bytes;
+    let ports = match ip.proto {
+        IPPROTO_TCP => {
+            // The whole fixed header: its checksum field must be writable in
+            // the linear part.
+            let Some(tcp) = ptr_at::<_, TcpWords>(pkt, l4_off) else {
+                return malformed;
+            };
+            // SAFETY: as above.
+            let tcp = unsafe { tcp.read_unaligned() };
+            let tcp_header_len = usize::from(tcp[3] as u8 >> 4) * 4;
+            if tcp_header_len < TCP_HLEN || tcp_header_len > l4_len {
+                return malformed;
+            }
+            tcp[0]
+        }
+        IPPROTO_UDP => {
+            let Some(udp) = ptr_at::<_, UdpWords>(pkt, l4_off) else {
+                return malformed;
+            };
+            // SAFETY: as above.
+            let udp = unsafe { udp.read_unaligned() };
+            let udp_len = usize::from(u16::from_be(udp[1] as u16));
+            if udp_len < UDP_HLEN || udp_len > l4_len {
+                return malformed;
+            }
+            udp[0]
+        }
         _ => return Parsed::OtherProtocol,
     };
-    let l4_off = ETH_HLEN + ihl_bytes;
-    if total_len < ihl_bytes + l4_min {
-        return malformed;
-    }
-    let Some(ports) = ptr_at::<_, [u16; 4]>(pkt, l4_off) else {
-        return malformed;
-    };
-    // SAFETY: as above. Words: source port, destination port, then for UDP
-    // length and checksum, for TCP the sequence number.
-    let ports = unsafe { ports.read_unaligned() };
-    if ip.proto == IPPROTO_TCP {
-        let Some(offset_byte) = ptr_at::<_, u8>(pkt, l4_off + 12) else {
-            return malformed;
-        };
-        // SAFETY: as above.
-        let tcp_header_len = usize::from(unsafe { *offset_byte } >> 4) * 4;
-        if tcp_header_len < TCP_HLEN || ihl_bytes + tcp_header_len > total_len {
-            return malformed;
-        }
-        // The checksum field must be writable in the linear part.
-        if ptr_at::<_, [u8; TCP_HLEN]>(pkt, l4_off).is_none() {
-            return malformed;
-        }
-    } else {
-        let udp_len = usize::from(u16::from_be(ports[2]));
-        if udp_len < UDP_HLEN || udp_len > total_len - ihl_bytes {
-            return malformed;
-        }
-    }
     Parsed::Flow(Flow {
-        tuple: ConntrackKey {
-            src_ip: ip.src,
-            dst_ip: ip.dst,
-            src_port: ports[0],
-            dst_port: ports[1],
-            proto: ip.proto,
-            _pad: 0,
-            _pad2: 0,
-        },
+        tuple: tuple(ip.src, ip.dst, ports, ip.proto),
         l4_off,
         ip_len: total_len as u16,
         has_ip_options: ihl_bytes != IPV4_HLEN,
     })
+}
+
+/// A frame too short for Ethernet and IPv4 headers: not IPv4, or IPv4 cut
+/// short.
+#[inline(always)]
+fn short_frame<P: Packet>(pkt: &P) -> Parsed {
+    let Some(ethertype) = ptr_at::<_, u16>(pkt, 12) else {
+        return Parsed::Malformed { dst: None };
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { ethertype.read_unaligned() } != ETH_P_IPV4.to_be() {
+        return Parsed::NotIpv4;
+    }
+    Parsed::Malformed { dst: None }
+}
+
+/// The conntrack key of the addresses and the two ports as they sit in the
+/// headers, built as two 8-byte words: two stores for the lookup instead of
+/// one per field.
+#[inline(always)]
+fn tuple(src_ip: u32, dst_ip: u32, ports: u32, proto: u8) -> ConntrackKey {
+    const _: () = assert!(size_of::<ConntrackKey>() == 16 && cfg!(target_endian = "little"));
+    let words = [u64::from(src_ip) | u64::from(dst_ip) << 32, u64::from(ports) | u64::from(proto) << 32];
+    // SAFETY: ConntrackKey is 16 bytes of plain data, any bit pattern valid:
+    // on little-endian BPF the first word is src_ip then dst_ip, the second
+    // the two ports, then proto and zero padding.
+    unsafe { core::mem::transmute::<[u64; 2], ConntrackKey>(words) }
 }

@@ -138,9 +138,12 @@ pub struct FlowView {
     pub direction: &'static str,
     pub source: String,
     pub destination: String,
-    /// The backend (forward) or the service frontend (reply) it is
-    /// translated to.
-    pub translated_to: String,
+    /// The source it leaves with: the node's address with source NAT
+    /// (forward), the service frontend (reply).
+    pub translated_source: String,
+    /// The destination it leaves with: the backend (forward), the client
+    /// (reply).
+    pub translated_destination: String,
 }
 
 /// Conntrack entries whose addresses or service name contain `filter`.
@@ -154,10 +157,11 @@ pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView
             direction: if value.direction == CT_FORWARD { "forward" } else { "reply" },
             source: endpoint(key.src_ip, key.src_port),
             destination: endpoint(key.dst_ip, key.dst_port),
-            translated_to: endpoint(value.nat_ip, value.nat_port),
+            translated_source: endpoint(value.src_ip, value.src_port),
+            translated_destination: endpoint(value.dst_ip, value.dst_port),
         };
         let shown = filter.is_none_or(|f| {
-            [&flow.service, &flow.source, &flow.destination, &flow.translated_to].iter().any(|s| s.contains(f))
+            [&flow.service, &flow.source, &flow.destination, &flow.translated_source, &flow.translated_destination].iter().any(|s| s.contains(f))
         });
         if shown {
             flows.push(flow);

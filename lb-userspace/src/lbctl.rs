@@ -86,9 +86,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             let flows = inspect::conntrack(&maps, filter.as_deref())?;
             print(args.output, &flows, || {
                 let rows = flows.iter().map(|f| {
-                    vec![f.service.clone(), f.protocol.to_owned(), f.direction.to_owned(), f.source.clone(), f.destination.clone(), f.translated_to.clone()]
+                    vec![f.service.clone(), f.protocol.to_owned(), f.direction.to_owned(), f.source.clone(), f.destination.clone(), f.translated_source.clone(), f.translated_destination.clone()]
                 });
-                table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED TO"], rows)
+                table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED SOURCE", "TRANSLATED DESTINATION"], rows)
             })
         }
         Command::Explain { source, destination, protocol } => {

@@ -366,7 +366,7 @@ fn lbctl_shows_services_flows_and_counters_of_a_running_agent() {
     let flows = json(&["conntrack", "--filter", "10.201.0.2"]);
     let flows = flows.as_array().expect("a list");
     let forward = flows.iter().filter(|f| f["direction"] == "forward" && f["destination"] == "10.96.0.10:80").count();
-    let replies = flows.iter().filter(|f| f["direction"] == "reply" && f["translated_to"] == "10.96.0.10:80").count();
+    let replies = flows.iter().filter(|f| f["direction"] == "reply" && f["translated_source"] == "10.96.0.10:80").count();
     assert_eq!((forward, replies), (NEW, NEW), "one forward and one reply entry per connection");
     assert!(flows.iter().all(|f| f["service"] == "default/kubia:http"));
 
@@ -420,7 +420,7 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
     let source = flow["source"].as_str().expect("source");
     let established = json(&["explain", source, "10.96.0.10:80", "tcp"]);
     assert_eq!(established["verdict"], "forward_established", "{established}");
-    assert_eq!(established["backend"], flow["translated_to"], "the tracked flow's own backend");
+    assert_eq!(established["backend"], flow["translated_destination"], "the tracked flow's own backend");
 
     let cases = [
         (["explain", "10.201.0.2", "10.96.0.11:80", "tcp"], "reject_no_backend", "bounce"),

@@ -66,6 +66,7 @@ pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
 pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
 pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

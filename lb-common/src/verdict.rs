@@ -45,10 +45,15 @@ pub enum Reason {
     /// externalTrafficPolicy Cluster, or a pod reaching itself) and no node
     /// address is configured, or no source port was free: dropped.
     DropNoSnatPort = 15,
+    /// An ICMP error (destination unreachable, fragmentation needed, time
+    /// exceeded, parameter problem) about a packet of a translated flow:
+    /// the quoted headers and the ICMP's own addresses translated like the
+    /// flow's packets in the direction the error travels.
+    IcmpErrorTranslated = 16,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -67,6 +72,7 @@ impl Reason {
         Reason::DropRewriteFailed,
         Reason::DropNoLocalEndpoint,
         Reason::DropNoSnatPort,
+        Reason::IcmpErrorTranslated,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -88,6 +94,7 @@ impl Reason {
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::DropNoLocalEndpoint => "drop_no_local_endpoint",
             Reason::DropNoSnatPort => "drop_no_snat_port",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }

@@ -8,6 +8,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, RecordError},
     context::Packet,
+    icmp,
     nat,
     parse::{self, Flow, Parsed},
     reject::{self, RejectError},
@@ -35,6 +36,15 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         Parsed::Flow(flow) => flow,
         Parsed::NotIpv4 => return (Action::Pass, Reason::PassNotIpv4),
         Parsed::OtherProtocol => return (Action::Pass, Reason::PassNotService),
+        Parsed::Icmp { icmp_off, ip_len } => {
+            return match icmp::translate_error(pkt, icmp_off) {
+                Some(service_id) => {
+                    stats::count_service_packet(service_id, ip_len, false);
+                    (Action::Pass, Reason::IcmpErrorTranslated)
+                }
+                None => (Action::Pass, Reason::PassNotService),
+            };
+        }
         Parsed::Malformed { dst: Some(dst) } if service::is_cluster_ip(dst) => {
             return (Action::Drop, Reason::DropMalformed);
         }

@@ -1,7 +1,7 @@
 //! Parsing Ethernet + IPv4 + TCP/UDP headers, with every length the
 //! packet claims checked against the bytes it has.
 use lb_common::{
-    ConntrackKey, IPPROTO_TCP, IPPROTO_UDP,
+    ConntrackKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_HLEN, UDP_HLEN},
 };
 
@@ -20,7 +20,10 @@ pub enum Parsed {
     /// destination address when the IPv4 header was there to read it.
     Malformed { dst: Option<u32> },
     Fragment { dst: u32 },
-    /// IPv4, neither TCP nor UDP.
+    /// ICMP, its message `icmp_off` bytes into the packet; `ip_len` is the
+    /// IPv4 total length.
+    Icmp { icmp_off: usize, ip_len: u16 },
+    /// IPv4, neither TCP, UDP nor ICMP.
     OtherProtocol,
     Flow(Flow),
 }
@@ -128,6 +131,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             }
             udp[0]
         }
+        IPPROTO_ICMP => return Parsed::Icmp { icmp_off: l4_off, ip_len: total_len as u16 },
         _ => return Parsed::OtherProtocol,
     };
     Parsed::Flow(Flow {

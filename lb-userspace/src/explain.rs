@@ -154,6 +154,7 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         Reason::RejectUnknownPort => "a service address, but no service on this port and protocol: rejected".to_owned(),
         Reason::DropNoLocalEndpoint => "internalTrafficPolicy Local and no endpoint on this node: dropped".to_owned(),
         Reason::PassNotService => "not addressed to a service and not a reply: passed unchanged".to_owned(),
+        Reason::IcmpErrorTranslated => "an ICMP error about a tracked flow: translated like the flow's packets".to_owned(),
         other => format!("{}: see docs/architecture.md", other.name()),
     };
     Ok(Explanation { verdict: reason.name(), action, service, backend, why })

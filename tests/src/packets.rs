@@ -146,7 +146,7 @@ impl Frame {
             rst.acknowledgment_number =
                 seg.sequence_number + self.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
         }
-        let mut ip = reply_ip(&self.ip, IpNumber::TCP);
+        let mut ip = reply_ip(self.ip.destination, self.ip.source, IpNumber::TCP);
         ip.set_payload_len(rst.header_len()).expect("small packet");
         rst.checksum = rst.calc_checksum_ipv4(&ip, &[]).expect("small packet");
         ip.header_checksum = ip.calc_header_checksum();
@@ -159,10 +159,17 @@ impl Frame {
     /// The ICMP port unreachable the datapath must send back for this
     /// datagram, quoting its IP header and first 8 payload bytes.
     pub fn expected_port_unreachable(&self) -> Vec<u8> {
+        self.icmp_error(self.ip.destination, self.ip.source, Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+    }
+
+    /// An ICMP error of `kind` about this frame, from `from` to `to`, quoting
+    /// its IP header and first 8 payload bytes (RFC 792), as a router or the
+    /// destination host sends it back.
+    pub fn icmp_error(&self, from: [u8; 4], to: [u8; 4], kind: Icmpv4Type) -> Vec<u8> {
         let original = self.bytes();
         let quote = &original[14..14 + self.ip.header_len() + 8];
-        let icmp = Icmpv4Header::with_checksum(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port), quote);
-        let mut ip = reply_ip(&self.ip, IpNumber::ICMP);
+        let icmp = Icmpv4Header::with_checksum(kind, quote);
+        let mut ip = reply_ip(from, to, IpNumber::ICMP);
         ip.set_payload_len(icmp.header_len() + quote.len()).expect("small packet");
         ip.header_checksum = ip.calc_header_checksum();
         let mut out = reply_eth(&self.eth).to_bytes().to_vec();
@@ -177,8 +184,10 @@ fn reply_eth(request: &Ethernet2Header) -> Ethernet2Header {
     Ethernet2Header { source: request.destination, destination: request.source, ether_type: EtherType::IPV4 }
 }
 
-fn reply_ip(request: &Ipv4Header, proto: IpNumber) -> Ipv4Header {
-    let mut ip = Ipv4Header::new(0, 64, proto, request.destination, request.source).expect("valid header");
+/// An IPv4 header as the datapath's replies (and the ICMP errors of the
+/// tests) carry it: DF set, identification 0.
+fn reply_ip(from: [u8; 4], to: [u8; 4], proto: IpNumber) -> Ipv4Header {
+    let mut ip = Ipv4Header::new(0, 64, proto, from, to).expect("valid header");
     ip.dont_fragment = true;
     ip.identification = 0;
     ip

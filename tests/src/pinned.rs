@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use lb_common::FrontendKey;
+use lb_common::{FrontendKey, Reason};
 use lb_userspace::inspect;
 
 pub struct PinnedMaps(inspect::PinnedMaps);
@@ -16,6 +16,12 @@ pub struct PinnedMaps(inspect::PinnedMaps);
 impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<Self> {
         Ok(Self(inspect::PinnedMaps::open(dir)?))
+    }
+
+    /// How many packets the datapath counted under `reason`.
+    pub fn verdict_count(&self, reason: Reason) -> Result<u64> {
+        let totals = inspect::verdicts(&self.0)?;
+        Ok(totals.into_iter().find(|(name, _)| *name == reason.name()).map_or(0, |(_, count)| count))
     }
 
     /// The backend addresses a frontend picks new connections from, or

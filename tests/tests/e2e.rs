@@ -158,6 +158,54 @@ fn service_without_endpoints_is_refused_at_once() {
     assert!(!cluster.agent.log().contains("reject 10.201.0.2"), "a packet was logged at the default level:\n{}", cluster.agent.log());
 }
 
+/// A service whose one endpoint (kubia-0) has nothing listening on the
+/// target port.
+const CLOSED_PORT_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: closed, namespace: default}
+spec:
+  clusterIP: 10.96.0.12
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5999}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: closed-1
+  namespace: default
+  labels: {kubernetes.io/service-name: closed}
+addressType: IPv4
+ports:
+- {name: dns, port: 5999, protocol: UDP}
+endpoints:
+- addresses: ["10.244.1.2"]
+  conditions: {ready: true}
+"#;
+
+/// The backend's own ICMP port unreachable reaches the client translated
+/// (from the service, quoting the datagram the client sent): the client's
+/// connected UDP socket fails at once with "connection refused" instead of
+/// waiting for an answer that never comes.
+#[test]
+fn backend_port_unreachable_reaches_the_client_as_the_service() {
+    let files = [(MANIFEST_FILE, kubia_manifests(&ready(&[0]))), ("closed.yaml", CLOSED_PORT_SERVICE.to_owned())];
+    let files = files.each_ref().map(|(name, content)| (*name, content.as_str()));
+    let cluster = Cluster::start_with(1, &files, ClientHook::Tc).expect("cluster");
+    let outcome = cluster
+        .client
+        .enter(|| -> std::io::Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 12), 53))?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            socket.send(b"query")?;
+            socket.recv(&mut [0u8; 64]).map(drop)
+        })
+        .expect("client");
+    assert_eq!(outcome.map_err(|e| e.kind()), Err(ErrorKind::ConnectionRefused), "a timeout means the ICMP error was not translated");
+    let translated = cluster.maps().expect("pinned maps").verdict_count(lb_common::Reason::IcmpErrorTranslated).expect("counters");
+    assert_eq!(translated, 1, "one ICMP error, counted once");
+}
+
 /// At debug, the datapath's log records (aya-log) reach the agent's log:
 /// each reject names the client, the service address and why.
 #[test]

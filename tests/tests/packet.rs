@@ -11,6 +11,7 @@ use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
     packets::Frame,
 };
+use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use lb_userspace::model::{DesiredState, Endpoint, Protocol, ServicePort, ServicePortName};
 
 const BACKEND: [u8; 4] = [10, 244, 1, 2];
@@ -90,6 +91,19 @@ fn cases() -> Vec<Case> {
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
     let mut ipv6 = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd, 0x60];
     ipv6.resize(14 + 40, 0);
+    let router = [192, 168, 1, 254];
+    let frag_needed = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let port_unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let sent_data = data.clone().with_dst("10.244.1.2:8080");
+    let sent_query = query.clone().with_dst("10.244.1.2:5353");
+    let sent_answer = answer.clone().with_src("10.96.0.10:53");
+    let mut cut_quote = sent_query.icmp_error(BACKEND, [10, 0, 0, 2], port_unreachable.clone());
+    cut_quote.truncate(cut_quote.len() - 4);
+    let cut_len = (cut_quote.len() - 14) as u16;
+    set_u16(&mut cut_quote, 16, cut_len);
+    let (mut cut_ip, _) = etherparse::Ipv4Header::from_slice(&cut_quote[14..]).expect("an IPv4 header");
+    cut_ip.header_checksum = cut_ip.calc_header_checksum();
+    cut_quote[14..34].copy_from_slice(&cut_ip.to_bytes());
     let icmp_echo = edited(&Frame::udp("10.0.0.2:1", "10.96.0.10:53", b"ping"), |b| b[23] = 1);
 
     vec![
@@ -113,6 +127,11 @@ fn cases() -> Vec<Case> {
         case("ARP: unchanged", arp, Pass, Unchanged, Reason::PassNotIpv4),
         case("IPv6: unchanged", ipv6, Pass, Unchanged, Reason::PassNotIpv4),
         case("ICMP to a service address: unchanged", icmp_echo, Pass, Unchanged, Reason::PassNotService),
+        case("fragmentation needed from a router, about a packet sent to the backend: quotes the service", sent_data.icmp_error(router, [10, 0, 0, 2], frag_needed.clone()), Pass, Bytes(data.icmp_error(router, [10, 0, 0, 2], frag_needed.clone())), Reason::IcmpErrorTranslated),
+        case("port unreachable from the backend: comes from the service and quotes it", sent_query.icmp_error(BACKEND, [10, 0, 0, 2], port_unreachable.clone()), Pass, Bytes(query.icmp_error([10, 96, 0, 10], [10, 0, 0, 2], port_unreachable.clone())), Reason::IcmpErrorTranslated),
+        case("ICMP error from the client about a reply: goes to the backend and quotes it", sent_answer.icmp_error([10, 0, 0, 2], [10, 96, 0, 10], port_unreachable.clone()), Pass, Bytes(answer.icmp_error([10, 0, 0, 2], BACKEND, port_unreachable.clone())), Reason::IcmpErrorTranslated),
+        case("ICMP error about a flow not tracked: unchanged", not_service_udp.icmp_error(router, [10, 0, 0, 2], port_unreachable.clone()), Pass, Unchanged, Reason::PassNotService),
+        case("ICMP error quoting fewer than 8 bytes: unchanged", cut_quote, Pass, Unchanged, Reason::PassNotService),
         xdp_only("Ethernet header alone: unchanged", syn.bytes()[..14].to_vec(), Pass, Unchanged, Reason::PassMalformed),
         xdp_only("truncated IPv4 header: unchanged", syn.bytes()[..14 + 12].to_vec(), Pass, Unchanged, Reason::PassMalformed),
         case("IHL below 5, to a service: dropped", edited(&syn, |b| b[14] = 0x44), Drop, Unchanged, Reason::DropMalformed),
@@ -172,9 +191,9 @@ fn run_table(hook: Hook) {
 
     // The per-service counters moved with the cases above.
     let web = fixture.datapath.maps.service_totals(fixture.service_id("default", "web", "80")).expect("counters");
-    assert_eq!((web.packets, web.new_flows, web.rejected), (4, 2, 0), "web: SYN, data, reply, options SYN");
+    assert_eq!((web.packets, web.new_flows, web.rejected), (5, 2, 0), "web: SYN, data, reply, options SYN, fragmentation needed");
     let dns = fixture.datapath.maps.service_totals(fixture.service_id("default", "dns", "53")).expect("counters");
-    assert_eq!((dns.packets, dns.new_flows), (4, 3), "dns: query, answer, no-checksum query, padded query");
+    assert_eq!((dns.packets, dns.new_flows), (6, 3), "dns: query, answer, no-checksum query, padded query, two ICMP errors");
     let empty_tcp = fixture.datapath.maps.service_totals(fixture.service_id("default", "empty", "80")).expect("counters");
     assert_eq!(empty_tcp.rejected, 2, "empty TCP: SYN and data rejected; the reset is not counted as rejected");
     let empty_udp = fixture.datapath.maps.service_totals(fixture.service_id("default", "empty", "53")).expect("counters");
@@ -282,9 +301,13 @@ fn external_cases() -> Vec<Case> {
     let ssh = Frame::tcp_syn("10.0.0.2:40003", "192.168.0.1:22");
     let hairpin = Frame::tcp_syn("10.244.1.2:63000", "10.96.0.20:80");
     let hairpin_reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:63000", b"me");
+    let router = [192, 168, 1, 254];
+    let frag_needed = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let sent_data = data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000");
     vec![
         case("node port, Cluster policy: to the backend, from the node", syn.bytes(), Pass, Bytes(syn.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardNew),
         case("node port, Cluster policy, established: the same translation", data.bytes(), Pass, Bytes(data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardEstablished),
+        case("fragmentation needed to the node, about a source-translated packet: to the client, quoting what it sent", sent_data.icmp_error(router, NODE_IP, frag_needed.clone()), Pass, Bytes(data.icmp_error(router, [10, 0, 0, 2], frag_needed)), Reason::IcmpErrorTranslated),
         case("node port, Cluster policy, reply: from the node port, to the client", reply.bytes(), Pass, Bytes(reply.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.2:62000").bytes()), Reason::ReplyTranslated),
         case("UDP node port, Cluster policy: source translated", query.bytes(), Pass, Bytes(query.clone().with_dst("10.244.1.2:5353").with_src("192.168.0.1:62001").bytes()), Reason::ForwardNew),
         case("UDP node port, Cluster policy, reply: back to the client", answer.bytes(), Pass, Bytes(answer.clone().with_src("192.168.0.1:30053").with_dst("10.0.0.2:62001").bytes()), Reason::ReplyTranslated),

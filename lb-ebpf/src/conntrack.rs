@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
 use lb_common::{Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint};
 
-use crate::maps::CONNTRACK;
+use crate::{maps::CONNTRACK, service};
 
 /// A conntrack entry found for a packet.
 pub struct Entry(*mut ConntrackValue);
@@ -37,8 +37,9 @@ pub fn lookup(tuple: &ConntrackKey) -> Option<Entry> {
 pub enum RecordError {
     /// The map refused an entry.
     Full,
-    /// Source translation was needed, and no node address is configured or
-    /// no source port was free.
+    /// Source translation was needed (external traffic, hairpin, or a
+    /// clash of reply tuples), and no node address or port range is
+    /// configured, or no source port was free.
     NoSnatPort,
 }
 
@@ -48,6 +49,12 @@ const SNAT_PORT_ATTEMPTS: u32 = 8;
 /// Records that the flow `tuple` (client → frontend) goes to `backend`,
 /// picked from `backend_set`, and that the backend's replies are to be
 /// translated back to the frontend; returns the forward entry.
+///
+/// When the same client port already reaches the same backend through
+/// another frontend, the replies of the two flows would carry the same
+/// 5-tuple: this flow's source port is then translated (the address kept,
+/// a port from the source NAT range), as Linux conntrack resolves such a
+/// clash.
 #[inline(always)]
 pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32) -> Result<ConntrackValue, RecordError> {
     let client = Endpoint { ip: tuple.src_ip, port: tuple.src_port };
@@ -55,7 +62,16 @@ pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_s
     let reply = reply_value(&reply_tuple, tuple, service_id);
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.
-    CONNTRACK.insert(&reply_tuple, &reply, 0).map_err(|_| RecordError::Full)?;
+    if CONNTRACK.insert(&reply_tuple, &reply, u64::from(BPF_NOEXIST)).is_err() {
+        let clash = lookup(&reply_tuple).is_some_and(|held| held.value().source() != reply.source());
+        if clash {
+            let config = service::config();
+            return record_with_snat(tuple, service_id, backend, backend_set, &DatapathConfig { snat_ip: client.ip, ..config });
+        }
+        // The same translation recorded before (this flow's, its forward
+        // entry evicted since), or an entry evicted just now: written again.
+        CONNTRACK.insert(&reply_tuple, &reply, 0).map_err(|_| RecordError::Full)?;
+    }
     let forward = forward_value(tuple, client, service_id, backend, backend_set);
     CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)?;
     Ok(forward)

@@ -271,6 +271,7 @@ fn external_services() -> DesiredState {
     };
     desired([
         service("hairpin", [10, 96, 0, 20], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
+        service("twin", [10, 96, 0, 21], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
         external(service("cluster", NODE_IP, 30080, Protocol::Tcp, &[(BACKEND, 8080)]), false),
         external(service("cluster", NODE_IP, 30053, Protocol::Udp, &[(BACKEND, 5353)]), false),
         external(service("local", NODE_IP, 30081, Protocol::Tcp, &[(LOCAL_BACKEND, 8080)]), true),
@@ -283,6 +284,34 @@ fn node_fixture() -> Fixture {
     let config = DatapathConfig { snat_ip: ip_be(NODE_IP.into()), snat_port_min: SNAT_PORT_MIN, snat_port_max: SNAT_PORT_MAX };
     fixture.datapath.maps.set_config(config).expect("config");
     fixture
+}
+
+/// One client port to two service addresses that share their backend: the
+/// second flow's replies would carry the first's 5-tuple, so its source
+/// port is translated (the address kept); each flow's replies come back
+/// from its own service, to the client's own port.
+#[test]
+fn reply_clash_between_two_frontends_translates_the_source_port() {
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let fixture = node_fixture();
+        let first = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.20:80");
+        let second = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.21:80");
+        assert_eq!(fixture.run(hook, &first.bytes()).output, first.clone().with_dst("10.244.1.2:8080").bytes(), "{hook:?}: first flow");
+        let out = fixture.run(hook, &second.bytes()).output;
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{hook:?}: second flow's source port {port}");
+        let source = format!("10.0.0.2:{port}");
+        assert_eq!(out, second.clone().with_dst("10.244.1.2:8080").with_src(&source).bytes(), "{hook:?}: second flow, client address kept");
+        let reply = Frame::tcp_data("10.244.1.2:8080", "10.0.0.2:40000", b"one");
+        let reply_out = fixture.run(hook, &reply.bytes()).output;
+        assert_eq!(reply_out, reply.clone().with_src("10.96.0.20:80").bytes(), "{hook:?}: the first flow's reply");
+        let reply = Frame::tcp_data("10.244.1.2:8080", &source, b"two");
+        let reply_out = fixture.run(hook, &reply.bytes()).output;
+        assert_eq!(reply_out, reply.clone().with_src("10.96.0.21:80").with_dst("10.0.0.2:40000").bytes(), "{hook:?}: the second flow's reply");
+        let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.21:80", b"more");
+        let data_out = fixture.run(hook, &data.bytes()).output;
+        assert_eq!(data_out, data.clone().with_dst("10.244.1.2:8080").with_src(&source).bytes(), "{hook:?}: the second flow keeps its port");
+    }
 }
 
 /// Client ports in the source NAT range (61000-65535) are kept when free,

@@ -3,14 +3,21 @@
 //! hook, so the destination is translated when the socket connects (TCP,
 //! connected UDP) or sends (unconnected UDP), and translated back where the
 //! application reads the peer (received datagrams, getpeername).
-use aya_ebpf::{EbpfContext, helpers::generated::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
 use lb_common::{FrontendKey, SocketRevNatKey, SocketRevNatValue};
 
 use crate::{maps::SOCKET_REVNAT, service, stats};
 
-/// What a sock_addr program returns: go on, or fail the call with EPERM.
+/// What a sock_addr program returns: go on, or fail the call (with EPERM,
+/// unless the program set another error).
 pub const ALLOW: i32 = 1;
 pub const REFUSE: i32 = 0;
+
+const ECONNREFUSED: i32 = 111;
 
 /// connect4 and sendmsg4: a service frontend becomes one of its backends.
 #[inline(always)]
@@ -23,8 +30,12 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     let key = FrontendKey { ip, port, proto, _pad: 0 };
     let Some(fe) = service::frontend_by_key(&key) else { return ALLOW };
     let Some(backend) = service::pick_backend(&fe) else {
-        // No endpoints: fail at once, as a reject does for packets.
+        // No endpoints: fail at once with "connection refused", as a reject
+        // does for packets (and kube-proxy's REJECT rule).
         stats::count_service_reject(fe.service_id);
+        // SAFETY: a helper call with a scalar argument; its result only says
+        // whether the error was set, and EPERM is the fallback either way.
+        let _fallback_eperm = unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     };
     // SAFETY: a helper taking the program's own context.

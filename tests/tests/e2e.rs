@@ -154,6 +154,9 @@ fn service_without_endpoints_is_refused_at_once() {
         // or the ICMP error came back.
         assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
     }
+    // A process on the node itself, translated by the socket programs.
+    let from_node = cluster.cgroup.run_in(&cluster.node, "(exec 3<>/dev/tcp/10.96.0.11/80) 2>&1; true").expect("a node-local client");
+    assert!(from_node.contains("Connection refused"), "from the node: {from_node}");
     // Rejects are logged by the datapath at debug only; the agent runs at info.
     assert!(!cluster.agent.log().contains("reject 10.201.0.2"), "a packet was logged at the default level:\n{}", cluster.agent.log());
 }

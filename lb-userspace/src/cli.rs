@@ -2,6 +2,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
+use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -33,6 +34,13 @@ pub struct AgentArgs {
     /// addresses.
     #[arg(long = "node-ip", value_name = "IPV4")]
     pub node_ips: Vec<std::net::Ipv4Addr>,
+
+    /// The source ports of translated external and hairpin traffic, as
+    /// MIN-MAX: at most one flow per port to each backend ip:port at a time.
+    /// Keep it out of the node's own ephemeral range
+    /// (net.ipv4.ip_local_port_range, 32768-60999 by default).
+    #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange { min: SNAT_PORT_MIN, max: SNAT_PORT_MAX }, value_parser = parse_snat_port_range)]
+    pub snat_port_range: PortRange,
 
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
@@ -92,6 +100,49 @@ pub struct AgentArgs {
     pub log_level: String,
 }
 
+/// An inclusive range of ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// "MIN-MAX", or the two numbers apart as ip_local_port_range prints them.
+pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    let trimmed = text.trim();
+    let (min, max) = trimmed
+        .split_once('-')
+        .or_else(|| trimmed.split_once(char::is_whitespace))
+        .ok_or_else(|| format!("{text:?}: expected MIN-MAX, e.g. 61000-65535"))?;
+    let port = |s: &str| s.trim().parse::<u16>().map_err(|_| format!("{text:?}: {:?} is not a port (0-65535)", s.trim()));
+    let range = PortRange { min: port(min)?, max: port(max)? };
+    if range.min > range.max {
+        return Err(format!("{text:?}: the first port is above the second"));
+    }
+    Ok(range)
+}
+
+/// A port range for source NAT: as `parse_port_range`, from 1024 up.
+fn parse_snat_port_range(text: &str) -> Result<PortRange, String> {
+    let range = parse_port_range(text)?;
+    if range.min < 1024 {
+        return Err(format!("{text:?}: ports below 1024 belong to the node's services; start at 1024 or above"));
+    }
+    Ok(range)
+}
+
 impl AgentArgs {
     /// Checks what clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
@@ -129,18 +180,32 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 9] = [
             (&["--manifests", "/"], "no interface"),
             (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
             (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
             (&["--iface", "eth0", "--manifests", "/", "--kubeconfig", "k"], "cannot be used with"),
             (&["--iface", "eth0", "--min-sync-interval-ms", "soon"], "invalid value"),
             (&["--iface", "eth0", "--healthz-addr", "10256"], "invalid socket address"),
+            (&["--iface", "eth0", "--snat-port-range", "61000"], "expected MIN-MAX"),
+            (&["--iface", "eth0", "--snat-port-range", "65535-61000"], "first port is above the second"),
+            (&["--iface", "eth0", "--snat-port-range", "80-1000"], "below 1024"),
         ];
         for (args, expected) in cases {
             let error = parse(args).err().unwrap_or_default();
             assert!(error.contains(expected), "{args:?}: {error:?} should say {expected:?}");
         }
+    }
+
+    #[test]
+    fn port_ranges_parse_as_written_and_as_the_kernel_prints_them() {
+        let cases = [("61000-65535", (61000, 65535)), ("32768\t60999", (32768, 60999)), ("2000 - 2000", (2000, 2000))];
+        for (text, (min, max)) in cases {
+            assert_eq!(parse_port_range(text), Ok(PortRange { min, max }), "{text:?}");
+        }
+        let default = AgentArgs::try_parse_from(["lb-agent", "--iface", "eth0"]).expect("valid").snat_port_range;
+        assert_eq!(default, PortRange { min: 61000, max: 65535 });
+        assert!(default.overlaps(&PortRange { min: 32768, max: 61000 }) && !default.overlaps(&PortRange { min: 32768, max: 60999 }));
     }
 
     #[test]

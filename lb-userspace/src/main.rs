@@ -9,11 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::DatapathConfig;
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
-    cli::AgentArgs,
+    cli::{AgentArgs, PortRange, parse_port_range},
     datapath::Datapath,
     http::{self, Health},
     links::{self, LinkEvent},
@@ -166,9 +166,10 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     }
     datapath.maps.set_config(DatapathConfig {
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
-        snat_port_min: SNAT_PORT_MIN,
-        snat_port_max: SNAT_PORT_MAX,
+        snat_port_min: args.snat_port_range.min,
+        snat_port_max: args.snat_port_range.max,
     })?;
+    warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()
         && let Err(e) = lb_userspace::datapath::accept_local_sources()
     {
@@ -194,6 +195,19 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
 
 /// `--cleanup`: detaches every program a previous agent left attached and
 /// removes its pinned maps.
+/// Translated flows and the node's own connections share the node's
+/// address: a source NAT port the node also picks for an outgoing
+/// connection to the same backend would mix the two.
+fn warn_if_ephemeral_ports_overlap(snat: PortRange) {
+    const EPHEMERAL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Ok(ephemeral) = std::fs::read_to_string(EPHEMERAL).map_err(|e| e.to_string()).and_then(|text| parse_port_range(&text)) else {
+        return;
+    };
+    if snat.overlaps(&ephemeral) {
+        warn!("--snat-port-range {snat} overlaps the node's ephemeral ports {ephemeral} ({EPHEMERAL}): a translated flow and a connection of the node's own to the same backend could share a 5-tuple; pick a range outside it");
+    }
+}
+
 fn cleanup(dir: &std::path::Path) -> anyhow::Result<()> {
     let removed = lb_userspace::datapath::remove_pinned(dir)?;
     info!(removed, dir = %dir.display(), "removed the pinned datapath");

@@ -686,12 +686,16 @@ fn node_port_manifests() -> String {
 
 /// NodePort from outside the node: with Cluster every endpoint serves and
 /// the backend sees the node's address (source NAT, replies back through the
-/// node); with Local only the local pod serves and sees the client's own
-/// address. TCP and UDP.
+/// node) and a port of `--snat-port-range`; with Local only the local pod
+/// serves and sees the client's own address. TCP and UDP.
 #[test]
 fn node_ports_follow_the_external_traffic_policy() {
-    use lb_tests::cluster::{CLIENT_IP, NODE_IP};
-    let cluster = Cluster::start(2, &node_port_manifests()).expect("cluster");
+    use lb_tests::cluster::{CLIENT_IP, NODE_IP, TempDir, Topology};
+    let net = Topology::new(2, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), node_port_manifests()).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--snat-port-range", "62000-62099"].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
     let hits = |port: u16, count: usize| -> BTreeMap<String, usize> {
         cluster
             .client
@@ -712,6 +716,8 @@ fn node_ports_follow_the_external_traffic_policy() {
     assert_eq!(cluster_hits.len(), 2, "Cluster policy: both pods serve: {cluster_hits:?}");
     let seen: BTreeSet<_> = peers_of(0).union(&peers_of(1)).copied().collect();
     assert_eq!(seen, BTreeSet::from([std::net::IpAddr::V4(NODE_IP)]), "Cluster policy: backends see the node's address");
+    let ports: BTreeSet<u16> = cluster.pods.iter().flat_map(|p| p.server.peers.lock().expect("peers").iter().map(|a| a.port()).collect::<Vec<_>>()).collect();
+    assert!(ports.iter().all(|p| (62000..=62099).contains(p)), "Cluster policy: source ports from --snat-port-range: {ports:?}");
 
     for pod in &cluster.pods {
         pod.server.peers.lock().expect("peers").clear();

@@ -311,6 +311,34 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+impl ConntrackKey {
+    /// Where the packet comes from.
+    #[inline(always)]
+    pub const fn source(&self) -> Endpoint {
+        Endpoint { ip: self.src_ip, port: self.src_port }
+    }
+
+    /// Where the packet goes.
+    #[inline(always)]
+    pub const fn destination(&self) -> Endpoint {
+        Endpoint { ip: self.dst_ip, port: self.dst_port }
+    }
+}
+
+impl From<Backend> for Endpoint {
+    #[inline(always)]
+    fn from(backend: Backend) -> Self {
+        Endpoint { ip: backend.ip, port: backend.port }
+    }
+}
+
+impl From<Endpoint> for Backend {
+    #[inline(always)]
+    fn from(endpoint: Endpoint) -> Self {
+        Backend { ip: endpoint.ip, port: endpoint.port, _pad: 0 }
+    }
+}
+
 impl ConntrackValue {
     /// The entry that rewrites packets of `key` to come from `src` and go
     /// to `dst`, with the checksum changes that rewrite makes.
@@ -508,14 +536,7 @@ mod tests {
         ];
         for (rule, key, src, dst) in cases {
             let to = tuple(src, dst);
-            let value = ConntrackValue::translating(
-                &key,
-                Endpoint { ip: to.src_ip, port: to.src_port },
-                Endpoint { ip: to.dst_ip, port: to.dst_port },
-                1,
-                1,
-                CT_FORWARD,
-            );
+            let value = ConntrackValue::translating(&key, to.source(), to.destination(), 1, 1, CT_FORWARD);
             let (ip, tcp) = segment(&key);
             let (want_ip, want_tcp) = segment(&to);
             let ip_check = apply(check_at(&ip, 10), value.addr_csum_delta.into());
@@ -525,7 +546,7 @@ mod tests {
             let same = |a: u16, b: u16| a == b || a | b == 0xffff && a & b == 0;
             assert!(same(ip_check, check_at(&want_ip, 10)), "{rule}: IPv4 checksum {ip_check:#x}, want {:#x}", check_at(&want_ip, 10));
             assert!(same(l4_check, check_at(&want_tcp, 16)), "{rule}: TCP checksum {l4_check:#x}, want {:#x}", check_at(&want_tcp, 16));
-            assert_eq!((value.source(), value.destination()), (Endpoint { ip: to.src_ip, port: to.src_port }, Endpoint { ip: to.dst_ip, port: to.dst_port }), "{rule}");
+            assert_eq!((value.source(), value.destination()), (to.source(), to.destination()), "{rule}");
         }
     }
 }

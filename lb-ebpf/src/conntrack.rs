@@ -57,7 +57,7 @@ const SNAT_PORT_ATTEMPTS: u32 = 8;
 /// clash.
 #[inline(always)]
 pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32) -> Result<ConntrackValue, RecordError> {
-    let client = Endpoint { ip: tuple.src_ip, port: tuple.src_port };
+    let client = tuple.source();
     let reply_tuple = reply_key(tuple, backend, client);
     let reply = reply_value(&reply_tuple, tuple, service_id);
     // The reply entry goes first: once the forward entry exists, packets can
@@ -125,16 +125,13 @@ fn reply_key(tuple: &ConntrackKey, backend: Backend, to: Endpoint) -> ConntrackK
 /// Replies come from the frontend again and go to the client.
 #[inline(always)]
 fn reply_value(reply_tuple: &ConntrackKey, tuple: &ConntrackKey, service_id: u32) -> ConntrackValue {
-    let frontend = Endpoint { ip: tuple.dst_ip, port: tuple.dst_port };
-    let client = Endpoint { ip: tuple.src_ip, port: tuple.src_port };
-    ConntrackValue::translating(reply_tuple, frontend, client, service_id, 0, CT_REPLY)
+    ConntrackValue::translating(reply_tuple, tuple.destination(), tuple.source(), service_id, 0, CT_REPLY)
 }
 
 /// Requests come from `source` (the client, or the node with source NAT)
 /// and go to the backend.
 #[inline(always)]
 fn forward_value(tuple: &ConntrackKey, source: Endpoint, service_id: u32, backend: Backend, backend_set: u32) -> ConntrackValue {
-    let backend = Endpoint { ip: backend.ip, port: backend.port };
-    ConntrackValue::translating(tuple, source, backend, service_id, backend_set, CT_FORWARD)
+    ConntrackValue::translating(tuple, source, backend.into(), service_id, backend_set, CT_FORWARD)
 }
 

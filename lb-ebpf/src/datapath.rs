@@ -2,7 +2,7 @@
 //! reply, new connection, reject, or not ours.
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
-    Backend, CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SNAT, Reason, VIP_CLUSTER_IP,
+    CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SNAT, Reason, VIP_CLUSTER_IP,
 };
 
 use crate::{
@@ -136,8 +136,7 @@ fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue) -> bool {
     if ct.backend_set == current {
         return true;
     }
-    let backend = ct.destination();
-    let member = service::is_member(current, Backend { ip: backend.ip, port: backend.port, _pad: 0 });
+    let member = service::is_member(current, ct.destination().into());
     if member {
         entry.remember_backend_set(current);
     }

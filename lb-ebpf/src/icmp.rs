@@ -9,7 +9,8 @@ use lb_common::{ConntrackValue, IPPROTO_TCP, IPPROTO_UDP, checksum, reply::ETH_H
 use crate::{
     conntrack,
     context::{Packet, ptr_at},
-    parse::Ipv4Header,
+    nat,
+    parse::{self, Ipv4Header},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -52,17 +53,8 @@ pub fn translate_error<P: Packet>(pkt: &P, icmp_off: usize) -> Option<u32> {
     // The quoted packet travelled the other way: its reverse is the tuple of
     // the direction this error travels, and that direction's entry says how
     // the error must look.
-    let ports = m.quoted_ports;
-    let (src_port, dst_port) = (ports as u16, (ports >> 16) as u16);
-    let reverse = lb_common::ConntrackKey {
-        src_ip: quoted.dst,
-        dst_ip: quoted.src,
-        src_port: dst_port,
-        dst_port: src_port,
-        proto: quoted.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
+    // Rotating the ports word swaps the two ports.
+    let reverse = parse::tuple(quoted.dst, quoted.src, m.quoted_ports.rotate_left(16), quoted.proto);
     let ct = conntrack::lookup(&reverse)?.value();
     rewrite(outer, msg, &outer_ip, &m, &ct);
     Some(ct.service_id)
@@ -107,7 +99,7 @@ fn rewrite(outer: *mut Ipv4Header, msg: *mut IcmpError, outer_ip: &Ipv4Header, m
         (&raw mut (*msg).quoted_ip.check).write_unaligned(quoted_check);
         (&raw mut (*msg).quoted_ip.src).write_unaligned(ct.dst_ip);
         (&raw mut (*msg).quoted_ip.dst).write_unaligned(ct.src_ip);
-        (&raw mut (*msg).quoted_ports).write_unaligned(u32::from(ct.dst_port) | u32::from(ct.src_port) << 16);
+        (&raw mut (*msg).quoted_ports).write_unaligned(nat::ports_word(ct.dst_port, ct.src_port));
         (&raw mut (*msg).quoted_word2).write_unaligned(new_word2);
     }
 }

@@ -13,6 +13,13 @@ const UDP_CHECK_OFF: usize = 6;
 // little-endian store writes them: the header order.
 const _: () = assert!(cfg!(target_endian = "little"), "the datapath assumes little-endian BPF");
 
+/// Two ports (network byte order) as the 4 bytes of a TCP/UDP header that
+/// hold them, read or written as one word.
+#[inline(always)]
+pub const fn ports_word(src_port: u16, dst_port: u16) -> u32 {
+    src_port as u32 | (dst_port as u32) << 16
+}
+
 /// Rewrites the packet's addresses and ports to the ones `to` holds and
 /// adds `to`'s precomputed changes to the IPv4 and L4 checksums: every
 /// packet of a flow gets the same rewrite, so it is worked out once, when
@@ -30,7 +37,7 @@ pub fn rewrite<P: Packet>(pkt: &P, flow: &Flow, to: &ConntrackValue) -> Result<(
         let check = &raw mut (*ip).check;
         check.write_unaligned(checksum::apply(check.read_unaligned(), u32::from(to.addr_csum_delta)));
         (&raw mut (*ip).src).cast::<u64>().write_unaligned(addresses);
-        ports.write_unaligned(u32::from(to.src_port) | u32::from(to.dst_port) << 16);
+        ports.write_unaligned(ports_word(to.src_port, to.dst_port));
     }
     // Last, because on tc the helpers invalidate the packet pointers.
     let udp = flow.tuple.proto == IPPROTO_UDP;

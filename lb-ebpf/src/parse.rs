@@ -160,7 +160,7 @@ fn short_frame<P: Packet>(pkt: &P) -> Parsed {
 /// headers, built as two 8-byte words: two stores for the lookup instead of
 /// one per field.
 #[inline(always)]
-fn tuple(src_ip: u32, dst_ip: u32, ports: u32, proto: u8) -> ConntrackKey {
+pub fn tuple(src_ip: u32, dst_ip: u32, ports: u32, proto: u8) -> ConntrackKey {
     const _: () = assert!(size_of::<ConntrackKey>() == 16 && cfg!(target_endian = "little"));
     let words = [u64::from(src_ip) | u64::from(dst_ip) << 32, u64::from(ports) | u64::from(proto) << 32];
     // SAFETY: ConntrackKey is 16 bytes of plain data, any bit pattern valid:

@@ -36,6 +36,15 @@ pub const fn apply(check: u16, delta: u32) -> u16 {
     !fold(!check as u32 + delta)
 }
 
+/// The checksum field after one folded change `delta` (a `fold`ed sum of
+/// changes): as `apply`, with a single fold, because two 16-bit values sum
+/// to at most 0x1fffe, and one fold of that is at most 0xffff.
+#[inline(always)]
+pub const fn add(check: u16, delta: u16) -> u16 {
+    let sum = !check as u32 + delta as u32;
+    !((sum & 0xffff) + (sum >> 16)) as u16
+}
+
 /// A UDP checksum after an update: zero means "no checksum" in UDP, so a
 /// computed zero is sent as 0xffff (RFC 768).
 #[inline(always)]
@@ -135,6 +144,16 @@ mod tests {
         data[10..12].copy_from_slice(&new_port.to_ne_bytes());
         assert_eq!(once, twice);
         assert_eq!(once, finish(sum_words(&data, 0)));
+    }
+
+    #[test]
+    fn one_fold_suffices_for_one_folded_delta() {
+        let deltas = (0..=0xffffu32).step_by(251).chain([0, 1, 0xfffe, 0xffff]);
+        for delta in deltas {
+            for check in 0..=0xffffu16 {
+                assert_eq!(add(check, delta as u16), apply(check, delta), "check {check:#x} delta {delta:#x}");
+            }
+        }
     }
 
     #[test]

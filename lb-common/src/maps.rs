@@ -301,7 +301,9 @@ pub struct ConntrackValue {
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
     pub _pad: u8,
-    pub _pad2: u16,
+    /// Both changes as one, for a complete TCP/UDP checksum (XDP); a
+    /// partial one (tc) takes the two apart.
+    pub l4_csum_delta: u16,
 }
 
 /// An address and port, network byte order.
@@ -344,18 +346,20 @@ impl ConntrackValue {
     /// to `dst`, with the checksum changes that rewrite makes.
     #[inline(always)]
     pub const fn translating(key: &ConntrackKey, src: Endpoint, dst: Endpoint, service_id: u32, backend_set: u32, direction: u8) -> Self {
+        let addr_csum_delta = checksum::fold(checksum::delta_u32(key.src_ip, src.ip) + checksum::delta_u32(key.dst_ip, dst.ip));
+        let port_csum_delta = checksum::fold(checksum::delta_u16(key.src_port, src.port) + checksum::delta_u16(key.dst_port, dst.port));
         ConntrackValue {
             src_ip: src.ip,
             dst_ip: dst.ip,
             src_port: src.port,
             dst_port: dst.port,
-            addr_csum_delta: checksum::fold(checksum::delta_u32(key.src_ip, src.ip) + checksum::delta_u32(key.dst_ip, dst.ip)),
-            port_csum_delta: checksum::fold(checksum::delta_u16(key.src_port, src.port) + checksum::delta_u16(key.dst_port, dst.port)),
+            addr_csum_delta,
+            port_csum_delta,
             service_id,
             backend_set,
             direction,
             _pad: 0,
-            _pad2: 0,
+            l4_csum_delta: checksum::fold(addr_csum_delta as u32 + port_csum_delta as u32),
         }
     }
 
@@ -482,7 +486,7 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checksum::{apply, finish, pseudo_header_sum, sum_words};
+    use crate::checksum::{add, apply, finish, pseudo_header_sum, sum_words};
 
     /// An IPv4 header (20 bytes) and a TCP segment (header and payload)
     /// with correct checksums for `tuple`.
@@ -541,11 +545,13 @@ mod tests {
             let (want_ip, want_tcp) = segment(&to);
             let ip_check = apply(check_at(&ip, 10), value.addr_csum_delta.into());
             let l4_check = apply(check_at(&tcp, 16), u32::from(value.addr_csum_delta) + u32::from(value.port_csum_delta));
+            let l4_check_at_once = add(check_at(&tcp, 16), value.l4_csum_delta);
             // 0x0000 and 0xffff are one value in one's complement; the
             // datapath may produce either for a sum that is all ones.
             let same = |a: u16, b: u16| a == b || a | b == 0xffff && a & b == 0;
             assert!(same(ip_check, check_at(&want_ip, 10)), "{rule}: IPv4 checksum {ip_check:#x}, want {:#x}", check_at(&want_ip, 10));
             assert!(same(l4_check, check_at(&want_tcp, 16)), "{rule}: TCP checksum {l4_check:#x}, want {:#x}", check_at(&want_tcp, 16));
+            assert!(same(l4_check_at_once, check_at(&want_tcp, 16)), "{rule}: TCP checksum by the combined delta {l4_check_at_once:#x}");
             assert_eq!((value.source(), value.destination()), (to.source(), to.destination()), "{rule}");
         }
     }

@@ -11,15 +11,19 @@ use crate::{maps::CONNTRACK, service};
 pub struct Entry(*mut ConntrackValue);
 
 impl Entry {
+    /// The entry in the map, read in place: the fast path reads only the
+    /// fields it needs, when it needs them.
     #[inline(always)]
-    pub fn value(&self) -> ConntrackValue {
+    pub fn value(&self) -> &ConntrackValue {
         // SAFETY: the pointer came from a successful lookup and stays valid
-        // for this program run; entries are written whole.
-        unsafe { *self.0 }
+        // for this program run; the only write through it is
+        // `remember_backend_set`, made after the last use of this borrow.
+        unsafe { &*self.0 }
     }
 
     /// Records that the flow's backend was found in `backend_set`, so later
-    /// packets skip the membership lookup while that set is current.
+    /// packets skip the membership lookup while that set is current. Not
+    /// while a borrow from `value` is in use.
     #[inline(always)]
     pub fn remember_backend_set(&self, backend_set: u32) {
         // SAFETY: as above; a single aligned u32 store.

@@ -7,7 +7,7 @@ use aya_ebpf::{
     },
     programs::{TcContext, XdpContext},
 };
-use lb_common::checksum;
+use lb_common::{ConntrackValue, checksum};
 
 /// A helper failed; the packet is dropped and counted.
 pub struct HelperFailed;
@@ -22,10 +22,10 @@ pub trait Packet {
     /// shorter) readable through `data()..data_end()`.
     fn pull_headers(&self, len: u32);
 
-    /// Adds to the L4 checksum at `check_off` what changed in the addresses
-    /// (covered through the pseudo-header) and in the ports, both as folded
-    /// one's complement deltas. UDP's "no checksum" zero is kept as it is.
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed>;
+    /// Adds to the L4 checksum at `check_off` what the translation `to`
+    /// changed in the addresses (covered through the pseudo-header) and in
+    /// the ports. UDP's "no checksum" zero is kept as it is.
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed>;
 
     /// Makes the packet exactly `len` bytes long. The content afterwards is
     /// unspecified: the caller rewrites all of it.
@@ -76,7 +76,7 @@ impl Packet for XdpPacket<'_> {
     /// XDP sees packets as they came off the wire, with complete checksums,
     /// so the RFC 1624 update is done here directly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed> {
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed> {
         let check_ptr = ptr_at::<_, u16>(self, check_off).ok_or(HelperFailed)?;
         // SAFETY: bounds-checked just above; read_unaligned because the L4
         // header follows a 14-byte Ethernet header.
@@ -84,7 +84,8 @@ impl Packet for XdpPacket<'_> {
         if udp && check == 0 {
             return Ok(());
         }
-        let mut check = checksum::apply(check, u32::from(addr_delta) + u32::from(port_delta));
+        // One delta for both changes: a complete checksum covers both.
+        let mut check = checksum::add(check, to.l4_csum_delta);
         if udp {
             check = checksum::udp_nonzero(check);
         }
@@ -158,16 +159,16 @@ impl Packet for TcPacket<'_> {
     /// sender with offload) or a device-computed one (CHECKSUM_COMPLETE):
     /// only the kernel's helper updates each kind correctly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, addr_delta: u16, port_delta: u16) -> Result<(), HelperFailed> {
+    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed> {
         let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
         // Field size 0: `to` is a delta to add (from must be 0). The address
         // delta goes with BPF_F_PSEUDO_HDR, which a partial checksum takes
         // in; the port delta without, since a partial checksum covers no
         // ports, so the two cannot be one call.
         self.ctx
-            .l4_csum_replace(check_off, 0, u64::from(addr_delta), u64::from(BPF_F_PSEUDO_HDR) | mangled)
+            .l4_csum_replace(check_off, 0, u64::from(to.addr_csum_delta), u64::from(BPF_F_PSEUDO_HDR) | mangled)
             .map_err(|_| HelperFailed)?;
-        self.ctx.l4_csum_replace(check_off, 0, u64::from(port_delta), mangled).map_err(|_| HelperFailed)
+        self.ctx.l4_csum_replace(check_off, 0, u64::from(to.port_csum_delta), mangled).map_err(|_| HelperFailed)
     }
 
     #[inline(always)]

@@ -62,13 +62,18 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     if let Some(entry) = conntrack::lookup(&flow.tuple) {
         let ct = entry.value();
         if ct.direction == CT_REPLY {
-            return translate(pkt, &flow, &ct, false, Reason::ReplyTranslated);
+            return translate(pkt, &flow, ct, false, Reason::ReplyTranslated);
         }
-        if still_serves(&entry, &ct) {
-            return translate(pkt, &flow, &ct, false, Reason::ForwardEstablished);
+        match backend_status(ct) {
+            BackendStatus::InCurrentSet => return translate(pkt, &flow, ct, false, Reason::ForwardEstablished),
+            BackendStatus::MovedTo(current) => {
+                let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
+                entry.remember_backend_set(current);
+                return verdict;
+            }
+            // The backend left: the flow gets a new one, like a new connection.
+            BackendStatus::Left => rescheduled = true,
         }
-        // The backend left: the flow gets a new one, like a new connection.
-        rescheduled = true;
     }
     let Some(vip) = service::vip(flow.tuple.dst_ip) else {
         return (Action::Pass, Reason::PassNotService);
@@ -126,21 +131,29 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     translate(pkt, &flow, &forward, true, reason)
 }
 
-/// Whether an established flow's backend still serves its service: at once
-/// when the set it was last found in is still the service's current set,
-/// else by one membership lookup in the current set (remembered for the
-/// packets after).
+/// Whether an established flow's backend still serves its service.
+enum BackendStatus {
+    /// Found in the service's current backend set when it last was checked.
+    InCurrentSet,
+    /// A member of the current set, which is newer than the one the flow
+    /// remembers: remembered from now on, so later packets skip the
+    /// membership lookup.
+    MovedTo(u32),
+    Left,
+}
+
+/// At once when the set the backend was last found in is still the
+/// service's current set, else by one membership lookup in the current set.
 #[inline(always)]
-fn still_serves(entry: &conntrack::Entry, ct: &ConntrackValue) -> bool {
+fn backend_status(ct: &ConntrackValue) -> BackendStatus {
     let current = service::current_backend_set(ct.service_id);
     if ct.backend_set == current {
-        return true;
+        BackendStatus::InCurrentSet
+    } else if service::is_member(current, ct.destination().into()) {
+        BackendStatus::MovedTo(current)
+    } else {
+        BackendStatus::Left
     }
-    let member = service::is_member(current, ct.destination().into());
-    if member {
-        entry.remember_backend_set(current);
-    }
-    member
 }
 
 /// Rewrites the packet as the flow's conntrack entry `to` says.

@@ -55,8 +55,9 @@ pub fn translate_error<P: Packet>(pkt: &P, icmp_off: usize) -> Option<u32> {
     // the error must look.
     // Rotating the ports word swaps the two ports.
     let reverse = parse::tuple(quoted.dst, quoted.src, m.quoted_ports.rotate_left(16), quoted.proto);
-    let ct = conntrack::lookup(&reverse)?.value();
-    rewrite(outer, msg, &outer_ip, &m, &ct);
+    let entry = conntrack::lookup(&reverse)?;
+    let ct = entry.value();
+    rewrite(outer, msg, &outer_ip, &m, ct);
     Some(ct.service_id)
 }
 

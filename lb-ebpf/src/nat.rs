@@ -35,12 +35,12 @@ pub fn rewrite<P: Packet>(pkt: &P, flow: &Flow, to: &ConntrackValue) -> Result<(
     // bytes into the frame.
     unsafe {
         let check = &raw mut (*ip).check;
-        check.write_unaligned(checksum::apply(check.read_unaligned(), u32::from(to.addr_csum_delta)));
+        check.write_unaligned(checksum::add(check.read_unaligned(), to.addr_csum_delta));
         (&raw mut (*ip).src).cast::<u64>().write_unaligned(addresses);
         ports.write_unaligned(ports_word(to.src_port, to.dst_port));
     }
     // Last, because on tc the helpers invalidate the packet pointers.
     let udp = flow.tuple.proto == IPPROTO_UDP;
     let check_off = flow.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
-    pkt.update_l4_checksum(check_off, udp, to.addr_csum_delta, to.port_csum_delta)
+    pkt.update_l4_checksum(check_off, udp, to)
 }

@@ -125,6 +125,15 @@ pub struct FrontendValue {
     /// backend of its last one while no more than this many seconds passed
     /// between them; 0 without affinity.
     pub affinity_seconds: u32,
+    /// The external side of an externalTrafficPolicy Local service: clients
+    /// inside the cluster (pods, by `DatapathConfig::cluster_cidrs`, and the
+    /// node's own processes) are served as through the service's cluster
+    /// IP frontend, this address and port (network byte order), as
+    /// kube-proxy sends "pod traffic for external destinations" to the
+    /// cluster policy. 0: everyone is served by this frontend.
+    pub in_cluster_ip: u32,
+    pub in_cluster_port: u16,
+    pub _pad: u16,
 }
 
 /// `FrontendValue::flags`: with no backends, drop instead of rejecting
@@ -206,6 +215,50 @@ pub struct DatapathConfig {
     /// with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// The pod address ranges: sources in them are inside the cluster
+    /// (`FrontendValue::in_cluster_ip`). The first `cluster_cidr_count`
+    /// entries are used.
+    pub cluster_cidr_count: u32,
+    pub cluster_cidrs: [Ipv4Cidr; MAX_CLUSTER_CIDRS],
+}
+
+/// How many pod address ranges `DatapathConfig` holds.
+pub const MAX_CLUSTER_CIDRS: usize = 4;
+
+/// An IPv4 address range, network byte order: `ip & mask == network`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Ipv4Cidr {
+    pub network: u32,
+    pub mask: u32,
+}
+
+impl Ipv4Cidr {
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Self {
+        let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
+        Self { network: (u32::from(network) & mask).to_be(), mask: mask.to_be() }
+    }
+
+    #[inline(always)]
+    pub const fn contains(&self, ip_be: u32) -> bool {
+        ip_be & self.mask == self.network
+    }
+}
+
+impl DatapathConfig {
+    /// Whether the source `ip` (network byte order) is a pod's.
+    #[inline(always)]
+    pub fn is_cluster_source(&self, ip: u32) -> bool {
+        let mut i = 0;
+        // A counted loop the verifier can bound.
+        while i < MAX_CLUSTER_CIDRS {
+            if (i as u32) < self.cluster_cidr_count && self.cluster_cidrs[i].contains(ip) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 pub const SNAT_PORT_MIN: u16 = 61_000;
@@ -443,7 +496,7 @@ impl core::ops::Add for ServiceCounters {
 
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
-    assert!(size_of::<FrontendValue>() == 20);
+    assert!(size_of::<FrontendValue>() == 28);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<SocketRevNatKey>() == 16);
     assert!(size_of::<SocketRevNatValue>() == 8);
@@ -454,7 +507,8 @@ const _: () = {
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 28);
     assert!(size_of::<VipValue>() == 8);
-    assert!(size_of::<DatapathConfig>() == 8);
+    assert!(size_of::<DatapathConfig>() == 12 + 8 * MAX_CLUSTER_CIDRS);
+    assert!(size_of::<Ipv4Cidr>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);
     assert!(size_of::<ServiceName>() == 160);
     assert!(align_of::<ConntrackKey>() == 4);

@@ -91,6 +91,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), t.proto);
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
+    let fe = service::serving_frontend(fe, t);
     let picked = if fe.affinity_seconds != 0 {
         service::pick_backend_with_affinity(&fe, t.src_ip)
     } else {

@@ -25,6 +25,35 @@ pub fn frontend_by_key(key: &FrontendKey) -> Option<FrontendValue> {
     unsafe { SERVICE_FRONTENDS.get(key).copied() }
 }
 
+/// The frontend that serves the client of `tuple`: the one it addressed,
+/// or for a pod reaching an external address of an externalTrafficPolicy
+/// Local service, the service's cluster IP frontend (the Local policy's
+/// node-local endpoints are for clients from outside the cluster).
+#[inline(always)]
+pub fn serving_frontend(fe: FrontendValue, tuple: &ConntrackKey) -> FrontendValue {
+    if fe.in_cluster_ip == 0 || !is_cluster_source(tuple.src_ip) {
+        return fe;
+    }
+    in_cluster_frontend(&fe, tuple.proto).unwrap_or(fe)
+}
+
+/// The cluster IP frontend that serves `fe`'s clients from inside the
+/// cluster, when `fe` names one.
+#[inline(always)]
+pub fn in_cluster_frontend(fe: &FrontendValue, proto: u8) -> Option<FrontendValue> {
+    if fe.in_cluster_ip == 0 {
+        return None;
+    }
+    frontend_by_key(&FrontendKey { ip: fe.in_cluster_ip, port: fe.in_cluster_port, proto, _pad: 0 })
+}
+
+/// Whether `ip` is in one of the configured pod address ranges.
+#[inline(always)]
+fn is_cluster_source(ip: u32) -> bool {
+    // SAFETY: a pointer into the array's one slot, read in place.
+    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).is_cluster_source(ip) })
+}
+
 /// The service address `ip`, if it is one.
 #[inline(always)]
 pub fn vip(ip: u32) -> Option<VipValue> {
@@ -44,7 +73,7 @@ pub fn config() -> DatapathConfig {
     match DATAPATH_CONFIG.get_ptr(0) {
         // SAFETY: a pointer into the array's one slot; copied out at once.
         Some(config) => unsafe { *config },
-        None => DatapathConfig { snat_ip: 0, snat_port_min: 0, snat_port_max: 0 },
+        None => DatapathConfig::default(),
     }
 }
 

@@ -1,8 +1,8 @@
 //! The `lb-agent` command line.
-use std::{path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{MAX_CLUSTER_CIDRS, SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -41,6 +41,14 @@ pub struct AgentArgs {
     /// (net.ipv4.ip_local_port_range, 32768-60999 by default).
     #[arg(long, value_name = "MIN-MAX", default_value_t = PortRange { min: SNAT_PORT_MIN, max: SNAT_PORT_MAX }, value_parser = parse_snat_port_range)]
     pub snat_port_range: PortRange,
+
+    /// The pods' address range, as ADDRESS/PREFIX (kube-proxy's
+    /// --cluster-cidr): pods reaching an external address of a service with
+    /// externalTrafficPolicy Local are served by all its endpoints, as
+    /// through its cluster IP, not only by this node's. Repeatable, up to 4.
+    /// Without it, pods are served like clients from outside.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub cluster_cidrs: Vec<Cidr>,
 
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
@@ -134,6 +142,25 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
     Ok(range)
 }
 
+/// An IPv4 address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// "ADDRESS/PREFIX", the address with no bits set beyond the prefix.
+pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    let (address, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16"))?;
+    let network: Ipv4Addr = address.parse().map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
+    let prefix_len: u8 = prefix.parse().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{text:?}: the prefix length {prefix:?} is not 0-32"))?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    if u32::from(network) & !mask != 0 {
+        return Err(format!("{text:?}: the address has bits set beyond the prefix (the range starts at {}/{prefix_len})", Ipv4Addr::from(u32::from(network) & mask)));
+    }
+    Ok(Cidr { network, prefix_len })
+}
+
 /// A port range for source NAT: as `parse_port_range`, from 1024 up.
 fn parse_snat_port_range(text: &str) -> Result<PortRange, String> {
     let range = parse_port_range(text)?;
@@ -151,6 +178,9 @@ impl AgentArgs {
         }
         if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.iface_patterns.is_empty() {
             return Err("no interface to attach to: give at least one --iface NAME, --iface-pattern GLOB or --xdp-iface NAME".into());
+        }
+        if self.cluster_cidrs.len() > MAX_CLUSTER_CIDRS {
+            return Err(format!("{} --cluster-cidr ranges given; at most {MAX_CLUSTER_CIDRS} are supported", self.cluster_cidrs.len()));
         }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));
@@ -180,7 +210,7 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 13] = [
             (&["--manifests", "/"], "no interface"),
             (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
             (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
@@ -190,6 +220,13 @@ mod tests {
             (&["--iface", "eth0", "--snat-port-range", "61000"], "expected MIN-MAX"),
             (&["--iface", "eth0", "--snat-port-range", "65535-61000"], "first port is above the second"),
             (&["--iface", "eth0", "--snat-port-range", "80-1000"], "below 1024"),
+            (&["--iface", "eth0", "--cluster-cidr", "10.244.0.0"], "expected ADDRESS/PREFIX"),
+            (&["--iface", "eth0", "--cluster-cidr", "10.244.0.0/33"], "prefix length \"33\" is not 0-32"),
+            (&["--iface", "eth0", "--cluster-cidr", "10.244.1.0/16"], "range starts at 10.244.0.0/16"),
+            (
+                &["--iface", "eth0", "--cluster-cidr", "10.1.0.0/16", "--cluster-cidr", "10.2.0.0/16", "--cluster-cidr", "10.3.0.0/16", "--cluster-cidr", "10.4.0.0/16", "--cluster-cidr", "10.5.0.0/16"],
+                "at most 4",
+            ),
         ];
         for (args, expected) in cases {
             let error = parse(args).err().unwrap_or_default();
@@ -206,6 +243,13 @@ mod tests {
         let default = AgentArgs::try_parse_from(["lb-agent", "--iface", "eth0"]).expect("valid").snat_port_range;
         assert_eq!(default, PortRange { min: 61000, max: 65535 });
         assert!(default.overlaps(&PortRange { min: 32768, max: 61000 }) && !default.overlaps(&PortRange { min: 32768, max: 60999 }));
+    }
+
+    #[test]
+    fn cluster_cidrs_parse_with_their_prefix() {
+        let args = parse(&["--iface", "eth0", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "0.0.0.0/0"]).expect("valid");
+        let expected = [Cidr { network: Ipv4Addr::new(10, 244, 0, 0), prefix_len: 16 }, Cidr { network: Ipv4Addr::UNSPECIFIED, prefix_len: 0 }];
+        assert_eq!(args.cluster_cidrs, expected);
     }
 
     #[test]

@@ -75,6 +75,7 @@ struct BackendSet {
     drop_when_empty: bool,
     snat: bool,
     affinity_seconds: u32,
+    in_cluster_via: Option<(Ipv4Addr, u16)>,
 }
 
 impl BackendSet {
@@ -85,6 +86,7 @@ impl BackendSet {
             drop_when_empty: service.drop_when_empty,
             snat: service.snat,
             affinity_seconds: service.affinity_seconds,
+            in_cluster_via: service.in_cluster_via,
         }
     }
 }
@@ -311,6 +313,9 @@ fn frontend_value(service_id: u32, set: u32, backends: &BackendSet) -> FrontendV
         flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 }
             | if backends.snat { FRONTEND_SNAT } else { 0 },
         affinity_seconds: backends.affinity_seconds,
+        in_cluster_ip: backends.in_cluster_via.map_or(0, |(ip, _)| ip_be(ip)),
+        in_cluster_port: backends.in_cluster_via.map_or(0, |(_, port)| port.to_be()),
+        _pad: 0,
     }
 }
 
@@ -637,12 +642,13 @@ mod tests {
         assert_eq!(syncer.service_id(&name("e")), b);
     }
 
-    /// Services, one with a draining endpoint, one dropping when empty, two
-    /// sharing an address.
+    /// Services, one with a draining endpoint, one dropping when empty (and
+    /// sending in-cluster clients to a cluster IP, as the external side of a
+    /// Local policy does), two sharing an address.
     fn varied_state() -> DesiredState {
         let mut draining = service([10, 96, 0, 1], 80, &[1, 2]);
         draining.draining.insert(Endpoint { ip: [10, 244, 0, 9].into(), port: 8080 });
-        let dropping = ServicePort { drop_when_empty: true, ..service([10, 96, 0, 2], 53, &[]) };
+        let dropping = ServicePort { drop_when_empty: true, in_cluster_via: Some(([10, 96, 0, 1].into(), 80)), ..service([10, 96, 0, 2], 53, &[]) };
         state(&[("a", draining), ("b", dropping), ("c", service([10, 96, 0, 1], 443, &[3])), ("d", service([10, 96, 0, 4], 80, &[4, 5, 6]))])
     }
 
@@ -692,7 +698,7 @@ mod tests {
         maps.service_sets.insert(7, 40);
         maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
         maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
-        let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0 };
+        let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, in_cluster_ip: 0, in_cluster_port: 0, _pad: 0 };
         maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
         let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
         assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });

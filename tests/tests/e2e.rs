@@ -788,6 +788,37 @@ fn load_balancer_manifests(local_pod: bool) -> String {
     )
 }
 
+/// A pod on this node and the node itself reaching the load balancer IP of
+/// an externalTrafficPolicy Local service that has no endpoint here: they
+/// are inside the cluster (the pod by `--cluster-cidr`), so every endpoint
+/// serves them, as through the cluster IP, and the pod is seen with its own
+/// address (kube-proxy's "pod traffic for external destinations"). The
+/// Local policy's drop is for clients from outside (a packet test).
+#[test]
+fn pods_and_the_node_reach_a_local_policy_load_balancer_ip_through_every_endpoint() {
+    use lb_tests::cluster::{TempDir, Topology, pod_ip};
+    let net = Topology::new(2, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), load_balancer_manifests(false)).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--cluster-cidr", "10.244.0.0/16"].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+
+    // kubia-1 runs on this node but is not an endpoint of the service.
+    let from_pod = cluster.pods[0]
+        .ns
+        .enter(|| (0..5).map(|_| connect_and_ask(SocketAddrV4::new([10, 202, 0, 100].into(), 80))).collect::<Vec<_>>())
+        .expect("pod");
+    for answer in from_pod {
+        assert_eq!(answer.expect("from a pod, through the load balancer IP"), format!("You've hit {}", pod_name(1)));
+    }
+    let peers = cluster.pods[1].server.peers.lock().expect("peers").iter().map(|p| p.ip()).collect::<BTreeSet<_>>();
+    assert_eq!(peers, BTreeSet::from([std::net::IpAddr::V4(pod_ip(0))]), "the endpoint sees the pod's own address");
+
+    let script = "exec 3<>/dev/tcp/10.202.0.100/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 cat <&3; true";
+    let from_node = cluster.cgroup.run_in(&cluster.node, script).expect("a node-local client");
+    assert!(from_node.contains(&format!("You've hit {}", pod_name(1))), "from the node: {from_node}");
+}
+
 /// The load balancer IP and the external IP serve like the node port (Local: the local pod,
 /// which sees the client), and the health check node port answers 200 with
 /// the local endpoint count, then 503 once the local pod is gone, then 200

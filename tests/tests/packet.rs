@@ -6,7 +6,7 @@
 //! hooks, XDP and tc. Needs root.
 use std::collections::BTreeSet;
 
-use lb_common::{DatapathConfig, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
+use lb_common::{DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
     packets::Frame,
@@ -261,14 +261,19 @@ fn new_flows_spread_over_all_backends() {
 const NODE_IP: [u8; 4] = [192, 168, 0, 1];
 const LOCAL_BACKEND: [u8; 4] = [10, 244, 1, 3];
 
+const POD_CIDR: ([u8; 4], u8) = ([10, 244, 0, 0], 16);
+const LB_IP: [u8; 4] = [203, 0, 113, 10];
+
 /// The external side of services on a node at 192.168.0.1: a node port
 /// with externalTrafficPolicy Cluster (source NAT), one with Local and a
-/// local endpoint, one with Local and none; and a cluster IP whose only
-/// endpoint is 10.244.1.2, for hairpin.
+/// local endpoint, one with Local and none; a cluster IP whose only
+/// endpoint is 10.244.1.2, for hairpin; and a load balancer IP with Local
+/// policy and no local endpoint, whose cluster IP side has 10.244.1.2.
 fn external_services() -> DesiredState {
     let external = |(name, port): (ServicePortName, ServicePort), local: bool| {
         (name.to_external(), ServicePort { drop_when_empty: local, snat: !local, ..port })
     };
+    let (lb_name, lb_port) = service("lb", LB_IP, 80, Protocol::Tcp, &[]);
     desired([
         service("hairpin", [10, 96, 0, 20], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
         service("twin", [10, 96, 0, 21], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
@@ -276,12 +281,22 @@ fn external_services() -> DesiredState {
         external(service("cluster", NODE_IP, 30053, Protocol::Udp, &[(BACKEND, 5353)]), false),
         external(service("local", NODE_IP, 30081, Protocol::Tcp, &[(LOCAL_BACKEND, 8080)]), true),
         external(service("nolocal", NODE_IP, 30082, Protocol::Tcp, &[]), true),
+        service("lb", [10, 96, 0, 22], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
+        external((lb_name, ServicePort { in_cluster_via: Some(([10, 96, 0, 22].into(), 80)), ..lb_port }), true),
     ])
 }
 
 fn node_fixture() -> Fixture {
     let mut fixture = Fixture::new(&external_services());
-    let config = DatapathConfig { snat_ip: ip_be(NODE_IP.into()), snat_port_min: SNAT_PORT_MIN, snat_port_max: SNAT_PORT_MAX };
+    let mut cluster_cidrs = [Ipv4Cidr::default(); MAX_CLUSTER_CIDRS];
+    cluster_cidrs[0] = Ipv4Cidr::new(POD_CIDR.0.into(), POD_CIDR.1);
+    let config = DatapathConfig {
+        snat_ip: ip_be(NODE_IP.into()),
+        snat_port_min: SNAT_PORT_MIN,
+        snat_port_max: SNAT_PORT_MAX,
+        cluster_cidr_count: 1,
+        cluster_cidrs,
+    };
     fixture.datapath.maps.set_config(config).expect("config");
     fixture
 }
@@ -330,6 +345,9 @@ fn external_cases() -> Vec<Case> {
     let ssh = Frame::tcp_syn("10.0.0.2:40003", "192.168.0.1:22");
     let hairpin = Frame::tcp_syn("10.244.1.2:63000", "10.96.0.20:80");
     let hairpin_reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:63000", b"me");
+    let pod_to_lb = Frame::tcp_syn("10.244.2.7:40010", "203.0.113.10:80");
+    let lb_reply = Frame::tcp_data("10.244.1.2:8080", "10.244.2.7:40010", b"from afar");
+    let outside_to_lb = Frame::tcp_syn("10.0.0.2:40011", "203.0.113.10:80");
     let router = [192, 168, 1, 254];
     let frag_needed = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
     let sent_data = data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000");
@@ -348,6 +366,9 @@ fn external_cases() -> Vec<Case> {
         case("node address, fragment: left to the kernel", edited(&ssh, |b| b[20] |= 0x20), Pass, Unchanged, Reason::PassNotService),
         case("hairpin: a pod reaching itself gets the node as source", hairpin.bytes(), Pass, Bytes(hairpin.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:63000").bytes()), Reason::ForwardNew),
         case("hairpin reply: from the service, back to the pod", hairpin_reply.bytes(), Pass, Bytes(hairpin_reply.clone().with_src("10.96.0.20:80").with_dst("10.244.1.2:63000").bytes()), Reason::ReplyTranslated),
+        case("load balancer IP, Local policy, from a pod: every endpoint serves, as through the cluster IP, client kept", pod_to_lb.bytes(), Pass, Bytes(pod_to_lb.clone().with_dst("10.244.1.2:8080").bytes()), Reason::ForwardNew),
+        case("load balancer IP, Local policy, reply to the pod: from the load balancer IP", lb_reply.bytes(), Pass, Bytes(lb_reply.clone().with_src("203.0.113.10:80").bytes()), Reason::ReplyTranslated),
+        case("load balancer IP, Local policy, from outside the cluster, no local endpoint: dropped", outside_to_lb.bytes(), Drop, Unchanged, Reason::DropNoLocalEndpoint),
     ]
 }
 

@@ -370,6 +370,7 @@ fn service_ports(
             drop_when_empty: local_only,
             snat: false,
             affinity_seconds,
+            in_cluster_via: None,
             health_check_node_port: None,
         };
 
@@ -393,6 +394,7 @@ fn service_ports(
                 drop_when_empty: external_local,
                 snat: !external_local,
                 affinity_seconds,
+                in_cluster_via: external_local.then_some((cluster_ip, number)),
                 health_check_node_port,
             };
             ports.push((internal_name.to_external(), external));
@@ -856,7 +858,12 @@ mod tests {
             let internal = computed.state.services.get(&ServicePortName::new("default", "kubia", "http")).expect("internal side");
             assert_eq!(internal.endpoints.len(), 2, "{rule}: in-cluster traffic uses every endpoint");
             assert!(!internal.snat && !internal.drop_when_empty, "{rule}");
+            let cluster_ip = internal.frontends.first().map(|f| (f.ip, f.port));
             let external = computed.state.services.get(&ServicePortName::new("default", "kubia", "http").to_external()).map(|p| {
+                // Local policy: pods and the node are served as through the
+                // cluster IP (kube-proxy's "pod traffic for external
+                // destinations"); Cluster policy serves everyone alike.
+                assert_eq!(p.in_cluster_via, cluster_ip.filter(|_| p.drop_when_empty), "{rule}: in-cluster clients");
                 let frontends = p.frontends.iter().map(|f| format!("{}:{}", f.ip, f.port)).collect::<Vec<_>>();
                 let endpoints = p.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect::<Vec<_>>();
                 (frontends, endpoints, p.snat, p.drop_when_empty)

@@ -95,6 +95,12 @@ pub struct ServicePort {
     pub snat: bool,
     /// sessionAffinity ClientIP's timeout in seconds; 0 without affinity.
     pub affinity_seconds: u32,
+    /// The external side of an externalTrafficPolicy Local service: its
+    /// cluster IP and port, through which clients inside the cluster (pods,
+    /// the node itself) are served instead, by every endpoint: the Local
+    /// policy is for clients from outside (kube-proxy's "pod traffic for
+    /// external destinations").
+    pub in_cluster_via: Option<(Ipv4Addr, u16)>,
     /// The external side of a LoadBalancer service with
     /// externalTrafficPolicy Local: the node port where load balancers ask
     /// whether this node has local endpoints.

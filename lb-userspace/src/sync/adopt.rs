@@ -122,8 +122,9 @@ fn adoptable(
     let port_name = parse_port_name(name.as_str())?;
     let set = *found.service_sets.get(&id)?;
     let &(_, first) = frontends.first()?;
-    let shape = |v: &FrontendValue| (v.backend_set, v.backend_count, v.flags, v.affinity_seconds);
-    if frontends.iter().any(|(_, v)| shape(v) != (set, first.backend_count, first.flags, first.affinity_seconds)) {
+    let shape = |v: &FrontendValue| (v.backend_set, v.backend_count, v.flags, v.affinity_seconds, v.in_cluster_ip, v.in_cluster_port);
+    let expected = (set, first.backend_count, first.flags, first.affinity_seconds, first.in_cluster_ip, first.in_cluster_port);
+    if frontends.iter().any(|(_, v)| shape(v) != expected) {
         return None;
     }
     let mut endpoints = Vec::new();
@@ -148,6 +149,7 @@ fn adoptable(
         drop_when_empty: first.flags & FRONTEND_DROP_WHEN_EMPTY != 0,
         snat: first.flags & FRONTEND_SNAT != 0,
         affinity_seconds: first.affinity_seconds,
+        in_cluster_via: (first.in_cluster_ip != 0).then(|| (ip_from_be(first.in_cluster_ip), u16::from_be(first.in_cluster_port))),
     };
     Some((port_name, Programmed { id, set, frontends, backends }))
 }

@@ -215,12 +215,17 @@ pub struct DatapathConfig {
     /// with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// `DATAPATH_*` bits.
+    pub flags: u32,
     /// The pod address ranges: sources in them are inside the cluster
     /// (`FrontendValue::in_cluster_ip`). The first `cluster_cidr_count`
     /// entries are used.
     pub cluster_cidr_count: u32,
     pub cluster_cidrs: [Ipv4Cidr; MAX_CLUSTER_CIDRS],
 }
+
+/// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
+pub const DATAPATH_ANSWER_ECHO: u32 = 1;
 
 /// How many pod address ranges `DatapathConfig` holds.
 pub const MAX_CLUSTER_CIDRS: usize = 4;
@@ -507,7 +512,7 @@ const _: () = {
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 28);
     assert!(size_of::<VipValue>() == 8);
-    assert!(size_of::<DatapathConfig>() == 12 + 8 * MAX_CLUSTER_CIDRS);
+    assert!(size_of::<DatapathConfig>() == 16 + 8 * MAX_CLUSTER_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);
     assert!(size_of::<ServiceName>() == 160);

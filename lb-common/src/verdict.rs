@@ -50,10 +50,13 @@ pub enum Reason {
     /// the quoted headers and the ICMP's own addresses translated like the
     /// flow's packets in the direction the error travels.
     IcmpErrorTranslated = 16,
+    /// An ICMP echo request to a cluster IP, answered from it (the agent's
+    /// `--answer-ping`): sent back where it came from.
+    EchoAnswered = 17,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -73,6 +76,7 @@ impl Reason {
         Reason::DropNoLocalEndpoint,
         Reason::DropNoSnatPort,
         Reason::IcmpErrorTranslated,
+        Reason::EchoAnswered,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -95,6 +99,7 @@ impl Reason {
             Reason::DropNoLocalEndpoint => "drop_no_local_endpoint",
             Reason::DropNoSnatPort => "drop_no_snat_port",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::EchoAnswered => "echo_answered",
         }
     }
 }

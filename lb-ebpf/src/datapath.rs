@@ -42,6 +42,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
                     stats::count_service_packet(service_id, ip_len, false);
                     (Action::Pass, Reason::IcmpErrorTranslated)
                 }
+                None if icmp::answer_echo(pkt, icmp_off) => (Action::Bounce, Reason::EchoAnswered),
                 None => (Action::Pass, Reason::PassNotService),
             };
         }

@@ -11,9 +11,14 @@ use crate::{
     context::{Packet, ptr_at},
     nat,
     parse::{self, Ipv4Header},
+    service,
 };
 
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
+/// An echo answer's TTL: Linux's default (net.ipv4.ip_default_ttl).
+const ECHO_REPLY_TTL: u8 = 64;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
@@ -103,4 +108,49 @@ fn rewrite(outer: *mut Ipv4Header, msg: *mut IcmpError, outer_ip: &Ipv4Header, m
         (&raw mut (*msg).quoted_ports).write_unaligned(nat::ports_word(ct.dst_port, ct.src_port));
         (&raw mut (*msg).quoted_word2).write_unaligned(new_word2);
     }
+}
+
+/// The Ethernet header and the fixed IPv4 header, as an echo answer
+/// rewrites them.
+#[repr(C, packed)]
+struct EthIpv4 {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ethertype: u16,
+    ip: Ipv4Header,
+}
+
+/// Turns an echo request to a cluster IP into the echo reply from it, when
+/// the agent enables it (`--answer-ping`: "I can't ping my service IP" is
+/// the first thing users try): MACs and addresses swapped, type 0, TTL 64,
+/// both checksums updated. The caller sends it back where it came from.
+#[inline(always)]
+pub fn answer_echo<P: Packet>(pkt: &P, icmp_off: usize) -> bool {
+    let Some(headers) = ptr_at::<_, EthIpv4>(pkt, 0) else { return false };
+    // The type and code, then the checksum, as native-order words.
+    let Some(icmp) = ptr_at::<_, [u16; 2]>(pkt, icmp_off) else { return false };
+    // SAFETY: both bounds-checked by ptr_at; unaligned because packet data
+    // has no alignment guarantee (and the struct is packed).
+    let (h, [type_code, icmp_check]) = unsafe { (headers.read_unaligned(), icmp.read_unaligned()) };
+    let request = u16::from_ne_bytes([ICMP_ECHO_REQUEST, 0]);
+    let ip = h.ip;
+    if type_code != request || !service::answers_echo(ip.dst) {
+        return false;
+    }
+    let reply = u16::from_ne_bytes([ICMP_ECHO_REPLY, 0]);
+    // Swapped addresses leave the IPv4 sum as it was; the TTL shares a word
+    // with the protocol.
+    let ttl_delta = checksum::delta_u16(u16::from_ne_bytes([ip.ttl, ip.proto]), u16::from_ne_bytes([ECHO_REPLY_TTL, ip.proto]));
+    let answer = EthIpv4 {
+        dst_mac: h.src_mac,
+        src_mac: h.dst_mac,
+        ethertype: h.ethertype,
+        ip: Ipv4Header { ttl: ECHO_REPLY_TTL, check: checksum::apply(ip.check, ttl_delta), src: ip.dst, dst: ip.src, ..ip },
+    };
+    // SAFETY: as above.
+    unsafe {
+        headers.write_unaligned(answer);
+        icmp.write_unaligned([reply, checksum::apply(icmp_check, checksum::delta_u16(type_code, reply))]);
+    }
+    true
 }

@@ -2,7 +2,7 @@
 //! check that a backend still serves its service.
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue,
 };
 
@@ -52,6 +52,15 @@ pub fn in_cluster_frontend(fe: &FrontendValue, proto: u8) -> Option<FrontendValu
 fn is_cluster_source(ip: u32) -> bool {
     // SAFETY: a pointer into the array's one slot, read in place.
     DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).is_cluster_source(ip) })
+}
+
+/// Whether an echo request to `ip` is answered: a cluster IP, with
+/// `DATAPATH_ANSWER_ECHO` configured.
+#[inline(always)]
+pub fn answers_echo(ip: u32) -> bool {
+    // SAFETY: a pointer into the array's one slot, read in place.
+    let enabled = DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).flags } & DATAPATH_ANSWER_ECHO != 0);
+    enabled && is_cluster_ip(ip)
 }
 
 /// The service address `ip`, if it is one.

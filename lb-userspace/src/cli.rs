@@ -50,6 +50,12 @@ pub struct AgentArgs {
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub cluster_cidrs: Vec<Cidr>,
 
+    /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
+    /// that "can I ping my service?" gets a yes. Off by default, as with
+    /// kube-proxy's iptables mode, where nothing answers on a cluster IP.
+    #[arg(long)]
+    pub answer_ping: bool,
+
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,

@@ -403,6 +403,11 @@ pub fn remove_pinned(dir: &Path) -> Result<usize> {
     pins.extend(OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| dir.join(name)));
     let mut removed = 0;
     for pin in pins.iter().filter(|pin| pin.exists()) {
+        if pin.starts_with(&links)
+            && let Err(e) = detach_pinned_link(pin)
+        {
+            warn!(pin = %pin.display(), "detaching: {e}; removing the pin releases it later");
+        }
         std::fs::remove_file(pin).map_err(|e| pin_err(pin, e))?;
         removed += 1;
     }
@@ -410,6 +415,38 @@ pub fn remove_pinned(dir: &Path) -> Result<usize> {
         std::fs::remove_dir(&links).map_err(|e| pin_err(&links, e))?;
     }
     Ok(removed)
+}
+
+/// Detaches the link pinned at `pin` now (BPF_LINK_DETACH). Removing the
+/// pin alone releases the link only when the kernel's deferred work gets to
+/// it, which can be after `--cleanup` has returned.
+fn detach_pinned_link(pin: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr, zeroed: BPF_OBJ_GET's pathname and BPF_LINK_DETACH's
+    // link_fd are both its first field.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: the bpf syscall with an attribute block of the size given,
+    // holding a pointer to a string that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned from here on.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 16];
+    attr[0] = link.as_raw_fd() as u64;
+    // SAFETY: as above, with the link's descriptor.
+    if unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), size_of_val(&attr)) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A taken-over attachment, or else (logging why, when there was one to

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lb_common::{DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS};
+use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS};
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
@@ -172,6 +172,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
+        flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 },
         cluster_cidr_count: args.cluster_cidrs.len() as u32,
         cluster_cidrs,
     })?;

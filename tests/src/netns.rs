@@ -374,6 +374,57 @@ pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
     ask(&mut conn)
 }
 
+/// Sends one ICMP echo request to `to` from a raw socket and waits up to
+/// two seconds for the matching echo reply; returns the address it came
+/// from.
+pub fn ping(to: Ipv4Addr) -> std::io::Result<Ipv4Addr> {
+    const ID: [u8; 2] = [0x4c, 0x42];
+    let mut request = [8u8, 0, 0, 0, ID[0], ID[1], 0, 1, b'p', b'i', b'n', b'g'];
+    let sum = lb_common::checksum::finish(lb_common::checksum::sum_words(&request, 0));
+    request[2..4].copy_from_slice(&sum.to_ne_bytes());
+    // SAFETY: plain socket calls on a descriptor owned by `socket` below,
+    // with buffers and addresses that outlive each call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let socket = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+        let timeout_ptr = (&raw const timeout).cast();
+        if libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, timeout_ptr, size_of::<libc::timeval>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let target = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(to).to_be() },
+            sin_zero: [0; 8],
+        };
+        let target_ptr = (&raw const target).cast();
+        let sent = libc::sendto(socket.as_raw_fd(), request.as_ptr().cast(), request.len(), 0, target_ptr, size_of::<libc::sockaddr_in>() as u32);
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = [0u8; 1500];
+        loop {
+            // A raw ICMP socket sees every ICMP message with its IPv4 header.
+            let len = libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+            if len < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let packet = &buf[..len as usize];
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if let Some(icmp) = packet.get(ihl..ihl + 8)
+                && icmp[0] == 0
+                && icmp[4..6] == ID
+            {
+                return Ok(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]));
+            }
+        }
+    }
+}
+
 /// A binary of lb-userspace (`lb-agent`, `lbctl`) built next to the
 /// running test or tool.
 pub fn userspace_binary(name: &str) -> Result<PathBuf> {

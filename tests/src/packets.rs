@@ -3,7 +3,7 @@
 use std::net::SocketAddrV4;
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options,
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4Options,
     TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 
@@ -178,6 +178,34 @@ impl Frame {
         out.extend_from_slice(quote);
         out
     }
+}
+
+/// An ICMP echo request from the client's MAC to the node's, `from` to
+/// `to`, with `ttl`, an identifier, a sequence number and 16 bytes of data.
+pub fn echo_request(from: [u8; 4], to: [u8; 4], ttl: u8) -> Vec<u8> {
+    echo(Ethernet2Header { source: CLIENT_MAC, destination: NODE_MAC, ether_type: EtherType::IPV4 }, from, to, ttl, false)
+}
+
+/// The echo reply answering `echo_request(to, from, _)` from the node's
+/// MAC, with `ttl`.
+pub fn echo_reply(from: [u8; 4], to: [u8; 4], ttl: u8) -> Vec<u8> {
+    echo(Ethernet2Header { source: NODE_MAC, destination: CLIENT_MAC, ether_type: EtherType::IPV4 }, from, to, ttl, true)
+}
+
+fn echo(eth: Ethernet2Header, from: [u8; 4], to: [u8; 4], ttl: u8, reply: bool) -> Vec<u8> {
+    let data = b"ping the service";
+    let header = IcmpEchoHeader { id: 0x4242, seq: 7 };
+    let kind = if reply { Icmpv4Type::EchoReply(header) } else { Icmpv4Type::EchoRequest(header) };
+    let icmp = Icmpv4Header::with_checksum(kind, data);
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::ICMP, from, to).expect("valid header");
+    ip.identification = 0x1234;
+    ip.set_payload_len(icmp.header_len() + data.len()).expect("small packet");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = eth.to_bytes().to_vec();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp.to_bytes());
+    out.extend_from_slice(data);
+    out
 }
 
 fn reply_eth(request: &Ethernet2Header) -> Ethernet2Header {

@@ -16,7 +16,7 @@ use lb_tests::{
         ClientHook, Cluster, EMPTY_VIP, KUBIA_VIP, MANIFEST_FILE, PodState, kubia_http, kubia_manifests, pod_name,
         ready,
     },
-    netns::{ask, connect_and_ask, http_get, http_get_until, udp_ask},
+    netns::{ask, connect_and_ask, http_get, http_get_until, ping, udp_ask},
 };
 
 const CONNECTIONS: usize = 300;
@@ -786,6 +786,23 @@ fn load_balancer_manifests(local_pod: bool) -> String {
          endpoints:\n{local}- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node-2}}\n",
         pod_ip(1)
     )
+}
+
+/// With `--answer-ping`, a client pinging a cluster IP gets the echo reply
+/// from it (anchors §3: "I can't ping my service IP"), counted as
+/// `echo_answered`.
+#[test]
+fn a_cluster_ip_answers_ping_when_asked_to() {
+    use lb_tests::cluster::{TempDir, Topology};
+    let net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0]))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--answer-ping"].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    let answered_by = cluster.client.enter(|| ping(KUBIA_VIP)).expect("client").expect("an echo reply");
+    assert_eq!(answered_by, KUBIA_VIP);
+    let answered = cluster.maps().expect("pinned maps").verdict_count(lb_common::Reason::EchoAnswered).expect("counters");
+    assert_eq!(answered, 1);
 }
 
 /// A pod on this node and the node itself reaching the load balancer IP of

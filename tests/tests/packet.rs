@@ -6,10 +6,10 @@
 //! hooks, XDP and tc. Needs root.
 use std::collections::BTreeSet;
 
-use lb_common::{DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
+use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
-    packets::Frame,
+    packets::{Frame, echo_reply, echo_request},
 };
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use lb_userspace::model::{DesiredState, Endpoint, Protocol, ServicePort, ServicePortName};
@@ -127,6 +127,7 @@ fn cases() -> Vec<Case> {
         case("ARP: unchanged", arp, Pass, Unchanged, Reason::PassNotIpv4),
         case("IPv6: unchanged", ipv6, Pass, Unchanged, Reason::PassNotIpv4),
         case("ICMP to a service address: unchanged", icmp_echo, Pass, Unchanged, Reason::PassNotService),
+        case("echo request to a cluster IP without --answer-ping: unchanged", echo_request([10, 0, 0, 2], [10, 96, 0, 10], 63), Pass, Unchanged, Reason::PassNotService),
         case("fragmentation needed from a router, about a packet sent to the backend: quotes the service", sent_data.icmp_error(router, [10, 0, 0, 2], frag_needed.clone()), Pass, Bytes(data.icmp_error(router, [10, 0, 0, 2], frag_needed.clone())), Reason::IcmpErrorTranslated),
         case("port unreachable from the backend: comes from the service and quotes it", sent_query.icmp_error(BACKEND, [10, 0, 0, 2], port_unreachable.clone()), Pass, Bytes(query.icmp_error([10, 96, 0, 10], [10, 0, 0, 2], port_unreachable.clone())), Reason::IcmpErrorTranslated),
         case("ICMP error from the client about a reply: goes to the backend and quotes it", sent_answer.icmp_error([10, 0, 0, 2], [10, 96, 0, 10], port_unreachable.clone()), Pass, Bytes(answer.icmp_error([10, 0, 0, 2], BACKEND, port_unreachable.clone())), Reason::IcmpErrorTranslated),
@@ -294,6 +295,7 @@ fn node_fixture() -> Fixture {
         snat_ip: ip_be(NODE_IP.into()),
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
+        flags: DATAPATH_ANSWER_ECHO,
         cluster_cidr_count: 1,
         cluster_cidrs,
     };
@@ -369,6 +371,10 @@ fn external_cases() -> Vec<Case> {
         case("load balancer IP, Local policy, from a pod: every endpoint serves, as through the cluster IP, client kept", pod_to_lb.bytes(), Pass, Bytes(pod_to_lb.clone().with_dst("10.244.1.2:8080").bytes()), Reason::ForwardNew),
         case("load balancer IP, Local policy, reply to the pod: from the load balancer IP", lb_reply.bytes(), Pass, Bytes(lb_reply.clone().with_src("203.0.113.10:80").bytes()), Reason::ReplyTranslated),
         case("load balancer IP, Local policy, from outside the cluster, no local endpoint: dropped", outside_to_lb.bytes(), Drop, Unchanged, Reason::DropNoLocalEndpoint),
+        case("echo request to a cluster IP (--answer-ping): answered from it, TTL 64", echo_request([10, 0, 0, 2], [10, 96, 0, 20], 63), Bounce, Bytes(echo_reply([10, 96, 0, 20], [10, 0, 0, 2], 64)), Reason::EchoAnswered),
+        case("echo request to the node's address: the node answers itself", echo_request([10, 0, 0, 2], NODE_IP, 63), Pass, Unchanged, Reason::PassNotService),
+        case("echo request to a load balancer IP: not a cluster IP, unchanged", echo_request([10, 0, 0, 2], LB_IP, 63), Pass, Unchanged, Reason::PassNotService),
+        case("echo reply to a cluster IP: unchanged", echo_reply([10, 0, 0, 2], [10, 96, 0, 20], 64), Pass, Unchanged, Reason::PassNotService),
     ]
 }
 

@@ -218,17 +218,19 @@ pub struct DatapathConfig {
     /// `DATAPATH_*` bits.
     pub flags: u32,
     /// The pod address ranges: sources in them are inside the cluster
-    /// (`FrontendValue::in_cluster_ip`). The first `cluster_cidr_count`
-    /// entries are used.
-    pub cluster_cidr_count: u32,
-    pub cluster_cidrs: [Ipv4Cidr; MAX_CLUSTER_CIDRS],
+    /// (`FrontendValue::in_cluster_ip`).
+    pub cluster_cidrs: Ipv4Cidrs,
+    /// The service address ranges: a new connection to an address in them
+    /// that no service has is dropped (kube-proxy's "Drop traffic to
+    /// unallocated ClusterIPs").
+    pub service_cidrs: Ipv4Cidrs,
 }
 
 /// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
 pub const DATAPATH_ANSWER_ECHO: u32 = 1;
 
-/// How many pod address ranges `DatapathConfig` holds.
-pub const MAX_CLUSTER_CIDRS: usize = 4;
+/// How many address ranges an `Ipv4Cidrs` holds.
+pub const MAX_CIDRS: usize = 4;
 
 /// An IPv4 address range, network byte order: `ip & mask == network`.
 #[repr(C)]
@@ -250,14 +252,32 @@ impl Ipv4Cidr {
     }
 }
 
-impl DatapathConfig {
-    /// Whether the source `ip` (network byte order) is a pod's.
+/// Up to `MAX_CIDRS` address ranges: the first `count` are used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Ipv4Cidrs {
+    pub count: u32,
+    pub ranges: [Ipv4Cidr; MAX_CIDRS],
+}
+
+impl Ipv4Cidrs {
+    /// The ranges, at most `MAX_CIDRS` of them (the caller checks).
+    pub fn new(ranges: impl IntoIterator<Item = Ipv4Cidr>) -> Self {
+        let mut cidrs = Self::default();
+        for (slot, range) in cidrs.ranges.iter_mut().zip(ranges) {
+            *slot = range;
+            cidrs.count += 1;
+        }
+        cidrs
+    }
+
+    /// Whether `ip` (network byte order) is in one of the ranges.
     #[inline(always)]
-    pub fn is_cluster_source(&self, ip: u32) -> bool {
+    pub fn contains(&self, ip: u32) -> bool {
         let mut i = 0;
         // A counted loop the verifier can bound.
-        while i < MAX_CLUSTER_CIDRS {
-            if (i as u32) < self.cluster_cidr_count && self.cluster_cidrs[i].contains(ip) {
+        while i < MAX_CIDRS {
+            if (i as u32) < self.count && self.ranges[i].contains(ip) {
                 return true;
             }
             i += 1;
@@ -512,7 +532,8 @@ const _: () = {
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 28);
     assert!(size_of::<VipValue>() == 8);
-    assert!(size_of::<DatapathConfig>() == 16 + 8 * MAX_CLUSTER_CIDRS);
+    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>());
+    assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);
     assert!(size_of::<ServiceName>() == 160);
@@ -545,6 +566,26 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_ranges_contain_what_their_prefix_covers() {
+        let ip = |a: [u8; 4]| ip_be(a.into());
+        let pods = Ipv4Cidrs::new([Ipv4Cidr::new([10, 244, 0, 0].into(), 16), Ipv4Cidr::new([192, 168, 7, 9].into(), 32)]);
+        let cases = [
+            ("first address of a range", pods, [10, 244, 0, 0], true),
+            ("last address of a range", pods, [10, 244, 255, 255], true),
+            ("just past a range", pods, [10, 245, 0, 0], false),
+            ("a /32 holds its one address", pods, [192, 168, 7, 9], true),
+            ("a /32 holds nothing else", pods, [192, 168, 7, 8], false),
+            ("no ranges hold nothing", Ipv4Cidrs::default(), [0, 0, 0, 0], false),
+            ("/0 holds everything", Ipv4Cidrs::new([Ipv4Cidr::new([0, 0, 0, 0].into(), 0)]), [203, 0, 113, 1], true),
+            ("bits past the prefix are ignored", Ipv4Cidrs::new([Ipv4Cidr::new([10, 96, 3, 4].into(), 16)]), [10, 96, 200, 1], true),
+            ("entries past the count are unused", Ipv4Cidrs { count: 0, ..pods }, [10, 244, 1, 1], false),
+        ];
+        for (rule, cidrs, address, expected) in cases {
+            assert_eq!(cidrs.contains(ip(address)), expected, "{rule}");
+        }
+    }
     use crate::checksum::{add, apply, finish, pseudo_header_sum, sum_words};
 
     /// An IPv4 header (20 bytes) and a TCP segment (header and payload)

@@ -53,10 +53,14 @@ pub enum Reason {
     /// An ICMP echo request to a cluster IP, answered from it (the agent's
     /// `--answer-ping`): sent back where it came from.
     EchoAnswered = 17,
+    /// A new connection to an address in the service ranges that no service
+    /// has (a deleted service's, say): dropped, as kube-proxy does, rather
+    /// than routed on.
+    DropUnallocatedClusterIp = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -77,6 +81,7 @@ impl Reason {
         Reason::DropNoSnatPort,
         Reason::IcmpErrorTranslated,
         Reason::EchoAnswered,
+        Reason::DropUnallocatedClusterIp,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -100,6 +105,7 @@ impl Reason {
             Reason::DropNoSnatPort => "drop_no_snat_port",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::EchoAnswered => "echo_answered",
+            Reason::DropUnallocatedClusterIp => "drop_unallocated_cluster_ip",
         }
     }
 }

@@ -77,6 +77,9 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         }
     }
     let Some(vip) = service::vip(flow.tuple.dst_ip) else {
+        if service::is_unallocated_cluster_ip(flow.tuple.dst_ip) {
+            return (Action::Drop, Reason::DropUnallocatedClusterIp);
+        }
         return (Action::Pass, Reason::PassNotService);
     };
     // Logging happens only off the fast path: rejects and drops at debug

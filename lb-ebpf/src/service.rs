@@ -51,7 +51,15 @@ pub fn in_cluster_frontend(fe: &FrontendValue, proto: u8) -> Option<FrontendValu
 #[inline(always)]
 fn is_cluster_source(ip: u32) -> bool {
     // SAFETY: a pointer into the array's one slot, read in place.
-    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).is_cluster_source(ip) })
+    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).cluster_cidrs.contains(ip) })
+}
+
+/// Whether `ip`, which no service has, is in one of the configured service
+/// address ranges: a cluster IP not (or no longer) allocated.
+#[inline(always)]
+pub fn is_unallocated_cluster_ip(ip: u32) -> bool {
+    // SAFETY: as above.
+    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).service_cidrs.contains(ip) })
 }
 
 /// Whether an echo request to `ip` is answered: a cluster IP, with

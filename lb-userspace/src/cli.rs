@@ -2,7 +2,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use lb_common::{MAX_CLUSTER_CIDRS, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{Ipv4Cidr, MAX_CIDRS, SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -49,6 +49,13 @@ pub struct AgentArgs {
     /// Without it, pods are served like clients from outside.
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub cluster_cidrs: Vec<Cidr>,
+
+    /// The service (cluster IP) address range, as ADDRESS/PREFIX (the API
+    /// server's --service-cluster-ip-range): a new connection to an address
+    /// in it that no service has is dropped, as kube-proxy's nftables mode
+    /// does, instead of being routed on. Repeatable, up to 4.
+    #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub service_cidrs: Vec<Cidr>,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -155,6 +162,12 @@ pub struct Cidr {
     pub prefix_len: u8,
 }
 
+impl From<Cidr> for Ipv4Cidr {
+    fn from(cidr: Cidr) -> Self {
+        Ipv4Cidr::new(cidr.network, cidr.prefix_len)
+    }
+}
+
 /// "ADDRESS/PREFIX", the address with no bits set beyond the prefix.
 pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
     let (address, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16"))?;
@@ -185,8 +198,10 @@ impl AgentArgs {
         if self.ifaces.is_empty() && self.xdp_ifaces.is_empty() && self.iface_patterns.is_empty() {
             return Err("no interface to attach to: give at least one --iface NAME, --iface-pattern GLOB or --xdp-iface NAME".into());
         }
-        if self.cluster_cidrs.len() > MAX_CLUSTER_CIDRS {
-            return Err(format!("{} --cluster-cidr ranges given; at most {MAX_CLUSTER_CIDRS} are supported", self.cluster_cidrs.len()));
+        for (flag, ranges) in [("--cluster-cidr", &self.cluster_cidrs), ("--service-cidr", &self.service_cidrs)] {
+            if ranges.len() > MAX_CIDRS {
+                return Err(format!("{} {flag} ranges given; at most {MAX_CIDRS} are supported", ranges.len()));
+            }
         }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));
@@ -216,7 +231,7 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 13] = [
+        let cases: [(&[&str], &str); 14] = [
             (&["--manifests", "/"], "no interface"),
             (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
             (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
@@ -233,6 +248,7 @@ mod tests {
                 &["--iface", "eth0", "--cluster-cidr", "10.1.0.0/16", "--cluster-cidr", "10.2.0.0/16", "--cluster-cidr", "10.3.0.0/16", "--cluster-cidr", "10.4.0.0/16", "--cluster-cidr", "10.5.0.0/16"],
                 "at most 4",
             ),
+            (&["--iface", "eth0", "--service-cidr", "10.96.0.0/12x"], "prefix length \"12x\" is not 0-32"),
         ];
         for (args, expected) in cases {
             let error = parse(args).err().unwrap_or_default();

@@ -155,6 +155,7 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         Reason::DropNoLocalEndpoint => "internalTrafficPolicy Local and no endpoint on this node: dropped".to_owned(),
         Reason::PassNotService => "not addressed to a service and not a reply: passed unchanged".to_owned(),
         Reason::IcmpErrorTranslated => "an ICMP error about a tracked flow: translated like the flow's packets".to_owned(),
+        Reason::DropUnallocatedClusterIp => "an address in --service-cidr that no service has: dropped".to_owned(),
         Reason::EchoAnswered => "an echo request to a cluster IP: answered from it (--answer-ping)".to_owned(),
         other => format!("{}: see docs/architecture.md", other.name()),
     };

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS};
+use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidrs};
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
@@ -164,17 +164,13 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     if !pinned.replaced.is_empty() {
         warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
     }
-    let mut cluster_cidrs = [Ipv4Cidr::default(); MAX_CLUSTER_CIDRS];
-    for (slot, cidr) in cluster_cidrs.iter_mut().zip(&args.cluster_cidrs) {
-        *slot = Ipv4Cidr::new(cidr.network, cidr.prefix_len);
-    }
     datapath.maps.set_config(DatapathConfig {
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
         flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 },
-        cluster_cidr_count: args.cluster_cidrs.len() as u32,
-        cluster_cidrs,
+        cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied().map(Into::into)),
+        service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied().map(Into::into)),
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()

@@ -6,7 +6,7 @@
 //! hooks, XDP and tc. Needs root.
 use std::collections::BTreeSet;
 
-use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, MAX_CLUSTER_CIDRS, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
+use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, Ipv4Cidrs, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
     packets::{Frame, echo_reply, echo_request},
@@ -263,6 +263,7 @@ const NODE_IP: [u8; 4] = [192, 168, 0, 1];
 const LOCAL_BACKEND: [u8; 4] = [10, 244, 1, 3];
 
 const POD_CIDR: ([u8; 4], u8) = ([10, 244, 0, 0], 16);
+const SERVICE_CIDR: ([u8; 4], u8) = ([10, 96, 0, 0], 16);
 const LB_IP: [u8; 4] = [203, 0, 113, 10];
 
 /// The external side of services on a node at 192.168.0.1: a node port
@@ -289,15 +290,13 @@ fn external_services() -> DesiredState {
 
 fn node_fixture() -> Fixture {
     let mut fixture = Fixture::new(&external_services());
-    let mut cluster_cidrs = [Ipv4Cidr::default(); MAX_CLUSTER_CIDRS];
-    cluster_cidrs[0] = Ipv4Cidr::new(POD_CIDR.0.into(), POD_CIDR.1);
     let config = DatapathConfig {
         snat_ip: ip_be(NODE_IP.into()),
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
         flags: DATAPATH_ANSWER_ECHO,
-        cluster_cidr_count: 1,
-        cluster_cidrs,
+        cluster_cidrs: Ipv4Cidrs::new([Ipv4Cidr::new(POD_CIDR.0.into(), POD_CIDR.1)]),
+        service_cidrs: Ipv4Cidrs::new([Ipv4Cidr::new(SERVICE_CIDR.0.into(), SERVICE_CIDR.1)]),
     };
     fixture.datapath.maps.set_config(config).expect("config");
     fixture
@@ -374,6 +373,9 @@ fn external_cases() -> Vec<Case> {
         case("echo request to a cluster IP (--answer-ping): answered from it, TTL 64", echo_request([10, 0, 0, 2], [10, 96, 0, 20], 63), Bounce, Bytes(echo_reply([10, 96, 0, 20], [10, 0, 0, 2], 64)), Reason::EchoAnswered),
         case("echo request to the node's address: the node answers itself", echo_request([10, 0, 0, 2], NODE_IP, 63), Pass, Unchanged, Reason::PassNotService),
         case("echo request to a load balancer IP: not a cluster IP, unchanged", echo_request([10, 0, 0, 2], LB_IP, 63), Pass, Unchanged, Reason::PassNotService),
+        case("unallocated cluster IP (in --service-cidr, no service): dropped", Frame::tcp_syn("10.0.0.2:40020", "10.96.0.99:80").bytes(), Drop, Unchanged, Reason::DropUnallocatedClusterIp),
+        case("UDP to an unallocated cluster IP: dropped", Frame::udp("10.0.0.2:40021", "10.96.0.99:53", b"q").bytes(), Drop, Unchanged, Reason::DropUnallocatedClusterIp),
+        case("just outside --service-cidr: not a service, unchanged", Frame::tcp_syn("10.0.0.2:40022", "10.97.0.1:80").bytes(), Pass, Unchanged, Reason::PassNotService),
         case("echo reply to a cluster IP: unchanged", echo_reply([10, 0, 0, 2], [10, 96, 0, 20], 64), Pass, Unchanged, Reason::PassNotService),
     ]
 }

@@ -36,7 +36,13 @@ pub const MAP_SERVICE_VIPS: &str = "SERVICE_VIPS";
 pub const MAP_BACKEND_SLOTS: &str = "BACKEND_SLOTS";
 pub const MAP_BACKEND_SET_MEMBERS: &str = "BACKEND_SET_MEMBERS";
 pub const MAP_SERVICE_BACKEND_SETS: &str = "SERVICE_BACKEND_SETS";
-pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Conntrack, one table per protocol: the churn of short UDP flows (DNS)
+/// never evicts an idle TCP connection's entry, as Cilium keeps its TCP
+/// and "any" tables apart.
+pub const MAP_CONNTRACK_TCP: &str = "CONNTRACK_TCP";
+pub const MAP_CONNTRACK_UDP: &str = "CONNTRACK_UDP";
+/// The conntrack tables, with the protocol each holds.
+pub const CONNTRACK_MAPS: [(&str, u8); 2] = [(MAP_CONNTRACK_TCP, IPPROTO_TCP), (MAP_CONNTRACK_UDP, IPPROTO_UDP)];
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
@@ -62,6 +68,7 @@ pub const MAX_VIPS: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 /// Service ids index `SERVICE_COUNTERS`, so they are below this bound.
 pub const MAX_SERVICES: u32 = 65_536;
+/// Entries of each conntrack table (two per translated flow).
 pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
 pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
 pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;

@@ -1,11 +1,15 @@
 //! Connection tracking: one LRU entry per direction of a translated flow,
 //! keyed by the 5-tuple as it appears on the wire in that direction, so
 //! both the forward packet and the reply find their translation with one
-//! lookup.
+//! lookup. TCP and UDP flows have a table each (`CONNTRACK_TCP`,
+//! `CONNTRACK_UDP`).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32};
-use lb_common::{Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint};
+use lb_common::{Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint, IPPROTO_TCP};
 
-use crate::{maps::CONNTRACK, service};
+use crate::{
+    maps::{CONNTRACK_TCP, CONNTRACK_UDP},
+    service,
+};
 
 /// A conntrack entry found for a packet.
 pub struct Entry(*mut ConntrackValue);
@@ -34,7 +38,25 @@ impl Entry {
 /// The entry for a packet's 5-tuple.
 #[inline(always)]
 pub fn lookup(tuple: &ConntrackKey) -> Option<Entry> {
-    CONNTRACK.get_ptr_mut(tuple).map(Entry)
+    // One call site per map: the verifier inlines a lookup only where the
+    // map is known.
+    if tuple.proto == IPPROTO_TCP {
+        CONNTRACK_TCP.get_ptr_mut(tuple).map(Entry)
+    } else {
+        CONNTRACK_UDP.get_ptr_mut(tuple).map(Entry)
+    }
+}
+
+/// Stores `value` for `key` in its protocol's table (`flags`: 0, or
+/// BPF_NOEXIST to fail when the key is held).
+#[inline(always)]
+fn insert(key: &ConntrackKey, value: &ConntrackValue, flags: u32) -> Result<(), RecordError> {
+    let stored = if key.proto == IPPROTO_TCP {
+        CONNTRACK_TCP.insert(key, value, u64::from(flags))
+    } else {
+        CONNTRACK_UDP.insert(key, value, u64::from(flags))
+    };
+    stored.map_err(|_| RecordError::Full)
 }
 
 /// Why a flow could not be recorded.
@@ -66,7 +88,7 @@ pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_s
     let reply = reply_value(&reply_tuple, tuple, service_id);
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.
-    if CONNTRACK.insert(&reply_tuple, &reply, u64::from(BPF_NOEXIST)).is_err() {
+    if insert(&reply_tuple, &reply, BPF_NOEXIST).is_err() {
         let clash = lookup(&reply_tuple).is_some_and(|held| held.value().source() != reply.source());
         if clash {
             let config = service::config();
@@ -74,10 +96,10 @@ pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_s
         }
         // The same translation recorded before (this flow's, its forward
         // entry evicted since), or an entry evicted just now: written again.
-        CONNTRACK.insert(&reply_tuple, &reply, 0).map_err(|_| RecordError::Full)?;
+        insert(&reply_tuple, &reply, 0)?;
     }
     let forward = forward_value(tuple, client, service_id, backend, backend_set);
-    CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)?;
+    insert(tuple, &forward, 0)?;
     Ok(forward)
 }
 
@@ -110,9 +132,9 @@ pub fn record_with_snat(
         let reply = reply_value(&reply_tuple, tuple, service_id);
         // BPF_NOEXIST: a port another flow to this backend holds is taken,
         // even by a flow recorded on another CPU at the same moment.
-        if CONNTRACK.insert(&reply_tuple, &reply, u64::from(BPF_NOEXIST)).is_ok() {
+        if insert(&reply_tuple, &reply, BPF_NOEXIST).is_ok() {
             let forward = forward_value(tuple, node, service_id, backend, backend_set);
-            CONNTRACK.insert(tuple, &forward, 0).map_err(|_| RecordError::Full)?;
+            insert(tuple, &forward, 0)?;
             return Ok(forward);
         }
     }

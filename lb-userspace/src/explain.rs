@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     BackendSetMemberKey, BackendSlotKey, ConntrackKey, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_FRONTENDS,
+    MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS, Reason, checksum, ip_be, ip_from_be,
     reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_HLEN, TCP_SYN, UDP_HLEN},
 };
@@ -114,9 +114,10 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         _pad: 0,
         _pad2: 0,
     };
-    let established = live.conntrack.get(&tuple, 0).ok();
+    let established = live.conntrack_of(tuple.proto).get(&tuple, 0).ok();
     if let Some(value) = established {
-        maps.conntrack.insert(tuple, value, 0).map_err(copy_err(MAP_CONNTRACK))?;
+        let (name, table) = maps.conntrack.of(tuple.proto);
+        table.insert(tuple, value, 0).map_err(copy_err(name))?;
     }
 
     let input = probe_packet(probe);

@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey,
-    FrontendValue, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK,
+    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
     MAP_DATAPATH_CONFIG, MAP_SESSION_AFFINITY, ServiceName, VipValue,
@@ -24,13 +24,14 @@ use crate::{
 };
 
 /// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 10] = [
+pub const OBJECT_MAPS: [&str; 11] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
     MAP_BACKEND_SET_MEMBERS,
     MAP_SERVICE_BACKEND_SETS,
-    MAP_CONNTRACK,
+    MAP_CONNTRACK_TCP,
+    MAP_CONNTRACK_UDP,
     MAP_SERVICE_COUNTERS,
     MAP_VERDICT_COUNTERS,
     MAP_DATAPATH_CONFIG,
@@ -43,12 +44,25 @@ pub struct DatapathMaps {
     pub backend_slots: HashMap<MapData, BackendSlotKey, Backend>,
     pub backend_set_members: HashMap<MapData, BackendSetMemberKey, u32>,
     pub service_backend_sets: Array<MapData, u32>,
-    pub conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    pub conntrack: ConntrackMaps,
     pub service_counters: PerCpuArray<MapData, ServiceCounters>,
     pub verdict_counters: PerCpuArray<MapData, u64>,
     pub datapath_config: Array<MapData, DatapathConfig>,
     /// Not in the object: created by the agent, for inspection tools.
     pub service_names: HashMap<MapData, u32, ServiceName>,
+}
+
+/// The conntrack tables, one per protocol.
+pub struct ConntrackMaps {
+    pub tcp: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    pub udp: HashMap<MapData, ConntrackKey, ConntrackValue>,
+}
+
+impl ConntrackMaps {
+    /// The table that holds `proto`'s flows, and its name.
+    pub fn of(&mut self, proto: u8) -> (&'static str, &mut HashMap<MapData, ConntrackKey, ConntrackValue>) {
+        if proto == IPPROTO_TCP { (MAP_CONNTRACK_TCP, &mut self.tcp) } else { (MAP_CONNTRACK_UDP, &mut self.udp) }
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
@@ -71,7 +85,7 @@ impl DatapathMaps {
             backend_slots: take(ebpf, MAP_BACKEND_SLOTS)?,
             backend_set_members: take(ebpf, MAP_BACKEND_SET_MEMBERS)?,
             service_backend_sets: take(ebpf, MAP_SERVICE_BACKEND_SETS)?,
-            conntrack: take(ebpf, MAP_CONNTRACK)?,
+            conntrack: ConntrackMaps { tcp: take(ebpf, MAP_CONNTRACK_TCP)?, udp: take(ebpf, MAP_CONNTRACK_UDP)? },
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
             datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
@@ -186,17 +200,21 @@ impl MapWriter for DatapathMaps {
     }
 
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
-        let stale: Vec<ConntrackKey> = self
-            .conntrack
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, v)| service_ids.contains(&v.service_id))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &stale {
-            ignore_missing(self.conntrack.remove(key)).map_err(map_err(MAP_CONNTRACK))?;
+        let mut removed = 0;
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let (name, table) = self.conntrack.of(proto);
+            let stale: Vec<ConntrackKey> = table
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .filter(|(_, v)| service_ids.contains(&v.service_id))
+                .map(|(k, _)| k)
+                .collect();
+            for key in &stale {
+                ignore_missing(table.remove(key)).map_err(map_err(name))?;
+            }
+            removed += stale.len();
         }
-        Ok(stale.len())
+        Ok(removed)
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    ConntrackKey, ConntrackValue, MAP_CONNTRACK, MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, MAX_CONNTRACK_ENTRIES,
+    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, IPPROTO_TCP, MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, MAX_CONNTRACK_ENTRIES,
     Reason, ServiceCounters,
 };
 use prometheus_client::{
@@ -129,13 +129,16 @@ impl Collector for DatapathCollector {
             ConstCounter::new(verdicts[reason as usize]).encode(family.encode_family(&vec![("verdict", reason.name())])?)?;
         }
 
-        // Counting conntrack entries walks the table: one syscall per entry.
-        let conntrack = open(&self.maps_dir, MAP_CONNTRACK, Map::LruHashMap)
-            .and_then(|m| HashMap::<_, ConntrackKey, ConntrackValue>::try_from(m).ok());
-        let entries = conntrack.map(|m| m.keys().filter(Result::is_ok).count()).unwrap_or(0) as i64;
-        let gauges: [(&str, &str, i64); 4] = [
-            ("conntrack_entries", "Conntrack entries (two per translated flow)", entries),
-            ("conntrack_capacity", "Conntrack table size; when full, the least recently used entries go", i64::from(MAX_CONNTRACK_ENTRIES)),
+        // Counting conntrack entries walks the tables: one syscall per entry.
+        let mut entries = encoder.encode_descriptor("conntrack_entries", "Conntrack entries (two per translated flow), by table", None, MetricType::Gauge)?;
+        for (name, proto) in CONNTRACK_MAPS {
+            let table = open(&self.maps_dir, name, Map::LruHashMap).and_then(|m| HashMap::<_, ConntrackKey, ConntrackValue>::try_from(m).ok());
+            let count = table.map_or(0, |m| m.keys().filter(Result::is_ok).count()) as i64;
+            let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+            ConstGauge::new(count).encode(entries.encode_family(&vec![("protocol", protocol)])?)?;
+        }
+        let gauges: [(&str, &str, i64); 3] = [
+            ("conntrack_capacity", "Entries each conntrack table holds; when full, its least recently used entries go", i64::from(MAX_CONNTRACK_ENTRIES)),
             ("services", "Service ports programmed", services.len() as i64),
             ("backends", "Backends programmed, summed over service ports", self.stats.backends.load(Ordering::Relaxed) as i64),
         ];

@@ -382,7 +382,7 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
     assert!(value(&format!("lb_service_bytes_total{kubia}")) >= packets * 40);
     assert_eq!(value(r#"lb_packets_total{verdict="forward_new"}"#), NEW as u64);
     assert_eq!(value(r#"lb_packets_total{verdict="reject_no_backend"}"#), REFUSED as u64);
-    assert!(value("lb_conntrack_entries") >= 2 * NEW as u64);
+    assert!(value(r#"lb_conntrack_entries{protocol="TCP"}"#) >= 2 * NEW as u64);
     assert_eq!(value("lb_services"), 4);
     assert_eq!(value("lb_backends"), 4);
 }

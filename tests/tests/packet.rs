@@ -6,6 +6,8 @@
 //! hooks, XDP and tc. Needs root.
 use std::collections::BTreeSet;
 
+use aya::programs::{TestRun, TestRunOptions};
+
 use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, Ipv4Cidrs, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, Hook, Verdict, desired, service},
@@ -465,4 +467,55 @@ fn session_affinity_keeps_a_client_on_one_backend_while_it_serves() {
         let third = backend_of(&fixture, "10.0.0.2", 42000);
         assert!(third != second && third != first, "{hook:?}: not to a draining backend");
     }
+}
+
+/// Pins the calling thread to one CPU: with per-CPU LRU lists a table
+/// evicts from the list of the CPU that inserts, so the flows of a test
+/// must all be recorded on one CPU to compete.
+fn pin_to_one_cpu() {
+    // SAFETY: a cpu_set_t filled by the libc macros, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "pinning the test to CPU 0");
+    }
+}
+
+/// Short UDP flows (DNS) churning through more entries than the table holds
+/// do not push out an idle TCP connection: TCP and UDP have a conntrack
+/// table each. With one shared LRU table the TCP flow's entries would be
+/// the least recently used and go, and its next packet would be placed
+/// afresh.
+#[test]
+fn udp_churn_does_not_evict_an_idle_tcp_connection() {
+    pin_to_one_cpu();
+    let fixture = Fixture::new(&desired([
+        service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
+        service("dns", [10, 96, 0, 53], 53, Protocol::Udp, &[(BACKEND, 5353)]),
+    ]));
+    let syn = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.10:80");
+    assert_eq!(fixture.run(Hook::Xdp, &syn.bytes()).verdict, Verdict::Pass);
+
+    // Two entries per flow: this many flows fill the UDP table past its size.
+    let flows = lb_common::MAX_CONNTRACK_ENTRIES as usize / 2 + 10_000;
+    let clients: Vec<Vec<u8>> = (0..=flows / 60_000).map(|i| Frame::udp(&format!("10.1.0.{}:1024", i + 1), "10.96.0.53:53", b"q").bytes_without_udp_checksum()).collect();
+    let program = fixture.datapath.xdp_program().expect("xdp program");
+    let l4 = Frame::udp("10.1.0.1:1024", "10.96.0.53:53", b"q").l4_offset();
+    let mut output = vec![0u8; clients[0].len() + 64];
+    for flow in 0..flows {
+        let mut query = clients[flow / 60_000].clone();
+        query[l4..l4 + 2].copy_from_slice(&(1024 + (flow % 60_000) as u16).to_be_bytes());
+        let opts = TestRunOptions { data_in: Some(&query), data_out: Some(&mut output), repeat: 1, ..Default::default() };
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(Hook::Xdp.verdict(result.return_value), Some(Verdict::Pass), "query {flow}");
+    }
+    let new_udp_flows = fixture.reason_totals()[Reason::ForwardNew as usize];
+    assert_eq!(new_udp_flows, flows as u64 + 1, "every query was a new flow (and the SYN)");
+
+    let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.10:80", b"still there?");
+    let before = fixture.reason_totals();
+    let out = fixture.run(Hook::Xdp, &data.bytes());
+    assert_eq!(out.output, data.clone().with_dst("10.244.1.2:8080").bytes());
+    let after = fixture.reason_totals();
+    assert_eq!(after[Reason::ForwardEstablished as usize], before[Reason::ForwardEstablished as usize] + 1, "the TCP flow is still tracked");
 }

@@ -48,27 +48,19 @@ pub static BACKEND_SET_MEMBERS: HashMap<BackendSetMemberKey, u32, { MAX_BACKEND_
 #[btf_map]
 pub static SERVICE_BACKEND_SETS: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 
-/// Conntrack for TCP. Per-CPU LRU lists (BPF_F_NO_COMMON_LRU), as Katran
-/// does: recording a new flow never contends on one shared LRU lock, and
-/// each CPU evicts the least recently used of the flows it recorded.
-/// Lookups see every entry.
-#[btf_map]
-pub static CONNTRACK_TCP: LruHashMap<
-    ConntrackKey,
-    ConntrackValue,
-    { MAX_CONNTRACK_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+/// A conntrack table, keyed by the wire 5-tuple. Per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU), as Katran does: recording a new flow never
+/// contends on one shared LRU lock, and each CPU evicts the least recently
+/// used of the flows it recorded. Lookups see every entry.
+type ConntrackTable =
+    LruHashMap<ConntrackKey, ConntrackValue, { MAX_CONNTRACK_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }>;
 
-/// Conntrack for UDP, apart from TCP's so that short UDP flows (DNS) never
-/// push an idle TCP connection out.
+/// TCP and UDP apart, so that short UDP flows (DNS) never push an idle TCP
+/// connection out.
 #[btf_map]
-pub static CONNTRACK_UDP: LruHashMap<
-    ConntrackKey,
-    ConntrackValue,
-    { MAX_CONNTRACK_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static CONNTRACK_TCP: ConntrackTable = ConntrackTable::new();
+#[btf_map]
+pub static CONNTRACK_UDP: ConntrackTable = ConntrackTable::new();
 
 #[btf_map]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =

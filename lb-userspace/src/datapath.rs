@@ -354,6 +354,29 @@ pub fn accept_local_sources() -> Result<()> {
     std::fs::write(path, "1").map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })
 }
 
+/// Makes reverse-path filtering on `iface` loose where it is strict, and
+/// says whether it changed anything. Replies are translated at ingress,
+/// before routing, so their source is the service address, and a strict
+/// filter drops them: no route to that address leaves through the
+/// interface they came in on (kube-proxy translates them after routing).
+/// The kernel applies the larger of `all` and the interface's value, so
+/// loose (2) on the interface wins over a strict `all`; loose passes any
+/// source the node has a route to (a default route covers services).
+pub fn loosen_reverse_path_filter(iface: &str) -> Result<bool> {
+    let read = |path: &Path| -> Result<u32> {
+        let io_err = |source| Error::Io { what: format!("reading {}", path.display()), source };
+        let text = std::fs::read_to_string(path).map_err(io_err)?;
+        text.trim().parse().map_err(|_| io_err(std::io::Error::other(format!("{:?} is not a number", text.trim()))))
+    };
+    let all = read(Path::new("/proc/sys/net/ipv4/conf/all/rp_filter"))?;
+    let path = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter"));
+    if all.max(read(&path)?) != 1 {
+        return Ok(false);
+    }
+    std::fs::write(&path, "2").map_err(|source| Error::Io { what: format!("writing {}", path.display()), source })?;
+    Ok(true)
+}
+
 /// Creates `dir` and checks that it is on a bpf filesystem, mounting one at
 /// /sys/fs/bpf when `dir` is below it and nothing is mounted there yet.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {

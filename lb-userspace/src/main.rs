@@ -286,10 +286,12 @@ async fn serve(
                     for iface in &args.ifaces {
                         let how = datapath.attach_tc(iface)?;
                         info!(iface, ?how, "attached tc ingress");
+                        loosen_reverse_path_filter(iface);
                     }
                     for iface in &args.xdp_ifaces {
                         let how = datapath.attach_xdp(iface)?;
                         info!(iface, ?how, "attached xdp");
+                        loosen_reverse_path_filter(iface);
                     }
                     if !args.no_socket_lb {
                         let cgroup = args.cgroup.clone().or_else(lb_userspace::datapath::cgroup2_root).context(
@@ -329,6 +331,20 @@ fn release_stale_links(datapath: &Datapath) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Strict reverse-path filtering would drop the replies translated on
+/// `iface`: made loose, or the user told how.
+fn loosen_reverse_path_filter(iface: &str) {
+    match lb_userspace::datapath::loosen_reverse_path_filter(iface) {
+        Ok(true) => info!(iface, "reverse-path filtering was strict; made loose (rp_filter=2), or translated replies would be dropped"),
+        Ok(false) => {}
+        Err(e) => warn!(
+            iface,
+            "{e}: with strict reverse-path filtering translated replies are dropped \
+             (set net.ipv4.conf.{iface}.rp_filter=2 on the node)"
+        ),
+    }
+}
+
 /// Attaches to a new interface matching a pattern, lets go of a removed one.
 fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
     match event {
@@ -340,6 +356,7 @@ fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashS
                 match datapath.attach_tc(&iface) {
                     Ok(how) => {
                         info!(iface, ?how, "attached tc ingress (pattern)");
+                        loosen_reverse_path_filter(&iface);
                         by_pattern.insert(iface);
                     }
                     Err(e) => warn!("{e}"),

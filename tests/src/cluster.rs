@@ -204,6 +204,17 @@ impl Topology {
         Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, node_ip_flag: true, hook })
     }
 
+    /// Makes reverse-path filtering strict on the node, as many
+    /// distributions ship it, with a default route (into the client's
+    /// namespace) as real nodes have.
+    pub fn with_strict_reverse_path_filter(self) -> Result<Self> {
+        for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"] {
+            self.node.sysctl(key, "1")?;
+        }
+        self.node.ip(&["route", "add", "default", "via", &CLIENT_IP.to_string()])?;
+        Ok(self)
+    }
+
     /// The agent's arguments for this topology, less the source.
     fn agent_args(&self) -> Vec<String> {
         let mut args = Vec::new();

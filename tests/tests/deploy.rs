@@ -119,9 +119,13 @@ fn daemonset_runs_on_the_host_network_with_capabilities_not_privilege() {
     assert_eq!(probe_path(&container.liveness_probe).as_deref(), Some("/livez"));
     let mounts: Vec<&str> = container.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys"), "{mounts:?}");
-    // The one privileged step: a sysctl the agent cannot write itself.
+    // The one privileged step: node sysctls the agent cannot write itself
+    // (accept_local, a strict rp_filter made loose), and nothing else.
     for init in pod.init_containers.iter().flatten() {
         let command = init.command.clone().unwrap_or_default().join(" ");
-        assert!(command.ends_with("echo 1 > /proc/sys/net/ipv4/conf/all/accept_local"), "init container {} runs {command:?}", init.name);
+        assert!(command.contains("echo 1 > /proc/sys/net/ipv4/conf/all/accept_local"), "init container {} runs {command:?}", init.name);
+        let written: Vec<&str> = command.split("> ").skip(1).filter_map(|rest| rest.split(|c: char| c.is_whitespace() || c == ';').next()).collect();
+        let allowed = ["/proc/sys/net/ipv4/conf/all/accept_local", "/proc/sys/net/ipv4/conf/all/rp_filter"];
+        assert!(written.iter().all(|w| allowed.contains(w)), "init container {} writes {written:?}", init.name);
     }
 }

@@ -803,6 +803,28 @@ fn load_balancer_manifests(local_pod: bool) -> String {
     )
 }
 
+/// Strict reverse-path filtering on the node (as RHEL-family distributions
+/// ship it) would drop the replies translated at ingress, whose source is
+/// the service address: the agent makes it loose on the interfaces it
+/// attaches to, and the service answers.
+#[test]
+fn strict_reverse_path_filtering_is_made_loose_on_attached_interfaces() {
+    use lb_tests::cluster::{TempDir, Topology};
+    let net = Topology::new(2, ClientHook::Tc).and_then(Topology::with_strict_reverse_path_filter).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0, 1]))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy()].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    let answers = spread(&cluster, 10);
+    assert_eq!(answers.values().sum::<usize>(), 10, "every connection answered: {answers:?}");
+    for iface in ["c0", "b1", "b2"] {
+        let path = format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter");
+        let value = cluster.node.enter(move || std::fs::read_to_string(path)).expect("node").expect("rp_filter");
+        assert_eq!(value.trim(), "2", "{iface}: loose");
+    }
+    assert!(cluster.agent.log().contains("made loose"), "the agent says what it changed:\n{}", cluster.agent.log());
+}
+
 /// With `--answer-ping`, a client pinging a cluster IP gets the echo reply
 /// from it (anchors §3: "I can't ping my service IP"), counted as
 /// `echo_answered`.

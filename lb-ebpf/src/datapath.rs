@@ -144,6 +144,7 @@ enum BackendStatus {
     /// remembers: remembered from now on, so later packets skip the
     /// membership lookup.
     MovedTo(u32),
+    /// Gone from the current set: the flow is placed afresh.
     Left,
 }
 

@@ -96,12 +96,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
     let fe = service::serving_frontend(fe, t);
-    let picked = if fe.affinity_seconds != 0 {
-        service::pick_backend_with_affinity(&fe, t.src_ip)
-    } else {
-        service::pick_backend(&fe)
-    };
-    let Some(backend) = picked else {
+    let Some(backend) = service::pick_backend_for(&fe, t.src_ip) else {
         if fe.flags & FRONTEND_DROP_WHEN_EMPTY != 0 {
             debug!(pkt, "drop {:i}:{} -> {:i}:{}: service {} has no local endpoint",
                 u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);

@@ -10,17 +10,17 @@ use crate::{
     conntrack,
     context::{Packet, ptr_at},
     nat,
-    parse::{self, Ipv4Header},
+    parse::{self, EthIpv4, Ipv4Header},
     service,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
-/// An echo answer's TTL: Linux's default (net.ipv4.ip_default_ttl).
-const ECHO_REPLY_TTL: u8 = 64;
+const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// An echo answer's TTL: Linux's default (net.ipv4.ip_default_ttl).
+const ECHO_REPLY_TTL: u8 = 64;
 
 /// An ICMP error message: its header, the quoted IPv4 header (without
 /// options) and the first 8 bytes of the quoted TCP/UDP header, which
@@ -108,16 +108,6 @@ fn rewrite(outer: *mut Ipv4Header, msg: *mut IcmpError, outer_ip: &Ipv4Header, m
         (&raw mut (*msg).quoted_ports).write_unaligned(nat::ports_word(ct.dst_port, ct.src_port));
         (&raw mut (*msg).quoted_word2).write_unaligned(new_word2);
     }
-}
-
-/// The Ethernet header and the fixed IPv4 header, as an echo answer
-/// rewrites them.
-#[repr(C, packed)]
-struct EthIpv4 {
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    ethertype: u16,
-    ip: Ipv4Header,
 }
 
 /// Turns an echo request to a cluster IP into the echo reply from it, when

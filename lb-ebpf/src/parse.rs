@@ -57,12 +57,13 @@ pub struct Ipv4Header {
 }
 
 /// An Ethernet header followed by the fixed part of an IPv4 header, as one
-/// bounds check reads them.
+/// bounds check reads them (and an echo answer rewrites them).
 #[repr(C, packed)]
-struct EthIpv4 {
-    _macs: [u8; 12],
-    ethertype: u16,
-    ip: Ipv4Header,
+pub struct EthIpv4 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ethertype: u16,
+    pub ip: Ipv4Header,
 }
 
 /// A TCP header without options, as 32-bit words: the ports, the sequence

@@ -47,28 +47,39 @@ pub fn in_cluster_frontend(fe: &FrontendValue, proto: u8) -> Option<FrontendValu
     frontend_by_key(&FrontendKey { ip: fe.in_cluster_ip, port: fe.in_cluster_port, proto, _pad: 0 })
 }
 
+/// What `read` finds in the node's settings, read in place (no copy of the
+/// whole entry); the default (false, 0) when the slot cannot be read.
+#[inline(always)]
+fn read_config<T: Default>(read: impl FnOnce(&DatapathConfig) -> T) -> T {
+    // SAFETY: a pointer into the array's one slot, valid for this run.
+    DATAPATH_CONFIG.get_ptr(0).map_or_else(T::default, |config| read(unsafe { &*config }))
+}
+
+/// The node's address (the source of translated traffic); 0 when none is
+/// configured.
+#[inline(always)]
+pub fn node_address() -> u32 {
+    read_config(|config| config.snat_ip)
+}
+
 /// Whether `ip` is in one of the configured pod address ranges.
 #[inline(always)]
 fn is_cluster_source(ip: u32) -> bool {
-    // SAFETY: a pointer into the array's one slot, read in place.
-    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).cluster_cidrs.contains(ip) })
+    read_config(|config| config.cluster_cidrs.contains(ip))
 }
 
 /// Whether `ip`, which no service has, is in one of the configured service
 /// address ranges: a cluster IP not (or no longer) allocated.
 #[inline(always)]
 pub fn is_unallocated_cluster_ip(ip: u32) -> bool {
-    // SAFETY: as above.
-    DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).service_cidrs.contains(ip) })
+    read_config(|config| config.service_cidrs.contains(ip))
 }
 
 /// Whether an echo request to `ip` is answered: a cluster IP, with
 /// `DATAPATH_ANSWER_ECHO` configured.
 #[inline(always)]
 pub fn answers_echo(ip: u32) -> bool {
-    // SAFETY: a pointer into the array's one slot, read in place.
-    let enabled = DATAPATH_CONFIG.get_ptr(0).is_some_and(|config| unsafe { (*config).flags } & DATAPATH_ANSWER_ECHO != 0);
-    enabled && is_cluster_ip(ip)
+    read_config(|config| config.flags & DATAPATH_ANSWER_ECHO != 0) && is_cluster_ip(ip)
 }
 
 /// The service address `ip`, if it is one.
@@ -109,12 +120,19 @@ pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
     unsafe { BACKEND_SLOTS.get(&key).copied() }
 }
 
+/// The backend for a new connection of `client`: with session affinity as
+/// `pick_backend_with_affinity`, else at random.
+#[inline(always)]
+pub fn pick_backend_for(fe: &FrontendValue, client: u32) -> Option<Backend> {
+    if fe.affinity_seconds != 0 { pick_backend_with_affinity(fe, client) } else { pick_backend(fe) }
+}
+
 /// The backend for a new connection of `client` to a frontend with session
 /// affinity: the one its last connection got, if that was at most the
 /// affinity's timeout ago and the backend still takes new connections;
 /// else a random one, remembered for the next.
 #[inline(always)]
-pub fn pick_backend_with_affinity(fe: &FrontendValue, client: u32) -> Option<Backend> {
+fn pick_backend_with_affinity(fe: &FrontendValue, client: u32) -> Option<Backend> {
     let key = AffinityKey { client_ip: client, service_id: fe.service_id };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -32,14 +32,9 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     // The node is inside the cluster: an externalTrafficPolicy Local
     // service's external address serves it as its cluster IP does.
     let fe = service::in_cluster_frontend(&fe, proto).unwrap_or(fe);
-    let picked = if fe.affinity_seconds != 0 {
-        // sessionAffinity ClientIP: the node's processes are one client, known
-        // by the node's address, as their packets would show it.
-        service::pick_backend_with_affinity(&fe, service::config().snat_ip)
-    } else {
-        service::pick_backend(&fe)
-    };
-    let Some(backend) = picked else {
+    // For sessionAffinity ClientIP the node's processes are one client,
+    // known by the node's address, as their packets would show it.
+    let Some(backend) = service::pick_backend_for(&fe, service::node_address()) else {
         // No endpoints: fail at once with "connection refused", as a reject
         // does for packets (and kube-proxy's REJECT rule).
         stats::count_service_reject(fe.service_id);

@@ -48,14 +48,14 @@ pub struct AgentArgs {
     /// through its cluster IP, not only by this node's. Repeatable, up to 4.
     /// Without it, pods are served like clients from outside.
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_parser = parse_cidr)]
-    pub cluster_cidrs: Vec<Cidr>,
+    pub cluster_cidrs: Vec<Ipv4Cidr>,
 
     /// The service (cluster IP) address range, as ADDRESS/PREFIX (the API
     /// server's --service-cluster-ip-range): a new connection to an address
     /// in it that no service has is dropped, as kube-proxy's nftables mode
     /// does, instead of being routed on. Repeatable, up to 4.
     #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_cidr)]
-    pub service_cidrs: Vec<Cidr>,
+    pub service_cidrs: Vec<Ipv4Cidr>,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -155,21 +155,8 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
     Ok(range)
 }
 
-/// An IPv4 address range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub network: Ipv4Addr,
-    pub prefix_len: u8,
-}
-
-impl From<Cidr> for Ipv4Cidr {
-    fn from(cidr: Cidr) -> Self {
-        Ipv4Cidr::new(cidr.network, cidr.prefix_len)
-    }
-}
-
 /// "ADDRESS/PREFIX", the address with no bits set beyond the prefix.
-pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
+pub fn parse_cidr(text: &str) -> Result<Ipv4Cidr, String> {
     let (address, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16"))?;
     let network: Ipv4Addr = address.parse().map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
     let prefix_len: u8 = prefix.parse().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{text:?}: the prefix length {prefix:?} is not 0-32"))?;
@@ -177,7 +164,7 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
     if u32::from(network) & !mask != 0 {
         return Err(format!("{text:?}: the address has bits set beyond the prefix (the range starts at {}/{prefix_len})", Ipv4Addr::from(u32::from(network) & mask)));
     }
-    Ok(Cidr { network, prefix_len })
+    Ok(Ipv4Cidr::new(network, prefix_len))
 }
 
 /// A port range for source NAT: as `parse_port_range`, from 1024 up.
@@ -270,7 +257,8 @@ mod tests {
     #[test]
     fn cluster_cidrs_parse_with_their_prefix() {
         let args = parse(&["--iface", "eth0", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "0.0.0.0/0"]).expect("valid");
-        let expected = [Cidr { network: Ipv4Addr::new(10, 244, 0, 0), prefix_len: 16 }, Cidr { network: Ipv4Addr::UNSPECIFIED, prefix_len: 0 }];
+        let expected = [Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16), Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0)];
+        assert!(expected[0].contains(lb_common::ip_be(Ipv4Addr::new(10, 244, 255, 1))) && expected[1].contains(u32::MAX));
         assert_eq!(args.cluster_cidrs, expected);
     }
 

@@ -114,9 +114,9 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         _pad: 0,
         _pad2: 0,
     };
-    let established = live.conntrack_of(tuple.proto).get(&tuple, 0).ok();
+    let established = live.conntrack.of(tuple.proto).get(&tuple, 0).ok();
     if let Some(value) = established {
-        let (name, table) = maps.conntrack.of(tuple.proto);
+        let (name, table) = maps.conntrack.of_mut(tuple.proto);
         table.insert(tuple, value, 0).map_err(copy_err(name))?;
     }
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, ConntrackKey, ConntrackValue, FrontendKey,
+    Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, FrontendKey,
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
     MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
-    maps::{service_totals, verdict_totals},
+    maps::{ConntrackMaps, service_totals, verdict_totals},
 };
 
 /// Handles on the pinned maps of one agent.
@@ -25,8 +25,7 @@ pub struct PinnedMaps {
     pub(crate) members: HashMap<MapData, BackendSetMemberKey, u32>,
     pub(crate) service_backend_sets: Array<MapData, u32>,
     names: HashMap<MapData, u32, ServiceName>,
-    /// The TCP table, then the UDP one.
-    pub(crate) conntrack: [HashMap<MapData, ConntrackKey, ConntrackValue>; 2],
+    pub(crate) conntrack: ConntrackMaps,
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     verdicts: PerCpuArray<MapData, u64>,
     pub(crate) config: Array<MapData, DatapathConfig>,
@@ -42,11 +41,6 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static
 }
 
 impl PinnedMaps {
-    /// The conntrack table that holds `proto`'s flows.
-    pub(crate) fn conntrack_of(&self, proto: u8) -> &HashMap<MapData, ConntrackKey, ConntrackValue> {
-        &self.conntrack[usize::from(proto != IPPROTO_TCP)]
-    }
-
     pub fn open(dir: &Path) -> Result<Self> {
         Ok(Self {
             frontends: open(dir, MAP_SERVICE_FRONTENDS, Map::HashMap)?,
@@ -55,7 +49,7 @@ impl PinnedMaps {
             members: open(dir, MAP_BACKEND_SET_MEMBERS, Map::HashMap)?,
             service_backend_sets: open(dir, MAP_SERVICE_BACKEND_SETS, Map::Array)?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?,
-            conntrack: [open(dir, MAP_CONNTRACK_TCP, Map::LruHashMap)?, open(dir, MAP_CONNTRACK_UDP, Map::LruHashMap)?],
+            conntrack: ConntrackMaps { tcp: open(dir, MAP_CONNTRACK_TCP, Map::LruHashMap)?, udp: open(dir, MAP_CONNTRACK_UDP, Map::LruHashMap)? },
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
             verdicts: open(dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)?,
             config: open(dir, MAP_DATAPATH_CONFIG, Map::Array)?,
@@ -155,7 +149,7 @@ pub struct FlowView {
 /// Conntrack entries whose addresses or service name contain `filter`.
 pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
-    for entry in maps.conntrack.iter().flat_map(|table| table.iter()) {
+    for entry in maps.conntrack.tables().into_iter().flat_map(|table| table.iter()) {
         let Ok((key, value)) = entry else { continue }; // evicted while we walked
         let flow = FlowView {
             service: maps.name(value.service_id),

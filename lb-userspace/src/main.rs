@@ -169,8 +169,8 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
         flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 },
-        cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied().map(Into::into)),
-        service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied().map(Into::into)),
+        cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
+        service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()

@@ -59,9 +59,19 @@ pub struct ConntrackMaps {
 }
 
 impl ConntrackMaps {
-    /// The table that holds `proto`'s flows, and its name.
-    pub fn of(&mut self, proto: u8) -> (&'static str, &mut HashMap<MapData, ConntrackKey, ConntrackValue>) {
+    /// The table that holds `proto`'s flows.
+    pub fn of(&self, proto: u8) -> &HashMap<MapData, ConntrackKey, ConntrackValue> {
+        if proto == IPPROTO_TCP { &self.tcp } else { &self.udp }
+    }
+
+    /// As `of`, writable, with the table's name.
+    pub fn of_mut(&mut self, proto: u8) -> (&'static str, &mut HashMap<MapData, ConntrackKey, ConntrackValue>) {
         if proto == IPPROTO_TCP { (MAP_CONNTRACK_TCP, &mut self.tcp) } else { (MAP_CONNTRACK_UDP, &mut self.udp) }
+    }
+
+    /// Both tables, TCP first.
+    pub fn tables(&self) -> [&HashMap<MapData, ConntrackKey, ConntrackValue>; 2] {
+        [&self.tcp, &self.udp]
     }
 }
 
@@ -202,7 +212,7 @@ impl MapWriter for DatapathMaps {
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
         let mut removed = 0;
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let (name, table) = self.conntrack.of(proto);
+            let (name, table) = self.conntrack.of_mut(proto);
             let stale: Vec<ConntrackKey> = table
                 .iter()
                 .filter_map(|entry| entry.ok())

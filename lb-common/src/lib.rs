@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod lifecycle;
 pub mod maps;
 pub mod reply;
 pub mod verdict;

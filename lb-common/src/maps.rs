@@ -29,7 +29,7 @@
 use bytemuck::{Pod, Zeroable};
 use core::net::Ipv4Addr;
 
-use crate::checksum;
+use crate::{checksum, lifecycle::ConntrackLifetimes};
 
 pub const MAP_SERVICE_FRONTENDS: &str = "SERVICE_FRONTENDS";
 pub const MAP_SERVICE_VIPS: &str = "SERVICE_VIPS";
@@ -231,6 +231,8 @@ pub struct DatapathConfig {
     /// that no service has is dropped (kube-proxy's "Drop traffic to
     /// unallocated ClusterIPs").
     pub service_cidrs: Ipv4Cidrs,
+    /// How long conntrack entries live without traffic, by state.
+    pub ct_lifetimes: ConntrackLifetimes,
 }
 
 /// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
@@ -385,10 +387,16 @@ pub struct ConntrackValue {
     pub backend_set: u32,
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
-    pub _pad: u8,
+    /// The flow's state, `lifecycle::FLOW_*` bits; the same in both of its
+    /// entries.
+    pub flow_flags: u8,
     /// Both changes as one, for a complete TCP/UDP checksum (XDP); a
     /// partial one (tc) takes the two apart.
     pub l4_csum_delta: u16,
+    /// When the entry dies without further traffic, in monotonic clock
+    /// ticks (`lifecycle`): at or after it the entry is a miss, and the
+    /// agent's garbage collection deletes it.
+    pub expires: u32,
 }
 
 /// An address and port, network byte order.
@@ -443,9 +451,35 @@ impl ConntrackValue {
             service_id,
             backend_set,
             direction,
-            _pad: 0,
+            flow_flags: 0,
             l4_csum_delta: checksum::fold(addr_csum_delta as u32 + port_csum_delta as u32),
+            expires: 0,
         }
+    }
+
+    /// The conntrack key of the flow's other direction: the packets that
+    /// answer this entry's translated ones.
+    #[inline(always)]
+    pub const fn partner_key(&self, proto: u8) -> ConntrackKey {
+        ConntrackKey { src_ip: self.dst_ip, dst_ip: self.src_ip, src_port: self.dst_port, dst_port: self.src_port, proto, _pad: 0, _pad2: 0 }
+    }
+
+    /// The entry of the flow's other direction, for an entry of `key`: its
+    /// packets leave as the reverse of `key`.
+    #[inline(always)]
+    pub const fn partner(&self, key: &ConntrackKey) -> ConntrackValue {
+        let direction = if self.direction == CT_REPLY { CT_FORWARD } else { CT_REPLY };
+        let mut partner = Self::translating(&self.partner_key(key.proto), key.destination(), key.source(), self.service_id, 0, direction);
+        partner.flow_flags = self.flow_flags;
+        partner.expires = self.expires;
+        partner
+    }
+
+    /// Whether `other`, found under this entry's `partner_key`, is this
+    /// flow's other direction (and not another flow's that took the tuple).
+    #[inline(always)]
+    pub const fn pairs_with(&self, key: &ConntrackKey, other: &ConntrackValue) -> bool {
+        other.src_ip == key.dst_ip && other.dst_ip == key.src_ip && other.src_port == key.dst_port && other.dst_port == key.src_port
     }
 
     /// Where a packet of this entry's flow goes after translation (the
@@ -537,9 +571,9 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<BackendSetMemberKey>() == 12);
     assert!(size_of::<ConntrackKey>() == 16);
-    assert!(size_of::<ConntrackValue>() == 28);
+    assert!(size_of::<ConntrackValue>() == 32);
     assert!(size_of::<VipValue>() == 8);
-    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>());
+    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>());
     assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);

@@ -58,22 +58,38 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
 
     // Conntrack first: one lookup settles both established flows and
     // replies, the packets that matter most. Only packets without an entry
-    // pay for the service address check.
+    // (or with one that no longer serves them) pay for the service address
+    // check.
+    let now = conntrack::now();
     let mut rescheduled = false;
     if let Some(entry) = conntrack::lookup(&flow.tuple) {
         let ct = entry.value();
-        if ct.direction == CT_REPLY {
-            return translate(pkt, &flow, ct, false, Reason::ReplyTranslated);
-        }
-        match backend_status(ct) {
-            BackendStatus::InCurrentSet => return translate(pkt, &flow, ct, false, Reason::ForwardEstablished),
-            BackendStatus::MovedTo(current) => {
-                let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
-                entry.remember_backend_set(current);
+        if entry.serves(flow.tcp_flags, now) {
+            if ct.direction == CT_REPLY {
+                let verdict = translate(pkt, &flow, ct, false, Reason::ReplyTranslated);
+                entry.track(&flow, now);
                 return verdict;
             }
-            // The backend left: the flow gets a new one, like a new connection.
-            BackendStatus::Left => rescheduled = true,
+            match backend_status(ct) {
+                BackendStatus::InCurrentSet => {
+                    let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
+                    entry.track(&flow, now);
+                    return verdict;
+                }
+                BackendStatus::MovedTo(current) => {
+                    let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
+                    entry.remember_backend_set(current);
+                    entry.track(&flow, now);
+                    return verdict;
+                }
+                // The backend left: the flow gets a new one, like a new connection.
+                BackendStatus::Left => rescheduled = true,
+            }
+        }
+        // Placed afresh below (or not ours at all: a reply entry that no
+        // longer serves leaves the packet to the kernel).
+        if ct.direction != CT_REPLY {
+            conntrack::forget(&flow.tuple, ct);
         }
     }
     let Some(vip) = service::vip(flow.tuple.dst_ip) else {
@@ -109,10 +125,11 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     // Source NAT for external traffic with externalTrafficPolicy Cluster,
     // and for hairpin: a pod sent to itself would otherwise get a packet
     // from its own address, and answer it without going through the node.
+    let start = conntrack::Start::of(&flow, now);
     let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip {
-        conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, &service::config())
+        conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, start, now, service::node_address())
     } else {
-        conntrack::record(t, fe.service_id, backend, fe.backend_set)
+        conntrack::record(t, fe.service_id, backend, fe.backend_set, start, now)
     };
     let forward = match recorded {
         Ok(forward) => forward,

@@ -62,6 +62,11 @@ pub static CONNTRACK_TCP: ConntrackTable = ConntrackTable::new();
 #[btf_map]
 pub static CONNTRACK_UDP: ConntrackTable = ConntrackTable::new();
 
+/// Where each CPU's search for a free source NAT port starts: ports are
+/// handed out in turn, so the port reused is the one longest unused.
+#[btf_map]
+pub static SNAT_PORT_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 #[btf_map]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =
     PerCpuArray::new();

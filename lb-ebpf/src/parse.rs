@@ -38,6 +38,8 @@ pub struct Flow {
     pub ip_len: u16,
     /// Whether the IPv4 header carries options.
     pub has_ip_options: bool,
+    /// The TCP header's flags (`lifecycle::TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 /// The fixed part of an IPv4 header, fields in network byte order.
@@ -68,7 +70,7 @@ pub struct EthIpv4 {
 
 /// A TCP header without options, as 32-bit words: the ports, the sequence
 /// and acknowledgment numbers, then the data offset in the low byte of
-/// the fourth.
+/// the fourth and the flags in the next.
 type TcpWords = [u32; TCP_HLEN / 4];
 
 /// A UDP header as 32-bit words: the ports, then the length in the low
@@ -105,7 +107,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     }
     let l4_off = ETH_HLEN + ihl_bytes;
     let l4_len = total_len - ihl_bytes;
-    let ports = match ip.proto {
+    let (ports, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
             // The whole fixed header: its checksum field must be writable in
             // the linear part.
@@ -118,7 +120,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             if tcp_header_len < TCP_HLEN || tcp_header_len > l4_len {
                 return malformed;
             }
-            tcp[0]
+            (tcp[0], (tcp[3] >> 8) as u8)
         }
         IPPROTO_UDP => {
             let Some(udp) = ptr_at::<_, UdpWords>(pkt, l4_off) else {
@@ -130,7 +132,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             if udp_len < UDP_HLEN || udp_len > l4_len {
                 return malformed;
             }
-            udp[0]
+            (udp[0], 0)
         }
         IPPROTO_ICMP => return Parsed::Icmp { icmp_off: l4_off, ip_len: total_len as u16 },
         _ => return Parsed::OtherProtocol,
@@ -140,6 +142,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         l4_off,
         ip_len: total_len as u16,
         has_ip_options: ihl_bytes != IPV4_HLEN,
+        tcp_flags,
     })
 }
 

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
     AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
-    FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue,
+    FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
 use crate::maps::{
@@ -95,14 +95,18 @@ pub fn is_cluster_ip(ip: u32) -> bool {
     vip(ip).is_some_and(|v| v.flags & VIP_CLUSTER_IP != 0)
 }
 
-/// The node's settings (zeroes until the agent writes them).
+/// The source ports of translated flows, host byte order, inclusive;
+/// (0, 0) until the agent configures them.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    match DATAPATH_CONFIG.get_ptr(0) {
-        // SAFETY: a pointer into the array's one slot; copied out at once.
-        Some(config) => unsafe { *config },
-        None => DatapathConfig::default(),
-    }
+pub fn snat_port_range() -> (u16, u16) {
+    read_config(|config| (config.snat_port_min, config.snat_port_max))
+}
+
+/// How long a flow of `proto` in state `flow_flags` lives without traffic,
+/// in clock ticks; 0 (dead at once) until the agent configures it.
+#[inline(always)]
+pub fn ct_lifetime(proto: u8, flow_flags: u8) -> u32 {
+    read_config(|config| lifecycle::lifetime(proto, flow_flags, &config.ct_lifetimes))
 }
 
 /// A backend picked uniformly at random among the frontend's current set,

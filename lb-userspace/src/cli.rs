@@ -2,7 +2,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use lb_common::{Ipv4Cidr, MAX_CIDRS, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{Ipv4Cidr, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -56,6 +56,49 @@ pub struct AgentArgs {
     /// does, instead of being routed on. Repeatable, up to 4.
     #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub service_cidrs: Vec<Ipv4Cidr>,
+
+    /// How long a TCP flow whose backend has not answered yet (a SYN sent)
+    /// is kept without traffic, e.g. 60s, 2m, 1h30m.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_syn: Duration,
+
+    /// How long an established TCP flow is kept without traffic
+    /// (kube-proxy's flag of the same name and default).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// How long a TCP flow is kept without traffic after one side's FIN
+    /// (the other may still send; kube-proxy's flag of the same name and
+    /// default).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+
+    /// How long a TCP flow is kept after both FINs or a RST, for stray
+    /// packets (Linux's close timeout). A new connection on its ports, and
+    /// a new flow needing its source NAT port, take it over at once.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close: Duration,
+
+    /// How long a UDP flow without a reply is kept without traffic
+    /// (kube-proxy's flag of the same name; Linux's default).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+
+    /// How long an answered UDP flow is kept without traffic (kube-proxy's
+    /// flag of the same name; Linux's default).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
+
+    /// Entries of the TCP conntrack table (two per flow). Each CPU's LRU
+    /// list holds an equal share: a CPU that records more flows than its
+    /// share evicts its own least recently used.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_CONNTRACK_ENTRIES, value_parser = parse_table_size)]
+    pub conntrack_tcp_max: u32,
+
+    /// Entries of the UDP conntrack table (two per flow), shared among the
+    /// CPUs like --conntrack-tcp-max.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_CONNTRACK_ENTRIES, value_parser = parse_table_size)]
+    pub conntrack_udp_max: u32,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -167,6 +210,45 @@ pub fn parse_cidr(text: &str) -> Result<Ipv4Cidr, String> {
     Ok(Ipv4Cidr::new(network, prefix_len))
 }
 
+/// A duration as Go (and so kube-proxy) writes it: numbers with units h,
+/// m, s, one after the other ("24h", "1h30m", "90s"); a bare number is
+/// seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if let Ok(secs) = trimmed.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total: u64 = 0;
+    let mut rest = trimmed;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
+        let (number, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
+        let number: u64 = number.parse().map_err(|_| format!("{text:?}: expected a duration such as 60s, 2m or 1h30m"))?;
+        let scale = match unit {
+            "h" => 3600,
+            "m" => 60,
+            "s" => 1,
+            _ => return Err(format!("{text:?}: unknown unit {unit:?}; use h, m or s (60s, 2m, 1h30m)")),
+        };
+        total = number.checked_mul(scale).and_then(|secs| total.checked_add(secs)).ok_or_else(|| format!("{text:?}: too long"))?;
+        rest = &rest[digits + unit_len..];
+    }
+    if trimmed.is_empty() {
+        return Err("an empty duration; expected e.g. 60s, 2m or 1h30m".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// A conntrack table size: from 1,024 up to 2^28 entries.
+fn parse_table_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.trim().replace('_', "").parse().map_err(|_| format!("{text:?}: expected a number of entries, e.g. 524288"))?;
+    if !(1024..=1 << 28).contains(&size) {
+        return Err(format!("{text:?}: a conntrack table holds from 1024 to 268435456 entries"));
+    }
+    Ok(size)
+}
+
 /// A port range for source NAT: as `parse_port_range`, from 1024 up.
 fn parse_snat_port_range(text: &str) -> Result<PortRange, String> {
     let range = parse_port_range(text)?;
@@ -201,6 +283,28 @@ impl AgentArgs {
         Ok(())
     }
 
+    /// The conntrack lifetimes of the flags, in the datapath's clock ticks.
+    pub fn conntrack_lifetimes(&self) -> lb_common::lifecycle::ConntrackLifetimes {
+        lb_common::lifecycle::ConntrackLifetimes::from_secs([
+            self.conntrack_tcp_timeout_syn,
+            self.conntrack_tcp_timeout_established,
+            self.conntrack_tcp_timeout_close_wait,
+            self.conntrack_tcp_timeout_close,
+            self.conntrack_udp_timeout,
+            self.conntrack_udp_timeout_stream,
+        ]
+        .map(|d| d.as_secs()))
+    }
+
+    /// What the agent asks of the maps it creates.
+    pub fn map_settings(&self) -> crate::maps::MapSettings {
+        crate::maps::MapSettings {
+            conntrack_tcp_max: self.conntrack_tcp_max,
+            conntrack_udp_max: self.conntrack_udp_max,
+            ct_lifetimes: self.conntrack_lifetimes(),
+        }
+    }
+
     pub fn min_sync_interval(&self) -> Duration {
         Duration::from_millis(self.min_sync_interval_ms)
     }
@@ -218,7 +322,10 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 14] = [
+        let cases: [(&[&str], &str); 17] = [
+            (&["--iface", "eth0", "--conntrack-tcp-max", "100"], "from 1024 to 268435456"),
+            (&["--iface", "eth0", "--conntrack-udp-max", "many"], "expected a number of entries"),
+            (&["--iface", "eth0", "--conntrack-tcp-timeout-close", "5d"], "unknown unit"),
             (&["--manifests", "/"], "no interface"),
             (&["--iface", "eth0", "--xdp-iface", "eth0", "--manifests", "/"], "both --iface and --xdp-iface"),
             (&["--iface", "eth0", "--manifests", "/nonexistent-dir"], "not a directory"),
@@ -241,6 +348,31 @@ mod tests {
             let error = parse(args).err().unwrap_or_default();
             assert!(error.contains(expected), "{args:?}: {error:?} should say {expected:?}");
         }
+    }
+
+    #[test]
+    fn durations_parse_as_go_writes_them() {
+        let cases = [
+            ("hours", "24h", Ok(86_400)),
+            ("hours and minutes", "1h30m", Ok(5_400)),
+            ("seconds", "90s", Ok(90)),
+            ("a bare number is seconds", "45", Ok(45)),
+            ("all three units", "1h1m1s", Ok(3_661)),
+            ("an unknown unit", "5d", Err("unknown unit \"d\"")),
+            ("a unit without a number", "h", Err("expected a duration")),
+            ("nothing", "", Err("empty duration")),
+            ("overflow", "99999999999999999999h", Err("expected a duration")),
+        ];
+        for (rule, text, want) in cases {
+            match (parse_duration(text), want) {
+                (Ok(got), Ok(secs)) => assert_eq!(got, Duration::from_secs(secs), "{rule}"),
+                (Err(got), Err(says)) => assert!(got.contains(says), "{rule}: {got:?} should say {says:?}"),
+                (got, want) => panic!("{rule}: {got:?}, want {want:?}"),
+            }
+        }
+        let args = parse(&["--iface", "eth0", "--conntrack-tcp-timeout-close", "3s"]).expect("valid");
+        assert_eq!(args.conntrack_lifetimes().tcp_closed, lb_common::lifecycle::ticks_from_secs(3));
+        assert_eq!(args.conntrack_lifetimes().tcp_established, lb_common::lifecycle::ticks_from_secs(86_400), "kube-proxy's default");
     }
 
     #[test]

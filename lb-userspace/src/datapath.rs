@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
-    maps::{self, DatapathMaps, OBJECT_MAPS, PinnedState},
+    maps::{self, DatapathMaps, MapSettings, OBJECT_MAPS, PinnedState},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -104,7 +104,11 @@ impl Datapath {
     /// Its eBPF logging is off.
     pub fn load() -> Result<Self> {
         let ebpf = EbpfLoader::new().override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
-        Self::load_with(ebpf, None)
+        let mut datapath = Self::load_with(ebpf, None)?;
+        // The default settings (conntrack lifetimes among them), as a
+        // freshly started agent writes before anything is attached.
+        datapath.maps.set_config(lb_common::DatapathConfig::default())?;
+        Ok(datapath)
     }
 
     /// Loads every program with its maps pinned under `dir` (on a bpf
@@ -112,18 +116,31 @@ impl Datapath {
     /// their layout agrees, so flows, backend sets and counters survive a
     /// restart or an upgrade.
     /// The programs log (through `take_logger`) up to `log_level`.
-    pub fn load_pinned(dir: &Path, log_level: Option<aya_log::Level>) -> Result<(Self, PinnedState)> {
+    ///
+    /// Conntrack tables of an earlier layout or another size are migrated:
+    /// their flows are written into the new tables before any program is
+    /// attached.
+    pub fn load_pinned(dir: &Path, log_level: Option<aya_log::Level>, settings: &MapSettings) -> Result<(Self, PinnedState)> {
         ensure_bpffs(dir)?;
-        let pinned = maps::check_pins(dir)?;
+        let mut pinned = maps::check_pins(dir, settings)?;
         let mut loader = EbpfLoader::new();
         let level = log_level.map_or(EBPF_LOG_OFF, |l| l as u8);
         loader.override_global(aya_log::LEVEL, &level, true);
         for name in OBJECT_MAPS {
             loader.map_pin_path(name, dir.join(name));
+            if let Some(max_entries) = settings.max_entries(name) {
+                loader.map_max_entries(name, max_entries);
+            }
         }
         let links_dir = dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(|e| Error::Pin { path: links_dir.clone(), reason: e.to_string() })?;
         let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir))?;
+        for (name, entries) in &mut pinned.migrated {
+            let table = datapath.maps.conntrack.named(name).ok_or(Error::Missing(name))?;
+            let written = crate::conntrack::write_all(maps::table_fd(table), entries)
+                .map_err(|source| Error::Io { what: format!("migrating flows into {name}"), source })?;
+            entries.truncate(written);
+        }
         Ok((Self { links_dir: Some(links_dir), ..datapath }, pinned))
     }
 

@@ -8,7 +8,7 @@ use lb_common::{
     BackendSetMemberKey, BackendSlotKey, ConntrackKey, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
     MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS, Reason, checksum, ip_be, ip_from_be,
-    reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_HLEN, TCP_SYN, UDP_HLEN},
+    reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_ACK, TCP_HLEN, TCP_SYN, UDP_HLEN},
 };
 use serde::Serialize;
 
@@ -41,7 +41,7 @@ pub struct Explanation {
 }
 
 /// An Ethernet + IPv4 + TCP SYN or UDP packet with valid checksums.
-pub fn probe_packet(probe: &Probe) -> Vec<u8> {
+pub fn probe_packet(probe: &Probe, tcp_flags: u8) -> Vec<u8> {
     let l4_len = if probe.proto == IPPROTO_TCP { TCP_HLEN } else { UDP_HLEN };
     let mut packet = vec![0u8; ETH_HLEN + IPV4_HLEN + l4_len];
     packet[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -63,7 +63,7 @@ pub fn probe_packet(probe: &Probe) -> Vec<u8> {
     let check_at = if probe.proto == IPPROTO_TCP {
         l4[4..8].copy_from_slice(&1u32.to_be_bytes());
         l4[12] = ((TCP_HLEN / 4) as u8) << 4;
-        l4[13] = TCP_SYN;
+        l4[13] = tcp_flags;
         l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
         16
     } else {
@@ -120,7 +120,8 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         table.insert(tuple, value, 0).map_err(copy_err(name))?;
     }
 
-    let input = probe_packet(probe);
+    // A tracked flow's next packet, or a new connection's first.
+    let input = probe_packet(probe, if established.is_some() { TCP_ACK } else { TCP_SYN });
     let mut output = vec![0u8; input.len() + 128];
     let result = copy
         .xdp_program()?
@@ -186,7 +187,7 @@ mod tests {
     fn probe_packets_carry_valid_checksums() {
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
             let probe = Probe { source: "10.0.0.2:40000".parse().expect("addr"), destination: "10.96.0.10:80".parse().expect("addr"), proto };
-            let packet = probe_packet(&probe);
+            let packet = probe_packet(&probe, TCP_SYN);
             assert_eq!(checksum::fold(checksum::sum_words(&packet[14..34], 0)), 0xffff, "IP header");
             let l4 = &packet[34..];
             let pseudo = checksum::pseudo_header_sum(ip_be([10, 0, 0, 2].into()), ip_be([10, 96, 0, 10].into()), proto, l4.len() as u16);

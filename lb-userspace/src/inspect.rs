@@ -10,6 +10,7 @@ use lb_common::{
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
     MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
 };
+use lb_common::lifecycle::{is_alive, secs_from_ticks, state_name};
 use serde::Serialize;
 
 use crate::{
@@ -144,11 +145,17 @@ pub struct FlowView {
     /// The destination it leaves with: the backend (forward), the client
     /// (reply).
     pub translated_destination: String,
+    /// The flow's state (`syn_sent`, `established`, `half_closed`,
+    /// `closed`, `reset`, `udp_unanswered`, `udp_answered`), or `expired`.
+    pub state: &'static str,
+    /// Seconds until the entry expires without further traffic.
+    pub expires_in_seconds: u64,
 }
 
 /// Conntrack entries whose addresses or service name contain `filter`.
 pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
+    let now = crate::conntrack::now_ticks();
     for entry in maps.conntrack.tables().into_iter().flat_map(|table| table.iter()) {
         let Ok((key, value)) = entry else { continue }; // evicted while we walked
         let flow = FlowView {
@@ -159,6 +166,8 @@ pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView
             destination: endpoint(key.dst_ip, key.dst_port),
             translated_source: endpoint(value.src_ip, value.src_port),
             translated_destination: endpoint(value.dst_ip, value.dst_port),
+            state: if is_alive(value.expires, now) { state_name(key.proto, value.flow_flags) } else { "expired" },
+            expires_in_seconds: secs_from_ticks(value.expires.saturating_sub(now)),
         };
         let shown = filter.is_none_or(|f| {
             [&flow.service, &flow.source, &flow.destination, &flow.translated_source, &flow.translated_destination].iter().any(|s| s.contains(f))

@@ -86,9 +86,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
             let flows = inspect::conntrack(&maps, filter.as_deref())?;
             print(args.output, &flows, || {
                 let rows = flows.iter().map(|f| {
-                    vec![f.service.clone(), f.protocol.to_owned(), f.direction.to_owned(), f.source.clone(), f.destination.clone(), f.translated_source.clone(), f.translated_destination.clone()]
+                    vec![
+                        f.service.clone(),
+                        f.protocol.to_owned(),
+                        f.direction.to_owned(),
+                        f.source.clone(),
+                        f.destination.clone(),
+                        f.translated_source.clone(),
+                        f.translated_destination.clone(),
+                        f.state.to_owned(),
+                        format!("{}s", f.expires_in_seconds),
+                    ]
                 });
-                table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED SOURCE", "TRANSLATED DESTINATION"], rows)
+                table(&["SERVICE", "PROTO", "DIRECTION", "SOURCE", "DESTINATION", "TRANSLATED SOURCE", "TRANSLATED DESTINATION", "STATE", "EXPIRES IN"], rows)
             })
         }
         Command::Explain { source, destination, protocol } => {

@@ -3,6 +3,7 @@
 //! maps equal to it. `lb-agent` (main.rs) wires them together; the tests and
 //! benchmarks drive the same pieces.
 pub mod cli;
+pub mod conntrack;
 pub mod datapath;
 pub mod error;
 pub mod explain;

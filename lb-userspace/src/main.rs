@@ -154,16 +154,22 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         tokio::spawn(http::serve(listener, endpoints));
     }
 
-    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level)?;
+    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level, &args.map_settings())?;
     let logger = datapath.take_logger()?;
     tokio::spawn(async move {
         if let Err(e) = forward_ebpf_logs(logger).await {
             error!("{e:#}");
         }
     });
-    if !pinned.replaced.is_empty() {
-        warn!(maps = ?pinned.replaced, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
+    for (table, flows) in &pinned.migrated {
+        info!(table, entries = flows.len(), "conntrack entries of another layout or size migrated: established flows go on");
     }
+    let emptied: Vec<_> = pinned.replaced.iter().filter(|name| !pinned.migrated.iter().any(|(m, _)| m == *name)).collect();
+    if !emptied.is_empty() {
+        warn!(maps = ?emptied, "pinned maps of another layout (an incompatible version) were replaced by empty ones");
+    }
+    lb_userspace::conntrack::spawn_collector(args.bpffs_dir.clone(), stats.conntrack.clone(), lb_userspace::conntrack::GcInterval::default())
+        .context("starting the conntrack garbage collector")?;
     datapath.maps.set_config(DatapathConfig {
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
@@ -171,6 +177,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 },
         cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
+        ct_lifetimes: args.conntrack_lifetimes(),
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()

@@ -12,13 +12,15 @@ use lb_common::{
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, MAP_SESSION_AFFINITY, ServiceName, VipValue,
+    MAP_DATAPATH_CONFIG, MAP_SESSION_AFFINITY, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES,
+    lifecycle::ConntrackLifetimes,
 };
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 use crate::{
+    conntrack,
     error::{Error, Result},
     sync::{MapWriter, ProgrammedMaps},
 };
@@ -67,6 +69,15 @@ impl ConntrackMaps {
     /// As `of`, writable, with the table's name.
     pub fn of_mut(&mut self, proto: u8) -> (&'static str, &mut HashMap<MapData, ConntrackKey, ConntrackValue>) {
         if proto == IPPROTO_TCP { (MAP_CONNTRACK_TCP, &mut self.tcp) } else { (MAP_CONNTRACK_UDP, &mut self.udp) }
+    }
+
+    /// The table called `name`.
+    pub fn named(&self, name: &str) -> Option<&HashMap<MapData, ConntrackKey, ConntrackValue>> {
+        match name {
+            MAP_CONNTRACK_TCP => Some(&self.tcp),
+            MAP_CONNTRACK_UDP => Some(&self.udp),
+            _ => None,
+        }
     }
 
     /// Both tables, TCP first.
@@ -213,19 +224,20 @@ impl MapWriter for DatapathMaps {
         let mut removed = 0;
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
             let (name, table) = self.conntrack.of_mut(proto);
-            let stale: Vec<ConntrackKey> = table
-                .iter()
-                .filter_map(|entry| entry.ok())
-                .filter(|(_, v)| service_ids.contains(&v.service_id))
-                .map(|(k, _)| k)
-                .collect();
-            for key in &stale {
-                ignore_missing(table.remove(key)).map_err(map_err(name))?;
-            }
-            removed += stale.len();
+            // Batched: a whole table in a few syscalls, not one per entry.
+            let fd = table_fd(table);
+            removed += conntrack::purge(fd, |_, v| service_ids.contains(&v.service_id))
+                .map_err(|source| Error::Io { what: format!("removing the flows of deleted services from {name}"), source })?;
         }
         Ok(removed)
     }
+}
+
+/// The descriptor of a conntrack table, for the batched operations.
+pub fn table_fd(table: &HashMap<MapData, ConntrackKey, ConntrackValue>) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsFd;
+    let map: &MapData = aya::maps::IterableMap::map(table);
+    map.fd().as_fd()
 }
 
 /// `SERVICE_NAMES`: the pinned one of a previous run if `pin_dir` has it,
@@ -278,11 +290,43 @@ pub struct PinnedState {
     /// Maps with another layout (from an incompatible version), unpinned to
     /// be created afresh.
     pub replaced: Vec<&'static str>,
+    /// Conntrack tables of another layout or size: their entries, in this
+    /// binary's layout, to be written into the new tables once loaded, so
+    /// that an upgrade keeps every established flow.
+    pub migrated: Vec<(&'static str, Vec<(ConntrackKey, ConntrackValue)>)>,
+}
+
+/// What the agent asks of the maps it creates.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSettings {
+    /// Entries of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
+    pub conntrack_tcp_max: u32,
+    pub conntrack_udp_max: u32,
+    /// For entries migrated from a layout without lifetimes.
+    pub ct_lifetimes: ConntrackLifetimes,
+}
+
+impl Default for MapSettings {
+    fn default() -> Self {
+        Self { conntrack_tcp_max: MAX_CONNTRACK_ENTRIES, conntrack_udp_max: MAX_CONNTRACK_ENTRIES, ct_lifetimes: ConntrackLifetimes::default() }
+    }
+}
+
+impl MapSettings {
+    /// The capacity asked for `name`, where the object's own is not used.
+    pub fn max_entries(&self, name: &str) -> Option<u32> {
+        match name {
+            MAP_CONNTRACK_TCP => Some(self.conntrack_tcp_max),
+            MAP_CONNTRACK_UDP => Some(self.conntrack_udp_max),
+            _ => None,
+        }
+    }
 }
 
 /// Checks every map pinned under `dir` against this binary's definition of
-/// it; keeps the ones that agree and unpins the others.
-pub fn check_pins(dir: &Path) -> Result<PinnedState> {
+/// it; keeps the ones that agree and unpins the others, reading the
+/// entries of conntrack tables first so that they can be migrated.
+pub fn check_pins(dir: &Path, settings: &MapSettings) -> Result<PinnedState> {
     let object = aya_obj::Object::parse(crate::EBPF_OBJECT).map_err(|e| Error::Load(e.into()))?;
     let mut state = PinnedState::default();
     let wanted = OBJECT_MAPS
@@ -290,7 +334,10 @@ pub fn check_pins(dir: &Path) -> Result<PinnedState> {
         .map(|name| object.maps.get(name).map(|m| (name, Layout::of(m))).ok_or(Error::Missing(name)))
         .chain([Ok((MAP_SERVICE_NAMES, Layout::of(&service_names_definition())))]);
     for entry in wanted {
-        let (name, layout) = entry?;
+        let (name, mut layout) = entry?;
+        if let Some(max_entries) = settings.max_entries(name) {
+            layout.max_entries = max_entries;
+        }
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -305,12 +352,61 @@ pub fn check_pins(dir: &Path) -> Result<PinnedState> {
         };
         if pinned == layout {
             state.adopted.push(name);
-        } else {
-            std::fs::remove_file(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
-            state.replaced.push(name);
+            continue;
         }
+        if CONNTRACK_MAPS.iter().any(|(table, _)| *table == name) {
+            let entries = migrate::read_pinned(&path, &pinned, settings)
+                .map_err(|source| Error::Io { what: format!("reading {} to migrate its flows", path.display()), source })?;
+            state.migrated.push((name, entries));
+        }
+        std::fs::remove_file(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
+        state.replaced.push(name);
     }
     Ok(state)
+}
+
+/// Conntrack entries of earlier layouts, in this one's.
+pub mod migrate {
+    use super::*;
+    use crate::conntrack::{now_ticks, read_all_raw};
+    use lb_common::lifecycle::{FLOW_SEEN_REPLY, lifetime};
+
+    /// The value layout before flow state and expiry (28 bytes): this
+    /// layout's first 28 bytes, the state byte zero.
+    pub const V1_VALUE_SIZE: u32 = 28;
+
+    /// The entries of the conntrack table pinned at `path`, whose layout is
+    /// `pinned`, converted to this layout; empty for a layout this binary
+    /// does not know (its flows are lost, as before migration existed).
+    pub(super) fn read_pinned(path: &Path, pinned: &Layout, settings: &MapSettings) -> std::io::Result<Vec<(ConntrackKey, ConntrackValue)>> {
+        use std::os::fd::AsFd;
+        if pinned.key_size != size_of::<ConntrackKey>() as u32 {
+            return Ok(Vec::new());
+        }
+        let map = MapData::from_pin(path).map_err(std::io::Error::other)?;
+        let fd = map.fd().as_fd();
+        let now = now_ticks();
+        match pinned.value_size {
+            size if size == size_of::<ConntrackValue>() as u32 => read_all_raw::<ConntrackKey, ConntrackValue>(fd),
+            V1_VALUE_SIZE => Ok(read_all_raw::<ConntrackKey, [u8; V1_VALUE_SIZE as usize]>(fd)?
+                .into_iter()
+                .map(|(key, old)| (key, from_v1(&key, &old, now, &settings.ct_lifetimes)))
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// A flow of the layout without state: taken as established (its state
+    /// is unknown, and a live connection must not be cut short), with the
+    /// established lifetime from `now`.
+    pub fn from_v1(key: &ConntrackKey, old: &[u8; V1_VALUE_SIZE as usize], now: u32, lifetimes: &ConntrackLifetimes) -> ConntrackValue {
+        let mut bytes = [0u8; size_of::<ConntrackValue>()];
+        bytes[..old.len()].copy_from_slice(old);
+        let mut value: ConntrackValue = bytemuck::cast(bytes);
+        value.flow_flags = FLOW_SEEN_REPLY;
+        value.expires = now.saturating_add(lifetime(key.proto, FLOW_SEEN_REPLY, lifetimes));
+        value
+    }
 }
 
 /// A key that is already gone is what a removal wants.

@@ -11,10 +11,9 @@ use std::{
     },
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{
-    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, IPPROTO_TCP, MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, MAX_CONNTRACK_ENTRIES,
-    Reason, ServiceCounters,
+    MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, Reason, ServiceCounters,
 };
 use prometheus_client::{
     collector::Collector,
@@ -29,6 +28,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    conntrack::{GcStats, TableCapacity},
     maps::{service_totals, verdict_totals},
     model::{Protocol, ServicePortName},
 };
@@ -49,6 +49,8 @@ pub struct AgentStats {
     pub backends: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_seconds: Histogram,
+    /// The conntrack garbage collector's figures.
+    pub conntrack: Arc<GcStats>,
 }
 
 impl Default for AgentStats {
@@ -58,6 +60,7 @@ impl Default for AgentStats {
             backends: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            conntrack: Arc::default(),
         }
     }
 }
@@ -69,6 +72,9 @@ pub fn registry(maps_dir: PathBuf, stats: Arc<AgentStats>) -> Registry {
     registry.register_collector(Box::new(DatapathCollector { maps_dir, stats }));
     registry
 }
+
+/// Picks one figure out of a conntrack table's capacity.
+type CapacityField = fn(&TableCapacity) -> u32;
 
 /// Picks one counter out of a service's counters.
 type CounterField = fn(&ServiceCounters) -> u64;
@@ -129,16 +135,38 @@ impl Collector for DatapathCollector {
             ConstCounter::new(verdicts[reason as usize]).encode(family.encode_family(&vec![("verdict", reason.name())])?)?;
         }
 
-        // Counting conntrack entries walks the tables: one syscall per entry.
-        let mut entries = encoder.encode_descriptor("conntrack_entries", "Conntrack entries (two per translated flow), by table", None, MetricType::Gauge)?;
-        for (name, proto) in CONNTRACK_MAPS {
-            let table = open(&self.maps_dir, name, Map::LruHashMap).and_then(|m| HashMap::<_, ConntrackKey, ConntrackValue>::try_from(m).ok());
-            let count = table.map_or(0, |m| m.keys().filter(Result::is_ok).count()) as i64;
-            let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-            ConstGauge::new(count).encode(entries.encode_family(&vec![("protocol", protocol)])?)?;
+        // The garbage collector's last pass counted the tables on its own
+        // thread: a scrape reads its figures and walks nothing.
+        let gc = &self.stats.conntrack;
+        let last = gc.last.read().ok().and_then(|last| last.clone()).unwrap_or_default();
+        {
+            let mut entries = encoder.encode_descriptor("conntrack_entries", "Live conntrack entries (two per translated flow) at the last garbage collection, by table and flow state", None, MetricType::Gauge)?;
+            for (protocol, state, count) in &last.entries {
+                ConstGauge::new(*count as i64).encode(entries.encode_family(&vec![("protocol", *protocol), ("state", *state)])?)?;
+            }
         }
-        let gauges: [(&str, &str, i64); 3] = [
-            ("conntrack_capacity", "Entries each conntrack table holds; when full, its least recently used entries go", i64::from(MAX_CONNTRACK_ENTRIES)),
+        let capacity = gc.capacity.read().map(|c| c.clone()).unwrap_or_default();
+        let by_table: [(&str, &str, CapacityField); 2] = [
+            ("conntrack_capacity", "Entries each conntrack table holds; when full, its least recently used entries go", |c| c.total),
+            (
+                "conntrack_capacity_per_cpu",
+                "Entries of a conntrack table one CPU's LRU list holds: a CPU that records more flows than this evicts its own least recently used",
+                |c| c.per_cpu,
+            ),
+        ];
+        for (name, help, value) in by_table {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for table in &capacity {
+                ConstGauge::new(i64::from(value(table))).encode(family.encode_family(&vec![("protocol", table.protocol)])?)?;
+            }
+        }
+        let deleted = ConstCounter::new(gc.deleted_total.load(Ordering::Relaxed));
+        deleted.encode(encoder.encode_descriptor("conntrack_gc_deleted", "Expired conntrack entries deleted by garbage collection", None, deleted.metric_type())?)?;
+        let passes = ConstCounter::new(gc.passes.load(Ordering::Relaxed));
+        passes.encode(encoder.encode_descriptor("conntrack_gc_runs", "Garbage collection passes over the conntrack tables", None, passes.metric_type())?)?;
+        let duration = ConstGauge::new(last.duration.as_secs_f64());
+        duration.encode(encoder.encode_descriptor("conntrack_gc_duration_seconds", "How long the last garbage collection pass took", None, duration.metric_type())?)?;
+        let gauges: [(&str, &str, i64); 2] = [
             ("services", "Service ports programmed", services.len() as i64),
             ("backends", "Backends programmed, summed over service ports", self.stats.backends.load(Ordering::Relaxed) as i64),
         ];

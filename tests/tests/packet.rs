@@ -299,6 +299,7 @@ fn node_fixture() -> Fixture {
         flags: DATAPATH_ANSWER_ECHO,
         cluster_cidrs: Ipv4Cidrs::new([Ipv4Cidr::new(POD_CIDR.0.into(), POD_CIDR.1)]),
         service_cidrs: Ipv4Cidrs::new([Ipv4Cidr::new(SERVICE_CIDR.0.into(), SERVICE_CIDR.1)]),
+        ..DatapathConfig::default()
     };
     fixture.datapath.maps.set_config(config).expect("config");
     fixture

@@ -1,0 +1,343 @@
+//! The conntrack tables from user space: the datapath's clock, batched
+//! reads and deletions (BPF_MAP_LOOKUP_BATCH / BPF_MAP_DELETE_BATCH, a few
+//! syscalls for a whole table instead of one per entry), garbage
+//! collection of expired entries off the agent's runtime, and the figures
+//! by state that `/metrics` shows.
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, MapInfo};
+use lb_common::{
+    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, IPPROTO_TCP,
+    lifecycle::{STATE_NAMES, is_alive, state_name, ticks_from_ns},
+};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// The monotonic clock in the datapath's ticks (`lb_common::lifecycle`),
+/// read as `bpf_ktime_get_coarse_ns` reads it (CLOCK_MONOTONIC_COARSE): an
+/// entry is never collected in the moment the datapath still counts it
+/// alive.
+pub fn now_ticks() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ticks_from_ns(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Entries asked for per batch syscall.
+const BATCH: usize = 8192;
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn batch_syscall(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the bpf syscall with an attribute block of the size given,
+    // whose pointers refer to buffers that outlive the call and hold `count`
+    // entries.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Every entry of a conntrack table, read `BATCH` at a time.
+pub fn read_all(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(ConntrackKey, ConntrackValue)>> {
+    read_all_raw::<ConntrackKey, ConntrackValue>(fd)
+}
+
+/// Every entry of a hash map with keys `K` and values `V` (plain data of
+/// the map's key and value sizes).
+pub fn read_all_raw<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>) -> std::io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    let mut keys = vec![K::zeroed(); BATCH];
+    let mut values = vec![V::zeroed(); BATCH];
+    // The hash tables' batch position is a bucket index (u32); room for more.
+    let (mut in_batch, mut out_batch) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw mut in_batch as u64 },
+            out_batch: &raw mut out_batch as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let result = batch_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let filled = attr.count as usize;
+        entries.extend(keys[..filled].iter().copied().zip(values[..filled].iter().copied()));
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            // One bucket holds more entries than the buffer: a bigger one.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && filled == 0 => {
+                keys.resize(keys.len() * 2, K::zeroed());
+                values.resize(values.len() * 2, V::zeroed());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
+/// Deletes `keys` (those already gone are skipped), `BATCH` at a time;
+/// returns how many were deleted.
+pub fn delete_all<K: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> std::io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr = BatchAttr { keys: chunk.as_ptr() as u64, count: chunk.len() as u32, map_fd: fd.as_raw_fd() as u32, ..BatchAttr::default() };
+        match batch_syscall(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(()) => {
+                deleted += attr.count as usize;
+                rest = &rest[chunk.len()..];
+            }
+            // The kernel stops at the first key that is gone (collected by
+            // the datapath's own replacement, or evicted): skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                deleted += attr.count as usize;
+                rest = &rest[(attr.count as usize + 1).min(rest.len())..];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Writes `entries`, `BATCH` at a time; returns how many were written
+/// before the map was full.
+pub fn write_all<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, entries: &[(K, V)]) -> std::io::Result<usize> {
+    let mut written = 0;
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let result = batch_syscall(BPF_MAP_UPDATE_BATCH, &mut attr);
+        written += attr.count as usize;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::E2BIG) || e.raw_os_error() == Some(libc::ENOMEM) => return Ok(written),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// Deletes every entry of the table for which `stale` holds; returns how
+/// many went.
+pub fn purge(fd: BorrowedFd<'_>, stale: impl Fn(&ConntrackKey, &ConntrackValue) -> bool) -> std::io::Result<usize> {
+    let keys: Vec<ConntrackKey> = read_all(fd)?.into_iter().filter(|(k, v)| stale(k, v)).map(|(k, _)| k).collect();
+    delete_all(fd, &keys)
+}
+
+/// What one garbage collection pass found and did.
+#[derive(Clone, Debug, Default)]
+pub struct GcPass {
+    /// Live entries after the pass, by protocol ("TCP", "UDP") and state
+    /// (`lifecycle::STATE_NAMES`).
+    pub entries: Vec<(&'static str, &'static str, u64)>,
+    /// Entries deleted as expired.
+    pub deleted: u64,
+    /// How long the pass took.
+    pub duration: Duration,
+    /// The fullest table's fill, 0 to 1.
+    pub fill: f64,
+}
+
+/// The collector's figures, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GcStats {
+    pub last: RwLock<Option<GcPass>>,
+    pub deleted_total: std::sync::atomic::AtomicU64,
+    pub passes: std::sync::atomic::AtomicU64,
+    pub capacity: RwLock<Vec<TableCapacity>>,
+}
+
+/// Entries a conntrack table holds, and what one CPU's LRU list holds of
+/// that.
+#[derive(Clone, Copy, Debug)]
+pub struct TableCapacity {
+    pub protocol: &'static str,
+    pub total: u32,
+    pub per_cpu: u32,
+}
+
+/// How often the collector runs: faster as tables fill or much expires,
+/// slower while little does.
+#[derive(Clone, Copy, Debug)]
+pub struct GcInterval {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl GcInterval {
+    /// The interval after a pass that ran `current` after the previous one.
+    pub fn next(&self, current: Duration, pass: &GcPass) -> Duration {
+        let live: u64 = pass.entries.iter().map(|(_, _, n)| n).sum();
+        let deleted_share = pass.deleted as f64 / (live + pass.deleted).max(1) as f64;
+        let next = if pass.fill > 0.5 || deleted_share > 0.25 {
+            current / 2
+        } else if pass.fill < 0.25 && deleted_share < 0.05 {
+            current * 2
+        } else {
+            current
+        };
+        next.clamp(self.min, self.max)
+    }
+}
+
+impl Default for GcInterval {
+    fn default() -> Self {
+        Self { min: Duration::from_secs(1), max: Duration::from_secs(60) }
+    }
+}
+
+/// One pass over the tables pinned under `dir`: deletes the entries expired
+/// at `now` and counts the others by state.
+pub fn collect(dir: &Path, now: u32) -> Result<GcPass> {
+    let started = Instant::now();
+    let mut pass = GcPass::default();
+    for (name, proto) in CONNTRACK_MAPS {
+        let map = open_pinned(dir, name)?;
+        let fd = map.fd().as_fd();
+        let entries = read_all(fd).map_err(|source| Error::Io { what: format!("reading {name}"), source })?;
+        let capacity = MapInfo::from_pin(dir.join(name)).map(|info| info.max_entries()).unwrap_or(u32::MAX);
+        pass.fill = pass.fill.max(entries.len() as f64 / f64::from(capacity.max(1)));
+        let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+        let mut by_state = [0u64; STATE_NAMES.len()];
+        let mut expired = Vec::new();
+        for (key, value) in &entries {
+            if is_alive(value.expires, now) {
+                let state = state_name(proto, value.flow_flags);
+                if let Some(i) = STATE_NAMES.iter().position(|s| *s == state) {
+                    by_state[i] += 1;
+                }
+            } else {
+                expired.push(*key);
+            }
+        }
+        pass.deleted += delete_all(fd, &expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
+        let tcp = proto == IPPROTO_TCP;
+        for (state, count) in STATE_NAMES.iter().zip(by_state) {
+            // TCP states for the TCP table, UDP states for the UDP one.
+            if state.starts_with("udp_") != tcp {
+                pass.entries.push((protocol, state, count));
+            }
+        }
+    }
+    pass.duration = started.elapsed();
+    Ok(pass)
+}
+
+fn open_pinned(dir: &Path, name: &'static str) -> Result<MapData> {
+    MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
+}
+
+/// Each conntrack table's capacity, and one CPU's share of it: with per-CPU
+/// LRU lists (BPF_F_NO_COMMON_LRU) a CPU evicts from its own list once
+/// the flows it recorded fill its share.
+pub fn capacities(dir: &Path) -> Vec<TableCapacity> {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
+    CONNTRACK_MAPS
+        .into_iter()
+        .filter_map(|(name, proto)| {
+            let info = MapInfo::from_pin(dir.join(name)).ok()?;
+            let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+            Some(TableCapacity { protocol, total: info.max_entries(), per_cpu: info.max_entries() / cpus })
+        })
+        .collect()
+}
+
+/// Runs the collector on its own thread until the process ends: the agent's
+/// runtime (syncs, `/healthz`) never waits for a pass over full tables.
+pub fn spawn_collector(dir: PathBuf, stats: Arc<GcStats>, interval: GcInterval) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if let Ok(mut capacity) = stats.capacity.write() {
+        *capacity = capacities(&dir);
+    }
+    std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
+        let mut current = interval.min.max(Duration::from_secs(5)).min(interval.max);
+        loop {
+            match collect(&dir, now_ticks()) {
+                Ok(pass) => {
+                    if pass.deleted > 0 {
+                        debug!(deleted = pass.deleted, took = ?pass.duration, fill = pass.fill, "conntrack garbage collected");
+                    }
+                    if pass.fill > 0.9 {
+                        warn!(fill = format!("{:.0}%", pass.fill * 100.0), "a conntrack table is nearly full: raise --conntrack-tcp-max/--conntrack-udp-max");
+                    }
+                    stats.deleted_total.fetch_add(pass.deleted, Ordering::Relaxed);
+                    stats.passes.fetch_add(1, Ordering::Relaxed);
+                    current = interval.next(current, &pass);
+                    if let Ok(mut last) = stats.last.write() {
+                        *last = Some(pass);
+                    }
+                }
+                Err(e) => warn!("conntrack garbage collection: {e}"),
+            }
+            std::thread::sleep(current);
+        }
+    })?;
+    info!(min = ?interval.min, max = ?interval.max, "conntrack garbage collection running");
+    Ok(())
+}
+
+/// A pinned conntrack table opened as a map handle, for tools and tests.
+pub fn open_table(dir: &Path, name: &'static str) -> Result<Map> {
+    Ok(Map::LruHashMap(open_pinned(dir, name)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(live: u64, deleted: u64, fill: f64) -> GcPass {
+        GcPass { entries: vec![("TCP", "established", live)], deleted, duration: Duration::ZERO, fill }
+    }
+
+    #[test]
+    fn the_collector_speeds_up_when_tables_fill_or_much_expires() {
+        let interval = GcInterval { min: Duration::from_secs(1), max: Duration::from_secs(60) };
+        let ten = Duration::from_secs(10);
+        let cases = [
+            ("over half full: twice as often", pass(600, 0, 0.6), Duration::from_secs(5)),
+            ("a third of the entries expired: twice as often", pass(60, 40, 0.1), Duration::from_secs(5)),
+            ("nearly empty, little expired: half as often", pass(100, 1, 0.01), Duration::from_secs(20)),
+            ("in between: unchanged", pass(100, 10, 0.3), ten),
+        ];
+        for (rule, pass, want) in cases {
+            assert_eq!(interval.next(ten, &pass), want, "{rule}");
+        }
+        assert_eq!(interval.next(Duration::from_secs(1), &pass(1, 0, 0.9)), Duration::from_secs(1), "never below the minimum");
+        assert_eq!(interval.next(Duration::from_secs(60), &pass(1, 0, 0.0)), Duration::from_secs(60), "never above the maximum");
+    }
+}

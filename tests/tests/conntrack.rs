@@ -1,0 +1,666 @@
+//! A conntrack entry's life, through BPF_PROG_TEST_RUN: what a flow's
+//! packets do to the state and expiry of both of its entries, how long each
+//! state lives, what a closed or expired flow's entries still translate and
+//! what they leave alone (a SYN on a closed tuple is a new connection, a
+//! direct connection from the backend's port is not the closed flow's), how
+//! a forward hit restores a missing reply entry, and how closed and expired
+//! flows give their source NAT ports back. Packets are built by etherparse
+//! and checked byte for byte; the entries are read from the maps. Every
+//! test runs through both hooks, XDP and tc, each with a fresh datapath.
+//! Needs root.
+use std::collections::BTreeSet;
+
+use aya::maps::MapError;
+use lb_common::{
+    CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint, IPPROTO_TCP, IPPROTO_UDP, Reason, ip_be,
+    lifecycle::{
+        ConntrackLifetimes, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_RESET, FLOW_SEEN_REPLY, state_name,
+        ticks_from_secs,
+    },
+};
+use lb_tests::{
+    fixture::{Fixture, Hook, RunResult, Verdict, desired, service},
+    packets::{Frame, addr},
+};
+use lb_userspace::{
+    conntrack::now_ticks,
+    model::{DesiredState, Protocol, ServicePort, ServicePortName},
+};
+
+const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+/// A service port of one protocol: the frontend clients send to, and its
+/// one backend.
+#[derive(Clone, Copy)]
+struct Svc {
+    proto: u8,
+    frontend: &'static str,
+    backend: &'static str,
+}
+
+const WEB: Svc = Svc { proto: IPPROTO_TCP, frontend: "10.96.0.10:80", backend: "10.244.1.2:8080" };
+const DNS: Svc = Svc { proto: IPPROTO_UDP, frontend: "10.96.0.10:53", backend: "10.244.1.2:5353" };
+
+fn services() -> DesiredState {
+    desired([
+        service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[([10, 244, 1, 2], 8080)]),
+        service("dns", [10, 96, 0, 10], 53, Protocol::Udp, &[([10, 244, 1, 2], 5353)]),
+    ])
+}
+
+impl Svc {
+    fn name(self) -> &'static str {
+        if self.proto == IPPROTO_TCP { "TCP" } else { "UDP" }
+    }
+
+    /// A packet of the flow from `client` to the frontend, without SYN.
+    fn request(self, client: &str) -> Frame {
+        if self.proto == IPPROTO_TCP {
+            Frame::tcp_data(client, self.frontend, b"request")
+        } else {
+            Frame::udp(client, self.frontend, b"request")
+        }
+    }
+
+    /// A packet of the flow from the backend to `client`, without SYN.
+    fn response(self, client: &str) -> Frame {
+        if self.proto == IPPROTO_TCP {
+            Frame::tcp_data(self.backend, client, b"response")
+        } else {
+            Frame::udp(self.backend, client, b"response")
+        }
+    }
+
+    /// The key of the flow's forward entry.
+    fn forward_key(self, client: &str) -> ConntrackKey {
+        key(client, self.frontend, self.proto)
+    }
+
+    /// The key of the flow's reply entry (no source NAT).
+    fn reply_key(self, client: &str) -> ConntrackKey {
+        key(self.backend, client, self.proto)
+    }
+
+    /// Opens a flow from `client` and has the backend answer: a SYN and
+    /// its SYN-ACK, or a request and its response.
+    fn open(self, fixture: &Fixture, hook: Hook, client: &str) {
+        let (first, answer) = if self.proto == IPPROTO_TCP {
+            (Frame::tcp_syn(client, self.frontend), syn_ack(self.backend, client))
+        } else {
+            (self.request(client), self.response(client))
+        };
+        let what = format!("{} flow from {client}", self.name());
+        expect_pass(fixture, hook, &format!("{what}: first packet"), &first, &first.clone().with_dst(self.backend), Reason::ForwardNew);
+        expect_pass(fixture, hook, &format!("{what}: answer"), &answer, &answer.clone().with_src(self.frontend), Reason::ReplyTranslated);
+    }
+}
+
+fn syn_ack(src: &str, dst: &str) -> Frame {
+    Frame::tcp_syn(src, dst).with_tcp(|t| {
+        t.ack = true;
+        t.acknowledgment_number = 1001;
+    })
+}
+
+/// An ACK without data: the last packet of a close.
+fn ack(src: &str, dst: &str) -> Frame {
+    Frame::tcp_data(src, dst, b"")
+}
+
+fn fin(src: &str, dst: &str) -> Frame {
+    Frame::tcp_data(src, dst, b"").with_tcp(|t| t.fin = true)
+}
+
+fn rst(src: &str, dst: &str) -> Frame {
+    Frame::tcp_data(src, dst, b"").with_tcp(|t| t.rst = true)
+}
+
+fn key(src: &str, dst: &str, proto: u8) -> ConntrackKey {
+    let (src, dst) = (addr(src), addr(dst));
+    ConntrackKey {
+        src_ip: ip_be(*src.ip()),
+        dst_ip: ip_be(*dst.ip()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto,
+        _pad: 0,
+        _pad2: 0,
+    }
+}
+
+fn endpoint(s: &str) -> Endpoint {
+    let a = addr(s);
+    Endpoint { ip: ip_be(*a.ip()), port: a.port().to_be() }
+}
+
+/// The stored entry for `key`, if any.
+fn entry(fixture: &Fixture, key: &ConntrackKey) -> Option<ConntrackValue> {
+    match fixture.datapath.maps.conntrack.of(key.proto).get(key, 0) {
+        Ok(value) => Some(value),
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => panic!("reading the conntrack entry of {key:?}: {e}"),
+    }
+}
+
+fn expect_entry(fixture: &Fixture, key: &ConntrackKey, what: &str) -> ConntrackValue {
+    entry(fixture, key).unwrap_or_else(|| panic!("{what}: no conntrack entry for {key:?}"))
+}
+
+fn store(fixture: &mut Fixture, key: &ConntrackKey, value: ConntrackValue) {
+    fixture.datapath.maps.conntrack.of_mut(key.proto).1.insert(key, value, 0).expect("writing a conntrack entry");
+}
+
+fn remove(fixture: &mut Fixture, key: &ConntrackKey) {
+    fixture.datapath.maps.conntrack.of_mut(key.proto).1.remove(key).expect("removing a conntrack entry");
+}
+
+fn set_expires(fixture: &mut Fixture, key: &ConntrackKey, expires: u32) {
+    let value = expect_entry(fixture, key, "setting an expiry");
+    store(fixture, key, ConntrackValue { expires, ..value });
+}
+
+/// Ticks until the entry expires, by user space's clock.
+fn ticks_left(value: &ConntrackValue) -> i64 {
+    i64::from(value.expires) - i64::from(now_ticks())
+}
+
+/// Asserts that an entry expires `secs` seconds from now: written by the
+/// datapath at most two ticks ago, and never later than that.
+fn assert_lives(value: &ConntrackValue, secs: u64, what: &str) {
+    let want = i64::from(ticks_from_secs(secs));
+    let left = ticks_left(value);
+    assert!((want - 2..=want + 1).contains(&left), "{what}: expires in {left} ticks, want {want} ({secs} s)");
+}
+
+/// Runs one packet and returns its result and the one reason it was
+/// counted under.
+fn send(fixture: &Fixture, hook: Hook, what: &str, input: &[u8]) -> (RunResult, Reason) {
+    let before = fixture.reason_totals();
+    let result = fixture.run(hook, input);
+    let after = fixture.reason_totals();
+    let counted: Vec<Reason> = Reason::ALL.into_iter().filter(|r| after[*r as usize] != before[*r as usize]).collect();
+    match counted[..] {
+        [reason] if after[reason as usize] == before[reason as usize] + 1 => (result, reason),
+        _ => panic!("{hook:?}: {what}: counted under {counted:?}, not once under one reason"),
+    }
+}
+
+/// Sends `input` and checks that it passes as `output`, byte for byte,
+/// counted under `reason`.
+fn expect_pass(fixture: &Fixture, hook: Hook, what: &str, input: &Frame, output: &Frame, reason: Reason) {
+    let (result, counted) = send(fixture, hook, what, &input.bytes());
+    assert_eq!((result.verdict, counted), (Verdict::Pass, reason), "{hook:?}: {what}");
+    assert_eq!(result.output, output.bytes(), "{hook:?}: {what}: output");
+}
+
+/// Sends `input` and checks that it passes untouched, as not the
+/// datapath's: no entry translated it.
+fn expect_untouched(fixture: &Fixture, hook: Hook, what: &str, input: &Frame) {
+    expect_pass(fixture, hook, what, input, input, Reason::PassNotService);
+}
+
+/// The two entries of the flow whose forward entry is under `forward`:
+/// that one, and the reply entry under its partner key, which must be its
+/// other direction.
+fn flow_entries(fixture: &Fixture, forward: &ConntrackKey, what: &str) -> (ConntrackValue, ConntrackValue) {
+    let fwd = expect_entry(fixture, forward, &format!("{what}: forward entry"));
+    assert_eq!(fwd.direction, CT_FORWARD, "{what}: forward entry's direction");
+    let reply = expect_entry(fixture, &fwd.partner_key(forward.proto), &format!("{what}: reply entry"));
+    assert_eq!(reply.direction, CT_REPLY, "{what}: reply entry's direction");
+    assert!(fwd.pairs_with(forward, &reply), "{what}: the reply entry {reply:?} is not the forward entry's {fwd:?}");
+    (fwd, reply)
+}
+
+/// Asserts that both entries of the flow are in `state` (with exactly
+/// `flags`) and expire together, `secs` seconds from now.
+fn assert_flow(fixture: &Fixture, forward: &ConntrackKey, what: &str, state: &str, flags: u8, secs: u64) {
+    let (fwd, reply) = flow_entries(fixture, forward, what);
+    for (side, value) in [("forward", &fwd), ("reply", &reply)] {
+        assert_eq!(state_name(forward.proto, value.flow_flags), state, "{what}: {side} entry's state");
+        assert_eq!(value.flow_flags, flags, "{what}: {side} entry's flags");
+        assert_lives(value, secs, &format!("{what}: {side} entry"));
+    }
+    assert_eq!(fwd.expires, reply.expires, "{what}: both entries expire together");
+}
+
+/// The destination of a packet the datapath sent on, as "ip:port".
+fn destination_of(frame: &Frame, output: &[u8]) -> String {
+    let l4 = frame.l4_offset();
+    let ip: [u8; 4] = output[30..34].try_into().expect("an IPv4 address");
+    format!("{}:{}", std::net::Ipv4Addr::from(ip), u16::from_be_bytes([output[l4 + 2], output[l4 + 3]]))
+}
+
+/// One packet of a flow, what it must leave as, and the state both of the
+/// flow's entries are in afterwards, with their lifetime in seconds.
+struct Step {
+    what: &'static str,
+    input: Frame,
+    output: Frame,
+    reason: Reason,
+    state: &'static str,
+    flags: u8,
+    secs: u64,
+}
+
+/// Runs the steps of the flow whose forward entry is under `forward`;
+/// `label` says which run failed.
+fn run_steps(fixture: &Fixture, hook: Hook, label: &str, forward: &ConntrackKey, steps: Vec<Step>) {
+    for step in steps {
+        let what = format!("{label}: {}", step.what);
+        expect_pass(fixture, hook, &what, &step.input, &step.output, step.reason);
+        assert_flow(fixture, forward, &format!("{hook:?}: after {what}"), step.state, step.flags, step.secs);
+    }
+}
+
+#[test]
+fn tcp_flags_move_both_entries_through_their_states() {
+    let (vip, backend) = (WEB.frontend, WEB.backend);
+    let seen = FLOW_SEEN_REPLY;
+    for hook in HOOKS {
+        let fixture = Fixture::new(&services());
+        let client = "10.0.0.2:40000";
+        let to_backend = |f: Frame| f.with_dst(backend);
+        let to_client = |f: Frame| f.with_src(vip);
+        #[rustfmt::skip]
+        let close = vec![
+            Step { what: "the client's SYN", input: Frame::tcp_syn(client, vip), output: to_backend(Frame::tcp_syn(client, vip)), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: 60 },
+            Step { what: "the backend's SYN-ACK", input: syn_ack(backend, client), output: to_client(syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
+            Step { what: "the client's data", input: WEB.request(client), output: to_backend(WEB.request(client)), reason: Reason::ForwardEstablished, state: "established", flags: seen, secs: 86_400 },
+            Step { what: "the client's FIN", input: fin(client, vip), output: to_backend(fin(client, vip)), reason: Reason::ForwardEstablished, state: "half_closed", flags: seen | FLOW_CLIENT_FIN, secs: 3_600 },
+            Step { what: "the backend's data after the client's FIN", input: WEB.response(client), output: to_client(WEB.response(client)), reason: Reason::ReplyTranslated, state: "half_closed", flags: seen | FLOW_CLIENT_FIN, secs: 3_600 },
+            Step { what: "the backend's FIN", input: fin(backend, client), output: to_client(fin(backend, client)), reason: Reason::ReplyTranslated, state: "closed", flags: seen | FLOW_CLIENT_FIN | FLOW_BACKEND_FIN, secs: 10 },
+            Step { what: "the client's last ACK", input: ack(client, vip), output: to_backend(ack(client, vip)), reason: Reason::ForwardEstablished, state: "closed", flags: seen | FLOW_CLIENT_FIN | FLOW_BACKEND_FIN, secs: 10 },
+        ];
+        run_steps(&fixture, hook, "closed by both FINs", &WEB.forward_key(client), close);
+
+        let client = "10.0.0.2:40001";
+        #[rustfmt::skip]
+        let reset = vec![
+            Step { what: "another SYN", input: Frame::tcp_syn(client, vip), output: to_backend(Frame::tcp_syn(client, vip)), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: 60 },
+            Step { what: "its SYN-ACK", input: syn_ack(backend, client), output: to_client(syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
+            Step { what: "a RST from the client", input: rst(client, vip), output: to_backend(rst(client, vip)), reason: Reason::ForwardEstablished, state: "reset", flags: seen | FLOW_RESET, secs: 10 },
+        ];
+        run_steps(&fixture, hook, "reset", &WEB.forward_key(client), reset);
+    }
+}
+
+#[test]
+fn a_syn_on_a_closed_tuple_is_a_new_connection() {
+    let vip = WEB.frontend;
+    let backends = ["10.244.1.2:8080", "10.244.2.2:8080"];
+    let web_on = |endpoints: &[([u8; 4], u16)]| desired([service("web", [10, 96, 0, 10], 80, Protocol::Tcp, endpoints)]);
+    let endpoints = [([10, 244, 1, 2], 8080), ([10, 244, 2, 2], 8080)];
+    let syn_to_either = |fixture: &Fixture, hook: Hook, what: &str, syn: &Frame, reason: Reason| -> String {
+        let (result, counted) = send(fixture, hook, what, &syn.bytes());
+        assert_eq!((result.verdict, counted), (Verdict::Pass, reason), "{hook:?}: {what}");
+        let backend = destination_of(syn, &result.output);
+        assert!(backends.contains(&backend.as_str()), "{hook:?}: {what}: sent to {backend}");
+        assert_eq!(result.output, syn.clone().with_dst(&backend).bytes(), "{hook:?}: {what}: output");
+        backend
+    };
+    type Closer = fn(&str, &str) -> Vec<Frame>;
+    let closers: [(&str, Closer); 3] = [
+        ("closed by both FINs", |client, backend| vec![fin(client, WEB.frontend), fin(backend, client)]),
+        ("reset by the client", |client, _| vec![rst(client, WEB.frontend)]),
+        ("reset by the backend", |client, backend| vec![rst(backend, client)]),
+    ];
+    for hook in HOOKS {
+        let mut fixture = Fixture::new(&web_on(&endpoints));
+        for (i, (closed, closing)) in closers.into_iter().enumerate() {
+            let client = format!("10.0.0.2:{}", 40000 + i);
+            let client = client.as_str();
+            let syn = Frame::tcp_syn(client, vip);
+            let old = syn_to_either(&fixture, hook, &format!("{closed}: first SYN"), &syn, Reason::ForwardNew);
+            expect_pass(&fixture, hook, &format!("{closed}: SYN-ACK"), &syn_ack(&old, client), &syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
+            for packet in closing(client, &old) {
+                let (result, _) = send(&fixture, hook, closed, &packet.bytes());
+                assert_eq!(result.verdict, Verdict::Pass, "{hook:?}: {closed}: closing packet");
+            }
+            let forward = WEB.forward_key(client);
+            let (before, _) = flow_entries(&fixture, &forward, &format!("{hook:?}: {closed}"));
+            assert_lives(&before, 10, &format!("{hook:?}: {closed}: the closed flow"));
+
+            // The client opens a new connection from the same port.
+            let what = format!("{closed}: a new SYN from the same port");
+            let new = syn_to_either(&fixture, hook, &what, &syn, Reason::ForwardNew);
+            assert_flow(&fixture, &forward, &format!("{hook:?}: {what}"), "syn_sent", 0, 60);
+            if new != old {
+                assert_eq!(entry(&fixture, &key(&old, client, IPPROTO_TCP)), None, "{hook:?}: {what}: the old backend's reply entry is gone");
+            }
+            expect_pass(&fixture, hook, &format!("{what}: its SYN-ACK"), &syn_ack(&new, client), &syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
+            assert_flow(&fixture, &forward, &format!("{hook:?}: {what}: answered"), "established", FLOW_SEEN_REPLY, 86_400);
+        }
+
+        // The new connection goes to another backend (the old one left
+        // since the flow closed): the closed flow's reply entry goes with
+        // it, and the new one is answered.
+        let client = "10.0.0.4:40000";
+        let syn = Frame::tcp_syn(client, vip);
+        let old = syn_to_either(&fixture, hook, "a SYN", &syn, Reason::ForwardNew);
+        expect_pass(&fixture, hook, "SYN-ACK", &syn_ack(&old, client), &syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
+        expect_pass(&fixture, hook, "a RST from the client", &rst(client, vip), &rst(client, vip).with_dst(&old), Reason::ForwardEstablished);
+        let other = endpoints[usize::from(old == backends[0])];
+        fixture.program(&web_on(&[other]));
+        let new = syn_to_either(&fixture, hook, "a new SYN after the old backend left", &syn, Reason::ForwardNew);
+        assert_ne!(new, old, "{hook:?}: the new connection goes to the remaining backend");
+        assert_eq!(entry(&fixture, &key(&old, client, IPPROTO_TCP)), None, "{hook:?}: the closed flow's reply entry is gone");
+        assert_flow(&fixture, &WEB.forward_key(client), &format!("{hook:?}: the new connection to {new}"), "syn_sent", 0, 60);
+        expect_pass(&fixture, hook, "the new backend's SYN-ACK", &syn_ack(&new, client), &syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
+        expect_untouched(&fixture, hook, "a stray ACK from the old backend", &ack(&old, client));
+        fixture.program(&web_on(&endpoints));
+
+        // A SYN retransmitted on a flow that is not closed is the same
+        // connection, at the same backend: unanswered, half closed, or
+        // answered (a late duplicate).
+        let client = "10.0.0.3:40000";
+        let syn = Frame::tcp_syn(client, vip);
+        let backend = syn_to_either(&fixture, hook, "a SYN", &syn, Reason::ForwardNew);
+        for i in 0..8 {
+            expect_pass(&fixture, hook, &format!("SYN retransmission {i}"), &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
+        }
+        assert_flow(&fixture, &WEB.forward_key(client), &format!("{hook:?}: after the retransmissions"), "syn_sent", 0, 60);
+        expect_pass(&fixture, hook, "SYN-ACK", &syn_ack(&backend, client), &syn_ack(&backend, client).with_src(vip), Reason::ReplyTranslated);
+        expect_pass(&fixture, hook, "a late SYN on the established flow", &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
+        expect_pass(&fixture, hook, "the client's FIN", &fin(client, vip), &fin(client, vip).with_dst(&backend), Reason::ForwardEstablished);
+        expect_pass(&fixture, hook, "a late SYN on the half-closed flow", &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
+        assert_flow(&fixture, &WEB.forward_key(client), &format!("{hook:?}: after the late SYNs"), "half_closed", FLOW_SEEN_REPLY | FLOW_CLIENT_FIN, 3_600);
+    }
+}
+
+#[test]
+fn a_closed_flows_reply_entry_leaves_a_direct_connection_alone() {
+    let (vip, backend) = (WEB.frontend, WEB.backend);
+    type Closer = fn(&str) -> Vec<Frame>;
+    let closers: [(&str, Closer); 2] = [
+        ("closed by both FINs", |client| vec![fin(client, WEB.frontend), fin(WEB.backend, client)]),
+        ("reset by the backend", |client| vec![rst(WEB.backend, client)]),
+    ];
+    for hook in HOOKS {
+        let fixture = Fixture::new(&services());
+        for (i, (closed, closing)) in closers.into_iter().enumerate() {
+            let client = format!("10.0.0.2:{}", 40000 + i);
+            let client = client.as_str();
+            WEB.open(&fixture, hook, client);
+            for packet in closing(client) {
+                let (result, _) = send(&fixture, hook, closed, &packet.bytes());
+                assert_eq!(result.verdict, Verdict::Pass, "{hook:?}: {closed}: closing packet");
+            }
+
+            // Stray packets of the closed flow are still its own.
+            let last_ack = ack(client, vip);
+            expect_pass(&fixture, hook, &format!("{closed}: the client's last ACK"), &last_ack, &last_ack.clone().with_dst(backend), Reason::ForwardEstablished);
+            let stray = ack(backend, client);
+            expect_pass(&fixture, hook, &format!("{closed}: a stray ACK from the backend"), &stray, &stray.clone().with_src(vip), Reason::ReplyTranslated);
+            let (_, reply_before) = flow_entries(&fixture, &WEB.forward_key(client), &format!("{hook:?}: {closed}"));
+            assert!(lb_common::lifecycle::is_closed(reply_before.flow_flags), "{hook:?}: {closed}: the flow is over: {reply_before:?}");
+
+            // The backend answering a direct connection from the client's
+            // port is not the service's flow.
+            let direct = syn_ack(backend, client);
+            expect_untouched(&fixture, hook, &format!("{closed}: a SYN-ACK from the backend on the same ports"), &direct);
+            let reply_after = expect_entry(&fixture, &WEB.reply_key(client), &format!("{hook:?}: {closed}: after the direct SYN-ACK"));
+            assert_eq!(reply_after, reply_before, "{hook:?}: {closed}: the closed flow's reply entry is left as it was");
+            let direct_data = WEB.response(client).with_tcp(|t| t.syn = true);
+            expect_untouched(&fixture, hook, &format!("{closed}: a SYN with data from the backend"), &direct_data);
+        }
+    }
+}
+
+#[test]
+fn expired_entries_are_misses() {
+    for hook in HOOKS {
+        let mut fixture = Fixture::new(&services());
+        for svc in [WEB, DNS] {
+            let name = format!("{hook:?} {}", svc.name());
+
+            // The forward entry expired: the client's next packet opens a
+            // new flow.
+            let client = "10.0.0.2:40000";
+            svc.open(&fixture, hook, client);
+            let forward = svc.forward_key(client);
+            set_expires(&mut fixture, &forward, now_ticks());
+            let request = svc.request(client);
+            expect_pass(&fixture, hook, &format!("{name}: a packet on an expired forward entry"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardNew);
+            let (fwd, reply) = flow_entries(&fixture, &forward, &format!("{name}: the new flow"));
+            for (side, value) in [("forward", fwd), ("reply", reply)] {
+                assert!(ticks_left(&value) > 0, "{name}: the new {side} entry expires in the future: {value:?}");
+                assert_eq!(value.flow_flags, 0, "{name}: the new {side} entry is unanswered");
+            }
+            assert_lives(&fwd, if svc.proto == IPPROTO_TCP { 60 } else { 30 }, &format!("{name}: the new forward entry"));
+            let response = svc.response(client);
+            expect_pass(&fixture, hook, &format!("{name}: the new flow's answer"), &response, &response.clone().with_src(svc.frontend), Reason::ReplyTranslated);
+
+            // The reply entry expired: the backend's packet is not the
+            // service's.
+            let client = "10.0.0.2:40001";
+            svc.open(&fixture, hook, client);
+            set_expires(&mut fixture, &svc.reply_key(client), now_ticks());
+            expect_untouched(&fixture, hook, &format!("{name}: a packet on an expired reply entry"), &svc.response(client));
+
+            // One tick short of expiring, an entry still serves.
+            let client = "10.0.0.2:40002";
+            svc.open(&fixture, hook, client);
+            set_expires(&mut fixture, &svc.forward_key(client), now_ticks() + 1);
+            let request = svc.request(client);
+            expect_pass(&fixture, hook, &format!("{name}: a packet on a forward entry a tick from expiring"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
+            set_expires(&mut fixture, &svc.reply_key(client), now_ticks() + 1);
+            let response = svc.response(client);
+            expect_pass(&fixture, hook, &format!("{name}: a packet on a reply entry a tick from expiring"), &response, &response.clone().with_src(svc.frontend), Reason::ReplyTranslated);
+        }
+    }
+}
+
+#[test]
+fn a_forward_hit_restores_its_reply_entry() {
+    for hook in HOOKS {
+        let mut fixture = Fixture::new(&services());
+        for svc in [DNS, WEB] {
+            let name = format!("{hook:?} {}", svc.name());
+
+            // Due a refresh: the forward hit writes both entries, and puts
+            // the missing one back.
+            let client = "10.0.0.2:40000";
+            svc.open(&fixture, hook, client);
+            let forward = svc.forward_key(client);
+            let reply_key = svc.reply_key(client);
+            remove(&mut fixture, &reply_key);
+            set_expires(&mut fixture, &forward, now_ticks() + 1);
+            let request = svc.request(client);
+            expect_pass(&fixture, hook, &format!("{name}: a forward packet due a refresh"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
+            let (fwd, reply) = flow_entries(&fixture, &forward, &format!("{name}: restored"));
+            assert_eq!(fwd.partner_key(svc.proto), reply_key, "{name}: restored under the backend's reply tuple");
+            assert_eq!((reply.source(), reply.destination()), (endpoint(svc.frontend), endpoint(client)), "{name}: the restored entry translates from the frontend to the client");
+            assert_eq!(reply.service_id, fwd.service_id, "{name}: counted for the same service");
+            assert_eq!((reply.flow_flags, reply.expires), (fwd.flow_flags, fwd.expires), "{name}: the restored entry is in the flow's state");
+            assert_eq!(state_name(svc.proto, reply.flow_flags), if svc.proto == IPPROTO_TCP { "established" } else { "udp_answered" }, "{name}");
+            assert_lives(&reply, if svc.proto == IPPROTO_TCP { 86_400 } else { 120 }, &format!("{name}: the restored entry"));
+            let response = svc.response(client);
+            expect_pass(&fixture, hook, &format!("{name}: the backend's answer after the restore"), &response, &response.clone().with_src(svc.frontend), Reason::ReplyTranslated);
+
+            // Not due a refresh (the expiry just written): the hit writes
+            // nothing, and the reply entry stays missing until the next
+            // refresh.
+            let client = "10.0.0.2:40001";
+            svc.open(&fixture, hook, client);
+            remove(&mut fixture, &svc.reply_key(client));
+            let request = svc.request(client);
+            expect_pass(&fixture, hook, &format!("{name}: a forward packet not due a refresh"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
+            assert_eq!(entry(&fixture, &svc.reply_key(client)), None, "{name}: restoring rides on the refresh");
+            expect_untouched(&fixture, hook, &format!("{name}: the backend's answer without a reply entry"), &svc.response(client));
+        }
+    }
+}
+
+const NODE_IP: [u8; 4] = [192, 168, 0, 1];
+const NODE_PORT: &str = "192.168.0.1:30080";
+const UDP_NODE_PORT: &str = "192.168.0.1:30053";
+/// A source NAT range of four ports.
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 62_000..=62_003;
+
+/// Node ports 30080 (TCP) and 30053 (UDP) with externalTrafficPolicy
+/// Cluster: new flows get the node's address and a port of the range as
+/// their source.
+fn node_port_fixture() -> Fixture {
+    let external = |(name, port): (ServicePortName, ServicePort)| (name.to_external(), ServicePort { snat: true, ..port });
+    let mut fixture = Fixture::new(&desired([
+        external(service("cluster", NODE_IP, 30080, Protocol::Tcp, &[([10, 244, 1, 2], 8080)])),
+        external(service("cluster", NODE_IP, 30053, Protocol::Udp, &[([10, 244, 1, 2], 5353)])),
+    ]));
+    let config = DatapathConfig {
+        snat_ip: ip_be(NODE_IP.into()),
+        snat_port_min: *SNAT_PORTS.start(),
+        snat_port_max: *SNAT_PORTS.end(),
+        ..DatapathConfig::default()
+    };
+    fixture.datapath.maps.set_config(config).expect("config");
+    fixture
+}
+
+/// The node port service of `proto`, as the backend sees it from the node.
+fn node_port(proto: u8) -> Svc {
+    if proto == IPPROTO_TCP {
+        Svc { proto, frontend: NODE_PORT, backend: WEB.backend }
+    } else {
+        Svc { proto, frontend: UDP_NODE_PORT, backend: DNS.backend }
+    }
+}
+
+/// Opens a source-translated flow from `client` and returns the node's
+/// source port it got; checks the output and that the backend's answer
+/// goes back to the client.
+fn open_translated(fixture: &Fixture, hook: Hook, svc: Svc, client: &str) -> u16 {
+    let first = if svc.proto == IPPROTO_TCP { Frame::tcp_syn(client, svc.frontend) } else { svc.request(client) };
+    let what = format!("{} flow from {client}", svc.name());
+    let (result, reason) = send(fixture, hook, &what, &first.bytes());
+    assert_eq!((result.verdict, reason), (Verdict::Pass, Reason::ForwardNew), "{hook:?}: {what}");
+    let l4 = first.l4_offset();
+    let port = u16::from_be_bytes([result.output[l4], result.output[l4 + 1]]);
+    assert!(SNAT_PORTS.contains(&port), "{hook:?}: {what}: source port {port}");
+    let node = format!("192.168.0.1:{port}");
+    assert_eq!(result.output, first.clone().with_src(&node).with_dst(svc.backend).bytes(), "{hook:?}: {what}: output");
+    let answer = if svc.proto == IPPROTO_TCP { syn_ack(svc.backend, &node) } else { svc.response(&node) };
+    expect_pass(fixture, hook, &format!("{what}: answer"), &answer, &answer.clone().with_src(svc.frontend).with_dst(client), Reason::ReplyTranslated);
+    port
+}
+
+/// Four clients' flows take the four ports.
+fn fill_ports(fixture: &Fixture, hook: Hook, svc: Svc, clients: &[String]) -> Vec<u16> {
+    let ports: Vec<u16> = clients.iter().map(|client| open_translated(fixture, hook, svc, client)).collect();
+    let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct, SNAT_PORTS.collect(), "{hook:?} {}: every port of the range, once: {ports:?}", svc.name());
+    ports
+}
+
+fn expect_no_port(fixture: &Fixture, hook: Hook, svc: Svc, client: &str, what: &str) {
+    let first = if svc.proto == IPPROTO_TCP { Frame::tcp_syn(client, svc.frontend) } else { svc.request(client) };
+    let (result, reason) = send(fixture, hook, what, &first.bytes());
+    assert_eq!((result.verdict, reason), (Verdict::Drop, Reason::DropNoSnatPort), "{hook:?} {}: {what}", svc.name());
+}
+
+fn clients(net: u8) -> Vec<String> {
+    (2..6).map(|host| format!("10.0.{net}.{host}:40000")).collect()
+}
+
+#[test]
+fn closed_flows_free_their_source_nat_ports() {
+    for hook in HOOKS {
+        let mut fixture = node_port_fixture();
+        let web = node_port(IPPROTO_TCP);
+
+        let first = clients(0);
+        let ports = fill_ports(&fixture, hook, web, &first);
+        expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow while four live flows hold the ports");
+
+        // Two reset by their clients, two closed by both FINs.
+        for (i, (client, port)) in first.iter().zip(&ports).enumerate() {
+            let node = format!("192.168.0.1:{port}");
+            if i < 2 {
+                let reset = rst(client, NODE_PORT);
+                expect_pass(&fixture, hook, "the client's RST", &reset, &reset.clone().with_src(&node).with_dst(web.backend), Reason::ForwardEstablished);
+            } else {
+                let client_fin = fin(client, NODE_PORT);
+                expect_pass(&fixture, hook, "the client's FIN", &client_fin, &client_fin.clone().with_src(&node).with_dst(web.backend), Reason::ForwardEstablished);
+                let backend_fin = fin(web.backend, &node);
+                expect_pass(&fixture, hook, "the backend's FIN", &backend_fin, &backend_fin.clone().with_src(NODE_PORT).with_dst(client), Reason::ReplyTranslated);
+            }
+        }
+
+        // Four new clients take the closed flows' ports (and their replies
+        // go to the new clients); a fifth finds them held again.
+        let second = clients(1);
+        let reused = fill_ports(&fixture, hook, web, &second);
+        expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the ports were reused");
+
+        // A late RST of a closed flow (a state change, so both of its
+        // entries are written) leaves the flow that took its port alone.
+        let (old, port) = (&first[2], ports[2]);
+        let new = &second[reused.iter().position(|p| *p == port).expect("the port was reused")];
+        let node = format!("192.168.0.1:{port}");
+        let late = rst(old, NODE_PORT);
+        expect_pass(&fixture, hook, "a late RST of a closed flow", &late, &late.clone().with_src(&node).with_dst(web.backend), Reason::ForwardEstablished);
+        assert_eq!(state_name(IPPROTO_TCP, expect_entry(&fixture, &key(old, NODE_PORT, IPPROTO_TCP), "the old flow").flow_flags), "reset", "{hook:?}");
+        let (_, reply) = flow_entries(&fixture, &key(new, NODE_PORT, IPPROTO_TCP), &format!("{hook:?}: the flow on port {port}"));
+        assert_eq!((state_name(IPPROTO_TCP, reply.flow_flags), reply.destination()), ("established", endpoint(new)), "{hook:?}: the port's new flow keeps its state");
+        expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the late RST");
+
+        // Live flows whose entries expired hold nothing.
+        for (client, port) in second.iter().zip(&reused) {
+            set_expires(&mut fixture, &key(client, NODE_PORT, IPPROTO_TCP), now_ticks());
+            set_expires(&mut fixture, &key(web.backend, &format!("192.168.0.1:{port}"), IPPROTO_TCP), now_ticks());
+        }
+        fill_ports(&fixture, hook, web, &clients(2));
+        expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the expired ports were reused");
+    }
+}
+
+#[test]
+fn expired_udp_flows_free_their_source_nat_ports() {
+    for hook in HOOKS {
+        let mut fixture = node_port_fixture();
+        let dns = node_port(IPPROTO_UDP);
+        let first = clients(0);
+        let ports = fill_ports(&fixture, hook, dns, &first);
+        expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow while four live flows hold the ports");
+        for (client, port) in first.iter().zip(&ports) {
+            set_expires(&mut fixture, &key(client, UDP_NODE_PORT, IPPROTO_UDP), now_ticks());
+            set_expires(&mut fixture, &key(dns.backend, &format!("192.168.0.1:{port}"), IPPROTO_UDP), now_ticks());
+        }
+        fill_ports(&fixture, hook, dns, &clients(1));
+        expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow after the expired ports were reused");
+    }
+}
+
+#[test]
+fn entries_live_as_long_as_their_state_says() {
+    let configured = [7, 600, 300, 3, 5, 50];
+    for (lifetimes, secs) in [("default lifetimes", ConntrackLifetimes::DEFAULT_SECS), ("configured lifetimes", configured)] {
+        for hook in HOOKS {
+            let mut fixture = Fixture::new(&services());
+            if secs != ConntrackLifetimes::DEFAULT_SECS {
+                let config = DatapathConfig { ct_lifetimes: ConntrackLifetimes::from_secs(secs), ..DatapathConfig::default() };
+                fixture.datapath.maps.set_config(config).expect("config");
+            }
+            let [syn_secs, established, half_closed, closed, udp, udp_stream] = secs;
+            let (vip, backend, client) = (WEB.frontend, WEB.backend, "10.0.0.2:40000");
+            let seen = FLOW_SEEN_REPLY;
+            #[rustfmt::skip]
+            let tcp = vec![
+                Step { what: "a SYN", input: Frame::tcp_syn(client, vip), output: Frame::tcp_syn(client, vip).with_dst(backend), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: syn_secs },
+                Step { what: "its SYN-ACK", input: syn_ack(backend, client), output: syn_ack(backend, client).with_src(vip), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: established },
+                Step { what: "the backend's FIN", input: fin(backend, client), output: fin(backend, client).with_src(vip), reason: Reason::ReplyTranslated, state: "half_closed", flags: seen | FLOW_BACKEND_FIN, secs: half_closed },
+                Step { what: "the client's FIN", input: fin(client, vip), output: fin(client, vip).with_dst(backend), reason: Reason::ForwardEstablished, state: "closed", flags: seen | FLOW_CLIENT_FIN | FLOW_BACKEND_FIN, secs: closed },
+            ];
+            run_steps(&fixture, hook, lifetimes, &WEB.forward_key(client), tcp);
+
+            let (dns_vip, dns_backend, client) = (DNS.frontend, DNS.backend, "10.0.0.2:5000");
+            #[rustfmt::skip]
+            let udp = vec![
+                Step { what: "a UDP query", input: DNS.request(client), output: DNS.request(client).with_dst(dns_backend), reason: Reason::ForwardNew, state: "udp_unanswered", flags: 0, secs: udp },
+                Step { what: "a second query before the answer", input: DNS.request(client), output: DNS.request(client).with_dst(dns_backend), reason: Reason::ForwardEstablished, state: "udp_unanswered", flags: 0, secs: udp },
+                Step { what: "its answer", input: DNS.response(client), output: DNS.response(client).with_src(dns_vip), reason: Reason::ReplyTranslated, state: "udp_answered", flags: seen, secs: udp_stream },
+                Step { what: "the next query", input: DNS.request(client), output: DNS.request(client).with_dst(dns_backend), reason: Reason::ForwardEstablished, state: "udp_answered", flags: seen, secs: udp_stream },
+            ];
+            run_steps(&fixture, hook, lifetimes, &DNS.forward_key(client), udp);
+        }
+    }
+}

@@ -41,8 +41,14 @@ pub const MAP_SERVICE_BACKEND_SETS: &str = "SERVICE_BACKEND_SETS";
 /// and "any" tables apart.
 pub const MAP_CONNTRACK_TCP: &str = "CONNTRACK_TCP";
 pub const MAP_CONNTRACK_UDP: &str = "CONNTRACK_UDP";
+/// TCP flows opened by a SYN and not answered yet: their own table, so a
+/// SYN flood never evicts an established connection.
+pub const MAP_CONNTRACK_TCP_PENDING: &str = "CONNTRACK_TCP_PENDING";
 /// The conntrack tables, with the protocol each holds.
-pub const CONNTRACK_MAPS: [(&str, u8); 2] = [(MAP_CONNTRACK_TCP, IPPROTO_TCP), (MAP_CONNTRACK_UDP, IPPROTO_UDP)];
+pub const CONNTRACK_MAPS: [(&str, u8); 3] =
+    [(MAP_CONNTRACK_TCP, IPPROTO_TCP), (MAP_CONNTRACK_UDP, IPPROTO_UDP), (MAP_CONNTRACK_TCP_PENDING, IPPROTO_TCP)];
+pub const MAP_SNAT_PORT_CURSOR: &str = "SNAT_PORT_CURSOR";
+pub const MAP_FRAGMENT_PORTS: &str = "FRAGMENT_PORTS";
 pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
@@ -70,7 +76,11 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 pub const MAX_SERVICES: u32 = 65_536;
 /// Entries of each conntrack table (two per translated flow).
 pub const MAX_CONNTRACK_ENTRIES: u32 = 524_288;
+/// Entries of `CONNTRACK_TCP_PENDING` (two per unanswered connection).
+pub const MAX_PENDING_ENTRIES: u32 = 131_072;
 pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
+/// Fragmented datagrams in flight whose later fragments can be translated.
+pub const MAX_FRAGMENT_ENTRIES: u32 = 8_192;
 pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -193,6 +203,20 @@ pub struct SocketRevNatValue {
     /// Network byte order.
     pub frontend_port: u16,
     pub _pad: u16,
+}
+
+/// A fragmented IP packet, as its fragments all carry it on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragmentKey {
+    /// Network byte order.
+    pub src_ip: u32,
+    /// Network byte order.
+    pub dst_ip: u32,
+    /// The IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// A service address: how many frontends it has, and `VIP_*` bits.
@@ -573,6 +597,7 @@ const _: () = {
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 32);
     assert!(size_of::<VipValue>() == 8);
+    assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>());
     assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);
@@ -597,6 +622,7 @@ mod user {
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for SocketRevNatKey {}
     unsafe impl aya::Pod for SocketRevNatValue {}

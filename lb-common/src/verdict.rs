@@ -28,8 +28,9 @@ pub enum Reason {
     /// Malformed (truncated headers, bad header or total length) and
     /// addressed to a service: dropped.
     DropMalformed = 9,
-    /// An IP fragment addressed to a service: dropped (there are no ports to
-    /// balance on).
+    /// A later IP fragment addressed to a cluster IP whose first fragment
+    /// (with the ports) was not seen or not translated: dropped. The later
+    /// fragments of a translated first fragment are translated with it.
     DropFragment = 10,
     /// To be rejected, but the reply cannot be built (IP options on a UDP
     /// datagram, or a TCP reset answering a reset): dropped instead.

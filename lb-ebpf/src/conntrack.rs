@@ -8,17 +8,23 @@
 //! entry is a miss, a closed flow's tuple opens a new connection, and the
 //! two entries of a flow are kept in step, their state and expiry written
 //! together, a missing one restored from the other.
+//!
+//! Admission: a TCP connection opened by a SYN is recorded in
+//! `CONNTRACK_TCP_PENDING` and moves to `CONNTRACK_TCP` when the backend
+//! answers, so a SYN flood churns only the pending table. Only packets that
+//! can belong to a pending flow (SYN, SYN-ACK, RST) look there: every other
+//! packet pays one lookup, as before.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, Endpoint, IPPROTO_TCP,
-    lifecycle::{flags_after, initial_flags, is_alive, is_closed, needs_refresh, opens_connection, ticks_from_ns},
+    lifecycle::{FLOW_SEEN_REPLY, TCP_ACK, TCP_RST, TCP_SYN, flags_after, initial_flags, is_alive, is_closed, needs_refresh, opens_connection, ticks_from_ns},
 };
 
 use crate::{
-    maps::{CONNTRACK_TCP, CONNTRACK_UDP, SNAT_PORT_CURSOR},
+    maps::{CONNTRACK_TCP, CONNTRACK_TCP_PENDING, CONNTRACK_UDP, SNAT_PORT_CURSOR},
     parse::Flow,
     service,
 };
@@ -31,8 +37,20 @@ pub fn now() -> u32 {
     ticks_from_ns(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
+/// Which table an entry is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `CONNTRACK_TCP` or `CONNTRACK_UDP`, by protocol.
+    Confirmed,
+    /// `CONNTRACK_TCP_PENDING`.
+    Pending,
+}
+
 /// A conntrack entry found for a packet.
-pub struct Entry(*mut ConntrackValue);
+pub struct Entry {
+    value: *mut ConntrackValue,
+    table: Table,
+}
 
 impl Entry {
     /// The entry in the map, read in place: the fast path reads only the
@@ -42,7 +60,7 @@ impl Entry {
         // SAFETY: the pointer came from a successful lookup and stays valid
         // for this program run; the writes through it (`remember_backend_set`,
         // `track`) are made after the last use of this borrow.
-        unsafe { &*self.0 }
+        unsafe { &*self.value }
     }
 
     /// Whether the entry translates a packet with `tcp_flags` at `now`: it
@@ -61,18 +79,19 @@ impl Entry {
     #[inline(always)]
     pub fn remember_backend_set(&self, backend_set: u32) {
         // SAFETY: as above; a single aligned u32 store.
-        unsafe { (*self.0).backend_set = backend_set };
+        unsafe { (*self.value).backend_set = backend_set };
     }
 
     /// Moves the flow's state and expiry on for a packet just translated by
     /// this entry. Most packets change neither enough to write; a write
     /// (every few seconds of a busy flow, or a state change) goes to both
-    /// of the flow's entries, restoring the other one if it is gone. Not
-    /// while a borrow from `value` is in use.
+    /// of the flow's entries, restoring the other one if it is gone. A
+    /// pending connection the backend answered moves to the confirmed
+    /// table. Not while a borrow from `value` is in use.
     #[inline(always)]
     pub fn track(&self, flow: &Flow, now: u32) {
         // SAFETY: as above; the fields are read, then written, here only.
-        let ct = unsafe { &mut *self.0 };
+        let ct = unsafe { &mut *self.value };
         let flags = flags_after(ct.flow_flags, ct.direction == CT_REPLY, flow.tcp_flags);
         let expires = now.saturating_add(service::ct_lifetime(flow.tuple.proto, flags));
         if flags == ct.flow_flags && !needs_refresh(ct.expires, expires) {
@@ -81,12 +100,16 @@ impl Entry {
         ct.flow_flags = flags;
         ct.expires = expires;
         let key = &flow.tuple;
+        if self.table == Table::Pending && flags & FLOW_SEEN_REPLY != 0 {
+            confirm(key, ct);
+            return;
+        }
         let partner_key = ct.partner_key(key.proto);
-        match lookup(&partner_key) {
+        match lookup_in(&partner_key, self.table) {
             Some(partner) => {
                 // SAFETY: a pointer from a successful lookup, valid for this
                 // run; two plain stores.
-                let partner = unsafe { &mut *partner.0 };
+                let partner = unsafe { &mut *partner };
                 // A tuple another flow took over (its source NAT port
                 // reused after this flow closed) is not this flow's.
                 if ct.pairs_with(key, partner) {
@@ -97,34 +120,90 @@ impl Entry {
             // Evicted or collected on its own: restored, so that this
             // flow's other direction is translated again.
             None => {
-                let _restored_unless_taken = insert(&partner_key, &ct.partner(key), BPF_NOEXIST);
+                let _restored_unless_taken = insert(&partner_key, &ct.partner(key), BPF_NOEXIST, self.table);
             }
         }
     }
 }
 
-/// The entry for a packet's 5-tuple.
+/// Moves a pending connection that the backend just answered, both of its
+/// entries (`ct` is `key`'s, already updated), to the confirmed table.
 #[inline(always)]
-pub fn lookup(tuple: &ConntrackKey) -> Option<Entry> {
-    // One call site per map: the verifier inlines a lookup only where the
-    // map is known.
-    if tuple.proto == IPPROTO_TCP {
-        CONNTRACK_TCP.get_ptr_mut(tuple).map(Entry)
-    } else {
-        CONNTRACK_UDP.get_ptr_mut(tuple).map(Entry)
+fn confirm(key: &ConntrackKey, ct: &ConntrackValue) {
+    let partner_key = ct.partner_key(key.proto);
+    let partner = match lookup_in(&partner_key, Table::Pending) {
+        // SAFETY: a pointer from a successful lookup, valid for this run.
+        Some(held) if ct.pairs_with(key, unsafe { &*held }) => {
+            // SAFETY: as above.
+            let mut partner = unsafe { *held };
+            partner.flow_flags = ct.flow_flags;
+            partner.expires = ct.expires;
+            partner
+        }
+        _ => ct.partner(key),
+    };
+    // The partner first, as when a flow is recorded: once this entry is
+    // confirmed, its packets' answers must be found.
+    if insert(&partner_key, &partner, 0, Table::Confirmed).is_ok() && insert(key, ct, 0, Table::Confirmed).is_ok() {
+        remove(&partner_key, Table::Pending);
+        remove(key, Table::Pending);
     }
 }
 
-/// Stores `value` for `key` in its protocol's table (`flags`: 0, or
-/// BPF_NOEXIST to fail when the key is held).
+/// The entry for a packet's 5-tuple: in the confirmed table, or for the
+/// packets that can belong to a pending connection (`tcp_flags` with SYN
+/// or RST), in the pending table.
 #[inline(always)]
-fn insert(key: &ConntrackKey, value: &ConntrackValue, flags: u32) -> Result<(), RecordError> {
-    let stored = if key.proto == IPPROTO_TCP {
-        CONNTRACK_TCP.insert(key, value, u64::from(flags))
-    } else {
-        CONNTRACK_UDP.insert(key, value, u64::from(flags))
+pub fn lookup(tuple: &ConntrackKey, tcp_flags: u8) -> Option<Entry> {
+    if let Some(value) = lookup_in(tuple, Table::Confirmed) {
+        return Some(Entry { value, table: Table::Confirmed });
+    }
+    if tuple.proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_RST) == 0 {
+        return None;
+    }
+    lookup_in(tuple, Table::Pending).map(|value| Entry { value, table: Table::Pending })
+}
+
+/// The entry for `tuple` in any table (for ICMP errors, which carry no
+/// flags of their own).
+#[inline(always)]
+pub fn lookup_any(tuple: &ConntrackKey) -> Option<Entry> {
+    lookup(tuple, TCP_SYN)
+}
+
+/// `tuple`'s entry in one table.
+#[inline(always)]
+fn lookup_in(tuple: &ConntrackKey, table: Table) -> Option<*mut ConntrackValue> {
+    // One call site per map: the verifier inlines a lookup only where the
+    // map is known.
+    match table {
+        Table::Pending => CONNTRACK_TCP_PENDING.get_ptr_mut(tuple),
+        Table::Confirmed if tuple.proto == IPPROTO_TCP => CONNTRACK_TCP.get_ptr_mut(tuple),
+        Table::Confirmed => CONNTRACK_UDP.get_ptr_mut(tuple),
+    }
+}
+
+/// Stores `value` for `key` in `table` (`flags`: 0, or BPF_NOEXIST to fail
+/// when the key is held).
+#[inline(always)]
+fn insert(key: &ConntrackKey, value: &ConntrackValue, flags: u32, table: Table) -> Result<(), RecordError> {
+    let flags = u64::from(flags);
+    let stored = match table {
+        Table::Pending => CONNTRACK_TCP_PENDING.insert(key, value, flags),
+        Table::Confirmed if key.proto == IPPROTO_TCP => CONNTRACK_TCP.insert(key, value, flags),
+        Table::Confirmed => CONNTRACK_UDP.insert(key, value, flags),
     };
     stored.map_err(|_| RecordError::Full)
+}
+
+/// Deletes `key` from `table`, if it is there.
+#[inline(always)]
+fn remove(key: &ConntrackKey, table: Table) {
+    let _already_gone = match table {
+        Table::Pending => CONNTRACK_TCP_PENDING.remove(key),
+        Table::Confirmed if key.proto == IPPROTO_TCP => CONNTRACK_TCP.remove(key),
+        Table::Confirmed => CONNTRACK_UDP.remove(key),
+    };
 }
 
 /// Why a flow could not be recorded.
@@ -143,11 +222,16 @@ pub enum RecordError {
 /// same backend holds it.
 const SNAT_PORT_ATTEMPTS: u32 = 32;
 
-/// The state and expiry a new flow's two entries start with.
+/// The state and expiry a new flow's two entries start with, and their
+/// table.
 #[derive(Clone, Copy)]
 pub struct Start {
     pub flow_flags: u8,
     pub expires: u32,
+    /// A TCP connection's opening SYN: pending until the backend answers.
+    /// A flow picked up mid-stream (after an eviction or a restart) is
+    /// confirmed at once: its connection was open.
+    pub table: Table,
 }
 
 impl Start {
@@ -155,7 +239,12 @@ impl Start {
     #[inline(always)]
     pub fn of(flow: &Flow, now: u32) -> Self {
         let flow_flags = initial_flags(flow.tcp_flags);
-        Self { flow_flags, expires: now.saturating_add(service::ct_lifetime(flow.tuple.proto, flow_flags)) }
+        let opening = flow.tuple.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
+        Self {
+            flow_flags,
+            expires: now.saturating_add(service::ct_lifetime(flow.tuple.proto, flow_flags)),
+            table: if opening { Table::Pending } else { Table::Confirmed },
+        }
     }
 
     #[inline(always)]
@@ -173,17 +262,29 @@ fn is_over(held: &ConntrackValue, now: u32) -> bool {
     !is_alive(held.expires, now) || is_closed(held.flow_flags)
 }
 
-/// Stores `value` for `key` unless a live flow holds the key; a closed or
-/// expired flow's entry is taken over.
+/// Stores `value` for `key` in `table` unless a live flow holds the key
+/// (in either TCP table); a closed or expired flow's entry is taken over,
+/// and removed from the other table.
 #[inline(always)]
-fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32) -> Result<(), RecordError> {
-    if insert(key, value, BPF_NOEXIST).is_ok() {
+fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32, table: Table) -> Result<(), RecordError> {
+    if key.proto == IPPROTO_TCP {
+        let other = if table == Table::Pending { Table::Confirmed } else { Table::Pending };
+        if let Some(held) = lookup_in(key, other) {
+            // SAFETY: a pointer from a successful lookup, read at once.
+            if !is_over(unsafe { &*held }, now) {
+                return Err(RecordError::NoSnatPort);
+            }
+            remove(key, other);
+        }
+    }
+    if insert(key, value, BPF_NOEXIST, table).is_ok() {
         return Ok(());
     }
-    match lookup(key) {
-        Some(held) if !is_over(held.value(), now) => Err(RecordError::NoSnatPort),
+    match lookup_in(key, table) {
+        // SAFETY: as above.
+        Some(held) if !is_over(unsafe { &*held }, now) => Err(RecordError::NoSnatPort),
         // Over, or evicted since the insert failed: written over.
-        _ => insert(key, value, 0),
+        _ => insert(key, value, 0, table),
     }
 }
 
@@ -200,21 +301,24 @@ fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32) -> Result<(), Rec
 pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32, start: Start, now: u32) -> Result<ConntrackValue, RecordError> {
     let client = tuple.source();
     let reply_tuple = reply_key(tuple, backend, client);
+    let mut start = start;
     let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.
-    if insert(&reply_tuple, &reply, BPF_NOEXIST).is_err() {
-        let clash = lookup(&reply_tuple).is_some_and(|held| held.value().source() != reply.source() && !is_over(held.value(), now));
-        if clash {
+    if claim(&reply_tuple, &reply, now, start.table).is_err() {
+        let held = lookup_any(&reply_tuple);
+        if held.as_ref().is_some_and(|held| held.value().source() != reply.source()) {
             return record_with_snat(tuple, service_id, backend, backend_set, start, now, client.ip);
         }
-        // This flow's own earlier entry (its tuple reused, or its forward
-        // entry evicted), an entry evicted just now, or a finished flow's:
-        // written again.
-        insert(&reply_tuple, &reply, 0)?;
+        // This flow's own live reply entry, its forward entry evicted: the
+        // flow is written again where that entry is.
+        if let Some(held) = held {
+            start.table = held.table;
+        }
+        insert(&reply_tuple, &reply, 0, start.table)?;
     }
     let forward = start.stamp(forward_value(tuple, client, service_id, backend, backend_set));
-    insert(tuple, &forward, 0)?;
+    insert(tuple, &forward, 0, start.table)?;
     Ok(forward)
 }
 
@@ -242,6 +346,9 @@ pub fn record_with_snat(
     };
     // SAFETY: this CPU's slot of a per-CPU array, valid for this run.
     let first = unsafe { *cursor };
+    // The search only reads: the verifier walks each of its iterations, so
+    // the writes (and their branches) come once, after it.
+    let mut found = None;
     let mut attempt = 0;
     while attempt < SNAT_PORT_ATTEMPTS {
         let port = if attempt == 0 && client_port >= min && client_port <= max {
@@ -249,37 +356,50 @@ pub fn record_with_snat(
         } else {
             min + (first.wrapping_add(attempt) % span) as u16
         };
-        let node = Endpoint { ip: snat_ip, port: port.to_be() };
-        let reply_tuple = reply_key(tuple, backend, node);
-        let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
-        // BPF_NOEXIST first: a port a live flow to this backend holds is
-        // skipped, even one recorded on another CPU at the same moment.
-        if claim(&reply_tuple, &reply, now).is_ok() {
-            // SAFETY: as above.
-            unsafe { *cursor = first.wrapping_add(attempt + 1) };
-            let forward = start.stamp(forward_value(tuple, node, service_id, backend, backend_set));
-            insert(tuple, &forward, 0)?;
-            return Ok(forward);
+        if is_free(&reply_key(tuple, backend, Endpoint { ip: snat_ip, port: port.to_be() }), now) {
+            found = Some(port);
+            break;
         }
         attempt += 1;
     }
-    // Next time from elsewhere in the range: a random jump past the run of
-    // held ports.
-    // SAFETY: as above; a helper call without arguments.
-    unsafe { *cursor = bpf_get_prandom_u32() };
-    Err(RecordError::NoSnatPort)
+    // SAFETY: as above. Next time from past the ports tried, or after a
+    // run of held ones, from a random place in the range.
+    unsafe { *cursor = if found.is_some() { first.wrapping_add(attempt + 1) } else { bpf_get_prandom_u32() } };
+    let port = found.ok_or(RecordError::NoSnatPort)?;
+    let node = Endpoint { ip: snat_ip, port: port.to_be() };
+    let reply_tuple = reply_key(tuple, backend, node);
+    let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
+    // BPF_NOEXIST: a port another CPU took for a flow to this backend a
+    // moment ago is not taken again.
+    claim(&reply_tuple, &reply, now, start.table)?;
+    let forward = start.stamp(forward_value(tuple, node, service_id, backend, backend_set));
+    insert(tuple, &forward, 0, start.table)?;
+    Ok(forward)
+}
+
+/// Whether no live flow holds `key` in any table.
+#[inline(always)]
+fn is_free(key: &ConntrackKey, now: u32) -> bool {
+    // SAFETY: pointers from successful lookups, read at once.
+    let held = |entry: Option<*mut ConntrackValue>| entry.is_some_and(|held| !is_over(unsafe { &*held }, now));
+    !held(lookup_in(key, Table::Confirmed)) && (key.proto != IPPROTO_TCP || !held(lookup_in(key, Table::Pending)))
 }
 
 /// When a flow is placed afresh over an entry that is still stored (its
 /// backend left, or its tuple reused after it closed or expired), the old
-/// flow's reply entry goes, so that it neither holds a source NAT port nor
-/// translates a later direct connection's packets.
+/// flow's entries go: its reply entry neither holds a source NAT port nor
+/// translates a later direct connection's packets, and the new flow's
+/// entries (perhaps in the other table) are the only ones for its tuple.
 #[inline(always)]
-pub fn forget(tuple: &ConntrackKey, old: &ConntrackValue) {
+pub fn forget(tuple: &ConntrackKey, old: Entry) {
+    let table = old.table;
+    let old = old.value();
     let partner_key = old.partner_key(tuple.proto);
-    if lookup(&partner_key).is_some_and(|partner| old.pairs_with(tuple, partner.value())) {
-        let _already_gone = if tuple.proto == IPPROTO_TCP { CONNTRACK_TCP.remove(&partner_key) } else { CONNTRACK_UDP.remove(&partner_key) };
+    // SAFETY: a pointer from a successful lookup, read at once.
+    if lookup_in(&partner_key, table).is_some_and(|partner| old.pairs_with(tuple, unsafe { &*partner })) {
+        remove(&partner_key, table);
     }
+    remove(tuple, table);
 }
 
 /// The key of the backend's replies, sent to `to` (the client, or the

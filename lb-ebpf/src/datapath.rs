@@ -8,7 +8,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, RecordError},
     context::Packet,
-    icmp,
+    fragments, icmp,
     nat,
     parse::{self, Flow, Parsed},
     reject::{self, RejectError},
@@ -50,10 +50,13 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
             return (Action::Drop, Reason::DropMalformed);
         }
         Parsed::Malformed { .. } => return (Action::Pass, Reason::PassMalformed),
-        Parsed::Fragment { dst } if service::is_cluster_ip(dst) => {
-            return (Action::Drop, Reason::DropFragment);
+        Parsed::Fragment(fragment) => {
+            return match fragments::translate(pkt, &fragment, conntrack::now()) {
+                Some(reason) => (Action::Pass, reason),
+                None if service::is_cluster_ip(fragment.key.dst_ip) => (Action::Drop, Reason::DropFragment),
+                None => (Action::Pass, Reason::PassNotService),
+            };
         }
-        Parsed::Fragment { .. } => return (Action::Pass, Reason::PassNotService),
     };
 
     // Conntrack first: one lookup settles both established flows and
@@ -62,7 +65,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     // check.
     let now = conntrack::now();
     let mut rescheduled = false;
-    if let Some(entry) = conntrack::lookup(&flow.tuple) {
+    if let Some(entry) = conntrack::lookup(&flow.tuple, flow.tcp_flags) {
         let ct = entry.value();
         if entry.serves(flow.tcp_flags, now) {
             if ct.direction == CT_REPLY {
@@ -89,7 +92,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         // Placed afresh below (or not ours at all: a reply entry that no
         // longer serves leaves the packet to the kernel).
         if ct.direction != CT_REPLY {
-            conntrack::forget(&flow.tuple, ct);
+            conntrack::forget(&flow.tuple, entry);
         }
     }
     let Some(vip) = service::vip(flow.tuple.dst_ip) else {
@@ -184,6 +187,9 @@ fn translate<P: Packet>(pkt: &P, flow: &Flow, to: &ConntrackValue, new_flow: boo
         return (Action::Drop, Reason::DropRewriteFailed);
     }
     stats::count_service_packet(to.service_id, flow.ip_len, new_flow);
+    if flow.first_fragment {
+        fragments::remember(flow);
+    }
     (Action::Pass, reason)
 }
 

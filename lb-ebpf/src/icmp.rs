@@ -60,7 +60,7 @@ pub fn translate_error<P: Packet>(pkt: &P, icmp_off: usize) -> Option<u32> {
     // the error must look.
     // Rotating the ports word swaps the two ports.
     let reverse = parse::tuple(quoted.dst, quoted.src, m.quoted_ports.rotate_left(16), quoted.proto);
-    let entry = conntrack::lookup(&reverse)?;
+    let entry = conntrack::lookup_any(&reverse)?;
     let ct = entry.value();
     rewrite(outer, msg, &outer_ip, &m, ct);
     Some(ct.service_id)

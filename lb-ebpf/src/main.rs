@@ -8,6 +8,7 @@
 mod conntrack;
 mod context;
 mod datapath;
+mod fragments;
 mod icmp;
 mod maps;
 mod nat;

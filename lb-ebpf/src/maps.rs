@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, MAX_SOCKET_REVNAT_ENTRIES, SocketRevNatKey, SocketRevNatValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
-    MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
+    MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, MAX_FRAGMENT_ENTRIES, FragmentKey, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
     ServiceCounters, VipValue,
 };
 
@@ -52,8 +52,8 @@ pub static SERVICE_BACKEND_SETS: Array<u32, { MAX_SERVICES as usize }> = Array::
 /// (BPF_F_NO_COMMON_LRU), as Katran does: recording a new flow never
 /// contends on one shared LRU lock, and each CPU evicts the least recently
 /// used of the flows it recorded. Lookups see every entry.
-type ConntrackTable =
-    LruHashMap<ConntrackKey, ConntrackValue, { MAX_CONNTRACK_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }>;
+type ConntrackTable<const ENTRIES: usize = { MAX_CONNTRACK_ENTRIES as usize }> =
+    LruHashMap<ConntrackKey, ConntrackValue, ENTRIES, { BPF_F_NO_COMMON_LRU as usize }>;
 
 /// TCP and UDP apart, so that short UDP flows (DNS) never push an idle TCP
 /// connection out.
@@ -61,6 +61,20 @@ type ConntrackTable =
 pub static CONNTRACK_TCP: ConntrackTable = ConntrackTable::new();
 #[btf_map]
 pub static CONNTRACK_UDP: ConntrackTable = ConntrackTable::new();
+
+/// TCP flows opened by a SYN that the backend has not answered yet. A
+/// flood of SYNs churns only this table: a connection moves to
+/// `CONNTRACK_TCP` with the backend's SYN-ACK, where no flood of new
+/// flows can evict it.
+#[btf_map]
+pub static CONNTRACK_TCP_PENDING: ConntrackTable<{ MAX_PENDING_ENTRIES as usize }> = ConntrackTable::new();
+
+/// The ports of fragmented datagrams, learnt from their first fragment
+/// (the only one with a TCP/UDP header), so that the later fragments of a
+/// tracked flow are translated too (as Cilium's fragment map does).
+/// The two ports as they sit in the header (one word).
+#[btf_map]
+pub static FRAGMENT_PORTS: LruHashMap<FragmentKey, u32, { MAX_FRAGMENT_ENTRIES as usize }> = LruHashMap::new();
 
 /// Where each CPU's search for a free source NAT port starts: ports are
 /// handed out in turn, so the port reused is the one longest unused.

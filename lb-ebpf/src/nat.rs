@@ -20,6 +20,23 @@ pub const fn ports_word(src_port: u16, dst_port: u16) -> u32 {
     src_port as u32 | (dst_port as u32) << 16
 }
 
+/// Rewrites only the IPv4 addresses (and header checksum) to the ones `to`
+/// holds: a later fragment of a translated datagram, whose TCP/UDP header
+/// (and checksum, over the whole datagram) travelled in the first.
+#[inline(always)]
+pub fn rewrite_addresses<P: Packet>(pkt: &P, to: &ConntrackValue) -> Result<(), HelperFailed> {
+    let ip = ptr_at::<_, Ipv4Header>(pkt, ETH_HLEN).ok_or(HelperFailed)?;
+    let addresses = u64::from(to.src_ip) | u64::from(to.dst_ip) << 32;
+    // SAFETY: bounds-checked by ptr_at for the whole fixed header; unaligned
+    // accesses as in `rewrite`.
+    unsafe {
+        let check = &raw mut (*ip).check;
+        check.write_unaligned(checksum::add(check.read_unaligned(), to.addr_csum_delta));
+        (&raw mut (*ip).src).cast::<u64>().write_unaligned(addresses);
+    }
+    Ok(())
+}
+
 /// Rewrites the packet's addresses and ports to the ones `to` holds and
 /// adds `to`'s precomputed changes to the IPv4 and L4 checksums: every
 /// packet of a flow gets the same rewrite, so it is worked out once, when

@@ -1,7 +1,7 @@
 //! Parsing Ethernet + IPv4 + TCP/UDP headers, with every length the
 //! packet claims checked against the bytes it has.
 use lb_common::{
-    ConntrackKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    ConntrackKey, FragmentKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_HLEN, UDP_HLEN},
 };
 
@@ -11,7 +11,8 @@ use crate::context::{Packet, ptr_at};
 /// options, and a TCP header without options.
 pub const MAX_HEADERS_LEN: u32 = (ETH_HLEN + 60 + TCP_HLEN) as u32;
 
-const IP_FRAGMENT_MASK: u16 = 0x3fff; // More Fragments flag and offset
+const IP_FRAGMENT_OFFSET: u16 = 0x1fff;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
 
 /// What a packet turned out to be.
 pub enum Parsed {
@@ -19,7 +20,8 @@ pub enum Parsed {
     /// The headers contradict themselves or the packet's length. `dst` is the
     /// destination address when the IPv4 header was there to read it.
     Malformed { dst: Option<u32> },
-    Fragment { dst: u32 },
+    /// A fragment after the first: no TCP/UDP header of its own.
+    Fragment(Fragment),
     /// ICMP, its message `icmp_off` bytes into the packet; `ip_len` is the
     /// IPv4 total length.
     Icmp { icmp_off: usize, ip_len: u16 },
@@ -28,7 +30,16 @@ pub enum Parsed {
     Flow(Flow),
 }
 
-/// A TCP segment or UDP datagram with complete, consistent headers.
+/// A later fragment of a fragmented IP packet.
+pub struct Fragment {
+    /// The fields all of the packet's fragments share on the wire.
+    pub key: FragmentKey,
+    /// IPv4 total length of this fragment.
+    pub ip_len: u16,
+}
+
+/// A TCP segment or UDP datagram with complete, consistent headers (the
+/// first fragment of a fragmented one has its header, not all its data).
 pub struct Flow {
     /// The 5-tuple as on the wire.
     pub tuple: ConntrackKey,
@@ -40,6 +51,11 @@ pub struct Flow {
     pub has_ip_options: bool,
     /// The TCP header's flags (`lifecycle::TCP_*`); 0 for UDP.
     pub tcp_flags: u8,
+    /// The first fragment of a fragmented packet: its ports are remembered
+    /// for the later ones, by `ip_id`.
+    pub first_fragment: bool,
+    /// The IP identification, network byte order.
+    pub ip_id: u16,
 }
 
 /// The fixed part of an IPv4 header, fields in network byte order.
@@ -102,9 +118,12 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
     {
         return malformed;
     }
-    if u16::from_be(ip.frag_off) & IP_FRAGMENT_MASK != 0 {
-        return Parsed::Fragment { dst: ip.dst };
+    let frag_off = u16::from_be(ip.frag_off);
+    if frag_off & IP_FRAGMENT_OFFSET != 0 {
+        let key = FragmentKey { src_ip: ip.src, dst_ip: ip.dst, id: ip.id, proto: ip.proto, _pad: 0 };
+        return Parsed::Fragment(Fragment { key, ip_len: total_len as u16 });
     }
+    let first_fragment = frag_off & IP_MORE_FRAGMENTS != 0;
     let l4_off = ETH_HLEN + ihl_bytes;
     let l4_len = total_len - ihl_bytes;
     let (ports, tcp_flags) = match ip.proto {
@@ -129,7 +148,8 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
             // SAFETY: as above.
             let udp = unsafe { udp.read_unaligned() };
             let udp_len = usize::from(u16::from_be(udp[1] as u16));
-            if udp_len < UDP_HLEN || udp_len > l4_len {
+            // A first fragment holds the header, not the whole datagram.
+            if udp_len < UDP_HLEN || (udp_len > l4_len && !first_fragment) {
                 return malformed;
             }
             (udp[0], 0)
@@ -143,6 +163,8 @@ pub fn parse<P: Packet>(pkt: &P) -> Parsed {
         ip_len: total_len as u16,
         has_ip_options: ihl_bytes != IPV4_HLEN,
         tcp_flags,
+        first_fragment,
+        ip_id: ip.id,
     })
 }
 

@@ -2,7 +2,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use lb_common::{Ipv4Cidr, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{Ipv4Cidr, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -99,6 +99,12 @@ pub struct AgentArgs {
     /// CPUs like --conntrack-tcp-max.
     #[arg(long, value_name = "ENTRIES", default_value_t = MAX_CONNTRACK_ENTRIES, value_parser = parse_table_size)]
     pub conntrack_udp_max: u32,
+
+    /// Entries of the table of TCP connections opened by a SYN and not yet
+    /// answered by their backend (two per connection). A SYN flood churns
+    /// only this table; established connections are never evicted by it.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_PENDING_ENTRIES, value_parser = parse_table_size)]
+    pub conntrack_tcp_pending_max: u32,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -301,6 +307,7 @@ impl AgentArgs {
         crate::maps::MapSettings {
             conntrack_tcp_max: self.conntrack_tcp_max,
             conntrack_udp_max: self.conntrack_udp_max,
+            conntrack_tcp_pending_max: self.conntrack_tcp_pending_max,
             ct_lifetimes: self.conntrack_lifetimes(),
         }
     }

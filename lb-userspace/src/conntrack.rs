@@ -152,6 +152,39 @@ pub fn write_all<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, entries
     Ok(written)
 }
 
+/// As `write_all`, from one thread per CPU, each writing its share: with
+/// per-CPU LRU lists (BPF_F_NO_COMMON_LRU) a CPU's writes fill only its own
+/// list, so one writer could keep no more than its CPU's share of the
+/// table and would silently evict the rest.
+pub fn write_all_spread<K: bytemuck::Pod + Send + Sync, V: bytemuck::Pod + Send + Sync>(fd: BorrowedFd<'_>, entries: &[(K, V)]) -> std::io::Result<usize> {
+    let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?;
+    if cpus.len() <= 1 || entries.is_empty() {
+        return write_all(fd, entries);
+    }
+    let share = entries.len().div_ceil(cpus.len());
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = entries
+            .chunks(share)
+            .zip(&cpus)
+            .map(|(chunk, &cpu)| {
+                scope.spawn(move || {
+                    // SAFETY: a cpu_set_t we own, for this thread only.
+                    let pinned = unsafe {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu as usize, &mut set);
+                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+                    };
+                    if pinned != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    write_all(fd, chunk)
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().map_err(|_| std::io::Error::other("a writer thread panicked"))?).sum()
+    })
+}
+
 /// Deletes every entry of the table for which `stale` holds; returns how
 /// many went.
 pub fn purge(fd: BorrowedFd<'_>, stale: impl Fn(&ConntrackKey, &ConntrackValue) -> bool) -> std::io::Result<usize> {
@@ -165,6 +198,8 @@ pub struct GcPass {
     /// Live entries after the pass, by protocol ("TCP", "UDP") and state
     /// (`lifecycle::STATE_NAMES`).
     pub entries: Vec<(&'static str, &'static str, u64)>,
+    /// Live entries after the pass, by table.
+    pub tables: Vec<(&'static str, u64)>,
     /// Entries deleted as expired.
     pub deleted: u64,
     /// How long the pass took.
@@ -186,7 +221,7 @@ pub struct GcStats {
 /// that.
 #[derive(Clone, Copy, Debug)]
 pub struct TableCapacity {
-    pub protocol: &'static str,
+    pub table: &'static str,
     pub total: u32,
     pub per_cpu: u32,
 }
@@ -221,16 +256,32 @@ impl Default for GcInterval {
     }
 }
 
+/// A conntrack table for a collection pass.
+pub struct Table<'a> {
+    pub name: &'static str,
+    pub proto: u8,
+    pub fd: BorrowedFd<'a>,
+    pub capacity: u32,
+}
+
 /// One pass over the tables pinned under `dir`: deletes the entries expired
 /// at `now` and counts the others by state.
 pub fn collect(dir: &Path, now: u32) -> Result<GcPass> {
+    let mut maps = Vec::new();
+    for (name, proto) in CONNTRACK_MAPS {
+        let capacity = MapInfo::from_pin(dir.join(name)).map(|info| info.max_entries()).unwrap_or(u32::MAX);
+        maps.push((name, proto, open_pinned(dir, name)?, capacity));
+    }
+    let tables: Vec<Table<'_>> = maps.iter().map(|(name, proto, map, capacity)| Table { name, proto: *proto, fd: map.fd().as_fd(), capacity: *capacity }).collect();
+    collect_tables(&tables, now)
+}
+
+/// One pass over `tables`, as `collect`.
+pub fn collect_tables(tables: &[Table<'_>], now: u32) -> Result<GcPass> {
     let started = Instant::now();
     let mut pass = GcPass::default();
-    for (name, proto) in CONNTRACK_MAPS {
-        let map = open_pinned(dir, name)?;
-        let fd = map.fd().as_fd();
+    for &Table { name, proto, fd, capacity } in tables {
         let entries = read_all(fd).map_err(|source| Error::Io { what: format!("reading {name}"), source })?;
-        let capacity = MapInfo::from_pin(dir.join(name)).map(|info| info.max_entries()).unwrap_or(u32::MAX);
         pass.fill = pass.fill.max(entries.len() as f64 / f64::from(capacity.max(1)));
         let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
         let mut by_state = [0u64; STATE_NAMES.len()];
@@ -245,12 +296,18 @@ pub fn collect(dir: &Path, now: u32) -> Result<GcPass> {
                 expired.push(*key);
             }
         }
+        pass.tables.push((name, (entries.len() - expired.len()) as u64));
         pass.deleted += delete_all(fd, &expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
         let tcp = proto == IPPROTO_TCP;
         for (state, count) in STATE_NAMES.iter().zip(by_state) {
-            // TCP states for the TCP table, UDP states for the UDP one.
-            if state.starts_with("udp_") != tcp {
-                pass.entries.push((protocol, state, count));
+            // TCP states for the TCP tables, UDP states for the UDP one;
+            // the two TCP tables summed.
+            if state.starts_with("udp_") == tcp {
+                continue;
+            }
+            match pass.entries.iter_mut().find(|(p, s, _)| *p == protocol && s == state) {
+                Some(entry) => entry.2 += count,
+                None => pass.entries.push((protocol, state, count)),
             }
         }
     }
@@ -269,10 +326,9 @@ pub fn capacities(dir: &Path) -> Vec<TableCapacity> {
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
     CONNTRACK_MAPS
         .into_iter()
-        .filter_map(|(name, proto)| {
+        .filter_map(|(name, _)| {
             let info = MapInfo::from_pin(dir.join(name)).ok()?;
-            let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-            Some(TableCapacity { protocol, total: info.max_entries(), per_cpu: info.max_entries() / cpus })
+            Some(TableCapacity { table: name, total: info.max_entries(), per_cpu: info.max_entries() / cpus })
         })
         .collect()
 }
@@ -321,7 +377,7 @@ mod tests {
     use super::*;
 
     fn pass(live: u64, deleted: u64, fill: f64) -> GcPass {
-        GcPass { entries: vec![("TCP", "established", live)], deleted, duration: Duration::ZERO, fill }
+        GcPass { entries: vec![("TCP", "established", live)], tables: Vec::new(), deleted, duration: Duration::ZERO, fill }
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Datapath {
         let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir))?;
         for (name, entries) in &mut pinned.migrated {
             let table = datapath.maps.conntrack.named(name).ok_or(Error::Missing(name))?;
-            let written = crate::conntrack::write_all(maps::table_fd(table), entries)
+            let written = crate::conntrack::write_all_spread(maps::table_fd(table), entries)
                 .map_err(|source| Error::Io { what: format!("migrating flows into {name}"), source })?;
             entries.truncate(written);
         }

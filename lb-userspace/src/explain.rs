@@ -114,11 +114,12 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
         _pad: 0,
         _pad2: 0,
     };
-    let established = live.conntrack.of(tuple.proto).get(&tuple, 0).ok();
-    if let Some(value) = established {
-        let (name, table) = maps.conntrack.of_mut(tuple.proto);
+    let found = live.conntrack.find(&tuple);
+    if let Some((name, value)) = found {
+        let table = maps.conntrack.named_mut(name).ok_or(Error::Missing(name))?;
         table.insert(tuple, value, 0).map_err(copy_err(name))?;
     }
+    let established = found.map(|(_, value)| value);
 
     // A tracked flow's next packet, or a new connection's first.
     let input = probe_packet(probe, if established.is_some() { TCP_ACK } else { TCP_SYN });

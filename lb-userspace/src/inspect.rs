@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, FrontendKey,
-    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP,
+    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
     MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
 };
@@ -50,7 +50,11 @@ impl PinnedMaps {
             members: open(dir, MAP_BACKEND_SET_MEMBERS, Map::HashMap)?,
             service_backend_sets: open(dir, MAP_SERVICE_BACKEND_SETS, Map::Array)?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?,
-            conntrack: ConntrackMaps { tcp: open(dir, MAP_CONNTRACK_TCP, Map::LruHashMap)?, udp: open(dir, MAP_CONNTRACK_UDP, Map::LruHashMap)? },
+            conntrack: ConntrackMaps {
+                tcp: open(dir, MAP_CONNTRACK_TCP, Map::LruHashMap)?,
+                udp: open(dir, MAP_CONNTRACK_UDP, Map::LruHashMap)?,
+                tcp_pending: open(dir, MAP_CONNTRACK_TCP_PENDING, Map::LruHashMap)?,
+            },
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
             verdicts: open(dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)?,
             config: open(dir, MAP_DATAPATH_CONFIG, Map::Array)?,
@@ -156,7 +160,7 @@ pub struct FlowView {
 pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
     let now = crate::conntrack::now_ticks();
-    for entry in maps.conntrack.tables().into_iter().flat_map(|table| table.iter()) {
+    for entry in maps.conntrack.tables().into_iter().flat_map(|(_, _, table)| table.iter()) {
         let Ok((key, value)) = entry else { continue }; // evicted while we walked
         let flow = FlowView {
             service: maps.name(value.service_id),

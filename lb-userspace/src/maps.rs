@@ -9,10 +9,10 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey,
-    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP,
+    FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, MAP_SESSION_AFFINITY, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES,
+    MAP_DATAPATH_CONFIG, MAP_FRAGMENT_PORTS, MAP_SESSION_AFFINITY, MAP_SNAT_PORT_CURSOR, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
     lifecycle::ConntrackLifetimes,
 };
 
@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 11] = [
+pub const OBJECT_MAPS: [&str; 14] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
@@ -34,6 +34,9 @@ pub const OBJECT_MAPS: [&str; 11] = [
     MAP_SERVICE_BACKEND_SETS,
     MAP_CONNTRACK_TCP,
     MAP_CONNTRACK_UDP,
+    MAP_CONNTRACK_TCP_PENDING,
+    MAP_SNAT_PORT_CURSOR,
+    MAP_FRAGMENT_PORTS,
     MAP_SERVICE_COUNTERS,
     MAP_VERDICT_COUNTERS,
     MAP_DATAPATH_CONFIG,
@@ -54,35 +57,53 @@ pub struct DatapathMaps {
     pub service_names: HashMap<MapData, u32, ServiceName>,
 }
 
-/// The conntrack tables, one per protocol.
+/// The conntrack tables: the confirmed flows of each protocol, and TCP
+/// connections not answered yet.
 pub struct ConntrackMaps {
-    pub tcp: HashMap<MapData, ConntrackKey, ConntrackValue>,
-    pub udp: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    pub tcp: ConntrackTable,
+    pub udp: ConntrackTable,
+    pub tcp_pending: ConntrackTable,
 }
 
+/// One conntrack table.
+pub type ConntrackTable = HashMap<MapData, ConntrackKey, ConntrackValue>;
+
 impl ConntrackMaps {
-    /// The table that holds `proto`'s flows.
-    pub fn of(&self, proto: u8) -> &HashMap<MapData, ConntrackKey, ConntrackValue> {
+    /// The table that holds `proto`'s confirmed flows.
+    pub fn of(&self, proto: u8) -> &ConntrackTable {
         if proto == IPPROTO_TCP { &self.tcp } else { &self.udp }
     }
 
     /// As `of`, writable, with the table's name.
-    pub fn of_mut(&mut self, proto: u8) -> (&'static str, &mut HashMap<MapData, ConntrackKey, ConntrackValue>) {
+    pub fn of_mut(&mut self, proto: u8) -> (&'static str, &mut ConntrackTable) {
         if proto == IPPROTO_TCP { (MAP_CONNTRACK_TCP, &mut self.tcp) } else { (MAP_CONNTRACK_UDP, &mut self.udp) }
     }
 
-    /// The table called `name`.
-    pub fn named(&self, name: &str) -> Option<&HashMap<MapData, ConntrackKey, ConntrackValue>> {
+    /// The entry for `key` wherever it is (confirmed first), with the name
+    /// of its table.
+    pub fn find(&self, key: &ConntrackKey) -> Option<(&'static str, ConntrackValue)> {
+        self.tables().into_iter().filter(|(_, proto, _)| *proto == key.proto).find_map(|(name, _, table)| Some((name, table.get(key, 0).ok()?)))
+    }
+
+    /// The table called `name`, writable.
+    pub fn named_mut(&mut self, name: &str) -> Option<&mut ConntrackTable> {
         match name {
-            MAP_CONNTRACK_TCP => Some(&self.tcp),
-            MAP_CONNTRACK_UDP => Some(&self.udp),
+            MAP_CONNTRACK_TCP => Some(&mut self.tcp),
+            MAP_CONNTRACK_UDP => Some(&mut self.udp),
+            MAP_CONNTRACK_TCP_PENDING => Some(&mut self.tcp_pending),
             _ => None,
         }
     }
 
-    /// Both tables, TCP first.
-    pub fn tables(&self) -> [&HashMap<MapData, ConntrackKey, ConntrackValue>; 2] {
-        [&self.tcp, &self.udp]
+    /// The table called `name`.
+    pub fn named(&self, name: &str) -> Option<&ConntrackTable> {
+        self.tables().into_iter().find(|(n, _, _)| *n == name).map(|(_, _, table)| table)
+    }
+
+    /// Every table with its name and protocol, as `CONNTRACK_MAPS` lists
+    /// them.
+    pub fn tables(&self) -> [(&'static str, u8, &ConntrackTable); 3] {
+        [(MAP_CONNTRACK_TCP, IPPROTO_TCP, &self.tcp), (MAP_CONNTRACK_UDP, IPPROTO_UDP, &self.udp), (MAP_CONNTRACK_TCP_PENDING, IPPROTO_TCP, &self.tcp_pending)]
     }
 }
 
@@ -106,7 +127,11 @@ impl DatapathMaps {
             backend_slots: take(ebpf, MAP_BACKEND_SLOTS)?,
             backend_set_members: take(ebpf, MAP_BACKEND_SET_MEMBERS)?,
             service_backend_sets: take(ebpf, MAP_SERVICE_BACKEND_SETS)?,
-            conntrack: ConntrackMaps { tcp: take(ebpf, MAP_CONNTRACK_TCP)?, udp: take(ebpf, MAP_CONNTRACK_UDP)? },
+            conntrack: ConntrackMaps {
+                tcp: take(ebpf, MAP_CONNTRACK_TCP)?,
+                udp: take(ebpf, MAP_CONNTRACK_UDP)?,
+                tcp_pending: take(ebpf, MAP_CONNTRACK_TCP_PENDING)?,
+            },
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
             datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
@@ -222,8 +247,7 @@ impl MapWriter for DatapathMaps {
 
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
         let mut removed = 0;
-        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
-            let (name, table) = self.conntrack.of_mut(proto);
+        for (name, _, table) in self.conntrack.tables() {
             // Batched: a whole table in a few syscalls, not one per entry.
             let fd = table_fd(table);
             removed += conntrack::purge(fd, |_, v| service_ids.contains(&v.service_id))
@@ -234,7 +258,7 @@ impl MapWriter for DatapathMaps {
 }
 
 /// The descriptor of a conntrack table, for the batched operations.
-pub fn table_fd(table: &HashMap<MapData, ConntrackKey, ConntrackValue>) -> std::os::fd::BorrowedFd<'_> {
+pub fn table_fd(table: &ConntrackTable) -> std::os::fd::BorrowedFd<'_> {
     use std::os::fd::AsFd;
     let map: &MapData = aya::maps::IterableMap::map(table);
     map.fd().as_fd()
@@ -299,16 +323,23 @@ pub struct PinnedState {
 /// What the agent asks of the maps it creates.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSettings {
-    /// Entries of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
+    /// Entries of `CONNTRACK_TCP`, `CONNTRACK_UDP` and
+    /// `CONNTRACK_TCP_PENDING`.
     pub conntrack_tcp_max: u32,
     pub conntrack_udp_max: u32,
+    pub conntrack_tcp_pending_max: u32,
     /// For entries migrated from a layout without lifetimes.
     pub ct_lifetimes: ConntrackLifetimes,
 }
 
 impl Default for MapSettings {
     fn default() -> Self {
-        Self { conntrack_tcp_max: MAX_CONNTRACK_ENTRIES, conntrack_udp_max: MAX_CONNTRACK_ENTRIES, ct_lifetimes: ConntrackLifetimes::default() }
+        Self {
+            conntrack_tcp_max: MAX_CONNTRACK_ENTRIES,
+            conntrack_udp_max: MAX_CONNTRACK_ENTRIES,
+            conntrack_tcp_pending_max: MAX_PENDING_ENTRIES,
+            ct_lifetimes: ConntrackLifetimes::default(),
+        }
     }
 }
 
@@ -318,6 +349,7 @@ impl MapSettings {
         match name {
             MAP_CONNTRACK_TCP => Some(self.conntrack_tcp_max),
             MAP_CONNTRACK_UDP => Some(self.conntrack_udp_max),
+            MAP_CONNTRACK_TCP_PENDING => Some(self.conntrack_tcp_pending_max),
             _ => None,
         }
     }
@@ -357,7 +389,11 @@ pub fn check_pins(dir: &Path, settings: &MapSettings) -> Result<PinnedState> {
         if CONNTRACK_MAPS.iter().any(|(table, _)| *table == name) {
             let entries = migrate::read_pinned(&path, &pinned, settings)
                 .map_err(|source| Error::Io { what: format!("reading {} to migrate its flows", path.display()), source })?;
-            state.migrated.push((name, entries));
+            // A layout this binary does not know loses its flows: replaced
+            // (and warned about) like any other map.
+            if let Some(entries) = entries {
+                state.migrated.push((name, entries));
+            }
         }
         std::fs::remove_file(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
         state.replaced.push(name);
@@ -376,24 +412,26 @@ pub mod migrate {
     pub const V1_VALUE_SIZE: u32 = 28;
 
     /// The entries of the conntrack table pinned at `path`, whose layout is
-    /// `pinned`, converted to this layout; empty for a layout this binary
-    /// does not know (its flows are lost, as before migration existed).
-    pub(super) fn read_pinned(path: &Path, pinned: &Layout, settings: &MapSettings) -> std::io::Result<Vec<(ConntrackKey, ConntrackValue)>> {
+    /// `pinned`, converted to this layout; `None` for a layout this binary
+    /// does not know (its flows are lost).
+    pub(super) fn read_pinned(path: &Path, pinned: &Layout, settings: &MapSettings) -> std::io::Result<Option<Vec<(ConntrackKey, ConntrackValue)>>> {
         use std::os::fd::AsFd;
         if pinned.key_size != size_of::<ConntrackKey>() as u32 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let map = MapData::from_pin(path).map_err(std::io::Error::other)?;
         let fd = map.fd().as_fd();
         let now = now_ticks();
-        match pinned.value_size {
-            size if size == size_of::<ConntrackValue>() as u32 => read_all_raw::<ConntrackKey, ConntrackValue>(fd),
-            V1_VALUE_SIZE => Ok(read_all_raw::<ConntrackKey, [u8; V1_VALUE_SIZE as usize]>(fd)?
-                .into_iter()
-                .map(|(key, old)| (key, from_v1(&key, &old, now, &settings.ct_lifetimes)))
-                .collect()),
-            _ => Ok(Vec::new()),
-        }
+        Ok(match pinned.value_size {
+            size if size == size_of::<ConntrackValue>() as u32 => Some(read_all_raw::<ConntrackKey, ConntrackValue>(fd)?),
+            V1_VALUE_SIZE => Some(
+                read_all_raw::<ConntrackKey, [u8; V1_VALUE_SIZE as usize]>(fd)?
+                    .into_iter()
+                    .map(|(key, old)| (key, from_v1(&key, &old, now, &settings.ct_lifetimes)))
+                    .collect(),
+            ),
+            _ => None,
+        })
     }
 
     /// A flow of the layout without state: taken as established (its state

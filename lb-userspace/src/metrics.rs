@@ -145,6 +145,12 @@ impl Collector for DatapathCollector {
                 ConstGauge::new(*count as i64).encode(entries.encode_family(&vec![("protocol", *protocol), ("state", *state)])?)?;
             }
         }
+        {
+            let mut family = encoder.encode_descriptor("conntrack_table_entries", "Live entries of each conntrack table at the last garbage collection", None, MetricType::Gauge)?;
+            for (table, count) in &last.tables {
+                ConstGauge::new(*count as i64).encode(family.encode_family(&vec![("table", *table)])?)?;
+            }
+        }
         let capacity = gc.capacity.read().map(|c| c.clone()).unwrap_or_default();
         let by_table: [(&str, &str, CapacityField); 2] = [
             ("conntrack_capacity", "Entries each conntrack table holds; when full, its least recently used entries go", |c| c.total),
@@ -157,7 +163,7 @@ impl Collector for DatapathCollector {
         for (name, help, value) in by_table {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for table in &capacity {
-                ConstGauge::new(i64::from(value(table))).encode(family.encode_family(&vec![("protocol", table.protocol)])?)?;
+                ConstGauge::new(i64::from(value(table))).encode(family.encode_family(&vec![("table", table.table)])?)?;
             }
         }
         let deleted = ConstCounter::new(gc.deleted_total.load(Ordering::Relaxed));

@@ -47,6 +47,42 @@ impl Frame {
         Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
     }
 
+    /// The frame as IP fragments of at most `chunk` payload bytes each (a
+    /// multiple of 8), each with fresh lengths, flags, offsets and header
+    /// checksums: the first carries the TCP/UDP header.
+    pub fn fragments(&self, chunk: usize) -> Vec<Vec<u8>> {
+        assert!(chunk.is_multiple_of(8), "fragment offsets count 8-byte units");
+        let whole = self.bytes();
+        let ip_len = self.ip.header_len();
+        let (head, payload) = whole.split_at(14 + ip_len);
+        let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let mut frame = head.to_vec();
+                frame.extend_from_slice(piece);
+                let (mut ip, _) = Ipv4Header::from_slice(&frame[14..]).expect("an IPv4 header");
+                ip.total_len = (ip_len + piece.len()) as u16;
+                ip.more_fragments = i + 1 < pieces.len();
+                ip.fragment_offset = etherparse::IpFragOffset::try_new((i * chunk / 8) as u16).expect("a fragment offset");
+                ip.header_checksum = ip.calc_header_checksum();
+                frame[14..14 + ip_len].copy_from_slice(&ip.to_bytes());
+                frame
+            })
+            .collect()
+    }
+
+    /// A backend's SYN-ACK from `src` to `dst`: what confirms a connection.
+    pub fn tcp_syn_ack(src: &str, dst: &str) -> Self {
+        let (src, dst) = (addr(src), addr(dst));
+        let mut tcp = TcpHeader::new(src.port(), dst.port(), 5000, 64240);
+        tcp.syn = true;
+        tcp.ack = true;
+        tcp.acknowledgment_number = 1001;
+        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+    }
+
     /// A TCP segment with ACK (and PSH when there is data).
     pub fn tcp_data(src: &str, dst: &str, payload: &[u8]) -> Self {
         let (src, dst) = (addr(src), addr(dst));

@@ -10,9 +10,10 @@
 //! Needs root.
 use std::collections::BTreeSet;
 
-use aya::maps::MapError;
+use aya::programs::{TestRun, TestRunOptions};
+
 use lb_common::{
-    CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint, IPPROTO_TCP, IPPROTO_UDP, Reason, ip_be,
+    CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint, IPPROTO_TCP, IPPROTO_UDP, MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP, Reason, ip_be,
     lifecycle::{
         ConntrackLifetimes, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_RESET, FLOW_SEEN_REPLY, state_name,
         ticks_from_secs,
@@ -24,6 +25,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     conntrack::now_ticks,
+    maps::ConntrackTable,
     model::{DesiredState, Protocol, ServicePort, ServicePortName},
 };
 
@@ -133,13 +135,18 @@ fn endpoint(s: &str) -> Endpoint {
     Endpoint { ip: ip_be(*a.ip()), port: a.port().to_be() }
 }
 
-/// The stored entry for `key`, if any.
+/// The stored entry for `key`, if any, in whichever table holds it (a
+/// connection not answered yet is in the pending table).
 fn entry(fixture: &Fixture, key: &ConntrackKey) -> Option<ConntrackValue> {
-    match fixture.datapath.maps.conntrack.of(key.proto).get(key, 0) {
-        Ok(value) => Some(value),
-        Err(MapError::KeyNotFound) => None,
-        Err(e) => panic!("reading the conntrack entry of {key:?}: {e}"),
-    }
+    fixture.datapath.maps.conntrack.find(key).map(|(_, value)| value)
+}
+
+/// The table holding `key`'s entry (the confirmed one of its protocol when
+/// none does).
+fn table_of<'a>(fixture: &'a mut Fixture, key: &ConntrackKey) -> &'a mut ConntrackTable {
+    let conntrack = &mut fixture.datapath.maps.conntrack;
+    let name = conntrack.find(key).map_or(if key.proto == IPPROTO_TCP { MAP_CONNTRACK_TCP } else { MAP_CONNTRACK_UDP }, |(name, _)| name);
+    conntrack.named_mut(name).expect("a conntrack table")
 }
 
 fn expect_entry(fixture: &Fixture, key: &ConntrackKey, what: &str) -> ConntrackValue {
@@ -147,11 +154,11 @@ fn expect_entry(fixture: &Fixture, key: &ConntrackKey, what: &str) -> ConntrackV
 }
 
 fn store(fixture: &mut Fixture, key: &ConntrackKey, value: ConntrackValue) {
-    fixture.datapath.maps.conntrack.of_mut(key.proto).1.insert(key, value, 0).expect("writing a conntrack entry");
+    table_of(fixture, key).insert(key, value, 0).expect("writing a conntrack entry");
 }
 
 fn remove(fixture: &mut Fixture, key: &ConntrackKey) {
-    fixture.datapath.maps.conntrack.of_mut(key.proto).1.remove(key).expect("removing a conntrack entry");
+    table_of(fixture, key).remove(key).expect("removing a conntrack entry");
 }
 
 fn set_expires(fixture: &mut Fixture, key: &ConntrackKey, expires: u32) {
@@ -662,5 +669,111 @@ fn entries_live_as_long_as_their_state_says() {
             ];
             run_steps(&fixture, hook, lifetimes, &DNS.forward_key(client), udp);
         }
+    }
+}
+
+/// A SYN flood never evicts an established connection: connections not
+/// answered yet wait in their own table (`CONNTRACK_TCP_PENDING`), so more
+/// new flows than this CPU's share of the TCP table (all recorded on one
+/// CPU, which evicts from its own LRU list) leave an idle established flow
+/// in place; the pressure shows in the garbage collector's figures, the
+/// pending table at its CPU share.
+#[test]
+fn a_syn_flood_does_not_evict_an_idle_established_connection() {
+    use lb_common::{MAP_CONNTRACK_TCP_PENDING, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES};
+    use lb_userspace::{conntrack::{Table, collect_tables}, maps::table_fd};
+    lb_tests::fixture::pin_to_one_cpu();
+    let fixture = Fixture::new(&desired([service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[([10, 244, 1, 2], 8080)])]));
+    let syn = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.10:80");
+    assert_eq!(fixture.run(Hook::Xdp, &syn.bytes()).verdict, Verdict::Pass);
+    assert_eq!(fixture.run(Hook::Xdp, &Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000").bytes()).verdict, Verdict::Pass);
+
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u32;
+    let share = MAX_CONNTRACK_ENTRIES / cpus;
+    // Two entries per flow: more flows than this CPU's share of the TCP table.
+    let flows = (share / 2 + 10_000) as usize;
+    let program = fixture.datapath.xdp_program().expect("xdp program");
+    let mut output = vec![0u8; 256];
+    for flow in 0..flows {
+        // Spoofed sources: 60,000 ports from each of as many addresses as it takes.
+        let client = format!("10.1.0.{}:{}", flow / 60_000 + 1, 1024 + flow % 60_000);
+        let bytes = Frame::tcp_syn(&client, "10.96.0.10:80").bytes();
+        let opts = TestRunOptions { data_in: Some(&bytes), data_out: Some(&mut output), repeat: 1, ..Default::default() };
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(Hook::Xdp.verdict(result.return_value), Some(Verdict::Pass), "SYN {flow}");
+    }
+    assert_eq!(fixture.reason_totals()[Reason::ForwardNew as usize], flows as u64 + 1, "every SYN was a new flow");
+
+    let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.10:80", b"still there?");
+    let before = fixture.reason_totals();
+    let out = fixture.run(Hook::Xdp, &data.bytes());
+    assert_eq!(out.output, data.clone().with_dst("10.244.1.2:8080").bytes(), "the idle connection reaches its backend");
+    let after = fixture.reason_totals();
+    assert_eq!(after[Reason::ForwardEstablished as usize], before[Reason::ForwardEstablished as usize] + 1, "and is still tracked");
+
+    let conntrack = &fixture.datapath.maps.conntrack;
+    let tables: Vec<Table<'_>> = conntrack
+        .tables()
+        .into_iter()
+        .map(|(name, proto, table)| Table {
+            name,
+            proto,
+            fd: table_fd(table),
+            capacity: if name == MAP_CONNTRACK_TCP_PENDING { MAX_PENDING_ENTRIES } else { MAX_CONNTRACK_ENTRIES },
+        })
+        .collect();
+    let pass = collect_tables(&tables, now_ticks()).expect("a collection pass");
+    let live = |table: &str| pass.tables.iter().find(|(name, _)| *name == table).map_or(0, |(_, n)| *n);
+    let pending_share = u64::from(MAX_PENDING_ENTRIES / cpus);
+    println!(
+        "{flows} SYNs on one CPU: pending table {} entries (its CPU share {pending_share}), TCP table {}",
+        live(MAP_CONNTRACK_TCP_PENDING),
+        live(MAP_CONNTRACK_TCP)
+    );
+    assert!(live(MAP_CONNTRACK_TCP_PENDING) >= pending_share * 9 / 10, "the flood fills the pending table: {:?}", pass.tables);
+    assert_eq!(live(MAP_CONNTRACK_TCP), 2, "only the established connection is confirmed: {:?}", pass.tables);
+    let syn_sent = pass.entries.iter().find(|(p, s, _)| *p == "TCP" && *s == "syn_sent").map_or(0, |e| e.2);
+    assert!(syn_sent >= pending_share * 9 / 10, "the pressure shows as syn_sent entries: {:?}", pass.entries);
+}
+
+/// A fragmented datagram of a tracked flow is translated fragment by
+/// fragment: the first (with the UDP header) like any packet of the flow,
+/// the later ones by the ports the first left in `FRAGMENT_PORTS`. A large
+/// DNS answer from the backend reaches the client from the service, and a
+/// large query reaches the backend. A later fragment whose first was never
+/// seen is dropped when it is for a cluster IP, and left alone otherwise.
+#[test]
+fn fragments_of_a_tracked_flow_are_translated() {
+    for hook in HOOKS {
+        let fixture = Fixture::new(&desired([service("dns", [10, 96, 0, 10], 53, Protocol::Udp, &[([10, 244, 1, 2], 5353)])]));
+        let big: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let query = Frame::udp("10.0.0.2:5000", "10.96.0.10:53", &big);
+        let sent = query.clone().with_dst("10.244.1.2:5353");
+        let answer = Frame::udp("10.244.1.2:5353", "10.0.0.2:5000", &big);
+        let delivered = answer.clone().with_src("10.96.0.10:53");
+        for (what, input, output) in [("query", &query, &sent), ("answer", &answer, &delivered)] {
+            let (fragments, expected) = (input.fragments(1480), output.fragments(1480));
+            assert_eq!(fragments.len(), 3, "{what}: 3008 bytes of UDP in 1480-byte pieces");
+            for (i, (fragment, want)) in fragments.iter().zip(&expected).enumerate() {
+                let before = fixture.reason_totals();
+                let out = fixture.run(hook, fragment);
+                assert_eq!(out.verdict, Verdict::Pass, "{hook:?} {what} fragment {i}");
+                assert_eq!(&out.output, want, "{hook:?} {what} fragment {i}: translated, checksums and all");
+                let after = fixture.reason_totals();
+                let counted: Vec<Reason> = Reason::ALL.into_iter().filter(|r| after[*r as usize] != before[*r as usize]).collect();
+                let reason = match (what, i) {
+                    ("query", 0) => Reason::ForwardNew,
+                    ("query", _) => Reason::ForwardEstablished,
+                    _ => Reason::ReplyTranslated,
+                };
+                assert_eq!(counted, vec![reason], "{hook:?} {what} fragment {i}");
+            }
+        }
+        let orphan = Frame::udp("10.0.0.3:5000", "10.96.0.10:53", &big).fragments(1480);
+        let out = fixture.run(hook, &orphan[1]);
+        assert_eq!(out.verdict, Verdict::Drop, "{hook:?}: a later fragment to a cluster IP without its first");
+        let elsewhere = Frame::udp("10.0.0.3:5000", "10.0.0.9:53", &big).fragments(1480);
+        let out = fixture.run(hook, &elsewhere[1]);
+        assert_eq!((out.verdict, &out.output), (Verdict::Pass, &elsewhere[1]), "{hook:?}: not a service's: unchanged");
     }
 }

@@ -470,7 +470,17 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
         counters.as_object_mut().map(|c| c.remove("pass_not_ipv4"));
         counters
     };
-    let counters_before = ipv4_verdicts(json(&["counters"]));
+    // The closed connections' last FINs and ACKs may still be on their
+    // way: the counters are read once they stand still.
+    let mut counters_before = ipv4_verdicts(json(&["counters"]));
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let again = ipv4_verdicts(json(&["counters"]));
+        if again == counters_before {
+            break;
+        }
+        counters_before = again;
+    }
     let flows_before = json(&["conntrack"]).as_array().map(Vec::len);
 
     let new = json(&["explain", "10.201.0.2:45000", "10.96.0.10:80", "tcp"]);
@@ -991,12 +1001,11 @@ fn a_hundred_port_source_nat_range_serves_two_thousand_sequential_connections() 
 }
 
 /// Writes `flows` established flows of `service_id` (two entries each) into
-/// the pinned table `name`, spread over every CPU: each CPU's LRU list holds
-/// only its share of the table, and a write fills the writer's list.
+/// the pinned table `name`, spread over every CPU (each CPU's LRU list
+/// holds only its share of the table).
 /// Returns how many entries went in.
 fn fill_conntrack(dir: &std::path::Path, name: &'static str, proto: u8, service_id: u32, flows: u32) -> usize {
     use lb_common::{CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, lifecycle};
-    use std::os::fd::AsFd;
     let table = aya::maps::MapData::from_pin(dir.join(name)).expect("pinned conntrack table");
     let expires = lb_userspace::conntrack::now_ticks() + lifecycle::ticks_from_secs(3600);
     let key = |src: u32, dst: u32, sport: u16, dport: u16| ConntrackKey { src_ip: src.to_be(), dst_ip: dst.to_be(), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: 0, _pad2: 0 };
@@ -1017,27 +1026,8 @@ fn fill_conntrack(dir: &std::path::Path, name: &'static str, proto: u8, service_
             ]
         })
         .collect();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let share = entries.len().div_ceil(cpus);
-    std::thread::scope(|scope| {
-        let writers: Vec<_> = entries
-            .chunks(share)
-            .enumerate()
-            .map(|(cpu, chunk)| {
-                let fd = table.fd().as_fd();
-                scope.spawn(move || {
-                    // SAFETY: a cpu_set_t we own, for this thread only.
-                    unsafe {
-                        let mut set: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu, &mut set);
-                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-                    }
-                    lb_userspace::conntrack::write_all(fd, chunk).expect("batched write")
-                })
-            })
-            .collect();
-        writers.into_iter().map(|w| w.join().expect("writer")).sum()
-    })
+    use std::os::fd::AsFd;
+    lb_userspace::conntrack::write_all_spread(table.fd().as_fd(), &entries).expect("batched writes")
 }
 
 /// The id of a programmed service port, by its "namespace/name:port".

@@ -68,6 +68,7 @@ fn cases() -> Vec<Case> {
     use Expect::*;
     use Verdict::*;
     let syn = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.10:80");
+    let syn_ack = Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000");
     let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.10:80", b"GET / HTTP/1.0\r\n\r\n");
     let reply = Frame::tcp_data("10.244.1.2:8080", "10.0.0.2:40000", b"You've hit kubia-1");
     let query = Frame::udp("10.0.0.2:5000", "10.96.0.10:53", b"query");
@@ -110,6 +111,7 @@ fn cases() -> Vec<Case> {
 
     vec![
         case("new TCP flow: destination becomes the backend", syn.bytes(), Pass, Bytes(syn.clone().with_dst("10.244.1.2:8080").bytes()), Reason::ForwardNew),
+        case("the backend's SYN-ACK: from the service, the connection confirmed", syn_ack.bytes(), Pass, Bytes(syn_ack.clone().with_src("10.96.0.10:80").bytes()), Reason::ReplyTranslated),
         case("established TCP flow: same backend", data.bytes(), Pass, Bytes(data.clone().with_dst("10.244.1.2:8080").bytes()), Reason::ForwardEstablished),
         case("TCP reply: source becomes the service again", reply.bytes(), Pass, Bytes(reply.clone().with_src("10.96.0.10:80").bytes()), Reason::ReplyTranslated),
         case("new UDP flow: destination becomes the backend", query.bytes(), Pass, Bytes(query.clone().with_dst("10.244.1.2:5353").bytes()), Reason::ForwardNew),
@@ -147,8 +149,8 @@ fn cases() -> Vec<Case> {
         case("TCP data offset below 5, to a service: dropped", edited(&syn, |b| b[14 + 20 + 12] = 0x40), Drop, Unchanged, Reason::DropMalformed),
         case("UDP length beyond the IP payload, to a service: dropped", edited(&query, |b| set_u16(b, 14 + 20 + 4, 200)), Drop, Unchanged, Reason::DropMalformed),
         case("UDP length below its header, to a service: dropped", edited(&query, |b| set_u16(b, 14 + 20 + 4, 4)), Drop, Unchanged, Reason::DropMalformed),
-        case("first fragment, to a service: dropped", edited(&syn, |b| b[20] |= 0x20), Drop, Unchanged, Reason::DropFragment),
-        case("later fragment, to a service: dropped", edited(&query, |b| set_u16(b, 20, 0x0010)), Drop, Unchanged, Reason::DropFragment),
+        case("first fragment of a tracked flow: translated like its other packets", edited(&syn, |b| b[20] |= 0x20), Pass, Bytes(edited(&syn.clone().with_dst("10.244.1.2:8080"), |b| b[20] |= 0x20)), Reason::ForwardEstablished),
+        case("later fragment, to a service, its first never seen: dropped", edited(&query, |b| set_u16(b, 20, 0x0010)), Drop, Unchanged, Reason::DropFragment),
         case("fragment, not to a service: unchanged", edited(&not_service, |b| b[20] |= 0x20), Pass, Unchanged, Reason::PassNotService),
     ]
 }
@@ -194,7 +196,7 @@ fn run_table(hook: Hook) {
 
     // The per-service counters moved with the cases above.
     let web = fixture.datapath.maps.service_totals(fixture.service_id("default", "web", "80")).expect("counters");
-    assert_eq!((web.packets, web.new_flows, web.rejected), (5, 2, 0), "web: SYN, data, reply, options SYN, fragmentation needed");
+    assert_eq!((web.packets, web.new_flows, web.rejected), (7, 2, 0), "web: SYN, SYN-ACK, data, reply, options SYN, fragmentation needed, first fragment");
     let dns = fixture.datapath.maps.service_totals(fixture.service_id("default", "dns", "53")).expect("counters");
     assert_eq!((dns.packets, dns.new_flows), (6, 3), "dns: query, answer, no-checksum query, padded query, two ICMP errors");
     let empty_tcp = fixture.datapath.maps.service_totals(fixture.service_id("default", "empty", "80")).expect("counters");
@@ -226,6 +228,7 @@ fn established_flow_keeps_its_backend_until_the_backend_leaves() {
         let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.10:80", b"more");
         let to_a = fixture.run(hook, &syn.bytes());
         assert_eq!(to_a.output, syn.clone().with_dst("10.244.1.2:8080").bytes(), "{hook:?}");
+        assert_eq!(fixture.run(hook, &Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000").bytes()).verdict, Verdict::Pass, "{hook:?}");
 
         fixture.program(&desired([service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[a, b, c])]));
         for _ in 0..20 {
@@ -321,10 +324,10 @@ fn reply_clash_between_two_frontends_translates_the_source_port() {
         assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{hook:?}: second flow's source port {port}");
         let source = format!("10.0.0.2:{port}");
         assert_eq!(out, second.clone().with_dst("10.244.1.2:8080").with_src(&source).bytes(), "{hook:?}: second flow, client address kept");
-        let reply = Frame::tcp_data("10.244.1.2:8080", "10.0.0.2:40000", b"one");
+        let reply = Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000");
         let reply_out = fixture.run(hook, &reply.bytes()).output;
         assert_eq!(reply_out, reply.clone().with_src("10.96.0.20:80").bytes(), "{hook:?}: the first flow's reply");
-        let reply = Frame::tcp_data("10.244.1.2:8080", &source, b"two");
+        let reply = Frame::tcp_syn_ack("10.244.1.2:8080", &source);
         let reply_out = fixture.run(hook, &reply.bytes()).output;
         assert_eq!(reply_out, reply.clone().with_src("10.96.0.21:80").with_dst("10.0.0.2:40000").bytes(), "{hook:?}: the second flow's reply");
         let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.21:80", b"more");
@@ -339,24 +342,26 @@ fn external_cases() -> Vec<Case> {
     use Expect::*;
     use Verdict::*;
     let syn = Frame::tcp_syn("10.0.0.2:62000", "192.168.0.1:30080");
+    let syn_ack = Frame::tcp_syn_ack("10.244.1.2:8080", "192.168.0.1:62000");
     let data = Frame::tcp_data("10.0.0.2:62000", "192.168.0.1:30080", b"GET / HTTP/1.0\r\n\r\n");
     let reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:62000", b"You've hit kubia-1");
     let query = Frame::udp("10.0.0.2:62001", "192.168.0.1:30053", b"query");
     let answer = Frame::udp("10.244.1.2:5353", "192.168.0.1:62001", b"answer");
     let local_syn = Frame::tcp_syn("10.0.0.2:40001", "192.168.0.1:30081");
-    let local_reply = Frame::tcp_data("10.244.1.3:8080", "10.0.0.2:40001", b"hi");
+    let local_reply = Frame::tcp_syn_ack("10.244.1.3:8080", "10.0.0.2:40001");
     let no_local = Frame::tcp_syn("10.0.0.2:40002", "192.168.0.1:30082");
     let ssh = Frame::tcp_syn("10.0.0.2:40003", "192.168.0.1:22");
     let hairpin = Frame::tcp_syn("10.244.1.2:63000", "10.96.0.20:80");
-    let hairpin_reply = Frame::tcp_data("10.244.1.2:8080", "192.168.0.1:63000", b"me");
+    let hairpin_reply = Frame::tcp_syn_ack("10.244.1.2:8080", "192.168.0.1:63000");
     let pod_to_lb = Frame::tcp_syn("10.244.2.7:40010", "203.0.113.10:80");
-    let lb_reply = Frame::tcp_data("10.244.1.2:8080", "10.244.2.7:40010", b"from afar");
+    let lb_reply = Frame::tcp_syn_ack("10.244.1.2:8080", "10.244.2.7:40010");
     let outside_to_lb = Frame::tcp_syn("10.0.0.2:40011", "203.0.113.10:80");
     let router = [192, 168, 1, 254];
     let frag_needed = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
     let sent_data = data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000");
     vec![
         case("node port, Cluster policy: to the backend, from the node", syn.bytes(), Pass, Bytes(syn.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardNew),
+        case("node port, Cluster policy, the SYN-ACK: from the node port, to the client", syn_ack.bytes(), Pass, Bytes(syn_ack.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.2:62000").bytes()), Reason::ReplyTranslated),
         case("node port, Cluster policy, established: the same translation", data.bytes(), Pass, Bytes(data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000").bytes()), Reason::ForwardEstablished),
         case("fragmentation needed to the node, about a source-translated packet: to the client, quoting what it sent", sent_data.icmp_error(router, NODE_IP, frag_needed.clone()), Pass, Bytes(data.icmp_error(router, [10, 0, 0, 2], frag_needed)), Reason::IcmpErrorTranslated),
         case("node port, Cluster policy, reply: from the node port, to the client", reply.bytes(), Pass, Bytes(reply.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.2:62000").bytes()), Reason::ReplyTranslated),
@@ -408,7 +413,7 @@ fn source_nat_ports_do_not_collide() {
         assert!(port != 62000 && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{hook:?}: source port {port}");
         let expected = second.clone().with_dst("10.244.1.2:8080").with_src(&format!("192.168.0.1:{port}"));
         assert_eq!(out.output, expected.bytes(), "{hook:?}: exact apart from the chosen port");
-        let reply = Frame::tcp_data("10.244.1.2:8080", &format!("192.168.0.1:{port}"), b"to the second");
+        let reply = Frame::tcp_syn_ack("10.244.1.2:8080", &format!("192.168.0.1:{port}"));
         let back = fixture.run(hook, &reply.bytes());
         assert_eq!(back.output, reply.clone().with_src("192.168.0.1:30080").with_dst("10.0.0.3:62000").bytes(), "{hook:?}");
     }
@@ -470,18 +475,6 @@ fn session_affinity_keeps_a_client_on_one_backend_while_it_serves() {
     }
 }
 
-/// Pins the calling thread to one CPU: with per-CPU LRU lists a table
-/// evicts from the list of the CPU that inserts, so the flows of a test
-/// must all be recorded on one CPU to compete.
-fn pin_to_one_cpu() {
-    // SAFETY: a cpu_set_t filled by the libc macros, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "pinning the test to CPU 0");
-    }
-}
-
 /// Short UDP flows (DNS) churning through more entries than the table holds
 /// do not push out an idle TCP connection: TCP and UDP have a conntrack
 /// table each. With one shared LRU table the TCP flow's entries would be
@@ -489,13 +482,14 @@ fn pin_to_one_cpu() {
 /// afresh.
 #[test]
 fn udp_churn_does_not_evict_an_idle_tcp_connection() {
-    pin_to_one_cpu();
+    lb_tests::fixture::pin_to_one_cpu();
     let fixture = Fixture::new(&desired([
         service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[(BACKEND, 8080)]),
         service("dns", [10, 96, 0, 53], 53, Protocol::Udp, &[(BACKEND, 5353)]),
     ]));
     let syn = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.10:80");
     assert_eq!(fixture.run(Hook::Xdp, &syn.bytes()).verdict, Verdict::Pass);
+    assert_eq!(fixture.run(Hook::Xdp, &Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000").bytes()).verdict, Verdict::Pass);
 
     // Two entries per flow: this many flows fill the UDP table past its size.
     let flows = lb_common::MAX_CONNTRACK_ENTRIES as usize / 2 + 10_000;

@@ -63,9 +63,11 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     // replies, the packets that matter most. Only packets without an entry
     // (or with one that no longer serves them) pay for the service address
     // check.
-    let now = conntrack::now();
     let mut rescheduled = false;
     if let Some(entry) = conntrack::lookup(&flow.tuple, flow.tcp_flags) {
+        // The clock only for packets with an entry (and new flows, below):
+        // traffic that is not a service's pays no helper call for it.
+        let now = conntrack::now();
         let ct = entry.value();
         if entry.serves(flow.tcp_flags, now) {
             if ct.direction == CT_REPLY {
@@ -128,6 +130,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     // Source NAT for external traffic with externalTrafficPolicy Cluster,
     // and for hairpin: a pod sent to itself would otherwise get a packet
     // from its own address, and answer it without going through the node.
+    let now = conntrack::now();
     let start = conntrack::Start::of(&flow, now);
     let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip {
         conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, start, now, service::node_address())

@@ -216,11 +216,12 @@ pub enum RecordError {
     NoSnatPort,
 }
 
-/// How many source ports a new translated flow tries before giving up.
-/// Ports are tried in turn from a per-CPU cursor, so the ones tried first
-/// are the longest unused: a port is skipped only when a live flow to the
-/// same backend holds it.
-const SNAT_PORT_ATTEMPTS: u32 = 32;
+/// How many source ports a new translated flow looks at before giving up
+/// (128 would take the verifier four times as long). Ports are tried in
+/// turn from a per-CPU cursor, so the ones tried first are the longest
+/// unused: a port is skipped only when a live flow to the same backend
+/// holds it.
+const SNAT_PORT_ATTEMPTS: u32 = 64;
 
 /// The state and expiry a new flow's two entries start with, and their
 /// table.

@@ -216,6 +216,10 @@ pub fn parse_cidr(text: &str) -> Result<Ipv4Cidr, String> {
     Ok(Ipv4Cidr::new(network, prefix_len))
 }
 
+/// The shortest conntrack timeout: longer than the ~4.3 s (`REFRESH_TICKS`)
+/// by which a busy flow's expiry may lag its last packet.
+const MIN_CONNTRACK_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// A duration as Go (and so kube-proxy) writes it: numbers with units h,
 /// m, s, one after the other ("24h", "1h30m", "90s"); a bare number is
 /// seconds.
@@ -278,6 +282,21 @@ impl AgentArgs {
                 return Err(format!("{} {flag} ranges given; at most {MAX_CIDRS} are supported", ranges.len()));
             }
         }
+        let timeouts = [
+            ("--conntrack-tcp-timeout-syn", self.conntrack_tcp_timeout_syn),
+            ("--conntrack-tcp-timeout-established", self.conntrack_tcp_timeout_established),
+            ("--conntrack-tcp-timeout-close-wait", self.conntrack_tcp_timeout_close_wait),
+            ("--conntrack-tcp-timeout-close", self.conntrack_tcp_timeout_close),
+            ("--conntrack-udp-timeout", self.conntrack_udp_timeout),
+            ("--conntrack-udp-timeout-stream", self.conntrack_udp_timeout_stream),
+        ];
+        if let Some((flag, short)) = timeouts.iter().find(|(_, d)| *d < MIN_CONNTRACK_TIMEOUT) {
+            return Err(format!(
+                "{flag} {}s: conntrack timeouts are at least {}s (a busy flow's expiry is moved on every few seconds, not on every packet)",
+                short.as_secs(),
+                MIN_CONNTRACK_TIMEOUT.as_secs()
+            ));
+        }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));
         }
@@ -329,7 +348,8 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 17] = [
+        let cases: [(&[&str], &str); 18] = [
+            (&["--iface", "eth0", "--conntrack-udp-timeout", "2s"], "at least 6s"),
             (&["--iface", "eth0", "--conntrack-tcp-max", "100"], "from 1024 to 268435456"),
             (&["--iface", "eth0", "--conntrack-udp-max", "many"], "expected a number of entries"),
             (&["--iface", "eth0", "--conntrack-tcp-timeout-close", "5d"], "unknown unit"),
@@ -377,8 +397,8 @@ mod tests {
                 (got, want) => panic!("{rule}: {got:?}, want {want:?}"),
             }
         }
-        let args = parse(&["--iface", "eth0", "--conntrack-tcp-timeout-close", "3s"]).expect("valid");
-        assert_eq!(args.conntrack_lifetimes().tcp_closed, lb_common::lifecycle::ticks_from_secs(3));
+        let args = parse(&["--iface", "eth0", "--conntrack-tcp-timeout-close", "7s"]).expect("valid");
+        assert_eq!(args.conntrack_lifetimes().tcp_closed, lb_common::lifecycle::ticks_from_secs(7));
         assert_eq!(args.conntrack_lifetimes().tcp_established, lb_common::lifecycle::ticks_from_secs(86_400), "kube-proxy's default");
     }
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, MapInfo};
+use aya::maps::{MapData, MapInfo};
 use lb_common::{
     CONNTRACK_MAPS, ConntrackKey, ConntrackValue, IPPROTO_TCP,
     lifecycle::{STATE_NAMES, is_alive, state_name, ticks_from_ns},
@@ -365,11 +365,6 @@ pub fn spawn_collector(dir: PathBuf, stats: Arc<GcStats>, interval: GcInterval) 
     })?;
     info!(min = ?interval.min, max = ?interval.max, "conntrack garbage collection running");
     Ok(())
-}
-
-/// A pinned conntrack table opened as a map handle, for tools and tests.
-pub fn open_table(dir: &Path, name: &'static str) -> Result<Map> {
-    Ok(Map::LruHashMap(open_pinned(dir, name)?))
 }
 
 #[cfg(test)]

@@ -257,6 +257,33 @@ pub struct DatapathConfig {
     pub service_cidrs: Ipv4Cidrs,
     /// How long conntrack entries live without traffic, by state.
     pub ct_lifetimes: ConntrackLifetimes,
+    pub _pad: u32,
+    /// How the datapath reads the monotonic clock: from jiffies, which the
+    /// verifier inlines into one load.
+    pub clock: DatapathClock,
+}
+
+/// jiffies → monotonic clock ticks (`lifecycle`): `(jiffies -
+/// jiffies_base) * ns_per_jiffy >> TICK_SHIFT`, the kernel's tick
+/// counter turned into CLOCK_MONOTONIC time (to within one tick). Found by
+/// the agent, which knows the kernel's HZ; with `ns_per_jiffy` 0 the
+/// datapath reads the coarse monotonic clock instead (a helper call).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathClock {
+    /// jiffies when CLOCK_MONOTONIC read 0.
+    pub jiffies_base: u64,
+    /// 1e9 / HZ, rounded as the kernel's TICK_NSEC.
+    pub ns_per_jiffy: u32,
+    pub _pad: u32,
+}
+
+impl DatapathClock {
+    /// The monotonic clock in ticks at `jiffies`.
+    #[inline(always)]
+    pub const fn ticks(&self, jiffies: u64) -> u32 {
+        ((jiffies.wrapping_sub(self.jiffies_base).wrapping_mul(self.ns_per_jiffy as u64)) >> crate::lifecycle::TICK_SHIFT) as u32
+    }
 }
 
 /// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
@@ -598,7 +625,8 @@ const _: () = {
     assert!(size_of::<ConntrackValue>() == 32);
     assert!(size_of::<VipValue>() == 8);
     assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>());
+    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>() + 4 + size_of::<DatapathClock>());
+    assert!(size_of::<DatapathClock>() == 16);
     assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);
     assert!(size_of::<ServiceCounters>() == 32);
@@ -628,6 +656,7 @@ mod user {
     unsafe impl aya::Pod for SocketRevNatValue {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for DatapathClock {}
 }
 
 #[cfg(test)]

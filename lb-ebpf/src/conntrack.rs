@@ -16,7 +16,7 @@
 //! packet pays one lookup, as before.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::generated::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_ns},
 };
 use lb_common::{
     Backend, CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, Endpoint, IPPROTO_TCP,
@@ -29,12 +29,15 @@ use crate::{
     service,
 };
 
-/// The monotonic clock in ticks (`lifecycle`), read coarsely: the last
-/// timer tick's time is all a lifetime of seconds needs, and cheaper.
+/// The monotonic clock in ticks (`lifecycle`), to within a timer tick: all
+/// a lifetime of seconds needs. From jiffies (one load: the verifier
+/// inlines the helper) as the agent configured, else from the monotonic
+/// clock (a helper call).
 #[inline(always)]
 pub fn now() -> u32 {
-    // SAFETY: a helper call without arguments.
-    ticks_from_ns(unsafe { bpf_ktime_get_coarse_ns() })
+    // SAFETY: helper calls without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    service::clock_ticks(jiffies).unwrap_or_else(|| ticks_from_ns(unsafe { bpf_ktime_get_ns() }))
 }
 
 /// Which table an entry is in.

@@ -102,6 +102,13 @@ pub fn snat_port_range() -> (u16, u16) {
     read_config(|config| (config.snat_port_min, config.snat_port_max))
 }
 
+/// The monotonic clock in ticks at `jiffies`, as the agent configured the
+/// conversion; `None` when it did not.
+#[inline(always)]
+pub fn clock_ticks(jiffies: u64) -> Option<u32> {
+    read_config(|config| (config.clock.ns_per_jiffy != 0).then(|| config.clock.ticks(jiffies)))
+}
+
 /// How long a flow of `proto` in state `flow_flags` lives without traffic,
 /// in clock ticks; 0 (dead at once) until the agent configures it.
 #[inline(always)]

@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, IPPROTO_TCP,
+    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, DatapathClock, IPPROTO_TCP,
     lifecycle::{STATE_NAMES, is_alive, state_name, ticks_from_ns},
 };
 use tracing::{debug, info, warn};
@@ -20,14 +20,55 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 
 /// The monotonic clock in the datapath's ticks (`lb_common::lifecycle`),
-/// read as `bpf_ktime_get_coarse_ns` reads it (CLOCK_MONOTONIC_COARSE): an
-/// entry is never collected in the moment the datapath still counts it
-/// alive.
+/// coarsely (CLOCK_MONOTONIC_COARSE, updated at each timer tick): the
+/// datapath's clock, jiffies turned into monotonic time, stands within a
+/// timer tick of it.
 pub fn now_ticks() -> u32 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ticks_from_ns(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The datapath's clock conversion (jiffies → monotonic ticks) for this
+/// kernel, found once per process (it takes 100 ms): `None` when the
+/// kernel's timer list cannot be read (the datapath then reads the
+/// monotonic clock with a helper call).
+pub fn datapath_clock() -> Option<DatapathClock> {
+    static CLOCK: std::sync::OnceLock<Option<DatapathClock>> = std::sync::OnceLock::new();
+    *CLOCK.get_or_init(|| {
+        let read = || std::fs::read_to_string("/proc/timer_list");
+        let first = read();
+        std::thread::sleep(Duration::from_millis(100));
+        match (first, read()) {
+            (Ok(first), Ok(second)) => clock_from_timer_lists(&first, &second),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("reading /proc/timer_list for the kernel's HZ: {e}; the datapath reads the monotonic clock with a helper call instead");
+                None
+            }
+        }
+    })
+}
+
+/// The kernel's tick counter and its rate from two reads of
+/// /proc/timer_list some time apart, each with "now at N nsecs"
+/// (CLOCK_MONOTONIC) and the first "jiffies: J": HZ is the kernel's choice
+/// (100, 250, 300 or 1000) nearest to the jiffies counted per second, and
+/// the base is where jiffies stood when the monotonic clock read 0.
+pub fn clock_from_timer_lists(first: &str, second: &str) -> Option<DatapathClock> {
+    let reading = |text: &str| -> Option<(u64, u64)> {
+        let field = |prefix: &str, suffix: &str| -> Option<u64> {
+            text.lines().find_map(|line| line.trim().strip_prefix(prefix)?.trim().trim_end_matches(suffix).trim().parse().ok())
+        };
+        Some((field("now at ", "nsecs")?, field("jiffies:", "")?))
+    };
+    let ((ns0, jiffies0), (ns1, jiffies1)) = (reading(first)?, reading(second)?);
+    let elapsed_ns = ns1.checked_sub(ns0).filter(|&ns| ns >= 10_000_000)?;
+    let per_second = jiffies1.checked_sub(jiffies0)? as f64 * 1e9 / elapsed_ns as f64;
+    let hz = [100u64, 250, 300, 1000].into_iter().min_by(|a, b| (*a as f64 - per_second).abs().total_cmp(&(*b as f64 - per_second).abs()))?;
+    // The kernel's TICK_NSEC.
+    let ns_per_jiffy = (1_000_000_000 + hz / 2) / hz;
+    Some(DatapathClock { jiffies_base: jiffies1.wrapping_sub(ns1 / ns_per_jiffy), ns_per_jiffy: ns_per_jiffy as u32, _pad: 0 })
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -373,6 +414,27 @@ mod tests {
 
     fn pass(live: u64, deleted: u64, fill: f64) -> GcPass {
         GcPass { entries: vec![("TCP", "established", live)], tables: Vec::new(), deleted, duration: Duration::ZERO, fill }
+    }
+
+    #[test]
+    fn the_clock_conversion_comes_from_the_timer_list() {
+        let list = |ns: u64, jiffies: u64| format!("Timer List Version: v0.10\nnow at {ns} nsecs\n\ncpu: 0\n jiffies: {jiffies}\n");
+        let at = |hz: u64, secs: f64| ((secs * 1e9) as u64, (1u64 << 32) - 300 * hz + (secs * hz as f64) as u64);
+        let cases = [
+            ("HZ 250, 88 minutes up", 250, 5306.0, 0.1),
+            ("HZ 1000, at 300 s up, where jiffies pass 2^32", 1000, 300.0, 0.1),
+            ("HZ 300, just booted", 300, 0.5, 0.1),
+            ("HZ 100, a day up", 100, 86_400.0, 0.1),
+        ];
+        for (rule, hz, secs, apart) in cases {
+            let ((ns0, j0), (ns1, j1)) = (at(hz, secs), at(hz, secs + apart));
+            let clock = clock_from_timer_lists(&list(ns0, j0), &list(ns1, j1)).unwrap_or_else(|| panic!("{rule}: no clock"));
+            assert_eq!(u64::from(clock.ns_per_jiffy), (1_000_000_000 + hz / 2) / hz, "{rule}");
+            let ticks = clock.ticks(j1);
+            assert!(ticks.abs_diff(lb_common::lifecycle::ticks_from_ns(ns1)) <= 1, "{rule}: {ticks} ticks at {ns1} ns");
+        }
+        assert!(clock_from_timer_lists("now at 1 nsecs\n", "now at 2 nsecs\n").is_none(), "no jiffies line");
+        assert!(clock_from_timer_lists(&list(1_000_000_000, 5), &list(1_000_000_001, 6)).is_none(), "reads too close together");
     }
 
     #[test]

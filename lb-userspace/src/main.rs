@@ -178,6 +178,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
         ct_lifetimes: args.conntrack_lifetimes(),
+        ..DatapathConfig::default()
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()

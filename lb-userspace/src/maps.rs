@@ -139,9 +139,10 @@ impl DatapathMaps {
         })
     }
 
-    /// Writes the node's settings.
+    /// Writes the node's settings, with this kernel's clock conversion.
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
-        self.datapath_config.set(0, config, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
+        let clock = crate::conntrack::datapath_clock().unwrap_or_default();
+        self.datapath_config.set(0, DatapathConfig { clock, ..config }, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
     }
 
     /// Reads back what the syncer programmed, for a restarted agent to

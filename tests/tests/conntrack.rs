@@ -425,7 +425,7 @@ fn expired_entries_are_misses() {
             let client = "10.0.0.2:40000";
             svc.open(&fixture, hook, client);
             let forward = svc.forward_key(client);
-            set_expires(&mut fixture, &forward, now_ticks());
+            set_expires(&mut fixture, &forward, now_ticks() - 1);
             let request = svc.request(client);
             expect_pass(&fixture, hook, &format!("{name}: a packet on an expired forward entry"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardNew);
             let (fwd, reply) = flow_entries(&fixture, &forward, &format!("{name}: the new flow"));
@@ -441,18 +441,20 @@ fn expired_entries_are_misses() {
             // service's.
             let client = "10.0.0.2:40001";
             svc.open(&fixture, hook, client);
-            set_expires(&mut fixture, &svc.reply_key(client), now_ticks());
+            set_expires(&mut fixture, &svc.reply_key(client), now_ticks() - 1);
             expect_untouched(&fixture, hook, &format!("{name}: a packet on an expired reply entry"), &svc.response(client));
 
-            // One tick short of expiring, an entry still serves.
+            // Short of expiring (by two ticks: the datapath's clock, from
+            // jiffies, may stand a timer tick apart from user space's), an
+            // entry still serves.
             let client = "10.0.0.2:40002";
             svc.open(&fixture, hook, client);
-            set_expires(&mut fixture, &svc.forward_key(client), now_ticks() + 1);
+            set_expires(&mut fixture, &svc.forward_key(client), now_ticks() + 2);
             let request = svc.request(client);
-            expect_pass(&fixture, hook, &format!("{name}: a packet on a forward entry a tick from expiring"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
-            set_expires(&mut fixture, &svc.reply_key(client), now_ticks() + 1);
+            expect_pass(&fixture, hook, &format!("{name}: a packet on a forward entry two ticks from expiring"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
+            set_expires(&mut fixture, &svc.reply_key(client), now_ticks() + 2);
             let response = svc.response(client);
-            expect_pass(&fixture, hook, &format!("{name}: a packet on a reply entry a tick from expiring"), &response, &response.clone().with_src(svc.frontend), Reason::ReplyTranslated);
+            expect_pass(&fixture, hook, &format!("{name}: a packet on a reply entry two ticks from expiring"), &response, &response.clone().with_src(svc.frontend), Reason::ReplyTranslated);
         }
     }
 }
@@ -471,7 +473,7 @@ fn a_forward_hit_restores_its_reply_entry() {
             let forward = svc.forward_key(client);
             let reply_key = svc.reply_key(client);
             remove(&mut fixture, &reply_key);
-            set_expires(&mut fixture, &forward, now_ticks() + 1);
+            set_expires(&mut fixture, &forward, now_ticks() + 2);
             let request = svc.request(client);
             expect_pass(&fixture, hook, &format!("{name}: a forward packet due a refresh"), &request, &request.clone().with_dst(svc.backend), Reason::ForwardEstablished);
             let (fwd, reply) = flow_entries(&fixture, &forward, &format!("{name}: restored"));
@@ -612,8 +614,8 @@ fn closed_flows_free_their_source_nat_ports() {
 
         // Live flows whose entries expired hold nothing.
         for (client, port) in second.iter().zip(&reused) {
-            set_expires(&mut fixture, &key(client, NODE_PORT, IPPROTO_TCP), now_ticks());
-            set_expires(&mut fixture, &key(web.backend, &format!("192.168.0.1:{port}"), IPPROTO_TCP), now_ticks());
+            set_expires(&mut fixture, &key(client, NODE_PORT, IPPROTO_TCP), now_ticks() - 1);
+            set_expires(&mut fixture, &key(web.backend, &format!("192.168.0.1:{port}"), IPPROTO_TCP), now_ticks() - 1);
         }
         fill_ports(&fixture, hook, web, &clients(2));
         expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the expired ports were reused");
@@ -629,8 +631,8 @@ fn expired_udp_flows_free_their_source_nat_ports() {
         let ports = fill_ports(&fixture, hook, dns, &first);
         expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow while four live flows hold the ports");
         for (client, port) in first.iter().zip(&ports) {
-            set_expires(&mut fixture, &key(client, UDP_NODE_PORT, IPPROTO_UDP), now_ticks());
-            set_expires(&mut fixture, &key(dns.backend, &format!("192.168.0.1:{port}"), IPPROTO_UDP), now_ticks());
+            set_expires(&mut fixture, &key(client, UDP_NODE_PORT, IPPROTO_UDP), now_ticks() - 1);
+            set_expires(&mut fixture, &key(dns.backend, &format!("192.168.0.1:{port}"), IPPROTO_UDP), now_ticks() - 1);
         }
         fill_ports(&fixture, hook, dns, &clients(1));
         expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow after the expired ports were reused");

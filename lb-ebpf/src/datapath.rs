@@ -66,7 +66,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     let mut rescheduled = false;
     if let Some(entry) = conntrack::lookup(&flow.tuple, flow.tcp_flags) {
         // The clock only for packets with an entry (and new flows, below):
-        // traffic that is not a service's pays no helper call for it.
+        // traffic that is not a service's does not read it.
         let now = conntrack::now();
         let ct = entry.value();
         if entry.serves(flow.tcp_flags, now) {

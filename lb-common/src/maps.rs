@@ -27,7 +27,7 @@
 //! - `DATAPATH_CONFIG`: one entry, the node's settings (the address source
 //!   NAT uses and its port range).
 use bytemuck::{Pod, Zeroable};
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::{checksum, lifecycle::ConntrackLifetimes};
 
@@ -267,7 +267,8 @@ pub struct DatapathConfig {
 /// jiffies_base) * ns_per_jiffy >> TICK_SHIFT`, the kernel's tick
 /// counter turned into CLOCK_MONOTONIC time (to within one tick). Found by
 /// the agent, which knows the kernel's HZ; with `ns_per_jiffy` 0 the
-/// datapath reads the coarse monotonic clock instead (a helper call).
+/// datapath reads the monotonic clock instead (`bpf_ktime_get_ns`, a
+/// helper call).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct DatapathClock {
@@ -458,6 +459,11 @@ pub struct Endpoint {
 }
 
 impl ConntrackKey {
+    /// The key of a packet from `src` to `dst`.
+    pub const fn new(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Self {
+        Self { src_ip: ip_be(*src.ip()), dst_ip: ip_be(*dst.ip()), src_port: src.port().to_be(), dst_port: dst.port().to_be(), proto, _pad: 0, _pad2: 0 }
+    }
+
     /// Where the packet comes from.
     #[inline(always)]
     pub const fn source(&self) -> Endpoint {
@@ -468,6 +474,12 @@ impl ConntrackKey {
     #[inline(always)]
     pub const fn destination(&self) -> Endpoint {
         Endpoint { ip: self.dst_ip, port: self.dst_port }
+    }
+}
+
+impl From<SocketAddrV4> for Endpoint {
+    fn from(addr: SocketAddrV4) -> Self {
+        Endpoint { ip: ip_be(*addr.ip()), port: addr.port().to_be() }
     }
 }
 

@@ -302,10 +302,9 @@ fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32, table: Table) -> 
 /// a port from the source NAT range), as Linux conntrack resolves such a
 /// clash.
 #[inline(always)]
-pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32, start: Start, now: u32) -> Result<ConntrackValue, RecordError> {
+pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32, mut start: Start, now: u32) -> Result<ConntrackValue, RecordError> {
     let client = tuple.source();
     let reply_tuple = reply_key(tuple, backend, client);
-    let mut start = start;
     let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.

@@ -51,7 +51,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         }
         Parsed::Malformed { .. } => return (Action::Pass, Reason::PassMalformed),
         Parsed::Fragment(fragment) => {
-            return match fragments::translate(pkt, &fragment, conntrack::now()) {
+            return match fragments::translate(pkt, &fragment) {
                 Some(reason) => (Action::Pass, reason),
                 None if service::is_cluster_ip(fragment.key.dst_ip) => (Action::Drop, Reason::DropFragment),
                 None => (Action::Pass, Reason::PassNotService),
@@ -70,26 +70,16 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         let now = conntrack::now();
         let ct = entry.value();
         if entry.serves(flow.tcp_flags, now) {
-            if ct.direction == CT_REPLY {
-                let verdict = translate(pkt, &flow, ct, false, Reason::ReplyTranslated);
+            if let Some((reason, moved_to)) = established_translation(ct) {
+                let verdict = translate(pkt, &flow, ct, false, reason);
+                if let Some(current) = moved_to {
+                    entry.remember_backend_set(current);
+                }
                 entry.track(&flow, now);
                 return verdict;
             }
-            match backend_status(ct) {
-                BackendStatus::InCurrentSet => {
-                    let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
-                    entry.track(&flow, now);
-                    return verdict;
-                }
-                BackendStatus::MovedTo(current) => {
-                    let verdict = translate(pkt, &flow, ct, false, Reason::ForwardEstablished);
-                    entry.remember_backend_set(current);
-                    entry.track(&flow, now);
-                    return verdict;
-                }
-                // The backend left: the flow gets a new one, like a new connection.
-                BackendStatus::Left => rescheduled = true,
-            }
+            // The backend left: the flow gets a new one, like a new connection.
+            rescheduled = true;
         }
         // Placed afresh below (or not ours at all: a reply entry that no
         // longer serves leaves the packet to the kernel).
@@ -152,6 +142,21 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
     };
     let reason = if rescheduled { Reason::ForwardRescheduled } else { Reason::ForwardNew };
     translate(pkt, &flow, &forward, true, reason)
+}
+
+/// How a packet of a tracked flow is counted, and the backend set to
+/// remember when its backend was found in a newer one; `None` when the
+/// backend left (the flow is placed afresh). Replies need no check.
+#[inline(always)]
+fn established_translation(ct: &ConntrackValue) -> Option<(Reason, Option<u32>)> {
+    if ct.direction == CT_REPLY {
+        return Some((Reason::ReplyTranslated, None));
+    }
+    match backend_status(ct) {
+        BackendStatus::InCurrentSet => Some((Reason::ForwardEstablished, None)),
+        BackendStatus::MovedTo(current) => Some((Reason::ForwardEstablished, Some(current))),
+        BackendStatus::Left => None,
+    }
 }
 
 /// Whether an established flow's backend still serves its service.

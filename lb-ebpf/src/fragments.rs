@@ -29,12 +29,12 @@ pub fn remember(flow: &Flow) {
 /// Translates a later fragment as its first fragment was; `None` when its
 /// first fragment was not seen (or not translated).
 #[inline(always)]
-pub fn translate<P: Packet>(pkt: &P, fragment: &Fragment, now: u32) -> Option<Reason> {
+pub fn translate<P: Packet>(pkt: &P, fragment: &Fragment) -> Option<Reason> {
     let key = &fragment.key;
     // SAFETY: a value copied out at once.
     let ports = unsafe { *FRAGMENT_PORTS.get_ptr(key)? };
     let entry = conntrack::lookup(&parse::tuple(key.src_ip, key.dst_ip, ports, key.proto), 0)?;
-    if !entry.serves(0, now) {
+    if !entry.serves(0, conntrack::now()) {
         return None;
     }
     let ct = entry.value();

@@ -27,8 +27,10 @@ pub const fn ports_word(src_port: u16, dst_port: u16) -> u32 {
 pub fn rewrite_addresses<P: Packet>(pkt: &P, to: &ConntrackValue) -> Result<(), HelperFailed> {
     let ip = ptr_at::<_, Ipv4Header>(pkt, ETH_HLEN).ok_or(HelperFailed)?;
     let addresses = u64::from(to.src_ip) | u64::from(to.dst_ip) << 32;
-    // SAFETY: bounds-checked by ptr_at for the whole fixed header; unaligned
-    // accesses as in `rewrite`.
+    // SAFETY: bounds-checked by ptr_at for all 20 bytes of the header, so
+    // its fields and the 8 address bytes from `src` on are inside the
+    // packet; unaligned accesses because the IP header sits 14 bytes into
+    // the frame.
     unsafe {
         let check = &raw mut (*ip).check;
         check.write_unaligned(checksum::add(check.read_unaligned(), to.addr_csum_delta));
@@ -43,19 +45,10 @@ pub fn rewrite_addresses<P: Packet>(pkt: &P, to: &ConntrackValue) -> Result<(), 
 /// the flow is recorded.
 #[inline(always)]
 pub fn rewrite<P: Packet>(pkt: &P, flow: &Flow, to: &ConntrackValue) -> Result<(), HelperFailed> {
-    let ip = ptr_at::<_, Ipv4Header>(pkt, ETH_HLEN).ok_or(HelperFailed)?;
+    rewrite_addresses(pkt, to)?;
     let ports = ptr_at::<_, u32>(pkt, flow.l4_off).ok_or(HelperFailed)?;
-    let addresses = u64::from(to.src_ip) | u64::from(to.dst_ip) << 32;
-    // SAFETY: both pointers were bounds-checked by ptr_at, the header for
-    // all 20 bytes, so its fields and the 8 address bytes from `src` on are
-    // inside the packet; unaligned accesses because the IP header sits 14
-    // bytes into the frame.
-    unsafe {
-        let check = &raw mut (*ip).check;
-        check.write_unaligned(checksum::add(check.read_unaligned(), to.addr_csum_delta));
-        (&raw mut (*ip).src).cast::<u64>().write_unaligned(addresses);
-        ports.write_unaligned(ports_word(to.src_port, to.dst_port));
-    }
+    // SAFETY: bounds-checked by ptr_at; unaligned, as packet data is.
+    unsafe { ports.write_unaligned(ports_word(to.src_port, to.dst_port)) };
     // Last, because on tc the helpers invalidate the packet pointers.
     let udp = flow.tuple.proto == IPPROTO_UDP;
     let check_off = flow.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };

@@ -59,34 +59,34 @@ pub struct AgentArgs {
 
     /// How long a TCP flow whose backend has not answered yet (a SYN sent)
     /// is kept without traffic, e.g. 60s, 2m, 1h30m.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_conntrack_timeout)]
     pub conntrack_tcp_timeout_syn: Duration,
 
     /// How long an established TCP flow is kept without traffic
     /// (kube-proxy's flag of the same name and default).
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_conntrack_timeout)]
     pub conntrack_tcp_timeout_established: Duration,
 
     /// How long a TCP flow is kept without traffic after one side's FIN
     /// (the other may still send; kube-proxy's flag of the same name and
     /// default).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_conntrack_timeout)]
     pub conntrack_tcp_timeout_close_wait: Duration,
 
     /// How long a TCP flow is kept after both FINs or a RST, for stray
     /// packets (Linux's close timeout). A new connection on its ports, and
     /// a new flow needing its source NAT port, take it over at once.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_conntrack_timeout)]
     pub conntrack_tcp_timeout_close: Duration,
 
     /// How long a UDP flow without a reply is kept without traffic
     /// (kube-proxy's flag of the same name; Linux's default).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_conntrack_timeout)]
     pub conntrack_udp_timeout: Duration,
 
     /// How long an answered UDP flow is kept without traffic (kube-proxy's
     /// flag of the same name; Linux's default).
-    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_conntrack_timeout)]
     pub conntrack_udp_timeout_stream: Duration,
 
     /// Entries of the TCP conntrack table (two per flow). Each CPU's LRU
@@ -250,6 +250,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// A conntrack timeout: a duration of at least `MIN_CONNTRACK_TIMEOUT`.
+fn parse_conntrack_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout < MIN_CONNTRACK_TIMEOUT {
+        return Err(format!(
+            "{text:?}: conntrack timeouts are at least {}s (a busy flow's expiry is moved on every few seconds, not on every packet)",
+            MIN_CONNTRACK_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(timeout)
+}
+
 /// A conntrack table size: from 1,024 up to 2^28 entries.
 fn parse_table_size(text: &str) -> Result<u32, String> {
     let size: u32 = text.trim().replace('_', "").parse().map_err(|_| format!("{text:?}: expected a number of entries, e.g. 524288"))?;
@@ -281,21 +293,6 @@ impl AgentArgs {
             if ranges.len() > MAX_CIDRS {
                 return Err(format!("{} {flag} ranges given; at most {MAX_CIDRS} are supported", ranges.len()));
             }
-        }
-        let timeouts = [
-            ("--conntrack-tcp-timeout-syn", self.conntrack_tcp_timeout_syn),
-            ("--conntrack-tcp-timeout-established", self.conntrack_tcp_timeout_established),
-            ("--conntrack-tcp-timeout-close-wait", self.conntrack_tcp_timeout_close_wait),
-            ("--conntrack-tcp-timeout-close", self.conntrack_tcp_timeout_close),
-            ("--conntrack-udp-timeout", self.conntrack_udp_timeout),
-            ("--conntrack-udp-timeout-stream", self.conntrack_udp_timeout_stream),
-        ];
-        if let Some((flag, short)) = timeouts.iter().find(|(_, d)| *d < MIN_CONNTRACK_TIMEOUT) {
-            return Err(format!(
-                "{flag} {}s: conntrack timeouts are at least {}s (a busy flow's expiry is moved on every few seconds, not on every packet)",
-                short.as_secs(),
-                MIN_CONNTRACK_TIMEOUT.as_secs()
-            ));
         }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
             return Err(format!("{both} is given to both --iface and --xdp-iface; a packet would be translated twice"));

@@ -92,6 +92,13 @@ struct BatchAttr {
     flags: u64,
 }
 
+impl BatchAttr {
+    /// `count` entries of `fd`'s map at `keys` (and `values`: 0 for none).
+    fn new<K>(fd: BorrowedFd<'_>, keys: *const K, values: u64, count: usize) -> Self {
+        Self { keys: keys as u64, values, count: count as u32, map_fd: fd.as_raw_fd() as u32, ..Self::default() }
+    }
+}
+
 fn batch_syscall(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
     // SAFETY: the bpf syscall with an attribute block of the size given,
     // whose pointers refer to buffers that outlive the call and hold `count`
@@ -118,11 +125,7 @@ pub fn read_all_raw<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>) -> s
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { &raw mut in_batch as u64 },
             out_batch: &raw mut out_batch as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: keys.len() as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
+            ..BatchAttr::new(fd, keys.as_mut_ptr(), values.as_mut_ptr() as u64, keys.len())
         };
         let result = batch_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let filled = attr.count as usize;
@@ -150,7 +153,7 @@ pub fn delete_all<K: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> std::io::
     let mut rest = keys;
     while !rest.is_empty() {
         let chunk = &rest[..rest.len().min(BATCH)];
-        let mut attr = BatchAttr { keys: chunk.as_ptr() as u64, count: chunk.len() as u32, map_fd: fd.as_raw_fd() as u32, ..BatchAttr::default() };
+        let mut attr = BatchAttr::new(fd, chunk.as_ptr(), 0, chunk.len());
         match batch_syscall(BPF_MAP_DELETE_BATCH, &mut attr) {
             Ok(()) => {
                 deleted += attr.count as usize;
@@ -175,13 +178,7 @@ pub fn write_all<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, entries
     for chunk in entries.chunks(BATCH) {
         let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
         let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: keys.len() as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
+        let mut attr = BatchAttr::new(fd, keys.as_ptr(), values.as_ptr() as u64, keys.len());
         let result = batch_syscall(BPF_MAP_UPDATE_BATCH, &mut attr);
         written += attr.count as usize;
         match result {
@@ -209,21 +206,25 @@ pub fn write_all_spread<K: bytemuck::Pod + Send + Sync, V: bytemuck::Pod + Send 
             .zip(&cpus)
             .map(|(chunk, &cpu)| {
                 scope.spawn(move || {
-                    // SAFETY: a cpu_set_t we own, for this thread only.
-                    let pinned = unsafe {
-                        let mut set: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu as usize, &mut set);
-                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-                    };
-                    if pinned != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    pin_thread_to_cpu(cpu as usize)?;
                     write_all(fd, chunk)
                 })
             })
             .collect();
         writers.into_iter().map(|w| w.join().map_err(|_| std::io::Error::other("a writer thread panicked"))?).sum()
     })
+}
+
+/// Runs the calling thread on `cpu` only: with per-CPU LRU lists, which
+/// CPU writes an entry decides whose list it fills.
+pub fn pin_thread_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a cpu_set_t we own, filled by the libc macros, for this thread.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if pinned == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Deletes every entry of the table for which `stale` holds; returns how

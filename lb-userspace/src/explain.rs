@@ -105,15 +105,7 @@ pub fn explain(live: &PinnedMaps, probe: &Probe) -> Result<Explanation> {
     }
     let config = live.config.get(&0, 0).map_err(copy_err(lb_common::MAP_DATAPATH_CONFIG))?;
     maps.set_config(config)?;
-    let tuple = ConntrackKey {
-        src_ip: ip_be(*probe.source.ip()),
-        dst_ip: ip_be(*probe.destination.ip()),
-        src_port: probe.source.port().to_be(),
-        dst_port: probe.destination.port().to_be(),
-        proto: probe.proto,
-        _pad: 0,
-        _pad2: 0,
-    };
+    let tuple = ConntrackKey::new(probe.source, probe.destination, probe.proto);
     let found = live.conntrack.find(&tuple);
     if let Some((name, value)) = found {
         let table = maps.conntrack.named_mut(name).ok_or(Error::Missing(name))?;

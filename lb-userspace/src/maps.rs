@@ -69,16 +69,6 @@ pub struct ConntrackMaps {
 pub type ConntrackTable = HashMap<MapData, ConntrackKey, ConntrackValue>;
 
 impl ConntrackMaps {
-    /// The table that holds `proto`'s confirmed flows.
-    pub fn of(&self, proto: u8) -> &ConntrackTable {
-        if proto == IPPROTO_TCP { &self.tcp } else { &self.udp }
-    }
-
-    /// As `of`, writable, with the table's name.
-    pub fn of_mut(&mut self, proto: u8) -> (&'static str, &mut ConntrackTable) {
-        if proto == IPPROTO_TCP { (MAP_CONNTRACK_TCP, &mut self.tcp) } else { (MAP_CONNTRACK_UDP, &mut self.udp) }
-    }
-
     /// The entry for `key` wherever it is (confirmed first), with the name
     /// of its table.
     pub fn find(&self, key: &ConntrackKey) -> Option<(&'static str, ConntrackValue)> {
@@ -139,9 +129,10 @@ impl DatapathMaps {
         })
     }
 
-    /// Writes the node's settings, with this kernel's clock conversion.
+    /// Writes the node's settings; without a clock conversion, with this
+    /// kernel's (a copy of live settings keeps theirs).
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
-        let clock = crate::conntrack::datapath_clock().unwrap_or_default();
+        let clock = if config.clock.ns_per_jiffy == 0 { crate::conntrack::datapath_clock().unwrap_or_default() } else { config.clock };
         self.datapath_config.set(0, DatapathConfig { clock, ..config }, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
     }
 

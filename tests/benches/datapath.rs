@@ -15,7 +15,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::{ConntrackKey, IPPROTO_TCP, Reason, ip_be};
+use lb_common::{ConntrackKey, IPPROTO_TCP, Reason};
 use lb_tests::{
     fixture::{Fixture, desired},
     packets::Frame,
@@ -117,17 +117,9 @@ fn measure_repeated(fx: &Fixture, cases: &[Repeated]) -> Result<Vec<Row>> {
 }
 
 fn flow_keys(frame: &Frame) -> [ConntrackKey; 2] {
-    let key = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| ConntrackKey {
-        src_ip: ip_be(src.into()),
-        dst_ip: ip_be(dst.into()),
-        src_port: sport.to_be(),
-        dst_port: dport.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-            _pad2: 0,
-    };
-    let (client, service) = (frame.ip.source, frame.ip.destination);
-    [key(client, service, 40000, 80), key(service, client, 80, 40000)]
+    let client = std::net::SocketAddrV4::new(frame.ip.source.into(), 40000);
+    let service = std::net::SocketAddrV4::new(frame.ip.destination.into(), 80);
+    [ConntrackKey::new(client, service, IPPROTO_TCP), ConntrackKey::new(service, client, IPPROTO_TCP)]
 }
 
 /// New connections, one run at a time with the flow deleted in between;

@@ -110,10 +110,5 @@ pub fn desired(services: impl IntoIterator<Item = (ServicePortName, ServicePort)
 /// evicts from the list of the CPU that inserts, so the flows of a test
 /// must all be recorded on one CPU to compete.
 pub fn pin_to_one_cpu() {
-    // SAFETY: a cpu_set_t filled by the libc macros, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "pinning the test to CPU 0");
-    }
+    lb_userspace::conntrack::pin_thread_to_cpu(0).expect("pinning the test to CPU 0");
 }

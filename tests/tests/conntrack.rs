@@ -87,7 +87,7 @@ impl Svc {
     /// its SYN-ACK, or a request and its response.
     fn open(self, fixture: &Fixture, hook: Hook, client: &str) {
         let (first, answer) = if self.proto == IPPROTO_TCP {
-            (Frame::tcp_syn(client, self.frontend), syn_ack(self.backend, client))
+            (Frame::tcp_syn(client, self.frontend), Frame::tcp_syn_ack(self.backend, client))
         } else {
             (self.request(client), self.response(client))
         };
@@ -95,13 +95,6 @@ impl Svc {
         expect_pass(fixture, hook, &format!("{what}: first packet"), &first, &first.clone().with_dst(self.backend), Reason::ForwardNew);
         expect_pass(fixture, hook, &format!("{what}: answer"), &answer, &answer.clone().with_src(self.frontend), Reason::ReplyTranslated);
     }
-}
-
-fn syn_ack(src: &str, dst: &str) -> Frame {
-    Frame::tcp_syn(src, dst).with_tcp(|t| {
-        t.ack = true;
-        t.acknowledgment_number = 1001;
-    })
 }
 
 /// An ACK without data: the last packet of a close.
@@ -118,21 +111,11 @@ fn rst(src: &str, dst: &str) -> Frame {
 }
 
 fn key(src: &str, dst: &str, proto: u8) -> ConntrackKey {
-    let (src, dst) = (addr(src), addr(dst));
-    ConntrackKey {
-        src_ip: ip_be(*src.ip()),
-        dst_ip: ip_be(*dst.ip()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto,
-        _pad: 0,
-        _pad2: 0,
-    }
+    ConntrackKey::new(addr(src), addr(dst), proto)
 }
 
 fn endpoint(s: &str) -> Endpoint {
-    let a = addr(s);
-    Endpoint { ip: ip_be(*a.ip()), port: a.port().to_be() }
+    addr(s).into()
 }
 
 /// The stored entry for `key`, if any, in whichever table holds it (a
@@ -271,7 +254,7 @@ fn tcp_flags_move_both_entries_through_their_states() {
         #[rustfmt::skip]
         let close = vec![
             Step { what: "the client's SYN", input: Frame::tcp_syn(client, vip), output: to_backend(Frame::tcp_syn(client, vip)), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: 60 },
-            Step { what: "the backend's SYN-ACK", input: syn_ack(backend, client), output: to_client(syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
+            Step { what: "the backend's SYN-ACK", input: Frame::tcp_syn_ack(backend, client), output: to_client(Frame::tcp_syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
             Step { what: "the client's data", input: WEB.request(client), output: to_backend(WEB.request(client)), reason: Reason::ForwardEstablished, state: "established", flags: seen, secs: 86_400 },
             Step { what: "the client's FIN", input: fin(client, vip), output: to_backend(fin(client, vip)), reason: Reason::ForwardEstablished, state: "half_closed", flags: seen | FLOW_CLIENT_FIN, secs: 3_600 },
             Step { what: "the backend's data after the client's FIN", input: WEB.response(client), output: to_client(WEB.response(client)), reason: Reason::ReplyTranslated, state: "half_closed", flags: seen | FLOW_CLIENT_FIN, secs: 3_600 },
@@ -284,7 +267,7 @@ fn tcp_flags_move_both_entries_through_their_states() {
         #[rustfmt::skip]
         let reset = vec![
             Step { what: "another SYN", input: Frame::tcp_syn(client, vip), output: to_backend(Frame::tcp_syn(client, vip)), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: 60 },
-            Step { what: "its SYN-ACK", input: syn_ack(backend, client), output: to_client(syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
+            Step { what: "its SYN-ACK", input: Frame::tcp_syn_ack(backend, client), output: to_client(Frame::tcp_syn_ack(backend, client)), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: 86_400 },
             Step { what: "a RST from the client", input: rst(client, vip), output: to_backend(rst(client, vip)), reason: Reason::ForwardEstablished, state: "reset", flags: seen | FLOW_RESET, secs: 10 },
         ];
         run_steps(&fixture, hook, "reset", &WEB.forward_key(client), reset);
@@ -318,7 +301,7 @@ fn a_syn_on_a_closed_tuple_is_a_new_connection() {
             let client = client.as_str();
             let syn = Frame::tcp_syn(client, vip);
             let old = syn_to_either(&fixture, hook, &format!("{closed}: first SYN"), &syn, Reason::ForwardNew);
-            expect_pass(&fixture, hook, &format!("{closed}: SYN-ACK"), &syn_ack(&old, client), &syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
+            expect_pass(&fixture, hook, &format!("{closed}: SYN-ACK"), &Frame::tcp_syn_ack(&old, client), &Frame::tcp_syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
             for packet in closing(client, &old) {
                 let (result, _) = send(&fixture, hook, closed, &packet.bytes());
                 assert_eq!(result.verdict, Verdict::Pass, "{hook:?}: {closed}: closing packet");
@@ -334,7 +317,7 @@ fn a_syn_on_a_closed_tuple_is_a_new_connection() {
             if new != old {
                 assert_eq!(entry(&fixture, &key(&old, client, IPPROTO_TCP)), None, "{hook:?}: {what}: the old backend's reply entry is gone");
             }
-            expect_pass(&fixture, hook, &format!("{what}: its SYN-ACK"), &syn_ack(&new, client), &syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
+            expect_pass(&fixture, hook, &format!("{what}: its SYN-ACK"), &Frame::tcp_syn_ack(&new, client), &Frame::tcp_syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
             assert_flow(&fixture, &forward, &format!("{hook:?}: {what}: answered"), "established", FLOW_SEEN_REPLY, 86_400);
         }
 
@@ -344,7 +327,7 @@ fn a_syn_on_a_closed_tuple_is_a_new_connection() {
         let client = "10.0.0.4:40000";
         let syn = Frame::tcp_syn(client, vip);
         let old = syn_to_either(&fixture, hook, "a SYN", &syn, Reason::ForwardNew);
-        expect_pass(&fixture, hook, "SYN-ACK", &syn_ack(&old, client), &syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
+        expect_pass(&fixture, hook, "SYN-ACK", &Frame::tcp_syn_ack(&old, client), &Frame::tcp_syn_ack(&old, client).with_src(vip), Reason::ReplyTranslated);
         expect_pass(&fixture, hook, "a RST from the client", &rst(client, vip), &rst(client, vip).with_dst(&old), Reason::ForwardEstablished);
         let other = endpoints[usize::from(old == backends[0])];
         fixture.program(&web_on(&[other]));
@@ -352,7 +335,7 @@ fn a_syn_on_a_closed_tuple_is_a_new_connection() {
         assert_ne!(new, old, "{hook:?}: the new connection goes to the remaining backend");
         assert_eq!(entry(&fixture, &key(&old, client, IPPROTO_TCP)), None, "{hook:?}: the closed flow's reply entry is gone");
         assert_flow(&fixture, &WEB.forward_key(client), &format!("{hook:?}: the new connection to {new}"), "syn_sent", 0, 60);
-        expect_pass(&fixture, hook, "the new backend's SYN-ACK", &syn_ack(&new, client), &syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
+        expect_pass(&fixture, hook, "the new backend's SYN-ACK", &Frame::tcp_syn_ack(&new, client), &Frame::tcp_syn_ack(&new, client).with_src(vip), Reason::ReplyTranslated);
         expect_untouched(&fixture, hook, "a stray ACK from the old backend", &ack(&old, client));
         fixture.program(&web_on(&endpoints));
 
@@ -366,7 +349,7 @@ fn a_syn_on_a_closed_tuple_is_a_new_connection() {
             expect_pass(&fixture, hook, &format!("SYN retransmission {i}"), &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
         }
         assert_flow(&fixture, &WEB.forward_key(client), &format!("{hook:?}: after the retransmissions"), "syn_sent", 0, 60);
-        expect_pass(&fixture, hook, "SYN-ACK", &syn_ack(&backend, client), &syn_ack(&backend, client).with_src(vip), Reason::ReplyTranslated);
+        expect_pass(&fixture, hook, "SYN-ACK", &Frame::tcp_syn_ack(&backend, client), &Frame::tcp_syn_ack(&backend, client).with_src(vip), Reason::ReplyTranslated);
         expect_pass(&fixture, hook, "a late SYN on the established flow", &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
         expect_pass(&fixture, hook, "the client's FIN", &fin(client, vip), &fin(client, vip).with_dst(&backend), Reason::ForwardEstablished);
         expect_pass(&fixture, hook, "a late SYN on the half-closed flow", &syn, &syn.clone().with_dst(&backend), Reason::ForwardEstablished);
@@ -403,7 +386,7 @@ fn a_closed_flows_reply_entry_leaves_a_direct_connection_alone() {
 
             // The backend answering a direct connection from the client's
             // port is not the service's flow.
-            let direct = syn_ack(backend, client);
+            let direct = Frame::tcp_syn_ack(backend, client);
             expect_untouched(&fixture, hook, &format!("{closed}: a SYN-ACK from the backend on the same ports"), &direct);
             let reply_after = expect_entry(&fixture, &WEB.reply_key(client), &format!("{hook:?}: {closed}: after the direct SYN-ACK"));
             assert_eq!(reply_after, reply_before, "{hook:?}: {closed}: the closed flow's reply entry is left as it was");
@@ -547,7 +530,7 @@ fn open_translated(fixture: &Fixture, hook: Hook, svc: Svc, client: &str) -> u16
     assert!(SNAT_PORTS.contains(&port), "{hook:?}: {what}: source port {port}");
     let node = format!("192.168.0.1:{port}");
     assert_eq!(result.output, first.clone().with_src(&node).with_dst(svc.backend).bytes(), "{hook:?}: {what}: output");
-    let answer = if svc.proto == IPPROTO_TCP { syn_ack(svc.backend, &node) } else { svc.response(&node) };
+    let answer = if svc.proto == IPPROTO_TCP { Frame::tcp_syn_ack(svc.backend, &node) } else { svc.response(&node) };
     expect_pass(fixture, hook, &format!("{what}: answer"), &answer, &answer.clone().with_src(svc.frontend).with_dst(client), Reason::ReplyTranslated);
     port
 }
@@ -564,6 +547,15 @@ fn expect_no_port(fixture: &Fixture, hook: Hook, svc: Svc, client: &str, what: &
     let first = if svc.proto == IPPROTO_TCP { Frame::tcp_syn(client, svc.frontend) } else { svc.request(client) };
     let (result, reason) = send(fixture, hook, what, &first.bytes());
     assert_eq!((result.verdict, reason), (Verdict::Drop, Reason::DropNoSnatPort), "{hook:?} {}: {what}", svc.name());
+}
+
+/// Makes both entries of each source-translated flow (`clients[i]` on the
+/// node's port `ports[i]`) expired.
+fn expire_translated(fixture: &mut Fixture, svc: Svc, clients: &[String], ports: &[u16]) {
+    for (client, port) in clients.iter().zip(ports) {
+        set_expires(fixture, &key(client, svc.frontend, svc.proto), now_ticks() - 1);
+        set_expires(fixture, &key(svc.backend, &format!("192.168.0.1:{port}"), svc.proto), now_ticks() - 1);
+    }
 }
 
 fn clients(net: u8) -> Vec<String> {
@@ -613,10 +605,7 @@ fn closed_flows_free_their_source_nat_ports() {
         expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the late RST");
 
         // Live flows whose entries expired hold nothing.
-        for (client, port) in second.iter().zip(&reused) {
-            set_expires(&mut fixture, &key(client, NODE_PORT, IPPROTO_TCP), now_ticks() - 1);
-            set_expires(&mut fixture, &key(web.backend, &format!("192.168.0.1:{port}"), IPPROTO_TCP), now_ticks() - 1);
-        }
+        expire_translated(&mut fixture, web, &second, &reused);
         fill_ports(&fixture, hook, web, &clients(2));
         expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the expired ports were reused");
     }
@@ -630,10 +619,7 @@ fn expired_udp_flows_free_their_source_nat_ports() {
         let first = clients(0);
         let ports = fill_ports(&fixture, hook, dns, &first);
         expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow while four live flows hold the ports");
-        for (client, port) in first.iter().zip(&ports) {
-            set_expires(&mut fixture, &key(client, UDP_NODE_PORT, IPPROTO_UDP), now_ticks() - 1);
-            set_expires(&mut fixture, &key(dns.backend, &format!("192.168.0.1:{port}"), IPPROTO_UDP), now_ticks() - 1);
-        }
+        expire_translated(&mut fixture, dns, &first, &ports);
         fill_ports(&fixture, hook, dns, &clients(1));
         expect_no_port(&fixture, hook, dns, "10.0.9.9:40000", "a fifth UDP flow after the expired ports were reused");
     }
@@ -655,7 +641,7 @@ fn entries_live_as_long_as_their_state_says() {
             #[rustfmt::skip]
             let tcp = vec![
                 Step { what: "a SYN", input: Frame::tcp_syn(client, vip), output: Frame::tcp_syn(client, vip).with_dst(backend), reason: Reason::ForwardNew, state: "syn_sent", flags: 0, secs: syn_secs },
-                Step { what: "its SYN-ACK", input: syn_ack(backend, client), output: syn_ack(backend, client).with_src(vip), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: established },
+                Step { what: "its SYN-ACK", input: Frame::tcp_syn_ack(backend, client), output: Frame::tcp_syn_ack(backend, client).with_src(vip), reason: Reason::ReplyTranslated, state: "established", flags: seen, secs: established },
                 Step { what: "the backend's FIN", input: fin(backend, client), output: fin(backend, client).with_src(vip), reason: Reason::ReplyTranslated, state: "half_closed", flags: seen | FLOW_BACKEND_FIN, secs: half_closed },
                 Step { what: "the client's FIN", input: fin(client, vip), output: fin(client, vip).with_dst(backend), reason: Reason::ForwardEstablished, state: "closed", flags: seen | FLOW_CLIENT_FIN | FLOW_BACKEND_FIN, secs: closed },
             ];

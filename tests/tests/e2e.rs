@@ -1009,25 +1009,22 @@ fn a_hundred_port_source_nat_range_serves_two_thousand_sequential_connections() 
 /// holds only its share of the table).
 /// Returns how many entries went in.
 fn fill_conntrack(dir: &std::path::Path, name: &'static str, proto: u8, service_id: u32, flows: u32) -> usize {
-    use lb_common::{CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, lifecycle};
+    use lb_common::{CT_FORWARD, ConntrackKey, ConntrackValue, lifecycle};
+    use std::net::Ipv4Addr;
     let table = aya::maps::MapData::from_pin(dir.join(name)).expect("pinned conntrack table");
     let expires = lb_userspace::conntrack::now_ticks() + lifecycle::ticks_from_secs(3600);
-    let key = |src: u32, dst: u32, sport: u16, dport: u16| ConntrackKey { src_ip: src.to_be(), dst_ip: dst.to_be(), src_port: sport.to_be(), dst_port: dport.to_be(), proto, _pad: 0, _pad2: 0 };
+    let (vip, backend) = (SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80), SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080));
     let entries: Vec<(ConntrackKey, ConntrackValue)> = (0..flows)
         .flat_map(|i| {
-            // Clients 100.64.0.0/10, one port each; the backend 10.244.1.2:8080.
-            let (client, port, vip, backend) = (0x6440_0000 + (i >> 4), 1024 + (i & 0xf) as u16, 0x0a60_000a, 0x0af4_0102);
-            let forward = key(client, vip, port, 80);
-            let reply = key(backend, client, 8080, port);
-            let stamped = |mut v: ConntrackValue| {
-                v.flow_flags = lifecycle::FLOW_SEEN_REPLY;
-                v.expires = expires;
-                v
+            // Clients from 100.64.0.0, 16 ports each.
+            let client = SocketAddrV4::new(Ipv4Addr::from(0x6440_0000 + (i >> 4)), 1024 + (i & 0xf) as u16);
+            let forward = ConntrackKey::new(client, vip, proto);
+            let value = ConntrackValue {
+                flow_flags: lifecycle::FLOW_SEEN_REPLY,
+                expires,
+                ..ConntrackValue::translating(&forward, forward.source(), backend.into(), service_id, 0, CT_FORWARD)
             };
-            [
-                (forward, stamped(ConntrackValue::translating(&forward, forward.source(), reply.source(), service_id, 0, CT_FORWARD))),
-                (reply, stamped(ConntrackValue::translating(&reply, forward.destination(), forward.source(), service_id, 0, CT_REPLY))),
-            ]
+            [(forward, value), (value.partner_key(proto), value.partner(&forward))]
         })
         .collect();
     use std::os::fd::AsFd;

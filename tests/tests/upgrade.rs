@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
     CT_FORWARD, CT_REPLY, ConntrackKey, ConntrackValue, DatapathConfig, Endpoint, IPPROTO_TCP, IPPROTO_UDP,
-    MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP, MAX_CONNTRACK_ENTRIES, Reason, ip_be,
+    MAP_CONNTRACK_TCP, MAP_CONNTRACK_UDP, MAX_CONNTRACK_ENTRIES, Reason,
     lifecycle::{FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_RESET, FLOW_SEEN_REPLY},
 };
 use lb_tests::{
@@ -69,19 +69,11 @@ fn sock(ip: [u8; 4], port: u16) -> SocketAddrV4 {
 }
 
 fn endpoint(a: SocketAddrV4) -> Endpoint {
-    Endpoint { ip: ip_be(*a.ip()), port: a.port().to_be() }
+    a.into()
 }
 
 fn key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> ConntrackKey {
-    ConntrackKey {
-        src_ip: ip_be(*src.ip()),
-        dst_ip: ip_be(*dst.ip()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto,
-        _pad: 0,
-        _pad2: 0,
-    }
+    ConntrackKey::new(src, dst, proto)
 }
 
 /// A translated flow as a previous agent recorded it: client to frontend,

@@ -669,7 +669,6 @@ fn entries_live_as_long_as_their_state_says() {
 #[test]
 fn a_syn_flood_does_not_evict_an_idle_established_connection() {
     use lb_common::{MAP_CONNTRACK_TCP_PENDING, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES};
-    use lb_userspace::{conntrack::{Table, collect_tables}, maps::table_fd};
     lb_tests::fixture::pin_to_one_cpu();
     let fixture = Fixture::new(&desired([service("web", [10, 96, 0, 10], 80, Protocol::Tcp, &[([10, 244, 1, 2], 8080)])]));
     let syn = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.10:80");
@@ -699,18 +698,7 @@ fn a_syn_flood_does_not_evict_an_idle_established_connection() {
     let after = fixture.reason_totals();
     assert_eq!(after[Reason::ForwardEstablished as usize], before[Reason::ForwardEstablished as usize] + 1, "and is still tracked");
 
-    let conntrack = &fixture.datapath.maps.conntrack;
-    let tables: Vec<Table<'_>> = conntrack
-        .tables()
-        .into_iter()
-        .map(|(name, proto, table)| Table {
-            name,
-            proto,
-            fd: table_fd(table),
-            capacity: if name == MAP_CONNTRACK_TCP_PENDING { MAX_PENDING_ENTRIES } else { MAX_CONNTRACK_ENTRIES },
-        })
-        .collect();
-    let pass = collect_tables(&tables, now_ticks()).expect("a collection pass");
+    let pass = collect(&fixture);
     let live = |table: &str| pass.tables.iter().find(|(name, _)| *name == table).map_or(0, |(_, n)| *n);
     let pending_share = u64::from(MAX_PENDING_ENTRIES / cpus);
     println!(
@@ -764,4 +752,55 @@ fn fragments_of_a_tracked_flow_are_translated() {
         let out = fixture.run(hook, &elsewhere[1]);
         assert_eq!((out.verdict, &out.output), (Verdict::Pass, &elsewhere[1]), "{hook:?}: not a service's: unchanged");
     }
+}
+
+/// The agent's garbage collection deletes the entries that expired and only
+/// those, and counts the live ones by table and state: one TCP and one UDP
+/// flow expired, one of each still live.
+#[test]
+fn garbage_collection_deletes_expired_entries_and_counts_the_rest() {
+    let mut fixture = Fixture::new(&services());
+    let (expired, live) = ("10.0.0.2:40000", "10.0.0.2:40001");
+    for svc in [WEB, DNS] {
+        svc.open(&fixture, Hook::Xdp, expired);
+        svc.open(&fixture, Hook::Xdp, live);
+        set_expires(&mut fixture, &svc.forward_key(expired), now_ticks() - 1);
+        set_expires(&mut fixture, &svc.reply_key(expired), now_ticks() - 1);
+    }
+    let pass = collect(&fixture);
+    assert_eq!(pass.deleted, 4, "both entries of both expired flows");
+    for svc in [WEB, DNS] {
+        for (what, key, alive) in [
+            ("expired forward", svc.forward_key(expired), false),
+            ("expired reply", svc.reply_key(expired), false),
+            ("live forward", svc.forward_key(live), true),
+            ("live reply", svc.reply_key(live), true),
+        ] {
+            assert_eq!(entry(&fixture, &key).is_some(), alive, "{} {what}", svc.name());
+        }
+    }
+    let count = |protocol: &str, state: &str| pass.entries.iter().find(|(p, s, _)| *p == protocol && *s == state).map_or(0, |e| e.2);
+    assert_eq!((count("TCP", "established"), count("UDP", "udp_answered")), (2, 2), "live entries by state: {:?}", pass.entries);
+    assert_eq!(pass.tables.iter().map(|(_, n)| n).sum::<u64>(), 4, "live entries by table: {:?}", pass.tables);
+}
+
+/// One garbage collection pass over the fixture's tables, as the agent's
+/// collector makes over the pinned ones.
+fn collect(fixture: &Fixture) -> lb_userspace::conntrack::GcPass {
+    use lb_common::{MAP_CONNTRACK_TCP_PENDING, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES};
+    use lb_userspace::{conntrack::{Table, collect_tables}, maps::table_fd};
+    let tables: Vec<Table<'_>> = fixture
+        .datapath
+        .maps
+        .conntrack
+        .tables()
+        .into_iter()
+        .map(|(name, proto, table)| Table {
+            name,
+            proto,
+            fd: table_fd(table),
+            capacity: if name == MAP_CONNTRACK_TCP_PENDING { MAX_PENDING_ENTRIES } else { MAX_CONNTRACK_ENTRIES },
+        })
+        .collect();
+    collect_tables(&tables, now_ticks()).expect("a collection pass")
 }

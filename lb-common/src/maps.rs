@@ -69,6 +69,11 @@ pub const PROG_SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 
+/// A read-only global of the socket programs, set before loading: 1 where
+/// the kernel has `bpf_set_retval` (5.18). The verifier reads it as a
+/// constant, so on older kernels it never reaches the call it would reject.
+pub const GLOBAL_SOCK_SET_RETVAL: &str = "LB_SOCK_SET_RETVAL";
+
 pub const MAX_FRONTENDS: u32 = 65_536;
 pub const MAX_VIPS: u32 = 65_536;
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
@@ -257,7 +262,10 @@ pub struct DatapathConfig {
     pub service_cidrs: Ipv4Cidrs,
     /// How long conntrack entries live without traffic, by state.
     pub ct_lifetimes: ConntrackLifetimes,
-    pub _pad: u32,
+    /// `KERNEL_FALLBACK_*` bits: the older mechanisms the agent uses where
+    /// the kernel lacks a feature (or was told to), for inspection tools;
+    /// the datapath does not read it.
+    pub kernel_fallbacks: u32,
     /// How the datapath reads the monotonic clock: from jiffies, which the
     /// verifier inlines into one load.
     pub clock: DatapathClock,
@@ -289,6 +297,16 @@ impl DatapathClock {
 
 /// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
 pub const DATAPATH_ANSWER_ECHO: u32 = 1;
+
+/// `DatapathConfig::kernel_fallbacks`: tc programs attached as a cls_bpf
+/// filter on a clsact qdisc, not with tcx links (Linux 6.6).
+pub const KERNEL_FALLBACK_TC_NETLINK: u32 = 1;
+/// A refused connect fails with EPERM, not ECONNREFUSED: no
+/// `bpf_set_retval` (Linux 5.18).
+pub const KERNEL_FALLBACK_CONNECT_EPERM: u32 = 1 << 1;
+/// The socket programs could not be loaded: the node's own processes do
+/// not reach services.
+pub const KERNEL_FALLBACK_NO_SOCKET_LB: u32 = 1 << 2;
 
 /// How many address ranges an `Ipv4Cidrs` holds.
 pub const MAX_CIDRS: usize = 4;

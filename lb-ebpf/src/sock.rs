@@ -4,7 +4,7 @@
 //! connected UDP) or sends (unconnected UDP), and translated back where the
 //! application reads the peer (received datagrams, getpeername).
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
@@ -18,6 +18,13 @@ pub const ALLOW: i32 = 1;
 pub const REFUSE: i32 = 0;
 
 const ECONNREFUSED: i32 = 111;
+
+/// 1 where the kernel has `bpf_set_retval` (Linux 5.18), set by the agent
+/// before loading (`lb_common::GLOBAL_SOCK_SET_RETVAL`). It lives in the
+/// object's frozen read-only data, which the verifier reads as a constant:
+/// with 0 it never walks the helper call, which older kernels reject.
+#[unsafe(no_mangle)]
+static LB_SOCK_SET_RETVAL: Global<u8> = Global::new(0);
 
 /// connect4 and sendmsg4: a service frontend becomes one of its backends.
 #[inline(always)]
@@ -38,9 +45,12 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
         // No endpoints: fail at once with "connection refused", as a reject
         // does for packets (and kube-proxy's REJECT rule).
         stats::count_service_reject(fe.service_id);
-        // SAFETY: a helper call with a scalar argument; its result only says
-        // whether the error was set, and EPERM is the fallback either way.
-        let _fallback_eperm = unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if LB_SOCK_SET_RETVAL.load() != 0 {
+            // SAFETY: a helper call with a scalar argument; its result only
+            // says whether the error was set, and EPERM is the fallback
+            // either way.
+            let _fallback_eperm = unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return REFUSE;
     };
     // SAFETY: a helper taking the program's own context.

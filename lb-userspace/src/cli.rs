@@ -139,6 +139,12 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_socket_lb: bool,
 
+    /// Use the older mechanism even where the kernel has this feature (so
+    /// the fallbacks of older kernels can be tried on a new one). Repeatable
+    /// or comma-separated. `lbctl kernel` shows what is in use.
+    #[arg(long, value_name = "FEATURE", value_enum, value_delimiter = ',')]
+    pub disable_kernel_feature: Vec<crate::features::Feature>,
+
     /// Directory on a bpf filesystem where the maps are pinned; distinct per
     /// agent when several run on one machine.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]

@@ -14,19 +14,20 @@ use aya::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
         xdp::{XdpLink, XdpLinkId},
     },
 };
 use lb_common::{
-    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_INGRESS, PROG_XDP,
-    PROG_XDP_FLOOR,
+    GLOBAL_SOCK_SET_RETVAL, PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR,
 };
 use tracing::{info, warn};
 
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
+    features::{Feature, KernelFeatures},
     maps::{self, DatapathMaps, MapSettings, OBJECT_MAPS, PinnedState},
 };
 
@@ -45,6 +46,13 @@ const SOCK_PROGRAMS: [&str; 4] = [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_S
 /// Pin name prefix of a socket program's cgroup link.
 const CGROUP_LINK_PREFIX: &str = "cgroup-";
 
+/// Where tc programs go without tcx: the cls_bpf filter at this priority
+/// and handle on the clsact qdisc's ingress. Fixed, so that the next agent
+/// replaces the filter in place (Cilium does the same), and with a handle
+/// no other tool picks ("LB"), so that nobody else's filter is replaced.
+const LEGACY_TC_PRIORITY: u16 = 1;
+const LEGACY_TC_HANDLE: u32 = 0x4c42;
+
 /// The loaded datapath: its programs (attached or not) and its maps.
 /// Dropping it detaches every program it attached, except those handed to
 /// bpffs by `keep_attached`.
@@ -56,18 +64,21 @@ pub struct Datapath {
     attached: HashMap<String, Attachment>,
     /// The socket programs' cgroup links, by program.
     sock_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    /// The kernel features in use, and the fallbacks.
+    features: KernelFeatures,
 }
 
 #[derive(Debug)]
 enum Attachment {
-    Tc(SchedClassifierLinkId),
+    /// A tcx link, or without tcx a cls_bpf filter.
+    Tc(SchedClassifierLinkId, LinkKind),
     Xdp(XdpLinkId),
 }
 
 impl Attachment {
     const fn kind(&self) -> LinkKind {
         match self {
-            Attachment::Tc(_) => LinkKind::TcIngress,
+            Attachment::Tc(_, kind) => *kind,
             Attachment::Xdp(_) => LinkKind::Xdp,
         }
     }
@@ -76,13 +87,20 @@ impl Attachment {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LinkKind {
     TcIngress,
+    /// A cls_bpf filter (no tcx). It is not a bpf object and cannot be
+    /// pinned: an empty directory of this name in the links directory says
+    /// that a previous agent left one on the interface.
+    TcIngressLegacy,
     Xdp,
 }
 
 impl LinkKind {
+    const ALL: [LinkKind; 3] = [LinkKind::TcIngress, LinkKind::TcIngressLegacy, LinkKind::Xdp];
+
     const fn prefix(self) -> &'static str {
         match self {
             LinkKind::TcIngress => "tc-ingress@",
+            LinkKind::TcIngressLegacy => "tc-legacy@",
             LinkKind::Xdp => "xdp@",
         }
     }
@@ -103,8 +121,10 @@ impl Datapath {
     /// copy, for tests, benchmarks and `lbctl explain`).
     /// Its eBPF logging is off.
     pub fn load() -> Result<Self> {
-        let ebpf = EbpfLoader::new().override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
-        let mut datapath = Self::load_with(ebpf, None)?;
+        let features = KernelFeatures::probe(&[]);
+        let mut loader = loader(&features);
+        let ebpf = loader.override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
+        let mut datapath = Self::load_with(ebpf, None, features)?;
         // The default settings (conntrack lifetimes among them), as a
         // freshly started agent writes before anything is attached.
         datapath.maps.set_config(lb_common::DatapathConfig::default())?;
@@ -115,15 +135,21 @@ impl Datapath {
     /// filesystem), taking over the maps a previous agent pinned there when
     /// their layout agrees, so flows, backend sets and counters survive a
     /// restart or an upgrade.
-    /// The programs log (through `take_logger`) up to `log_level`.
+    /// The programs log (through `take_logger`) up to `log_level`, and use
+    /// the kernel features of `features`.
     ///
     /// Conntrack tables of an earlier layout or another size are migrated:
     /// their flows are written into the new tables before any program is
     /// attached.
-    pub fn load_pinned(dir: &Path, log_level: Option<aya_log::Level>, settings: &MapSettings) -> Result<(Self, PinnedState)> {
+    pub fn load_pinned(
+        dir: &Path,
+        log_level: Option<aya_log::Level>,
+        settings: &MapSettings,
+        features: KernelFeatures,
+    ) -> Result<(Self, PinnedState)> {
         ensure_bpffs(dir)?;
         let mut pinned = maps::check_pins(dir, settings)?;
-        let mut loader = EbpfLoader::new();
+        let mut loader = loader(&features);
         let level = log_level.map_or(EBPF_LOG_OFF, |l| l as u8);
         loader.override_global(aya_log::LEVEL, &level, true);
         for name in OBJECT_MAPS {
@@ -134,7 +160,7 @@ impl Datapath {
         }
         let links_dir = dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(|e| Error::Pin { path: links_dir.clone(), reason: e.to_string() })?;
-        let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir))?;
+        let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir), features)?;
         for (name, entries) in &mut pinned.migrated {
             let table = datapath.maps.conntrack.named(name).ok_or(Error::Missing(name))?;
             let written = crate::conntrack::write_all_spread(maps::table_fd(table), entries)
@@ -144,7 +170,10 @@ impl Datapath {
         Ok((Self { links_dir: Some(links_dir), ..datapath }, pinned))
     }
 
-    fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
+    /// Loads the programs one by one: the packet programs must load, the
+    /// socket programs may not (a kernel without one of their hooks), and
+    /// then the socket-level balancing is off.
+    fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>, mut features: KernelFeatures) -> Result<Self> {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_INGRESS)?;
         tc.load().map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
         for name in [PROG_XDP, PROG_XDP_FLOOR] {
@@ -153,17 +182,30 @@ impl Datapath {
         }
         for name in SOCK_PROGRAMS {
             let sock: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            sock.load().map_err(|source| Error::Program { name, source })?;
+            if let Err(e) = sock.load() {
+                warn!(program = name, "{e}: the socket programs are off");
+                features.without_socket_programs();
+                break;
+            }
         }
         let maps = DatapathMaps::take(&mut ebpf, pin_dir)?;
-        Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new(), sock_links: Vec::new() })
+        Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new(), sock_links: Vec::new(), features })
     }
 
-    /// Attaches the tc program at the ingress of `iface` (tcx), taking over
-    /// the attachment a previous agent left pinned there if any.
+    /// The kernel features in use, and the fallbacks.
+    pub const fn features(&self) -> KernelFeatures {
+        self.features
+    }
+
+    /// Attaches the tc program at the ingress of `iface`, taking over the
+    /// attachment a previous agent left there if any: with a tcx link where
+    /// the kernel has tcx, else with a cls_bpf filter (`attach_tc_legacy`).
     pub fn attach_tc(&mut self, iface: &str) -> Result<Attached> {
         if self.attached.contains_key(iface) {
             return Ok(Attached::Fresh);
+        }
+        if !self.features.uses(Feature::Tcx) {
+            return self.attach_tc_legacy(iface);
         }
         let pinned = self.take_pinned_link(iface, LinkKind::TcIngress);
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
@@ -171,9 +213,70 @@ impl Datapath {
             let link = SchedClassifierLink::try_from(pinned?).map_err(|e| e.to_string())?;
             tc.attach_to_link(link).map_err(|e| e.to_string())
         });
-        let (id, how) = take_over_or(iface, taken_over, || tc.attach(iface, TcAttachType::Ingress))?;
-        self.attached.insert(iface.into(), Attachment::Tc(id));
+        let tcx = TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default());
+        let (id, how) = take_over_or(iface, taken_over, || tc.attach_with_options(iface, TcAttachType::Ingress, tcx))?;
+        self.attached.insert(iface.into(), Attachment::Tc(id, LinkKind::TcIngress));
+        // A previous agent that ran without tcx left a filter: both run
+        // until it goes (the first to translate wins, the other then sees a
+        // backend, not a service).
+        if self.take_legacy_marker(iface)? {
+            remove_legacy_filter(iface);
+        }
         Ok(how)
+    }
+
+    /// Attaches the tc program as a direct-action cls_bpf filter on the
+    /// interface's clsact qdisc (created if missing, and left for others'
+    /// filters when the agent goes). A previous agent's filter is replaced
+    /// in place, one atomic swap of the program, so no packet goes
+    /// untranslated.
+    fn attach_tc_legacy(&mut self, iface: &str) -> Result<Attached> {
+        let attach_err = |source: aya::programs::ProgramError| Error::Attach { iface: iface.into(), source };
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface) {
+            // EEXIST: the qdisc is there already (ours or another tool's).
+            let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(attach_err(e.into()));
+            }
+        }
+        let had_marker = self.take_legacy_marker(iface)?;
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
+        let handle = TcHandle::from(LEGACY_TC_HANDLE);
+        let ours = SchedClassifierLink::attached(iface, TcAttachType::Ingress, LEGACY_TC_PRIORITY, handle, None)
+            .map_err(|e| attach_err(aya::programs::tc::TcError::IoError(e).into()))?;
+        // Without NLM_F_CREATE this fails (ENOENT) unless our filter is there.
+        let (id, how) = match tc.attach_to_link(ours) {
+            Ok(id) => (id, Attached::TakenOver),
+            Err(e) => {
+                if had_marker {
+                    warn!(iface, "the previous agent's filter could not be replaced ({e}); attaching afresh");
+                }
+                let options = NlOptions { priority: LEGACY_TC_PRIORITY, handle, classid: None };
+                let id = tc
+                    .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options))
+                    .map_err(attach_err)?;
+                (id, Attached::Fresh)
+            }
+        };
+        self.attached.insert(iface.into(), Attachment::Tc(id, LinkKind::TcIngressLegacy));
+        // A previous agent's tcx link (it had tcx, this one was told not to
+        // use it) goes now that the filter is in place.
+        match self.take_pinned_link(iface, LinkKind::TcIngress) {
+            Some(Ok(previous)) => drop(previous),
+            Some(Err(e)) => warn!(iface, "the previous agent's tcx link: {e}"),
+            None => {}
+        }
+        Ok(how)
+    }
+
+    /// Removes the marker of a previous agent's cls_bpf filter on `iface`;
+    /// says whether there was one.
+    fn take_legacy_marker(&self, iface: &str) -> Result<bool> {
+        let Some(marker) = self.link_pin(iface, LinkKind::TcIngressLegacy).filter(|path| path.exists()) else {
+            return Ok(false);
+        };
+        std::fs::remove_dir(&marker).map_err(|e| pin_err(&marker, e))?;
+        Ok(true)
     }
 
     /// Attaches the XDP program to `iface` (native mode where the driver
@@ -236,7 +339,7 @@ impl Datapath {
     /// attachment).
     pub fn detach(&mut self, iface: &str) -> Result<()> {
         match self.attached.remove(iface) {
-            Some(Attachment::Tc(id)) => {
+            Some(Attachment::Tc(id, _)) => {
                 let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
                 tc.detach(id).map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
             }
@@ -260,13 +363,14 @@ impl Datapath {
             if file.starts_with(CGROUP_LINK_PREFIX) {
                 continue;
             }
-            let iface = [LinkKind::TcIngress, LinkKind::Xdp]
+            let Some((kind, iface)) = LinkKind::ALL
                 .into_iter()
-                .find_map(|kind| file.strip_prefix(kind.prefix()))
-                .map(decode_pin_name);
-            if let Some(iface) = iface.filter(|i| !self.attached.contains_key(i)) {
-                // Unpinning drops the last reference: the program detaches.
-                std::fs::remove_file(entry.path()).map_err(|e| Error::Pin { path: entry.path(), reason: e.to_string() })?;
+                .find_map(|kind| Some((kind, decode_pin_name(file.strip_prefix(kind.prefix())?))))
+            else {
+                continue;
+            };
+            if !self.attached.contains_key(&iface) {
+                release_pinned(&entry.path(), kind, &iface)?;
                 released.push(iface);
             }
         }
@@ -282,7 +386,21 @@ impl Datapath {
         for (iface, attachment) in std::mem::take(&mut self.attached) {
             let path = dir.join(format!("{}{}", attachment.kind().prefix(), encode_pin_name(&iface)));
             let link = match attachment {
-                Attachment::Tc(id) => program_mut::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?
+                Attachment::Tc(id, LinkKind::TcIngressLegacy) => {
+                    let link = program_mut::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?
+                        .take_link(id)
+                        .map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
+                    // Dropping the link would delete the filter: it stays
+                    // for the next agent, which knows it by its priority and
+                    // handle, and by the marker.
+                    std::mem::forget(link);
+                    match std::fs::create_dir(&path) {
+                        Ok(()) => kept += 1,
+                        Err(e) => warn!(iface, "{}; the filter stays but the next agent may attach beside it", pin_err(&path, e)),
+                    }
+                    continue;
+                }
+                Attachment::Tc(id, _) => program_mut::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?
                     .take_link(id)
                     .map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
                     .and_then(|link| FdLink::try_from(link).map_err(|e| pin_err(&path, e))),
@@ -443,6 +561,12 @@ pub fn remove_pinned(dir: &Path) -> Result<usize> {
     pins.extend(OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| dir.join(name)));
     let mut removed = 0;
     for pin in pins.iter().filter(|pin| pin.exists()) {
+        let legacy = pin.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(LinkKind::TcIngressLegacy.prefix()));
+        if let Some(iface) = legacy {
+            release_pinned(pin, LinkKind::TcIngressLegacy, &decode_pin_name(iface))?;
+            removed += 1;
+            continue;
+        }
         if pin.starts_with(&links)
             && let Err(e) = detach_pinned_link(pin)
         {
@@ -455,6 +579,51 @@ pub fn remove_pinned(dir: &Path) -> Result<usize> {
         std::fs::remove_dir(&links).map_err(|e| pin_err(&links, e))?;
     }
     Ok(removed)
+}
+
+/// Lets go of a previous agent's attachment to `iface` kept at `pin`:
+/// unpinning a link drops its last reference, so the program detaches; a
+/// cls_bpf filter's marker goes with the filter (the qdisc stays).
+fn release_pinned(pin: &Path, kind: LinkKind, iface: &str) -> Result<()> {
+    if kind == LinkKind::TcIngressLegacy {
+        remove_legacy_filter(iface);
+        return std::fs::remove_dir(pin).map_err(|e| pin_err(pin, e));
+    }
+    std::fs::remove_file(pin).map_err(|e| pin_err(pin, e))
+}
+
+/// Deletes this agent's cls_bpf filter (priority and handle) from the
+/// ingress of `iface`, if the interface and the filter are still there.
+fn remove_legacy_filter(iface: &str) {
+    let handle = TcHandle::from(LEGACY_TC_HANDLE);
+    let filter = SchedClassifierLink::attached(iface, TcAttachType::Ingress, LEGACY_TC_PRIORITY, handle, None);
+    // Dropping a link made by `attached` deletes the filter; on an
+    // interface that is gone there is nothing to delete.
+    drop(filter);
+}
+
+/// The loader of the eBPF object for a kernel with `features`. Kernels
+/// before 5.11 charge BPF maps to the locked-memory limit, which is far
+/// below the conntrack tables' size: it is lifted first.
+fn loader(features: &KernelFeatures) -> EbpfLoader<'static> {
+    raise_memlock_limit();
+    static WITH: u8 = 1;
+    static WITHOUT: u8 = 0;
+    let mut loader = EbpfLoader::new();
+    let set_retval = if features.uses(Feature::SetRetval) { &WITH } else { &WITHOUT };
+    loader.override_global(GLOBAL_SOCK_SET_RETVAL, set_retval, true);
+    loader
+}
+
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "lifting the locked-memory limit: {}; on kernels before 5.11 maps may fail to be created",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Detaches the link pinned at `pin` now (BPF_LINK_DETACH). Removing the

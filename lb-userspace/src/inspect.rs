@@ -189,3 +189,27 @@ pub fn verdicts(maps: &PinnedMaps) -> Result<Vec<(&'static str, u64)>> {
     let totals = verdict_totals(&maps.verdicts)?;
     Ok(Reason::ALL.iter().map(|reason| (reason.name(), totals[*reason as usize])).collect())
 }
+
+/// A kernel feature newer than the floor, as the running agent uses it.
+#[derive(Debug, Serialize)]
+pub struct KernelFeatureView {
+    pub feature: &'static str,
+    /// The Linux release that brought it.
+    pub since: &'static str,
+    pub in_use: bool,
+    /// What the agent does instead, when not in use.
+    pub fallback: Option<&'static str>,
+}
+
+/// The kernel features the running agent uses, and its fallbacks (as it
+/// recorded them in the datapath configuration).
+pub fn kernel_features(maps: &PinnedMaps) -> Result<Vec<KernelFeatureView>> {
+    let config = maps.config.get(&0, 0).map_err(|source| Error::Map { name: MAP_DATAPATH_CONFIG, source })?;
+    Ok(crate::features::FALLBACKS
+        .iter()
+        .map(|f| {
+            let in_use = config.kernel_fallbacks & f.bit == 0;
+            KernelFeatureView { feature: f.feature, since: f.since, in_use, fallback: (!in_use).then_some(f.instead) }
+        })
+        .collect())
+}

@@ -43,6 +43,9 @@ enum Command {
     },
     /// Packets per verdict reason.
     Counters,
+    /// The kernel features newer than the floor (Linux 5.10) the agent
+    /// uses, and what it does instead where the kernel lacks one.
+    Kernel,
     /// What the datapath would do with a packet (a TCP SYN or a UDP
     /// datagram) from SOURCE to DESTINATION: the real program is run on a
     /// copy of the live maps, which stay untouched. Needs root.
@@ -112,6 +115,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 rows.extend(answer.backend.iter().map(|b| vec!["backend".to_owned(), b.clone()]));
                 rows.push(vec!["why".to_owned(), answer.why.clone()]);
                 table(&["PACKET", format!("{source} -> {destination}").as_str()], rows.into_iter())
+            })
+        }
+        Command::Kernel => {
+            let features = inspect::kernel_features(&maps)?;
+            print(args.output, &features, || {
+                let rows = features.iter().map(|f| {
+                    let state = if f.in_use { "in use".to_owned() } else { format!("fallback: {}", f.fallback.unwrap_or_default()) };
+                    vec![f.feature.to_owned(), f.since.to_owned(), state]
+                });
+                table(&["FEATURE", "SINCE LINUX", "STATE"], rows)
             })
         }
         Command::Counters => {

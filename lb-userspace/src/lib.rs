@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod error;
 pub mod explain;
+pub mod features;
 pub mod http;
 pub mod inspect;
 pub mod links;

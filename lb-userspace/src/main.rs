@@ -9,12 +9,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidrs};
+use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidrs, KERNEL_FALLBACK_NO_SOCKET_LB};
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
     cli::{AgentArgs, PortRange, parse_port_range},
     datapath::Datapath,
+    features::KernelFeatures,
     http::{self, Health},
     links::{self, LinkEvent},
     metrics::{self, AgentStats, ServiceLabels},
@@ -154,7 +155,9 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         tokio::spawn(http::serve(listener, endpoints));
     }
 
-    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level, &args.map_settings())?;
+    let features = KernelFeatures::probe(&args.disable_kernel_feature);
+    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level, &args.map_settings(), features)?;
+    datapath.features().log();
     let logger = datapath.take_logger()?;
     tokio::spawn(async move {
         if let Err(e) = forward_ebpf_logs(logger).await {
@@ -178,6 +181,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
         ct_lifetimes: args.conntrack_lifetimes(),
+        kernel_fallbacks: datapath.features().fallbacks(),
         ..DatapathConfig::default()
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
@@ -301,7 +305,9 @@ async fn serve(
                         info!(iface, ?how, "attached xdp");
                         loosen_reverse_path_filter(iface);
                     }
-                    if !args.no_socket_lb {
+                    if datapath.features().fallbacks() & KERNEL_FALLBACK_NO_SOCKET_LB != 0 {
+                        warn!("the socket programs did not load: the node's own processes do not reach services");
+                    } else if !args.no_socket_lb {
                         let cgroup = args.cgroup.clone().or_else(lb_userspace::datapath::cgroup2_root).context(
                             "no cgroup v2 hierarchy for the socket programs: give --cgroup DIR, or --no-socket-lb",
                         )?;

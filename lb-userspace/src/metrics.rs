@@ -11,8 +11,9 @@ use std::{
     },
 };
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lb_common::{
+    DatapathConfig, MAP_DATAPATH_CONFIG,
     MAP_SERVICE_COUNTERS, MAP_VERDICT_COUNTERS, Reason, ServiceCounters,
 };
 use prometheus_client::{
@@ -182,6 +183,18 @@ impl Collector for DatapathCollector {
         }
         let syncs = ConstCounter::new(self.stats.syncs.load(Ordering::Relaxed));
         syncs.encode(encoder.encode_descriptor("syncs", "Syncs of the maps with the desired state", None, syncs.metric_type())?)?;
+
+        let config = open(&self.maps_dir, MAP_DATAPATH_CONFIG, Map::Array)
+            .and_then(|m| Array::<_, DatapathConfig>::try_from(m).ok())
+            .and_then(|m| m.get(&0, 0).ok());
+        if let Some(config) = config {
+            let help = "1 where the agent uses a kernel feature newer than Linux 5.10, 0 where it falls back (lbctl kernel says to what)";
+            let mut family = encoder.encode_descriptor("kernel_feature_in_use", help, None, MetricType::Gauge)?;
+            for fallback in &crate::features::FALLBACKS {
+                let in_use = i64::from(config.kernel_fallbacks & fallback.bit == 0);
+                ConstGauge::new(in_use).encode(family.encode_family(&vec![("feature", fallback.feature), ("since", fallback.since)])?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -298,6 +298,25 @@ impl Cluster {
         Ok(Restart { stopped, ready: Instant::now() })
     }
 
+    /// Sets `flag` to `value` (or removes it, with `None`) for the agents
+    /// started from now on, by `restart_agent`.
+    pub fn set_agent_flag(&mut self, flag: &str, value: Option<&str>) {
+        if let Some(at) = self.agent_args.iter().position(|a| a == flag) {
+            self.agent_args.drain(at..at + 2);
+        }
+        if let Some(value) = value {
+            self.agent_args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+
+    /// lbctl's output for `args`, against this cluster's agent.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String> {
+        let lbctl = crate::netns::userspace_binary("lbctl")?;
+        let out = std::process::Command::new(lbctl).arg("--bpffs-dir").arg(&self.bpffs.dir).args(args).output().context("running lbctl")?;
+        anyhow::ensure!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn manifest_dir(&self) -> Result<&Path> {
         self.manifests.as_ref().map(|d| d.0.as_path()).context("this cluster's agent reads no manifest directory")
     }
@@ -330,8 +349,14 @@ impl Cluster {
     }
 }
 
+/// Arguments every test agent gets besides its own, whitespace-separated:
+/// `LB_TEST_AGENT_ARGS="--disable-kernel-feature tcx,set-retval"` runs the
+/// suite on the older kernels' paths.
+pub const EXTRA_AGENT_ARGS: &str = "LB_TEST_AGENT_ARGS";
+
 fn start_agent(node: &Netns, args: &[String]) -> Result<Agent> {
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let extra = std::env::var(EXTRA_AGENT_ARGS).unwrap_or_default();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).chain(extra.split_whitespace()).collect();
     let agent = Agent::start(node, &arg_refs)?;
     agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
     Ok(agent)

@@ -82,6 +82,16 @@ impl Netns {
         Ok(handle)
     }
 
+    /// Runs a command in this namespace (`ip netns exec`) to completion;
+    /// its standard output, or an error with its stderr.
+    pub fn output(&self, command: &[&str]) -> Result<String> {
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(command).output().context("running ip netns exec")?;
+        if !out.status.success() {
+            bail!("{} in {}: {}", command.join(" "), self.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Writes a sysctl under /proc/sys/net of this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

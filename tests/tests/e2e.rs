@@ -154,11 +154,37 @@ fn service_without_endpoints_is_refused_at_once() {
         // or the ICMP error came back.
         assert_eq!(outcome, Err(ErrorKind::ConnectionRefused), "{what}");
     }
-    // A process on the node itself, translated by the socket programs.
+    // A process on the node itself, translated by the socket programs:
+    // refused where the kernel lets them set the error (bpf_set_retval).
+    let kernel: serde_json::Value = serde_json::from_str(&cluster.lbctl(&["kernel", "-o", "json"]).expect("lbctl")).expect("JSON");
+    let set_retval = kernel.as_array().expect("a list").iter().any(|f| f["feature"] == "bpf_set_retval" && f["in_use"] == true);
+    let error = if set_retval { "Connection refused" } else { "Operation not permitted" };
     let from_node = cluster.cgroup.run_in(&cluster.node, "(exec 3<>/dev/tcp/10.96.0.11/80) 2>&1; true").expect("a node-local client");
-    assert!(from_node.contains("Connection refused"), "from the node: {from_node}");
+    assert!(from_node.contains(error), "from the node, expected {error}: {from_node}");
     // Rejects are logged by the datapath at debug only; the agent runs at info.
     assert!(!cluster.agent.log().contains("reject 10.201.0.2"), "a packet was logged at the default level:\n{}", cluster.agent.log());
+}
+
+/// Without bpf_set_retval (before Linux 5.18, or disabled) a node process's
+/// connect to a service without endpoints still fails at once, with EPERM,
+/// and the socket programs still balance everything else.
+#[test]
+fn without_bpf_set_retval_a_node_connect_to_no_endpoints_fails_at_once_with_eperm() {
+    use lb_tests::cluster::{TempDir, Topology};
+    let net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0]))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--disable-kernel-feature", "set-retval"].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    assert!(cluster.agent.log().contains("disabled by --disable-kernel-feature"), "{}", cluster.agent.log());
+    let started = std::time::Instant::now();
+    let refused = cluster.cgroup.run_in(&cluster.node, "(exec 3<>/dev/tcp/10.96.0.11/80) 2>&1; true").expect("a node-local client");
+    assert!(refused.contains("Operation not permitted"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(2), "the connect failed at once, not after a timeout");
+    let served = cluster.cgroup.run_in(&cluster.node, "exec 3<>/dev/tcp/10.96.0.10/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 cat <&3; true").expect("a node-local client");
+    assert!(served.contains("You've hit kubia-1"), "{served}");
+    let metrics = http_get_until(&cluster.node, "127.0.0.1:10249", "/metrics", "lb_kernel_feature_in_use", Duration::from_secs(5));
+    assert!(metrics.contains(r#"lb_kernel_feature_in_use{feature="bpf_set_retval",since="5.18"} 0"#), "{metrics}");
 }
 
 /// A service whose one endpoint (kubia-0) has nothing listening on the
@@ -557,6 +583,109 @@ fn interfaces_created_later_are_attached_by_pattern() {
 /// and its first sync changes nothing: no connection breaks or is refused.
 #[test]
 fn agent_restart_under_load_breaks_and_refuses_no_connection() {
+    let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    restarts_under_load(&mut cluster, &[None]);
+}
+
+/// The same with the tc programs attached as cls_bpf filters, as on
+/// kernels before 6.6 (no tcx): each restart replaces the filter in place.
+/// Another tool's filter on the same qdisc is left alone throughout, and
+/// `--cleanup` removes only this agent's filter, leaving the qdisc.
+#[test]
+fn agent_restart_under_load_with_the_legacy_tc_attach() {
+    use lb_tests::cluster::{TempDir, Topology};
+    let net = Topology::new(3, ClientHook::Tc).expect("namespaces");
+    // Another tool's filter, there before the agent: a classic BPF program
+    // that matches nothing.
+    net.node.output(&["tc", "qdisc", "add", "dev", "b1", "clsact"]).expect("qdisc");
+    let other = ["tc", "filter", "add", "dev", "b1", "ingress", "pref", "7", "protocol", "all", "bpf", "bytecode", "1,6 0 0 0,"];
+    net.node.output(&other).expect("filter");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0, 1, 2]))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy(), "--disable-kernel-feature", "tcx"].map(str::to_owned).to_vec();
+    let mut cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned));
+    restarts_under_load(&mut cluster, &[None, None]);
+    assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned), "one filter of ours");
+
+    let kernel: serde_json::Value = serde_json::from_str(&cluster.lbctl(&["kernel", "-o", "json"]).expect("lbctl")).expect("JSON");
+    let tcx = kernel.as_array().expect("a list").iter().find(|f| f["feature"] == "tcx").expect("tcx listed");
+    assert_eq!(tcx["in_use"], false, "{kernel}");
+
+    cluster.agent.stop(Duration::from_secs(20)).expect("agent stops");
+    assert_eq!(connect_and_ask_from_client(&cluster).map(|a| a.starts_with("You've hit")), Ok(true), "served with no agent running");
+    run_cleanup(&cluster);
+    assert_eq!(legacy_filters(&cluster, "b1"), [OTHERS.to_owned()], "only the other tool's filter is left");
+    let qdiscs = cluster.node.output(&["tc", "qdisc", "show", "dev", "b1"]).expect("tc");
+    assert!(qdiscs.contains("clsact"), "the qdisc stays for the other tool: {qdiscs}");
+    assert!(connect_and_ask_from_client(&cluster).is_err(), "the VIP was still served after --cleanup");
+}
+
+/// An agent restarted without tcx where the previous one had it (and back)
+/// hands the interfaces over with nothing broken: the new attachment is in
+/// place before the old one goes.
+#[test]
+fn switching_between_tcx_and_the_legacy_attach_at_restart_breaks_nothing() {
+    if !tcx_in_use() {
+        eprintln!("skipped: this kernel has no tcx, so there is nothing to switch from");
+        return;
+    }
+    let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    assert!(legacy_filters(&cluster, "b1").is_empty(), "tcx: no filter");
+    restarts_under_load(&mut cluster, &[Some("tcx"), None]);
+    assert!(legacy_filters(&cluster, "b1").is_empty(), "back on tcx, the filter is gone");
+}
+
+/// The agent's cls_bpf filter, and the other tool's, as `legacy_filters`
+/// lists them.
+const OURS: &str = "bpf pref 1 handle 0x4c42";
+const OTHERS: &str = "bpf pref 7 handle 0x1";
+
+/// Whether the agent uses tcx on this kernel (unless told otherwise).
+fn tcx_in_use() -> bool {
+    use lb_userspace::features::{Feature, KernelFeatures};
+    KernelFeatures::probe(&[]).uses(Feature::Tcx)
+        && !std::env::var(lb_tests::cluster::EXTRA_AGENT_ARGS).unwrap_or_default().contains("tcx")
+}
+
+/// The filters on the ingress of `iface` in the node, as "KIND pref N
+/// handle H".
+fn legacy_filters(cluster: &Cluster, iface: &str) -> Vec<String> {
+    let out = cluster.node.output(&["tc", "filter", "show", "dev", iface, "ingress"]).expect("tc filter show");
+    out.lines()
+        .filter(|line| line.starts_with("filter") && line.contains(" handle "))
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let nth_after = |key: &str, n: usize| words.iter().position(|w| *w == key).and_then(|i| words.get(i + n)).copied().unwrap_or("?");
+            // "filter protocol all pref 1 bpf chain 0 handle 0x4c42 ..."
+            format!("{} pref {} handle {}", nth_after("pref", 2), nth_after("pref", 1), nth_after("handle", 1))
+        })
+        .collect()
+}
+
+fn connect_and_ask_from_client(cluster: &Cluster) -> Result<String, String> {
+    cluster.client.enter(|| connect_and_ask(kubia()).map_err(|e| e.to_string())).expect("client")
+}
+
+/// `lb-agent --cleanup` on the cluster's pins, in the node.
+fn run_cleanup(cluster: &Cluster) {
+    let agent = lb_tests::netns::userspace_binary("lb-agent").expect("built");
+    let bpffs = cluster.bpffs.dir.to_string_lossy().into_owned();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &cluster.node.name])
+        .arg(agent)
+        .args(["--cleanup", "--bpffs-dir", &bpffs])
+        .status()
+        .expect("lb-agent --cleanup");
+    assert!(status.success());
+}
+
+/// Restarts the agent under load, once per entry of `disabled` (the
+/// `--disable-kernel-feature` of the next agent, if any): long-lived
+/// connections stay busy and new ones are opened all along. None may break
+/// or be refused, some must be served while no agent runs, and every
+/// interface must be taken over or handed over with nothing reprogrammed.
+fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>]) {
     use std::{
         sync::{
             Arc,
@@ -566,7 +695,6 @@ fn agent_restart_under_load_breaks_and_refuses_no_connection() {
     };
     const LONG_LIVED: usize = 20;
     const NEW_BEFORE_AND_AFTER: usize = 50;
-    let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicUsize::new(0));
 
@@ -622,20 +750,33 @@ fn agent_restart_under_load_breaks_and_refuses_no_connection() {
     };
 
     wait_for_answers(NEW_BEFORE_AND_AFTER);
-    let restart = cluster.restart_agent().expect("restart");
-    let after_restart = answered.load(Ordering::Relaxed);
-    wait_for_answers(after_restart + NEW_BEFORE_AND_AFTER);
+    let mut restarts = Vec::new();
+    let mut logs = Vec::new();
+    let mut previous_mode = None;
+    for next in disabled {
+        if *next != previous_mode {
+            cluster.set_agent_flag("--disable-kernel-feature", *next);
+        }
+        restarts.push(cluster.restart_agent().expect("restart"));
+        logs.push((previous_mode != *next, cluster.agent.log()));
+        previous_mode = *next;
+        let after_restart = answered.load(Ordering::Relaxed);
+        wait_for_answers(after_restart + NEW_BEFORE_AND_AFTER);
+    }
     stop.store(true, Ordering::Relaxed);
     let (asked, broken) = long_lived.join().expect("long-lived client");
     let outcomes = new_connections.join().expect("new-connection client");
 
     let refused: Vec<_> = outcomes.iter().filter_map(|(_, o)| o.as_ref().err()).collect();
-    let served_without_agent =
-        outcomes.iter().filter(|(at, o)| o.is_ok() && (restart.stopped..restart.ready).contains(at)).count();
+    let served_without_agent = outcomes
+        .iter()
+        .filter(|(at, o)| o.is_ok() && restarts.iter().any(|r| (r.stopped..r.ready).contains(at)))
+        .count();
     println!(
-        "restart: no agent for {:?}; {} new connections, {} refused, {served_without_agent} served while no agent ran; \
+        "{} restarts: no agent for {:?}; {} new connections, {} refused, {served_without_agent} served while no agent ran; \
          {LONG_LIVED} long-lived connections asked {asked} times, {} broken",
-        restart.ready - restart.stopped,
+        restarts.len(),
+        restarts.iter().map(|r| r.ready - r.stopped).collect::<Vec<_>>(),
         outcomes.len(),
         refused.len(),
         broken.len()
@@ -643,10 +784,14 @@ fn agent_restart_under_load_breaks_and_refuses_no_connection() {
     assert!(broken.is_empty(), "established connections broke: {broken:?}");
     assert!(refused.is_empty(), "new connections were refused: {refused:?}");
     assert!(served_without_agent > 0, "the test did not send traffic while no agent ran");
-    let log = cluster.agent.log();
-    assert!(log.contains("adopted the pinned datapath") && log.contains("services=4") && log.contains("discarded=0"), "{log}");
-    assert_eq!(log.matches("how=TakenOver").count(), 4, "every interface taken over, none attached afresh: {log}");
-    assert!(log.contains("added=0 updated=0 removed=0"), "the first sync after the restart changed nothing: {log}");
+    for (switched, log) in logs {
+        assert!(log.contains("adopted the pinned datapath") && log.contains("services=4") && log.contains("discarded=0"), "{log}");
+        // Switching between tcx and the filter is a fresh attachment beside
+        // the old one, which goes once the new one is in place.
+        let taken_over = if switched { 0 } else { 4 };
+        assert_eq!(log.matches("how=TakenOver").count(), taken_over, "interfaces taken over: {log}");
+        assert!(log.contains("added=0 updated=0 removed=0"), "the first sync after the restart changed nothing: {log}");
+    }
 }
 
 /// A stopped agent leaves its programs serving the VIP; `lb-agent --cleanup`
@@ -658,15 +803,7 @@ fn cleanup_detaches_the_programs_a_stopped_agent_left() {
     let answer = cluster.client.enter(|| connect_and_ask(kubia())).expect("client");
     assert_eq!(answer.expect("served with no agent running"), "You've hit kubia-1");
 
-    let agent = lb_tests::netns::userspace_binary("lb-agent").expect("built");
-    let bpffs = cluster.bpffs.dir.to_string_lossy().into_owned();
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", &cluster.node.name])
-        .arg(agent)
-        .args(["--cleanup", "--bpffs-dir", &bpffs])
-        .status()
-        .expect("lb-agent --cleanup");
-    assert!(status.success());
+    run_cleanup(&cluster);
     let left: Vec<_> = walk(&cluster.bpffs.dir);
     assert!(left.is_empty(), "pins left behind: {left:?}");
     let after = cluster.client.enter(|| connect_and_ask(kubia())).expect("client");

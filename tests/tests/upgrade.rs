@@ -215,7 +215,7 @@ fn wrote_all(written: std::io::Result<usize>, len: usize) -> Result<()> {
 /// Loads the datapath over the pins of `dir`, as an upgraded agent does
 /// (with the settings it writes before anything is attached).
 fn load(dir: &Path, settings: &MapSettings) -> Result<(Datapath, PinnedState)> {
-    let (mut datapath, pinned) = Datapath::load_pinned(dir, None, settings).context("loading the pinned datapath (needs root)")?;
+    let (mut datapath, pinned) = Datapath::load_pinned(dir, None, settings, lb_userspace::features::KernelFeatures::probe(&[])).context("loading the pinned datapath (needs root)")?;
     datapath.maps.set_config(DatapathConfig { ct_lifetimes: settings.ct_lifetimes, ..DatapathConfig::default() })?;
     Ok((datapath, pinned))
 }

@@ -259,6 +259,13 @@ impl Datapath {
             }
         };
         self.attached.insert(iface.into(), Attachment::Tc(id, LinkKind::TcIngressLegacy));
+        // The marker goes in now, not at exit: a filter outlives an agent
+        // that crashes, and the next one must find it.
+        if let Some(marker) = self.link_pin(iface, LinkKind::TcIngressLegacy)
+            && let Err(e) = std::fs::create_dir(&marker)
+        {
+            warn!(iface, "{}; the next agent may attach beside this filter", pin_err(&marker, e));
+        }
         // A previous agent's tcx link (it had tcx, this one was told not to
         // use it) goes now that the filter is in place.
         match self.take_pinned_link(iface, LinkKind::TcIngress) {
@@ -269,8 +276,8 @@ impl Datapath {
         Ok(how)
     }
 
-    /// Removes the marker of a previous agent's cls_bpf filter on `iface`;
-    /// says whether there was one.
+    /// Removes the marker of a cls_bpf filter on `iface`; says whether
+    /// there was one.
     fn take_legacy_marker(&self, iface: &str) -> Result<bool> {
         let Some(marker) = self.link_pin(iface, LinkKind::TcIngressLegacy).filter(|path| path.exists()) else {
             return Ok(false);
@@ -339,7 +346,10 @@ impl Datapath {
     /// attachment).
     pub fn detach(&mut self, iface: &str) -> Result<()> {
         match self.attached.remove(iface) {
-            Some(Attachment::Tc(id, _)) => {
+            Some(Attachment::Tc(id, kind)) => {
+                if kind == LinkKind::TcIngressLegacy {
+                    self.take_legacy_marker(iface)?;
+                }
                 let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, PROG_TC_INGRESS)?;
                 tc.detach(id).map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })
             }
@@ -392,12 +402,9 @@ impl Datapath {
                         .map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
                     // Dropping the link would delete the filter: it stays
                     // for the next agent, which knows it by its priority and
-                    // handle, and by the marker.
+                    // handle, and by the marker made when it was attached.
                     std::mem::forget(link);
-                    match std::fs::create_dir(&path) {
-                        Ok(()) => kept += 1,
-                        Err(e) => warn!(iface, "{}; the filter stays but the next agent may attach beside it", pin_err(&path, e)),
-                    }
+                    kept += 1;
                     continue;
                 }
                 Attachment::Tc(id, _) => program_mut::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?

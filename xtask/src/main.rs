@@ -9,6 +9,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod kernel;
+mod matrix;
+
 /// Build helper for the eBPF service load balancer.
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -28,7 +31,17 @@ enum Cmd {
     /// Set up, build, then run the demo: the kubia service in namespaces.
     Demo,
     /// Set up, then run the whole test suite (unit, packet, end-to-end) and clippy.
-    Test,
+    Test {
+        /// Run the kernel-facing tests (packet, end-to-end, the demo) in a
+        /// virtual machine booting this Debian kernel instead: 5.10 (Debian
+        /// 11) or 6.1 (Debian 12).
+        #[arg(long, value_name = "VERSION", value_parser = clap::builder::PossibleValuesParser::new(kernel::KERNELS))]
+        kernel: Option<String>,
+        /// With --kernel: only the packet tests and a short end-to-end
+        /// subset (what CI runs on every kernel of the matrix).
+        #[arg(long, requires = "kernel")]
+        quick: bool,
+    },
     /// Set up, then run the benchmarks: the datapath (ns per packet through
     /// BPF_PROG_TEST_RUN) and the control plane (10,000 services against
     /// iptables-restore).
@@ -66,7 +79,12 @@ fn main() -> Result<()> {
             cargo(&root, &["build", "--release", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
             run(Command::new(root.join("target/release/lb-demo")).current_dir(&root))
         }
-        Cmd::Test => {
+        Cmd::Test { kernel: Some(version), quick } => {
+            require_root("the virtual machine's tests load eBPF programs and create network namespaces")?;
+            setup()?;
+            matrix::test_on_kernel(&root, &version, quick)
+        }
+        Cmd::Test { kernel: None, .. } => {
             require_root("the packet and end-to-end tests load eBPF programs and create network namespaces")?;
             setup()?;
             step("building the agent for the end-to-end tests");
@@ -87,7 +105,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     eprintln!("==> {what}");
 }
 
@@ -161,7 +179,7 @@ fn cargo_home() -> Result<PathBuf> {
 }
 
 /// The user-space cargo (the one running xtask).
-fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo).args(args).current_dir(root))
 }
@@ -196,7 +214,7 @@ fn cargo_test(root: &Path) -> Result<()> {
 
 /// The number labelled `label` in a libtest summary such as
 /// "ok. 4 passed; 0 failed; 0 ignored; ...".
-fn count_before(summary: &str, label: &str) -> u64 {
+pub(crate) fn count_before(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
         .filter_map(|part| {

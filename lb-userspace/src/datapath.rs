@@ -88,8 +88,8 @@ impl Attachment {
 enum LinkKind {
     TcIngress,
     /// A cls_bpf filter (no tcx). It is not a bpf object and cannot be
-    /// pinned: an empty directory of this name in the links directory says
-    /// that a previous agent left one on the interface.
+    /// pinned: an empty directory of this name in the links directory, made
+    /// when it is attached, says that the interface has one of ours.
     TcIngressLegacy,
     Xdp,
 }

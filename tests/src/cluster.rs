@@ -30,8 +30,21 @@ pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const HTTP_TARGET_PORT: u16 = 8080;
 pub const DNS_TARGET_PORT: u16 = 5353;
 pub const NODE_NAME: &str = "node-1";
-/// How long the agent may take to start or to apply a change.
-pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent may take to start or to apply a change (times the
+/// `TIME_SCALE`).
+pub fn agent_timeout() -> Duration {
+    Duration::from_secs(20).mul_f64(time_scale())
+}
+
+/// A factor for the deadlines of waits on the agent, from this variable
+/// (default 1). `cargo xtask test --kernel` sets it in a virtual machine
+/// without hardware virtualisation, where verifying the programs alone
+/// takes most of the usual 20 s.
+pub const TIME_SCALE: &str = "LB_TEST_TIME_SCALE";
+
+fn time_scale() -> f64 {
+    std::env::var(TIME_SCALE).ok().and_then(|v| v.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0)
+}
 /// The manifest file the cluster's services are written to.
 pub const MANIFEST_FILE: &str = "kubia.yaml";
 
@@ -292,7 +305,7 @@ impl Cluster {
     /// Stops the agent (SIGTERM) and starts a new one with the same
     /// arguments; returns once the new one is ready.
     pub fn restart_agent(&mut self) -> Result<Restart> {
-        self.agent.stop(AGENT_TIMEOUT)?;
+        self.agent.stop(agent_timeout())?;
         let stopped = Instant::now();
         self.agent = start_agent(&self.net.node, &self.agent_args)?;
         Ok(Restart { stopped, ready: Instant::now() })
@@ -345,7 +358,7 @@ impl Cluster {
     pub fn set_kubia_pods(&self, pods: &[(usize, PodState)]) -> Result<Duration> {
         let maps = self.maps()?;
         let at = self.write_manifest(MANIFEST_FILE, &kubia_manifests(pods))?;
-        maps.wait_for(kubia_http(), Some(&ready_ips(pods)), at, AGENT_TIMEOUT)
+        maps.wait_for(kubia_http(), Some(&ready_ips(pods)), at, agent_timeout())
     }
 }
 
@@ -358,7 +371,7 @@ fn start_agent(node: &Netns, args: &[String]) -> Result<Agent> {
     let extra = std::env::var(EXTRA_AGENT_ARGS).unwrap_or_default();
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).chain(extra.split_whitespace()).collect();
     let agent = Agent::start(node, &arg_refs)?;
-    agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
+    agent.wait_for(&["ready"], agent_timeout())?;
     Ok(agent)
 }
 

@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 
 use crate::{
-    cluster::{AGENT_TIMEOUT, DNS_TARGET_PORT, HTTP_TARGET_PORT, MANIFEST_FILE, Pod, TempDir, pod_ip, pod_name},
+    cluster::{agent_timeout, DNS_TARGET_PORT, HTTP_TARGET_PORT, MANIFEST_FILE, Pod, TempDir, pod_ip, pod_name},
     netns::{Agent, Bpffs, Cgroup, EchoServer, Netns, link},
 };
 
@@ -110,7 +110,7 @@ impl TwoNodes {
             started.push(Node { agent, bpffs, cgroup, pods, ns });
         }
         for node in &started {
-            node.agent.wait_for(&["ready"], AGENT_TIMEOUT)?;
+            node.agent.wait_for(&["ready"], agent_timeout())?;
         }
         Ok(Self { nodes: started, client, lan, manifests: dir })
     }

@@ -13,7 +13,7 @@ use std::{
 use lb_common::{FrontendKey, IPPROTO_TCP};
 use lb_tests::{
     apiserver::{FakeApiServer, Kind},
-    cluster::{AGENT_TIMEOUT, ClientHook, Cluster, KUBIA_VIP, TempDir, Topology, kubia_http, kubia_manifests, pod_ip, ready, ready_ips},
+    cluster::{agent_timeout, ClientHook, Cluster, KUBIA_VIP, TempDir, Topology, kubia_http, kubia_manifests, pod_ip, ready, ready_ips},
     netns::connect_and_ask,
 };
 
@@ -52,8 +52,8 @@ fn agent_follows_the_api_through_watch_failures_and_outages() {
     let agent_start = std::thread::spawn(move || {
         Cluster::run_agent(net, vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()], None)
     });
-    api.wait_for_list_request(Kind::EndpointSlice, AGENT_TIMEOUT).expect("the agent lists slices");
-    api.wait_for_list_request(Kind::Service, AGENT_TIMEOUT).expect("the agent lists services");
+    api.wait_for_list_request(Kind::EndpointSlice, agent_timeout()).expect("the agent lists slices");
+    api.wait_for_list_request(Kind::Service, agent_timeout()).expect("the agent lists services");
     let early = lb_tests::pinned::PinnedMaps::open(&maps_dir).map(|m| m.backends(kubia_http()));
     assert!(matches!(early, Err(_) | Ok(None)), "programmed before the slice list completed: {early:?}");
     api.hold_lists(Kind::EndpointSlice, false);
@@ -64,7 +64,7 @@ fn agent_follows_the_api_through_watch_failures_and_outages() {
     assert!(answer.expect("through the VIP").starts_with("You've hit kubia-"));
 
     let step = |what: &str, frontend: FrontendKey, expected: Option<BTreeSet<Ipv4Addr>>, at: Instant| {
-        let took = maps.wait_for(frontend, expected.as_ref(), at, AGENT_TIMEOUT).unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", cluster.agent.log()));
+        let took = maps.wait_for(frontend, expected.as_ref(), at, agent_timeout()).unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", cluster.agent.log()));
         println!("{what}: API change to maps updated in {took:?}");
     };
 

@@ -24,6 +24,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::{package_installed, run, step};
+
 /// The kernel series the datapath is tested on, each Debian's own build:
 /// - `"5.10"`: Debian 11 bullseye's `linux-image-5.10.0-N-amd64` (the newest
 ///   of bullseye and bullseye-security), the oldest kernel supported, with
@@ -382,7 +384,7 @@ fn wait_with_timeout(
 /// through software nesting (PVM) that runs only kernels built for it, and
 /// Debian's then hang before their first message. Hardware virtualisation
 /// shows as the vmx or svm CPU flag. `LB_VM_ACCEL=tcg|kvm` overrides.
-fn kvm_usable() -> bool {
+pub(crate) fn kvm_usable() -> bool {
     match std::env::var("LB_VM_ACCEL").as_deref() {
         Ok("kvm") => return true,
         Ok("tcg") => return false,
@@ -671,13 +673,6 @@ fn check_sha256(file: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", name])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
 fn remove_dir_if_present(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -685,20 +680,6 @@ fn remove_dir_if_present(dir: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-fn step(what: &str) {
-    eprintln!("==> {what}");
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{:?} failed ({status})", cmd.get_program());
-    }
-    Ok(())
 }
 
 /// For tools that report success at length: their output is shown only when

@@ -45,7 +45,12 @@ enum Cmd {
     /// Set up, then run the benchmarks: the datapath (ns per packet through
     /// BPF_PROG_TEST_RUN) and the control plane (10,000 services against
     /// iptables-restore).
-    Bench,
+    Bench {
+        /// Run the datapath benchmark in a virtual machine booting this
+        /// Debian kernel instead (its floor measured there too).
+        #[arg(long, value_name = "VERSION", value_parser = clap::builder::PossibleValuesParser::new(kernel::KERNELS))]
+        kernel: Option<String>,
+    },
 }
 
 /// Debian packages: the toolchain recipe of ../shared/toolchain.md and the
@@ -94,7 +99,12 @@ fn main() -> Result<()> {
             step("running every test: unit, packet (BPF_PROG_TEST_RUN), end-to-end (veth namespaces)");
             cargo_test(&root)
         }
-        Cmd::Bench => {
+        Cmd::Bench { kernel: Some(version) } => {
+            require_root("the benchmark loads eBPF programs")?;
+            setup()?;
+            matrix::bench_on_kernel(&root, &version)
+        }
+        Cmd::Bench { kernel: None } => {
             require_root("the benchmarks load eBPF programs")?;
             setup()?;
             step("datapath benchmark");
@@ -156,7 +166,7 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-fn package_installed(name: &str) -> bool {
+pub(crate) fn package_installed(name: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", name])
         .output()
@@ -225,7 +235,7 @@ pub(crate) fn count_before(summary: &str, label: &str) -> u64 {
         .sum()
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{:?} failed ({status})", cmd.get_program());

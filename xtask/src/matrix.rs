@@ -39,6 +39,12 @@ const QUICK: [(&str, &[&str]); 4] = [
     ),
 ];
 
+/// The test suite's `LB_TEST_TIME_SCALE` in a guest without hardware
+/// virtualisation (QEMU's TCG): the agent then takes about 20 s, not 1, to
+/// load and verify its programs.
+const EMULATED_TIME_SCALE: u32 = 6;
+const TIME_SCALE: &str = "LB_TEST_TIME_SCALE";
+
 /// How long one guest may run before it is stopped.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(75 * 60);
 
@@ -49,7 +55,7 @@ pub fn test_on_kernel(root: &Path, version: &str, quick: bool) -> Result<()> {
     kernel::install(version)?;
     step("building the agent, the demo and the tests");
     crate::cargo(root, &["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
-    let binaries = test_binaries(root)?;
+    let binaries = built_executables(root, &["test", "-p", "lb-tests", "--tests"], "test", &KERNEL_TESTS)?;
     let results_dir = root.join("target/kernel-tests");
     std::fs::create_dir_all(&results_dir).with_context(|| format!("creating {}", results_dir.display()))?;
     let log = results_dir.join(format!("{version}.log"));
@@ -76,31 +82,49 @@ pub fn test_on_kernel(root: &Path, version: &str, quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// The executables cargo built for lb-tests' integration tests, by name.
-fn test_binaries(root: &Path) -> Result<BTreeMap<String, PathBuf>> {
+/// Runs the datapath benchmark in a virtual machine booting `version`:
+/// the established-flow ratio to the floor, both measured in that kernel.
+pub fn bench_on_kernel(root: &Path, version: &str) -> Result<()> {
+    kernel::install(version)?;
+    step("building the datapath benchmark");
+    let bench = built_executables(root, &["bench", "-p", "lb-tests", "--bench", "datapath"], "bench", &["datapath"])?;
+    let script = format!("cd '{}' && '{}' --bench", root.display(), bench["datapath"].display());
+    step(&format!("booting Linux {version} and running the datapath benchmark in it"));
+    let status = kernel::run_in_vm(root, version, &script, GUEST_TIMEOUT)?;
+    if !status.success() {
+        bail!("the benchmark failed on Linux {version} ({status})");
+    }
+    Ok(())
+}
+
+/// Builds with `cargo CARGO_ARGS --no-run` and returns the executables of
+/// the targets of `kind` named in `names`, by name.
+fn built_executables(root: &Path, cargo_args: &[&str], kind: &str, names: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .args(["test", "-p", "lb-tests", "--tests", "--no-run", "--message-format=json"])
+        .args(cargo_args)
+        .args(["--no-run", "--message-format=json"])
         .current_dir(root)
         .stderr(Stdio::inherit())
         .output()
-        .context("building the tests")?;
+        .with_context(|| format!("running cargo {}", cargo_args.join(" ")))?;
     if !out.status.success() {
-        bail!("building the tests failed");
+        bail!("cargo {} failed", cargo_args.join(" "));
     }
-    let mut binaries = BTreeMap::new();
+    let kind = format!("\"kind\":[\"{kind}\"]");
+    let mut executables = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let (Some(name), Some(executable)) = (json_string(line, "\"name\":"), json_string(line, "\"executable\":")) else {
             continue;
         };
-        if KERNEL_TESTS.contains(&name.as_str()) && line.contains("\"kind\":[\"test\"]") {
-            binaries.insert(name, PathBuf::from(executable));
+        if names.contains(&name.as_str()) && line.contains(&kind) {
+            executables.insert(name, PathBuf::from(executable));
         }
     }
-    if let Some(missing) = KERNEL_TESTS.iter().find(|name| !binaries.contains_key(**name)) {
-        bail!("cargo built no test binary named {missing}");
+    if let Some(missing) = names.iter().find(|name| !executables.contains_key(**name)) {
+        bail!("cargo built no executable named {missing}");
     }
-    Ok(binaries)
+    Ok(executables)
 }
 
 /// The first string value after `key` in one line of cargo's JSON messages
@@ -111,12 +135,20 @@ fn json_string(line: &str, key: &str) -> Option<String> {
     Some(rest[..rest.find('"')?].to_owned())
 }
 
-/// The shell script the guest runs: each test binary (one test at a time:
-/// the guest has two slow CPUs), then the demo, each followed by a line
-/// `xtask-ran NAME STATUS`, everything appended to `log`.
+/// The test binaries whose tests share nothing but the CPU (one datapath
+/// each, no agent, no timing): they run two at a time, one per guest CPU.
+/// The end-to-end tests run one at a time.
+const PARALLEL: [&str; 3] = ["packet", "conntrack", "upgrade"];
+
+/// The shell script the guest runs: each test binary, then the demo, each
+/// followed by a line `xtask-ran NAME STATUS`, everything appended to `log`.
 fn guest_script(root: &Path, binaries: &BTreeMap<String, PathBuf>, quick: bool, log: &Path) -> Result<String> {
     let quote = |p: &Path| format!("'{}'", p.display());
     let mut script = format!("cd {} && : > {} && uname -r | sed 's/^/xtask-kernel /' >> {}\n", quote(root), quote(log), quote(log));
+    if !kernel::kvm_usable() {
+        // Emulated CPUs verify the programs many times slower.
+        script.push_str(&format!("export {TIME_SCALE}={EMULATED_TIME_SCALE}\n"));
+    }
     let runs: Vec<(&str, Vec<&str>)> = if quick {
         QUICK.iter().map(|(name, filters)| (*name, filters.to_vec())).collect()
     } else {
@@ -125,8 +157,9 @@ fn guest_script(root: &Path, binaries: &BTreeMap<String, PathBuf>, quick: bool, 
     for (name, filters) in runs {
         let binary = binaries.get(name).with_context(|| format!("no test binary {name}"))?;
         let exact = if filters.is_empty() { String::new() } else { format!(" --exact {}", filters.join(" ")) };
+        let threads = if PARALLEL.contains(&name) { 2 } else { 1 };
         script.push_str(&format!(
-            "{} --test-threads=1{exact} >> {log} 2>&1; echo \"xtask-ran {name} $?\" >> {log}\n",
+            "{} --test-threads={threads}{exact} >> {log} 2>&1; echo \"xtask-ran {name} $?\" >> {log}\n",
             quote(binary),
             log = quote(log)
         ));

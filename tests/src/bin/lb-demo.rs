@@ -48,6 +48,10 @@ fn main() -> Result<()> {
     for i in 0..3 {
         println!("    pod {} at {}:8080 (a tiny HTTP server)", pod_name(i), pod_ip(i));
     }
+    println!("\n==> $ lbctl kernel   (what this kernel offers the agent, and its fallbacks)");
+    for line in cluster.lbctl(&["kernel"])?.lines() {
+        println!("    {line}");
+    }
 
     println!("\n==> $ kubectl exec client -- curl -s http://{KUBIA_VIP}   (x6)");
     for _ in 0..6 {

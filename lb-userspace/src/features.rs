@@ -69,12 +69,6 @@ impl KernelFeatures {
         Self::resolve(Feature::probe, disabled)
     }
 
-    /// Every feature used: what a test on a kernel known to have them
-    /// expects.
-    pub fn all() -> Self {
-        Self::default()
-    }
-
     /// `present` says which features the kernel has.
     pub fn resolve(present: impl Fn(Feature) -> bool, disabled: &[Feature]) -> Self {
         let mut features = Self::default();

@@ -156,9 +156,7 @@ fn service_without_endpoints_is_refused_at_once() {
     }
     // A process on the node itself, translated by the socket programs:
     // refused where the kernel lets them set the error (bpf_set_retval).
-    let kernel: serde_json::Value = serde_json::from_str(&cluster.lbctl(&["kernel", "-o", "json"]).expect("lbctl")).expect("JSON");
-    let set_retval = kernel.as_array().expect("a list").iter().any(|f| f["feature"] == "bpf_set_retval" && f["in_use"] == true);
-    let error = if set_retval { "Connection refused" } else { "Operation not permitted" };
+    let error = if kernel_feature_in_use(&cluster, "bpf_set_retval") { "Connection refused" } else { "Operation not permitted" };
     let from_node = cluster.cgroup.run_in(&cluster.node, "(exec 3<>/dev/tcp/10.96.0.11/80) 2>&1; true").expect("a node-local client");
     assert!(from_node.contains(error), "from the node, expected {error}: {from_node}");
     // Rejects are logged by the datapath at debug only; the agent runs at info.
@@ -170,12 +168,8 @@ fn service_without_endpoints_is_refused_at_once() {
 /// and the socket programs still balance everything else.
 #[test]
 fn without_bpf_set_retval_a_node_connect_to_no_endpoints_fails_at_once_with_eperm() {
-    use lb_tests::cluster::{TempDir, Topology};
-    let net = Topology::new(1, ClientHook::Tc).expect("namespaces");
-    let manifests = TempDir::new("manifests").expect("dir");
-    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0]))).expect("manifest");
-    let source = ["--manifests", &manifests.0.to_string_lossy(), "--disable-kernel-feature", "set-retval"].map(str::to_owned).to_vec();
-    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    let net = lb_tests::cluster::Topology::new(1, ClientHook::Tc).expect("namespaces");
+    let cluster = kubia_with_flags(net, &[0], &["--disable-kernel-feature", "set-retval"]);
     assert!(cluster.agent.log().contains("disabled by --disable-kernel-feature"), "{}", cluster.agent.log());
     let started = std::time::Instant::now();
     let refused = cluster.cgroup.run_in(&cluster.node, "(exec 3<>/dev/tcp/10.96.0.11/80) 2>&1; true").expect("a node-local client");
@@ -593,24 +587,19 @@ fn agent_restart_under_load_breaks_and_refuses_no_connection() {
 /// `--cleanup` removes only this agent's filter, leaving the qdisc.
 #[test]
 fn agent_restart_under_load_with_the_legacy_tc_attach() {
-    use lb_tests::cluster::{TempDir, Topology};
+    use lb_tests::cluster::Topology;
     let net = Topology::new(3, ClientHook::Tc).expect("namespaces");
     // Another tool's filter, there before the agent: a classic BPF program
     // that matches nothing.
     net.node.output(&["tc", "qdisc", "add", "dev", "b1", "clsact"]).expect("qdisc");
     let other = ["tc", "filter", "add", "dev", "b1", "ingress", "pref", "7", "protocol", "all", "bpf", "bytecode", "1,6 0 0 0,"];
     net.node.output(&other).expect("filter");
-    let manifests = TempDir::new("manifests").expect("dir");
-    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0, 1, 2]))).expect("manifest");
-    let source = ["--manifests", &manifests.0.to_string_lossy(), "--disable-kernel-feature", "tcx"].map(str::to_owned).to_vec();
-    let mut cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    let mut cluster = kubia_with_flags(net, &[0, 1, 2], &["--disable-kernel-feature", "tcx"]);
     assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned));
     restarts_under_load(&mut cluster, &[None, None]);
     assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned), "one filter of ours");
 
-    let kernel: serde_json::Value = serde_json::from_str(&cluster.lbctl(&["kernel", "-o", "json"]).expect("lbctl")).expect("JSON");
-    let tcx = kernel.as_array().expect("a list").iter().find(|f| f["feature"] == "tcx").expect("tcx listed");
-    assert_eq!(tcx["in_use"], false, "{kernel}");
+    assert!(!kernel_feature_in_use(&cluster, "tcx"), "lbctl kernel shows the fallback");
 
     cluster.agent.stop(Duration::from_secs(20)).expect("agent stops");
     assert_eq!(connect_and_ask_from_client(&cluster).map(|a| a.starts_with("You've hit")), Ok(true), "served with no agent running");
@@ -640,6 +629,24 @@ fn switching_between_tcx_and_the_legacy_attach_at_restart_breaks_nothing() {
 /// lists them.
 const OURS: &str = "bpf pref 1 handle 0x4c42";
 const OTHERS: &str = "bpf pref 7 handle 0x1";
+
+/// The agent on `net` serving kubia with the pods `ready` ready, started
+/// with `flags` besides the topology's own.
+fn kubia_with_flags(net: lb_tests::cluster::Topology, ready_pods: &[usize], flags: &[&str]) -> Cluster {
+    let manifests = lb_tests::cluster::TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(ready_pods))).expect("manifest");
+    let mut source = vec!["--manifests".to_owned(), manifests.0.to_string_lossy().into_owned()];
+    source.extend(flags.iter().map(|f| (*f).to_owned()));
+    Cluster::run_agent(net, source, Some(manifests)).expect("agent")
+}
+
+/// Whether the running agent uses a kernel feature, as `lbctl kernel`
+/// reports it.
+fn kernel_feature_in_use(cluster: &Cluster, feature: &str) -> bool {
+    let kernel: serde_json::Value = serde_json::from_str(&cluster.lbctl(&["kernel", "-o", "json"]).expect("lbctl")).expect("JSON");
+    let listed = kernel.as_array().expect("a list").iter().find(|f| f["feature"] == feature).cloned();
+    listed.unwrap_or_else(|| panic!("{feature} not listed: {kernel}"))["in_use"] == true
+}
 
 /// Whether the agent uses tcx on this kernel (unless told otherwise).
 fn tcx_in_use() -> bool {

@@ -31,20 +31,11 @@ pub const HTTP_TARGET_PORT: u16 = 8080;
 pub const DNS_TARGET_PORT: u16 = 5353;
 pub const NODE_NAME: &str = "node-1";
 /// How long the agent may take to start or to apply a change (times the
-/// `TIME_SCALE`).
+/// time scale, see [`crate::netns::scaled`]).
 pub fn agent_timeout() -> Duration {
-    Duration::from_secs(20).mul_f64(time_scale())
+    crate::netns::scaled(Duration::from_secs(20))
 }
 
-/// A factor for the deadlines of waits on the agent, from this variable
-/// (default 1). `cargo xtask test --kernel` sets it in a virtual machine
-/// without hardware virtualisation, where verifying the programs alone
-/// takes most of the usual 20 s.
-pub const TIME_SCALE: &str = "LB_TEST_TIME_SCALE";
-
-fn time_scale() -> f64 {
-    std::env::var(TIME_SCALE).ok().and_then(|v| v.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0)
-}
 /// The manifest file the cluster's services are written to.
 pub const MANIFEST_FILE: &str = "kubia.yaml";
 

@@ -377,10 +377,23 @@ pub fn http_get_until(ns: &Netns, addr: &'static str, path: &'static str, expect
     }
 }
 
+/// A factor for the deadlines of waits and latency bounds, from this
+/// variable (default 1). `cargo xtask test --kernel` sets it in a virtual
+/// machine without hardware virtualisation, where everything runs several
+/// times slower (verifying the programs alone takes most of the usual 20 s
+/// start-up allowance).
+pub const TIME_SCALE: &str = "LB_TEST_TIME_SCALE";
+
+/// `duration` times the [`TIME_SCALE`].
+pub fn scaled(duration: Duration) -> Duration {
+    let scale = std::env::var(TIME_SCALE).ok().and_then(|v| v.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
+    duration.mul_f64(scale)
+}
+
 /// Connects to `addr` and asks once.
 pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
-    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(3))?;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(addr), scaled(Duration::from_secs(3)))?;
+    conn.set_read_timeout(Some(scaled(Duration::from_secs(3))))?;
     ask(&mut conn)
 }
 

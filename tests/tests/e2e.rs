@@ -490,6 +490,17 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
         counters.as_object_mut().map(|c| c.remove("pass_not_ipv4"));
         counters
     };
+    // A connection held open: closed ones expire after the close lifetime,
+    // which a slow (emulated) machine can outlast before the question.
+    let held = cluster
+        .client
+        .enter(|| {
+            let mut conn = TcpStream::connect(kubia())?;
+            conn.set_read_timeout(Some(lb_tests::netns::scaled(Duration::from_secs(3))))?;
+            lb_tests::netns::ask(&mut conn).map(|_| conn)
+        })
+        .expect("client")
+        .expect("a held connection");
     // The closed connections' last FINs and ACKs may still be on their
     // way: the counters are read once they stand still.
     let mut counters_before = ipv4_verdicts(json(&["counters"]));
@@ -507,12 +518,12 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
     assert_eq!((new["verdict"].as_str(), new["service"].as_str()), (Some("forward_new"), Some("default/kubia:http")), "{new}");
     assert!(matches!(new["backend"].as_str(), Some("10.244.1.2:8080" | "10.244.2.2:8080")), "{new}");
 
-    let flow = json(&["conntrack", "--filter", "10.201.0.2"])
+    let source = held.local_addr().expect("local address").to_string();
+    let flow = json(&["conntrack", "--filter", &source])
         .as_array()
         .and_then(|f| f.iter().find(|f| f["direction"] == "forward").cloned())
-        .expect("a tracked flow from the client");
-    let source = flow["source"].as_str().expect("source");
-    let established = json(&["explain", source, "10.96.0.10:80", "tcp"]);
+        .expect("the held connection's tracked flow");
+    let established = json(&["explain", &source, "10.96.0.10:80", "tcp"]);
     assert_eq!(established["verdict"], "forward_established", "{established}");
     assert_eq!(established["backend"], flow["translated_destination"], "the tracked flow's own backend");
 
@@ -533,6 +544,7 @@ fn lbctl_explain_answers_without_changing_the_live_maps() {
     let probed = json(&["conntrack", "--filter", "10.201.0.2:45000"]);
     assert_eq!(probed.as_array().map(Vec::len), Some(0), "explain tracked nothing live: {probed}");
     assert!(json(&["conntrack"]).as_array().map(Vec::len) <= flows_before, "explain added no flow");
+    drop(held);
 }
 
 /// An interface created after the agent started, matching --iface-pattern,
@@ -1119,7 +1131,7 @@ fn sequential_connections_through_a_node_port(snat_port_range: &str, count: usiz
                     Ok(answer) if answer == format!("You've hit {}", pod_name(0)) => {}
                     other => failures.push(format!("connection {i}: {other:?}")),
                 }
-                if asked.elapsed() > Duration::from_millis(900) {
+                if asked.elapsed() > lb_tests::netns::scaled(Duration::from_millis(900)) {
                     stalls.push((i, asked.elapsed()));
                 }
             }
@@ -1239,7 +1251,7 @@ fn healthz_answers_within_50_ms_while_metrics_are_scraped_with_full_tables() {
         scrapes.load(Ordering::Relaxed)
     );
     assert!(counted >= written as u64 * 9 / 10, "the collector counted {counted} of {written} entries");
-    assert!(slowest < Duration::from_millis(50), "/healthz took {slowest:?} during scrapes");
+    assert!(slowest < lb_tests::netns::scaled(Duration::from_millis(50)), "/healthz took {slowest:?} during scrapes");
 }
 
 /// Deleting a service purges its tracked flows with batched map calls: the

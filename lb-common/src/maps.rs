@@ -10,8 +10,9 @@
 //!   written whole under a fresh id before a frontend points at it, so a
 //!   reader sees either the old or the new set, never half of one.
 //! - `BACKEND_SET_MEMBERS`: (backend, backend set) → its slot. Whether a
-//!   backend belongs to a set, without scanning it. Terminating endpoints
-//!   are members without a slot (slot `DRAINING_SLOT`): they keep their
+//!   backend belongs to a set, without scanning it. Draining endpoints
+//!   (listed but taking no new connections: not ready or terminating) are
+//!   members without a slot (slot `DRAINING_SLOT`): they keep their
 //!   established flows but get no new ones.
 //! - `SERVICE_BACKEND_SETS`: array, service id → the service's current
 //!   backend set. An established flow remembers the set its backend was
@@ -400,7 +401,7 @@ pub struct BackendSetMemberKey {
     pub backend_set: u32,
 }
 
-/// `BACKEND_SET_MEMBERS` value of a terminating endpoint: a member for its
+/// `BACKEND_SET_MEMBERS` value of a draining endpoint: a member for its
 /// established flows, not in any slot.
 pub const DRAINING_SLOT: u32 = u32::MAX;
 

@@ -53,6 +53,9 @@ pub enum PodState {
     Ready,
     /// Shutting down: serving its connections, taking no new ones.
     Terminating,
+    /// Its readiness probe fails: listed, neither ready nor serving nor
+    /// terminating.
+    NotReady,
 }
 
 pub fn ready(pods: &[usize]) -> Vec<(usize, PodState)> {
@@ -65,12 +68,13 @@ pub fn ready(pods: &[usize]) -> Vec<(usize, PodState)> {
 pub fn kubia_manifests(pods: &[(usize, PodState)]) -> String {
     let mut endpoints = String::new();
     for &(i, state) in pods {
-        let (ready, terminating) = match state {
-            PodState::Ready => (true, false),
-            PodState::Terminating => (false, true),
+        let (ready, serving, terminating) = match state {
+            PodState::Ready => (true, true, false),
+            PodState::Terminating => (false, true, true),
+            PodState::NotReady => (false, false, false),
         };
         endpoints.push_str(&format!(
-            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n  nodeName: {NODE_NAME}\n  targetRef: {{kind: Pod, name: {}}}\n",
+            "- addresses: [\"{}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: {NODE_NAME}\n  targetRef: {{kind: Pod, name: {}}}\n",
             pod_ip(i),
             pod_name(i)
         ));

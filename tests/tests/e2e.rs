@@ -312,6 +312,62 @@ fn terminating_endpoint_keeps_its_established_connection() {
     assert!(!hits.contains_key(&first), "no new connection reaches the terminating {first}: {hits:?}");
 }
 
+/// A UDP socket of the client whose flow through the VIP's DNS port was
+/// placed on `pod`: datagrams from one source port until one answers from
+/// there (the choice is random: 1 in 3 each time).
+fn udp_flow_to(cluster: &Cluster, pod: &str) -> UdpSocket {
+    let pod = pod.to_owned();
+    cluster
+        .client
+        .enter(move || {
+            let vip = SocketAddrV4::new(KUBIA_VIP, 53);
+            for _ in 0..100 {
+                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket.set_read_timeout(Some(lb_tests::netns::scaled(Duration::from_secs(3)))).expect("timeout");
+                if udp_ask_on(&socket, vip).expect("an answer") == pod {
+                    return socket;
+                }
+            }
+            panic!("100 UDP flows and none placed on {pod}");
+        })
+        .expect("client")
+}
+
+/// One datagram to `vip` from `socket`, and the pod that answered.
+fn udp_ask_on(socket: &UdpSocket, vip: SocketAddrV4) -> std::io::Result<String> {
+    socket.send_to(b"query", vip)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    assert_eq!(from, std::net::SocketAddr::V4(vip), "the answer must come from the VIP");
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().trim_start_matches("You've hit ").to_owned())
+}
+
+#[test]
+fn held_tcp_connection_survives_its_endpoint_turning_not_ready_then_terminating() {
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let (mut conn, first) = long_lived_connection(&cluster);
+    let held = index_of(&first);
+    let udp = udp_flow_to(&cluster, &first);
+    let mut pods = ready(&[0, 1, 2]);
+    for state in [PodState::NotReady, PodState::Terminating] {
+        pods[held].1 = state;
+        let took = cluster.set_kubia_pods(&pods).expect("change applied");
+        println!("{first} {state:?}: file change to maps updated in {took:?}");
+        for exchange in 0..5 {
+            let answer = ask(&mut conn).unwrap_or_else(|e| panic!("exchange {exchange} with {first}, {state:?}: {e}"));
+            assert_eq!(answer, format!("You've hit {first}"), "the held connection moved");
+        }
+        let hits = spread(&cluster, 40);
+        assert!(!hits.contains_key(&first), "a new connection reached {first}, {state:?}: {hits:?}");
+        if state == PodState::NotReady {
+            // kube-proxy clears the UDP flows of an endpoint that stops
+            // serving: the same socket's next datagram goes elsewhere.
+            let now = udp_ask_on(&udp, SocketAddrV4::new(KUBIA_VIP, 53)).expect("an answer after the move");
+            assert_ne!(now, first, "the UDP flow stayed on {first}, which stopped serving");
+        }
+    }
+}
+
 #[test]
 fn service_deleted_from_the_directory_is_no_longer_served() {
     let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");

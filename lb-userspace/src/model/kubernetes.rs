@@ -12,9 +12,10 @@
 //!   the same name and protocol; its port number is the endpoint's target
 //!   port, which is how a named targetPort resolves per endpoint.
 //! - Ready endpoints serve; when none is ready, serving and terminating
-//!   ones do. Terminating endpoints that do not serve new connections keep
-//!   the ones they have (they drain). An endpoint listed in several slices
-//!   counts once.
+//!   ones do. The other listed endpoints drain (keep the flows they have,
+//!   take no new ones): for TCP all of them whatever their conditions, for
+//!   UDP only serving ones. An endpoint listed in several slices counts
+//!   once.
 //! - internalTrafficPolicy Local: only endpoints on this node serve, and
 //!   with none, traffic is dropped.
 //! - Node ports (on every node address), load balancer ingress IPs and
@@ -406,8 +407,13 @@ fn service_ports(
 
 /// The endpoints serving one service port: ready ones, or when there are
 /// none, serving and terminating ones (KEP-1669); only local ones when
-/// `local_only`. Second, the terminating endpoints not among them: they
-/// drain.
+/// `local_only`. Second, the endpoints that drain (keep the flows they
+/// have, take no new ones): for TCP every other listed endpoint, in any
+/// condition, since kube-proxy never touches an established TCP connection's
+/// conntrack entry and moving one can only reset it (a pod that turns
+/// unready under load finishes its work); for UDP only the other serving
+/// ones, since kube-proxy clears the UDP flows of an endpoint that stops
+/// serving so that its clients move.
 fn serving_endpoints(
     slices: &[ValidSlice],
     port_name: &str,
@@ -439,7 +445,11 @@ fn serving_endpoints(
     if serving.is_empty() {
         serving = pick(|c| c.serving && c.terminating);
     }
-    let draining = pick(|c| c.terminating).difference(&serving).copied().collect();
+    let drains: fn(&SliceEndpoint) -> bool = match protocol {
+        Protocol::Tcp => |_| true,
+        Protocol::Udp => |c| c.serving,
+    };
+    let draining = pick(drains).difference(&serving).copied().collect();
     (serving, draining)
 }
 
@@ -796,17 +806,32 @@ mod tests {
         assert!(computed.skipped.iter().any(|l| l.contains("EndpointSlice default/bad") && l.contains("nope")), "{:?}", computed.skipped);
     }
 
+    /// Each case: the rule, the protocol, and which of the four endpoints
+    /// (ready; terminating and serving; terminating, not serving; not ready,
+    /// not terminating) serve and which drain.
     #[test]
-    fn terminating_endpoints_drain_while_ready_ones_serve() {
-        let objects = objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("10.244.1.2"),
-            {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
-            {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
-            {"addresses": ["10.244.4.2"], "conditions": {"ready": false, "serving": false, "terminating": false}}]))]);
-        let computed = desired_state(&objects, NODE);
-        let port = computed.state.services.values().next().expect("programmed");
-        let ips = |set: &BTreeSet<Endpoint>| set.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>();
-        assert_eq!(ips(&port.endpoints), ["10.244.1.2"]);
-        assert_eq!(ips(&port.draining), ["10.244.2.2", "10.244.3.2"], "terminating ones drain; a not-ready one is gone");
+    fn draining_endpoints_keep_their_flows() {
+        let cases = [
+            ("tcp: every listed endpoint that takes no new connections keeps its established ones", "TCP",
+                ["10.244.1.2"], vec!["10.244.2.2", "10.244.3.2", "10.244.4.2"]),
+            ("udp: only serving endpoints keep their flows; one that stops serving loses them", "UDP",
+                ["10.244.1.2"], vec!["10.244.2.2"]),
+        ];
+        for (rule, protocol, serving, draining) in cases {
+            let service = json!({"metadata": {"name": "kubia", "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": protocol, "targetPort": 8080}]}});
+            let slice = json!({"metadata": {"name": "s1", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": protocol}],
+                "endpoints": [ep("10.244.1.2"),
+                    {"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                    {"addresses": ["10.244.3.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                    {"addresses": ["10.244.4.2"], "conditions": {"ready": false, "serving": false, "terminating": false}}]});
+            let computed = desired_state(&objects(&[service], &[slice]), NODE);
+            let port = computed.state.services.values().next().expect("programmed");
+            let ips = |set: &BTreeSet<Endpoint>| set.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>();
+            assert_eq!(ips(&port.endpoints), serving, "{rule}");
+            assert_eq!(ips(&port.draining), draining, "{rule}");
+        }
     }
 
     #[test]

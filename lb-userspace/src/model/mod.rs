@@ -84,8 +84,8 @@ pub struct ServicePort {
     pub frontends: BTreeSet<Frontend>,
     /// Endpoints that take new connections.
     pub endpoints: BTreeSet<Endpoint>,
-    /// Terminating endpoints that take no new connections but keep the ones
-    /// they have.
+    /// Listed endpoints that take no new connections but keep the ones they
+    /// have (for TCP any listed endpoint, for UDP serving ones).
     pub draining: BTreeSet<Endpoint>,
     /// With no endpoints, drop traffic rather than reject it: kube-proxy's
     /// behaviour for a Local traffic policy without a local endpoint.

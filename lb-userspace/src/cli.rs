@@ -2,7 +2,10 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use lb_common::{Ipv4Cidr, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{
+    Ipv4Cidr, MAX_BACKEND_SLOTS, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_PENDING_ENTRIES, MAX_VIPS, SNAT_PORT_MAX,
+    SNAT_PORT_MIN,
+};
 
 /// The node agent of the eBPF service load balancer: loads the datapath,
 /// attaches it to the given interfaces and keeps its maps equal to the
@@ -105,6 +108,26 @@ pub struct AgentArgs {
     /// only this table; established connections are never evicted by it.
     #[arg(long, value_name = "ENTRIES", default_value_t = MAX_PENDING_ENTRIES, value_parser = parse_table_size)]
     pub conntrack_tcp_pending_max: u32,
+
+    /// Entries of the backend tables (BACKEND_SLOTS and
+    /// BACKEND_SET_MEMBERS): one per endpoint of each service port, plus one
+    /// per draining endpoint. A service port that does not fit is left out,
+    /// logged with its name and the limit, and counted in
+    /// lb_service_ports_over_capacity; every other one is served.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_BACKEND_SLOTS, value_parser = parse_table_size)]
+    pub backend_slots_max: u32,
+
+    /// Entries of SERVICE_FRONTENDS: one per (address, port, protocol) a
+    /// service answers on (cluster IPs, node ports on each node address,
+    /// load balancer and external IPs). Beyond it, as --backend-slots-max.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_FRONTENDS, value_parser = parse_table_size)]
+    pub frontends_max: u32,
+
+    /// Entries of SERVICE_VIPS: distinct service addresses (cluster IPs,
+    /// node addresses, load balancer and external IPs). Beyond it, as
+    /// --backend-slots-max.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_VIPS, value_parser = parse_table_size)]
+    pub service_addresses_max: u32,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -268,11 +291,11 @@ fn parse_conntrack_timeout(text: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
-/// A conntrack table size: from 1,024 up to 2^28 entries.
+/// A table size: from 1,024 up to 2^28 entries.
 fn parse_table_size(text: &str) -> Result<u32, String> {
     let size: u32 = text.trim().replace('_', "").parse().map_err(|_| format!("{text:?}: expected a number of entries, e.g. 524288"))?;
     if !(1024..=1 << 28).contains(&size) {
-        return Err(format!("{text:?}: a conntrack table holds from 1024 to 268435456 entries"));
+        return Err(format!("{text:?}: a table holds from 1024 to 268435456 entries"));
     }
     Ok(size)
 }
@@ -330,6 +353,12 @@ impl AgentArgs {
             conntrack_tcp_max: self.conntrack_tcp_max,
             conntrack_udp_max: self.conntrack_udp_max,
             conntrack_tcp_pending_max: self.conntrack_tcp_pending_max,
+            limits: crate::sync::Limits {
+                backend_slots: self.backend_slots_max,
+                frontends: self.frontends_max,
+                addresses: self.service_addresses_max,
+                ..crate::sync::Limits::default()
+            },
             ct_lifetimes: self.conntrack_lifetimes(),
         }
     }

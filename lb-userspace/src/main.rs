@@ -196,7 +196,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     if node_ips.is_empty() {
         warn!("no --node-ip: node ports answer nowhere, and external (Cluster policy) and hairpin traffic is dropped");
     }
-    let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps)?;
+    let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps, args.map_settings().limits)?;
     info!(maps = pinned.adopted.len(), services = adopted.adopted, discarded = adopted.discarded, "adopted the pinned datapath");
     let running = RunningSource { source, task: source_task, changes };
     let reporting = Reporting { health: &health, stats: &stats };
@@ -418,11 +418,6 @@ fn sync(
     let started = Instant::now();
     let update = source.snapshot()?;
     let changes = state.model.update(&update.objects, node);
-    let skipped: HashSet<String> = update.skipped.into_iter().chain(changes.skipped).collect();
-    for line in skipped.difference(state.reported) {
-        warn!("{line}");
-    }
-    *state.reported = skipped;
     // The first sync compares everything: services adopted from a previous
     // agent and deleted while no agent ran are not among the changes.
     let names: BTreeSet<_> = if generation == 1 {
@@ -431,6 +426,13 @@ fn sync(
         changes.ports.clone()
     };
     let report = state.syncer.apply_changes(&state.model.state, &names, &mut datapath.maps)?;
+    let over_capacity = state.syncer.over_capacity().iter().map(|(name, why)| format!("service port {name} not programmed: {why}"));
+    let skipped: HashSet<String> = update.skipped.into_iter().chain(changes.skipped).chain(over_capacity).collect();
+    for line in skipped.difference(state.reported) {
+        warn!("{line}");
+    }
+    *state.reported = skipped;
+    stats.over_capacity.store(state.syncer.over_capacity().len() as u64, Ordering::Relaxed);
     stats.sync_seconds.observe(started.elapsed().as_secs_f64());
     stats.syncs.fetch_add(1, Ordering::Relaxed);
     stats.backends.store(state.model.state.endpoint_count() as u64, Ordering::Relaxed);
@@ -454,6 +456,7 @@ fn sync(
         added = report.added,
         updated = report.updated,
         removed = report.removed,
+        over_capacity = report.over_capacity,
         sync_us = started.elapsed().as_micros() as u64,
         since_change_us = noticed.elapsed().as_micros() as u64,
         "synced"

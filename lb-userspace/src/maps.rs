@@ -22,7 +22,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 use crate::{
     conntrack,
     error::{Error, Result},
-    sync::{MapWriter, ProgrammedMaps},
+    sync::{Limits, MapWriter, ProgrammedMaps},
 };
 
 /// The maps declared in the eBPF object.
@@ -320,6 +320,8 @@ pub struct MapSettings {
     pub conntrack_tcp_max: u32,
     pub conntrack_udp_max: u32,
     pub conntrack_tcp_pending_max: u32,
+    /// The sizes of the service maps the syncer fills.
+    pub limits: Limits,
     /// For entries migrated from a layout without lifetimes.
     pub ct_lifetimes: ConntrackLifetimes,
 }
@@ -330,6 +332,7 @@ impl Default for MapSettings {
             conntrack_tcp_max: MAX_CONNTRACK_ENTRIES,
             conntrack_udp_max: MAX_CONNTRACK_ENTRIES,
             conntrack_tcp_pending_max: MAX_PENDING_ENTRIES,
+            limits: Limits::default(),
             ct_lifetimes: ConntrackLifetimes::default(),
         }
     }
@@ -342,6 +345,9 @@ impl MapSettings {
             MAP_CONNTRACK_TCP => Some(self.conntrack_tcp_max),
             MAP_CONNTRACK_UDP => Some(self.conntrack_udp_max),
             MAP_CONNTRACK_TCP_PENDING => Some(self.conntrack_tcp_pending_max),
+            MAP_SERVICE_FRONTENDS => Some(self.limits.frontends),
+            MAP_SERVICE_VIPS => Some(self.limits.addresses),
+            MAP_BACKEND_SLOTS | MAP_BACKEND_SET_MEMBERS => Some(self.limits.backend_slots),
             _ => None,
         }
     }

@@ -48,6 +48,8 @@ pub struct AgentStats {
     /// changed.
     pub services: RwLock<BTreeMap<ServicePortName, ServiceLabels>>,
     pub backends: AtomicU64,
+    /// Service ports the maps could not hold at the last sync.
+    pub over_capacity: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_seconds: Histogram,
     /// The conntrack garbage collector's figures.
@@ -59,6 +61,7 @@ impl Default for AgentStats {
         Self {
             services: RwLock::default(),
             backends: AtomicU64::new(0),
+            over_capacity: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             conntrack: Arc::default(),
@@ -173,9 +176,14 @@ impl Collector for DatapathCollector {
         passes.encode(encoder.encode_descriptor("conntrack_gc_runs", "Garbage collection passes over the conntrack tables", None, passes.metric_type())?)?;
         let duration = ConstGauge::new(last.duration.as_secs_f64());
         duration.encode(encoder.encode_descriptor("conntrack_gc_duration_seconds", "How long the last garbage collection pass took", None, duration.metric_type())?)?;
-        let gauges: [(&str, &str, i64); 2] = [
+        let gauges: [(&str, &str, i64); 3] = [
             ("services", "Service ports programmed", services.len() as i64),
             ("backends", "Backends programmed, summed over service ports", self.stats.backends.load(Ordering::Relaxed) as i64),
+            (
+                "service_ports_over_capacity",
+                "Service ports the maps could not hold at the last sync (left out, or left as they were); raise the --*-max flag the log names",
+                self.stats.over_capacity.load(Ordering::Relaxed) as i64,
+            ),
         ];
         for (name, help, value) in gauges {
             let gauge = ConstGauge::new(value);

@@ -16,8 +16,8 @@ use std::{
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_SNAT, FrontendKey, FrontendValue, MAX_SERVICES, NO_BACKEND_SET, ServiceName,
-    VIP_CLUSTER_IP, VipValue, ip_be,
+    FRONTEND_SNAT, FrontendKey, FrontendValue, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS,
+    NO_BACKEND_SET, ServiceName, VIP_CLUSTER_IP, VipValue, ip_be,
 };
 
 use crate::{
@@ -55,6 +55,36 @@ pub struct SyncReport {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Service ports left out (or left as they were) because the maps
+    /// cannot hold them: see `Syncer::over_capacity`.
+    pub over_capacity: usize,
+}
+
+/// How many entries the maps the syncer fills hold: their `max_entries`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Service ids (`SERVICE_BACKEND_SETS`, `SERVICE_COUNTERS`, `SERVICE_NAMES`).
+    pub service_ports: u32,
+    /// `SERVICE_FRONTENDS`.
+    pub frontends: u32,
+    /// `SERVICE_VIPS`: distinct service addresses.
+    pub addresses: u32,
+    /// `BACKEND_SLOTS` and `BACKEND_SET_MEMBERS` each.
+    pub backend_slots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { service_ports: MAX_SERVICES, frontends: MAX_FRONTENDS, addresses: MAX_VIPS, backend_slots: MAX_BACKEND_SLOTS }
+    }
+}
+
+/// Entries the syncer has written to the maps it sizes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    frontends: u32,
+    slots: u32,
+    members: u32,
 }
 
 /// A service port as programmed.
@@ -109,6 +139,11 @@ impl VipUse {
 pub struct Syncer {
     programmed: BTreeMap<ServicePortName, Programmed>,
     frontends_per_vip: BTreeMap<Ipv4Addr, VipUse>,
+    limits: Limits,
+    used: Usage,
+    /// Service ports the maps could not hold at the last sync, and why;
+    /// tried again at every sync.
+    over_capacity: BTreeMap<ServicePortName, String>,
     /// Service ids never used yet start at `next_id`; freed ones are reused
     /// oldest first, so an id is not reused while its old flows may linger.
     free_ids: VecDeque<u32>,
@@ -123,14 +158,31 @@ impl Default for Syncer {
 }
 
 impl Syncer {
+    /// A syncer for maps of the object's own sizes.
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// A syncer for maps of `limits`' sizes.
+    pub fn with_limits(limits: Limits) -> Self {
         Self {
             programmed: BTreeMap::new(),
             frontends_per_vip: BTreeMap::new(),
+            limits,
+            used: Usage::default(),
+            over_capacity: BTreeMap::new(),
             free_ids: VecDeque::new(),
             next_id: 0,
             next_set: 1,
         }
+    }
+
+    /// The service ports the maps could not hold at the last sync, each
+    /// with what it needed and the limit it hit. A new one is not
+    /// programmed; a programmed one whose change did not fit keeps serving
+    /// as it was.
+    pub fn over_capacity(&self) -> &BTreeMap<ServicePortName, String> {
+        &self.over_capacity
     }
 
     /// The id (index of its counters) of a programmed service port.
@@ -150,13 +202,24 @@ impl Syncer {
     }
 
     /// Makes the maps equal to `desired` for the service ports in `names`
-    /// (the ones that may have changed); the others are left alone.
+    /// (the ones that may have changed) and the ones that did not fit
+    /// before; the others are left alone. A service port the maps cannot
+    /// hold is left out (see `over_capacity`) while every other one is
+    /// programmed.
     pub fn apply_changes(
         &mut self,
         desired: &DesiredState,
         names: &BTreeSet<ServicePortName>,
         maps: &mut impl MapWriter,
     ) -> Result<SyncReport> {
+        let retried = std::mem::take(&mut self.over_capacity);
+        let all_names;
+        let names = if retried.is_empty() {
+            names
+        } else {
+            all_names = names.iter().chain(retried.keys()).cloned().collect::<BTreeSet<_>>();
+            &all_names
+        };
         let mut report = SyncReport::default();
         // Removals first: they free map capacity for the additions. Their
         // ids are reused only after their flows are gone.
@@ -175,21 +238,51 @@ impl Syncer {
         }
         for name in names {
             let Some(service) = desired.services.get(name) else { continue };
-            match self.programmed.get(name) {
-                None => {
-                    self.add(name, service, maps)?;
-                    report.added += 1;
-                }
-                Some(p) if p.frontends == service.frontends && p.backends == BackendSet::of(service) => {
-                    report.unchanged += 1;
-                }
-                Some(_) => {
-                    self.update(name, service, maps)?;
-                    report.updated += 1;
-                }
+            let current = self.programmed.get(name);
+            if current.is_some_and(|p| p.frontends == service.frontends && p.backends == BackendSet::of(service)) {
+                report.unchanged += 1;
+                continue;
+            }
+            if let Some(shortfall) = self.shortfall(service, current) {
+                self.over_capacity.insert(name.clone(), shortfall);
+                report.over_capacity += 1;
+                continue;
+            }
+            if current.is_none() {
+                self.add(name, service, maps)?;
+                report.added += 1;
+            } else {
+                self.update(name, service, maps)?;
+                report.updated += 1;
             }
         }
         Ok(report)
+    }
+
+    /// What writing `service` (over `current`, as programmed) needs beyond
+    /// what the maps have free, in words; `None` when it fits. A changed
+    /// backend set is written whole before the old one is deleted, so both
+    /// are counted.
+    fn shortfall(&self, service: &ServicePort, current: Option<&Programmed>) -> Option<String> {
+        let backends = BackendSet::of(service);
+        let new_set = current.is_none_or(|p| p.backends != backends);
+        let (slots, members) =
+            if new_set { (backends.endpoints.len(), backends.endpoints.len() + backends.draining.len()) } else { (0, 0) };
+        let new_frontends: Vec<&Frontend> =
+            service.frontends.iter().filter(|f| current.is_none_or(|p| !p.frontends.contains(f))).collect();
+        let new_addresses: BTreeSet<Ipv4Addr> =
+            new_frontends.iter().map(|f| f.ip).filter(|ip| !self.frontends_per_vip.contains_key(ip)).collect();
+        let ids_used = self.next_id - self.free_ids.len() as u32;
+        let needs = [
+            (u32::from(current.is_none()), ids_used, self.limits.service_ports, "service ports", "the object's SERVICE_COUNTERS size"),
+            (new_frontends.len() as u32, self.used.frontends, self.limits.frontends, "frontends", "--frontends-max"),
+            (new_addresses.len() as u32, self.frontends_per_vip.len() as u32, self.limits.addresses, "service addresses", "--service-addresses-max"),
+            (slots as u32, self.used.slots, self.limits.backend_slots, "backend slots", "--backend-slots-max"),
+            (members as u32, self.used.members, self.limits.backend_slots, "backend set members", "--backend-slots-max"),
+        ];
+        needs.into_iter().find(|&(need, used, limit, ..)| need > limit.saturating_sub(used)).map(|(need, used, limit, what, flag)| {
+            format!("{what}: needs {need}, {} of {limit} free ({flag})", limit.saturating_sub(used))
+        })
     }
 
     fn add(&mut self, name: &ServicePortName, service: &ServicePort, maps: &mut impl MapWriter) -> Result<()> {
@@ -230,7 +323,7 @@ impl Syncer {
         }
         if let Some((old_set, old_backends)) = old {
             maps.put_service_backend_set(p.id, p.set)?;
-            delete_set(old_set, &old_backends, maps)?;
+            self.delete_set(old_set, &old_backends, maps)?;
         }
         p.frontends = service.frontends.clone();
         self.programmed.insert(name.clone(), p);
@@ -245,7 +338,7 @@ impl Syncer {
             self.remove_frontend(frontend, !name.external, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
-        delete_set(p.set, &p.backends, maps)?;
+        self.delete_set(p.set, &p.backends, maps)?;
         maps.remove_service_name(p.id)?;
         Ok(Some(p.id))
     }
@@ -264,7 +357,23 @@ impl Syncer {
         for endpoint in &backends.draining {
             maps.put_set_member(member(set, endpoint), DRAINING_SLOT)?;
         }
+        self.used.slots += backends.endpoints.len() as u32;
+        self.used.members += (backends.endpoints.len() + backends.draining.len()) as u32;
         Ok(set)
+    }
+
+    /// Deletes a backend set no frontend or service points at any more.
+    fn delete_set(&mut self, set: u32, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<()> {
+        for (slot, endpoint) in backends.endpoints.iter().enumerate() {
+            maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 })?;
+            maps.remove_set_member(member(set, endpoint))?;
+        }
+        for endpoint in &backends.draining {
+            maps.remove_set_member(member(set, endpoint))?;
+        }
+        self.used.slots -= backends.endpoints.len() as u32;
+        self.used.members -= (backends.endpoints.len() + backends.draining.len()) as u32;
+        Ok(())
     }
 
     fn add_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
@@ -272,11 +381,13 @@ impl Syncer {
         vip.frontends += 1;
         vip.cluster += u32::from(cluster_ip);
         maps.put_service_vip(ip_be(frontend.ip), vip.value())?;
+        self.used.frontends += 1;
         maps.put_frontend(frontend_key(frontend), value)
     }
 
     fn remove_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, maps: &mut impl MapWriter) -> Result<()> {
         maps.remove_frontend(frontend_key(frontend))?;
+        self.used.frontends -= 1;
         let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
         vip.frontends = vip.frontends.saturating_sub(1);
         vip.cluster = vip.cluster.saturating_sub(u32::from(cluster_ip));
@@ -293,8 +404,8 @@ impl Syncer {
         if let Some(id) = self.free_ids.pop_front() {
             return Ok(id);
         }
-        if self.next_id >= MAX_SERVICES {
-            return Err(Error::Capacity { what: "service ports", limit: MAX_SERVICES });
+        if self.next_id >= self.limits.service_ports {
+            return Err(Error::Capacity { what: "service ports", limit: self.limits.service_ports });
         }
         self.next_id += 1;
         Ok(self.next_id - 1)
@@ -325,18 +436,6 @@ fn member(backend_set: u32, endpoint: &Endpoint) -> BackendSetMemberKey {
 
 fn backend(endpoint: &Endpoint) -> Backend {
     Backend::new(endpoint.ip, endpoint.port)
-}
-
-/// Deletes a backend set no frontend or service points at any more.
-fn delete_set(set: u32, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<()> {
-    for (slot, endpoint) in backends.endpoints.iter().enumerate() {
-        maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 })?;
-        maps.remove_set_member(member(set, endpoint))?;
-    }
-    for endpoint in &backends.draining {
-        maps.remove_set_member(member(set, endpoint))?;
-    }
-    Ok(())
 }
 
 /// Bounds how often the maps are synced without delaying a lone change: a
@@ -399,9 +498,25 @@ mod tests {
         vips: HashMap<u32, VipValue>,
         names: HashMap<u32, String>,
         flows_removed_for: Vec<u32>,
+        /// Sizes enforced as the kernel does (a write of a new key to a
+        /// full map fails); unbounded when `None`.
+        limits: Option<Limits>,
     }
 
     impl FakeMaps {
+        fn sized(limits: Limits) -> Self {
+            Self { limits: Some(limits), ..Self::default() }
+        }
+
+        /// Fails like a full map when inserting a new key into `map`
+        /// (holding `len`) goes past `limit`.
+        fn check_room(&self, map: &'static str, len: usize, is_new: bool, limit: fn(&Limits) -> u32) -> Result<()> {
+            match self.limits {
+                Some(limits) if is_new && len as u32 >= limit(&limits) => Err(Error::Capacity { what: map, limit: limit(&limits) }),
+                _ => Ok(()),
+            }
+        }
+
         fn in_use(&self, set: u32) -> bool {
             self.frontends.values().any(|f| f.backend_set == set) || self.service_sets.values().any(|&s| s == set)
         }
@@ -418,6 +533,7 @@ mod tests {
     impl MapWriter for FakeMaps {
         fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
             assert!(!self.in_use(key.backend_set), "a set in use was modified");
+            self.check_room("BACKEND_SLOTS", self.slots.len(), !self.slots.contains_key(&key), |l| l.backend_slots)?;
             self.slots.insert(key, backend);
             Ok(())
         }
@@ -428,6 +544,7 @@ mod tests {
         }
         fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()> {
             assert!(!self.in_use(key.backend_set), "a set in use was modified");
+            self.check_room("BACKEND_SET_MEMBERS", self.members.len(), !self.members.contains_key(&key), |l| l.backend_slots)?;
             self.members.insert(key, slot);
             Ok(())
         }
@@ -445,6 +562,7 @@ mod tests {
         fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
             assert!(self.vips.contains_key(&key.ip), "frontend written before its address");
             self.assert_complete(value.backend_set, value.backend_count);
+            self.check_room("SERVICE_FRONTENDS", self.frontends.len(), !self.frontends.contains_key(&key), |l| l.frontends)?;
             self.frontends.insert(key, value);
             Ok(())
         }
@@ -453,6 +571,7 @@ mod tests {
             Ok(())
         }
         fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()> {
+            self.check_room("SERVICE_VIPS", self.vips.len(), !self.vips.contains_key(&ip), |l| l.addresses)?;
             self.vips.insert(ip, vip);
             Ok(())
         }
@@ -658,7 +777,7 @@ mod tests {
         let mut first = Syncer::new();
         let mut maps = FakeMaps::default();
         first.apply(&desired, &mut maps).expect("apply");
-        let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
         assert_eq!(report, AdoptReport { adopted: 4, discarded: 0 });
         assert_maps_equal(&maps, &first, &desired);
         let resync = adopted.apply(&desired, &mut maps).expect("apply");
@@ -674,14 +793,14 @@ mod tests {
         let mut first = Syncer::new();
         let mut maps = FakeMaps::default();
         first.apply(&varied_state(), &mut maps).expect("apply");
-        let (mut adopted, _) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        let (mut adopted, _) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
         let mut changed = varied_state();
         changed.services.remove(&name("c"));
         changed.services.insert(name("d"), service([10, 96, 0, 4], 80, &[4, 7]));
         changed.services.insert(name("e"), service([10, 96, 0, 5], 80, &[8]));
         // FakeMaps panics if a set id still in use were written again.
         let report = adopted.apply(&changed, &mut maps).expect("apply");
-        assert_eq!(report, SyncReport { added: 1, updated: 1, removed: 1, unchanged: 2 });
+        assert_eq!(report, SyncReport { added: 1, updated: 1, removed: 1, unchanged: 2, over_capacity: 0 });
         assert_maps_equal(&maps, &adopted, &changed);
         assert_eq!(maps.flows_removed_for, vec![first.service_id(&name("c")).expect("programmed")]);
     }
@@ -700,7 +819,7 @@ mod tests {
         maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
         let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, in_cluster_ip: 0, in_cluster_port: 0, _pad: 0 };
         maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
-        let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps).expect("adopt");
+        let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
         assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });
         assert_maps_equal(&maps, &adopted, &desired);
         assert_eq!(maps.flows_removed_for, vec![7, 9]);
@@ -722,5 +841,108 @@ mod tests {
         }
         let external = ServicePortName::new("default", "kubia", "http").to_external();
         assert_eq!(adopt::parse_port_name(&external.to_string()), Some(external), "the external side of a port");
+    }
+
+    /// A service port needing `endpoints` backends on its own cluster IP
+    /// 10.96.1.`n`.
+    fn sized_service(n: u8, endpoints: u8) -> ServicePort {
+        service([10, 96, 1, n], 80, &(1..=endpoints).collect::<Vec<_>>())
+    }
+
+    /// Each case: the rule, the map sizes, the desired states applied one
+    /// after the other, and after the last, the service ports programmed
+    /// (with their endpoint count) and the ones over capacity with the
+    /// limit named.
+    #[test]
+    fn service_ports_that_do_not_fit_are_left_out_and_the_others_programmed() {
+        let slots = |n| Limits { backend_slots: n, ..Limits::default() };
+        type Case = (&'static str, Limits, Vec<DesiredState>, Vec<(&'static str, usize)>, Vec<(&'static str, &'static str)>);
+        let cases: Vec<Case> = vec![
+            (
+                "a service port whose backends do not fit is left out; the ones before and after it are programmed",
+                slots(5),
+                vec![state(&[("a", sized_service(1, 3)), ("b", sized_service(2, 3)), ("c", sized_service(3, 2))])],
+                vec![("a", 3), ("c", 2)],
+                vec![("b", "backend slots: needs 3, 2 of 5 free (--backend-slots-max)")],
+            ),
+            (
+                "a left-out service port is programmed once room is freed",
+                slots(5),
+                vec![
+                    state(&[("a", sized_service(1, 3)), ("b", sized_service(2, 3))]),
+                    state(&[("b", sized_service(2, 3))]),
+                ],
+                vec![("b", 3)],
+                vec![],
+            ),
+            (
+                "a change that does not fit leaves the service port as it was",
+                slots(5),
+                vec![state(&[("a", sized_service(1, 3))]), state(&[("a", sized_service(1, 4))])],
+                vec![("a", 3)],
+                vec![("a", "backend slots: needs 4, 2 of 5 free (--backend-slots-max)")],
+            ),
+            (
+                "draining endpoints count against the backend set members",
+                slots(4),
+                vec![state(&[("a", ServicePort {
+                    draining: [Endpoint { ip: [10, 244, 0, 9].into(), port: 8080 }, Endpoint { ip: [10, 244, 0, 8].into(), port: 8080 }].into(),
+                    ..sized_service(1, 3)
+                })])],
+                vec![],
+                vec![("a", "backend set members: needs 5, 4 of 4 free (--backend-slots-max)")],
+            ),
+            (
+                "frontends beyond --frontends-max",
+                Limits { frontends: 2, ..Limits::default() },
+                vec![state(&[("a", sized_service(1, 1)), ("b", sized_service(2, 1)), ("c", sized_service(3, 1))])],
+                vec![("a", 1), ("b", 1)],
+                vec![("c", "frontends: needs 1, 0 of 2 free (--frontends-max)")],
+            ),
+            (
+                "a new address beyond --service-addresses-max; a port on an address in use still fits",
+                Limits { addresses: 1, ..Limits::default() },
+                vec![state(&[("a", sized_service(1, 1)), ("b", sized_service(2, 1)), ("c", service([10, 96, 1, 1], 443, &[1]))])],
+                vec![("a", 1), ("c", 1)],
+                vec![("b", "service addresses: needs 1, 0 of 1 free (--service-addresses-max)")],
+            ),
+            (
+                "service ids run out",
+                Limits { service_ports: 2, ..Limits::default() },
+                vec![state(&[("a", sized_service(1, 1)), ("b", sized_service(2, 1)), ("c", sized_service(3, 1))])],
+                vec![("a", 1), ("b", 1)],
+                vec![("c", "service ports: needs 1, 0 of 2 free (the object's SERVICE_COUNTERS size)")],
+            ),
+        ];
+        for (rule, limits, states, programmed, over) in cases {
+            let mut syncer = Syncer::with_limits(limits);
+            let mut maps = FakeMaps::sized(limits);
+            for desired in &states {
+                let report = syncer.apply(desired, &mut maps).unwrap_or_else(|e| panic!("{rule}: {e}"));
+                assert_eq!(report.over_capacity, syncer.over_capacity().len(), "{rule}");
+            }
+            let mut found: Vec<(String, usize)> = Vec::new();
+            for value in maps.frontends.values() {
+                let name = &maps.names[&value.service_id];
+                found.push((name.trim_start_matches("default/").trim_end_matches(":http").to_owned(), value.backend_count as usize));
+            }
+            found.sort();
+            let expected: Vec<(String, usize)> = programmed.iter().map(|&(n, c)| (n.to_owned(), c)).collect();
+            assert_eq!(found, expected, "{rule}: programmed");
+            let over_found: Vec<(String, String)> = syncer.over_capacity().iter().map(|(n, why)| (n.name.clone(), why.clone())).collect();
+            let over_expected: Vec<(String, String)> = over.iter().map(|&(n, why)| (n.to_owned(), why.to_owned())).collect();
+            assert_eq!(over_found, over_expected, "{rule}: over capacity");
+        }
+    }
+
+    #[test]
+    fn an_adopted_state_counts_against_the_limits() {
+        let limits = Limits { backend_slots: 5, ..Limits::default() };
+        let mut first = Syncer::with_limits(limits);
+        let mut maps = FakeMaps::sized(limits);
+        first.apply(&state(&[("a", sized_service(1, 3))]), &mut maps).expect("apply");
+        let (mut adopted, _) = Syncer::adopt(&maps.read_back(), &mut maps, limits).expect("adopt");
+        let report = adopted.apply(&state(&[("a", sized_service(1, 3)), ("b", sized_service(2, 3))]), &mut maps).expect("apply");
+        assert_eq!(report, SyncReport { unchanged: 1, over_capacity: 1, ..Default::default() });
     }
 }

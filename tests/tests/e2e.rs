@@ -368,6 +368,67 @@ fn held_tcp_connection_survives_its_endpoint_turning_not_ready_then_terminating(
     }
 }
 
+/// `count` services in namespace `scale` (svc-00000…), each on its own
+/// cluster IP (10.100.0.0 up) with one TCP port and an EndpointSlice of
+/// `endpoints` addresses in 10.250.0.0/16 (never sent traffic: only the
+/// maps are checked for these).
+fn scale_manifests(count: u32, endpoints: u32) -> String {
+    let addresses: Vec<String> = (1..=endpoints).map(|i| format!("\"{}\"", std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 250, 0, 0)) + i))).collect();
+    let endpoint_list = format!("[{}]", addresses.iter().map(|a| format!("{{addresses: [{a}]}}")).collect::<Vec<_>>().join(", "));
+    let mut out = String::with_capacity(count as usize * 600);
+    for i in 0..count {
+        let ip = scale_vip(i);
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i:05}, namespace: scale}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{i:05}-a, namespace: scale, labels: {{kubernetes.io/service-name: svc-{i:05}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: {endpoint_list}\n---\n"
+        ));
+    }
+    out
+}
+
+fn scale_vip(index: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 100, 0, 0)) + index)
+}
+
+#[test]
+fn thirty_thousand_services_over_a_smaller_slot_limit_keep_the_agent_serving() {
+    const SERVICES: u32 = 30_000;
+    const ENDPOINTS: u32 = 10;
+    const SLOTS: u32 = 100_000;
+    let cluster = kubia_with_flags(lb_tests::cluster::Topology::new(3, ClientHook::Tc).expect("topology"), &[0, 1, 2], &["--backend-slots-max", &SLOTS.to_string()]);
+    let at = cluster.write_manifest("scale.yaml", &scale_manifests(SERVICES, ENDPOINTS)).expect("manifest");
+    // kubia holds 6 slots (3 endpoints on two ports): 99,994 are left, 9,999
+    // scale services fit, and the other 20,001 do not.
+    let fits = (SLOTS - 6) / ENDPOINTS;
+    let over = SERVICES - fits;
+    let synced = cluster.agent.wait_for(&[&format!("over_capacity={over}")], lb_tests::netns::scaled(Duration::from_secs(180))).expect("the scale sync");
+    println!("{SERVICES} services x {ENDPOINTS} endpoints synced {:?} after the file change: {synced}", at.elapsed());
+
+    let maps = cluster.maps().expect("maps");
+    let last_fitting = lb_common::FrontendKey::new(scale_vip(fits - 1), 80, lb_common::IPPROTO_TCP);
+    assert_eq!(maps.backends(last_fitting).map(|b| b.len()), Some(ENDPOINTS as usize), "svc-{:05} fits and is programmed", fits - 1);
+    let first_left_out = lb_common::FrontendKey::new(scale_vip(fits), 80, lb_common::IPPROTO_TCP);
+    assert_eq!(maps.backends(first_left_out), None, "svc-{fits:05} does not fit and has no frontend");
+
+    let log = cluster.agent.log();
+    let line = format!("service port scale/svc-{fits:05}:http not programmed: backend slots: needs 10, 4 of {SLOTS} free (--backend-slots-max)");
+    assert!(log.contains(&line), "the log names the service port and the limit: {line}");
+    assert_eq!(log.matches("not programmed: backend slots").count(), over as usize, "one line per service port left out");
+    let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
+    assert!(metrics.contains(&format!("lb_service_ports_over_capacity {over}")), "the metric counts them:\n{}", metrics.lines().filter(|l| l.contains("capacity")).collect::<Vec<_>>().join("\n"));
+
+    // The agent is still running and serving, and later changes still apply.
+    assert!(connect_and_ask_from_client(&cluster).is_ok_and(|a| a.starts_with("You've hit kubia-")), "kubia is still served");
+    let took = cluster.set_kubia_pods(&ready(&[0, 1])).expect("a later change is applied");
+    println!("a later kubia change applied in {took:?}");
+    // Room freed by removing the scale services lets nothing linger.
+    let at = cluster.remove_manifest("scale.yaml").expect("removed");
+    cluster.agent.wait_for(&["over_capacity=0"], lb_tests::netns::scaled(Duration::from_secs(180))).expect("the scale services removed");
+    println!("30,000 services removed {:?} after the file change", at.elapsed());
+    assert!(maps.backends(last_fitting).is_none(), "removed");
+}
+
 #[test]
 fn service_deleted_from_the_directory_is_no_longer_served() {
     let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");

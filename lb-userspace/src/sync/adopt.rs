@@ -15,7 +15,7 @@ use lb_common::{
     FRONTEND_SNAT, FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET, ServiceName, ip_from_be,
 };
 
-use super::{BackendSet, MapWriter, Programmed, Syncer};
+use super::{BackendSet, Limits, MapWriter, Programmed, Syncer};
 use crate::{
     error::Result,
     model::{Endpoint, Frontend, Protocol, ServicePortName},
@@ -44,10 +44,11 @@ pub struct AdoptReport {
 }
 
 impl Syncer {
-    /// A syncer that owns what `found` holds, after deleting from `maps`
-    /// whatever belongs to no adoptable service port.
-    pub fn adopt(found: &ProgrammedMaps, maps: &mut impl MapWriter) -> Result<(Self, AdoptReport)> {
-        let mut syncer = Syncer::new();
+    /// A syncer for maps of `limits`' sizes that owns what `found` holds,
+    /// after deleting from `maps` whatever belongs to no adoptable service
+    /// port.
+    pub fn adopt(found: &ProgrammedMaps, maps: &mut impl MapWriter, limits: Limits) -> Result<(Self, AdoptReport)> {
+        let mut syncer = Syncer::with_limits(limits);
         let mut frontends_of: BTreeMap<u32, Vec<(FrontendKey, FrontendValue)>> = BTreeMap::new();
         for &(key, value) in &found.frontends {
             frontends_of.entry(value.service_id).or_default().push((key, value));
@@ -62,6 +63,9 @@ impl Syncer {
         let adopted_ids: BTreeSet<u32> = syncer.programmed.values().map(|p| p.id).collect();
         let adopted_sets: BTreeSet<u32> = syncer.programmed.values().map(|p| p.set).collect();
         for (name, p) in &syncer.programmed {
+            syncer.used.frontends += p.frontends.len() as u32;
+            syncer.used.slots += p.backends.endpoints.len() as u32;
+            syncer.used.members += (p.backends.endpoints.len() + p.backends.draining.len()) as u32;
             for frontend in &p.frontends {
                 let vip = syncer.frontends_per_vip.entry(frontend.ip).or_default();
                 vip.frontends += 1;

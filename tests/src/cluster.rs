@@ -80,7 +80,7 @@ pub fn kubia_manifests(pods: &[(usize, PodState)]) -> String {
         ));
     }
     if endpoints.is_empty() {
-        endpoints.push_str("[]\n");
+        endpoints.push_str("  []\n");
     }
     format!(
         r#"apiVersion: v1

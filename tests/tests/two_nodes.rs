@@ -28,8 +28,8 @@ fn service(name: &str, spec: &str, pods: &[usize]) -> String {
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
          labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
          ports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
-         endpoints:\n{}---\n",
-        if endpoints.is_empty() { "[]\n".to_owned() } else { endpoints }
+         endpoints:{}---\n",
+        if endpoints.is_empty() { " []\n".to_owned() } else { format!("\n{endpoints}") }
     )
 }
 
@@ -222,4 +222,33 @@ fn internal_traffic_policy_local_keeps_pods_on_their_node() {
     assert_eq!(from_node1.keys().cloned().collect::<Vec<_>>(), ["kubia-1", "kubia-2"], "node-1's pods only: {from_node1:?}");
     let from_node2 = hits(&cluster.pod(2).ns, vip, 10);
     assert_eq!(from_node2, BTreeMap::from([("kubia-3".to_owned(), 10)]), "node-2's pod only");
+}
+
+/// A Local policy (internal or external) without an endpoint on the node:
+/// dropped while endpoints exist on another node, rejected at once when
+/// there are none anywhere, as kube-proxy does.
+#[test]
+fn local_policies_drop_with_endpoints_elsewhere_and_reject_with_none() {
+    let internal_local = |pods: &[usize]| {
+        service("internal-local", "  clusterIP: 10.96.0.15\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n", pods)
+    };
+    // kubia-local and internal-local have their one endpoint on node-2.
+    let cluster = TwoNodes::start(&(manifests(&[2]) + &internal_local(&[2]))).expect("two nodes");
+    let external = SocketAddrV4::new(NODE_IPS[0], 30124);
+    let internal = SocketAddrV4::new([10, 96, 0, 15].into(), 80);
+    let outcome = |ns: &Netns, addr| hits(ns, addr, 1).into_keys().next().expect("one attempt");
+    assert_eq!(outcome(&cluster.client, external), "error: TimedOut", "external Local, endpoint on node-2 only: node-1 drops");
+    assert_eq!(outcome(&cluster.pod(0).ns, internal), "error: TimedOut", "internal Local, endpoint on node-2 only: a pod on node-1 is dropped");
+
+    cluster.write_manifests(&(manifests(&[]) + &internal_local(&[]))).expect("no endpoints anywhere");
+    let deadline = std::time::Instant::now() + lb_tests::netns::scaled(Duration::from_secs(20));
+    let (mut external_now, mut internal_now) = (String::new(), String::new());
+    while std::time::Instant::now() < deadline {
+        external_now = outcome(&cluster.client, external);
+        internal_now = outcome(&cluster.pod(0).ns, internal);
+        if external_now == "error: ConnectionRefused" && internal_now == "error: ConnectionRefused" {
+            return;
+        }
+    }
+    panic!("with no endpoint anywhere both are rejected at once; external: {external_now}, internal: {internal_now}");
 }

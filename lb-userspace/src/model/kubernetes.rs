@@ -16,8 +16,16 @@
 //!   take no new ones): for TCP all of them whatever their conditions, for
 //!   UDP only serving ones. An endpoint listed in several slices counts
 //!   once.
-//! - internalTrafficPolicy Local: only endpoints on this node serve, and
-//!   with none, traffic is dropped.
+//! - internalTrafficPolicy Local: only endpoints on this node serve. A
+//!   Local policy (internal or external) without a local endpoint drops
+//!   traffic when endpoints exist elsewhere, and rejects it when there are
+//!   none anywhere.
+//! - Of `clusterIPs` (dual-stack, either family first) the IPv4 address is
+//!   served; headless and IPv6-only services are not programmed. Load
+//!   balancer ingress IPs with `ipMode: Proxy` are left to the load
+//!   balancer.
+//! - An endpoint is its first address; unset `ready` and `serving` mean
+//!   true, unset `terminating` false.
 //! - Node ports (on every node address), load balancer ingress IPs and
 //!   external IPs form the external side of a service port, with
 //!   externalTrafficPolicy: Local uses this node's endpoints and keeps the
@@ -26,8 +34,9 @@
 //!   `timeoutSeconds` (default 10800) pass without a new connection.
 //!
 //! Invalid objects (bad addresses, ports out of range, unknown protocols,
-//! missing fields) are skipped, each with one line saying which and why;
-//! everything else is still programmed.
+//! missing fields) are skipped, each with one line saying which and why; in
+//! a slice only the invalid endpoint or port is. SCTP ports get one line
+//! saying they are not served. Everything else is still programmed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
@@ -275,14 +284,19 @@ fn compute_service(
     let mut skipped = Vec::new();
     let mut valid = Vec::new();
     for slice in slices {
-        match valid_slice(slice, node) {
-            Ok(Some(v)) => valid.push(v),
-            Ok(None) => {}
-            Err(reason) => skipped.push(format!("EndpointSlice {} skipped: {reason}", ObjectKey::of(&slice.metadata))),
+        let slice_key = ObjectKey::of(&slice.metadata);
+        let mut problems = Vec::new();
+        if let Some(v) = valid_slice(slice, node, &mut problems) {
+            valid.push(v);
         }
+        skipped.extend(problems.into_iter().map(|problem| format!("EndpointSlice {slice_key}: {problem}")));
     }
-    match service_ports(&key, service, &valid, node_ips) {
-        Ok(ports) => (ports, skipped),
+    let mut notes = Vec::new();
+    match service_ports(&key, service, &valid, node_ips, &mut notes) {
+        Ok(ports) => {
+            skipped.extend(notes.into_iter().map(|note| format!("Service {key}: {note}")));
+            (ports, skipped)
+        }
         Err(reason) => {
             skipped.push(format!("Service {key} skipped: {reason}"));
             (Vec::new(), skipped)
@@ -291,12 +305,14 @@ fn compute_service(
 }
 
 /// The service ports of one service, or why it is invalid. An empty list
-/// for services that are valid but not for this proxy.
+/// for services that are valid but not for this proxy. What is valid but
+/// left out (an SCTP port) is added to `notes`, one line each.
 fn service_ports(
     key: &ObjectKey,
     service: &Service,
     slices: &[ValidSlice],
     node_ips: &[Ipv4Addr],
+    notes: &mut Vec<String>,
 ) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
     let labels = service.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
@@ -306,12 +322,8 @@ fn service_ports(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Vec::new());
     }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        None | Some("") | Some("None") => return Ok(Vec::new()),
-        Some(ip) => ip.parse::<IpAddr>().map_err(|_| format!("clusterIP {ip:?} is not an IP address"))?,
-    };
-    let IpAddr::V4(cluster_ip) = cluster_ip else {
-        // An IPv6 service: not handled by this IPv4 datapath.
+    let Some(cluster_ip) = ipv4_cluster_ip(spec)? else {
+        // Headless, or IPv6 only: nothing for this IPv4 datapath.
         return Ok(Vec::new());
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -341,7 +353,10 @@ fn service_ports(
     }
     if service_type == "LoadBalancer" {
         let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-        for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+        // ipMode Proxy: the load balancer proxies to the node itself, so its
+        // address is left to it (kube-proxy does the same).
+        let delivered = ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy"));
+        for ip in delivered.filter_map(|i| i.ip.as_deref()) {
             match ip.parse::<IpAddr>() {
                 Ok(IpAddr::V4(ip)) => external_addresses.push(ip),
                 Ok(IpAddr::V6(_)) => {}
@@ -357,18 +372,22 @@ fn service_ports(
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         let number = valid_port(port.port, "port")?;
-        let protocol = match protocol(port.protocol.as_deref())? {
-            Some(p) => p,
-            None => continue, // SCTP: valid, not supported by this datapath
-        };
         let name = port.name.clone().unwrap_or_default();
+        let Some(protocol) = protocol(port.protocol.as_deref())? else {
+            notes.push(format!("port {name:?} ({number}/SCTP) is not served: SCTP is not supported by this datapath"));
+            continue;
+        };
         let internal_name = ServicePortName::new(&key.namespace, &key.name, &name);
         let (endpoints, draining) = serving_endpoints(slices, &name, protocol, local_only);
+        // A Local policy without a local endpoint drops when endpoints
+        // exist on other nodes, and rejects when there are none anywhere
+        // (kube-proxy's "no local endpoints" versus "no endpoints").
+        let has_endpoints_anywhere = !serving_endpoints(slices, &name, protocol, false).0.is_empty();
         let internal = ServicePort {
             frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
             endpoints,
             draining,
-            drop_when_empty: local_only,
+            drop_when_empty: local_only && has_endpoints_anywhere,
             snat: false,
             affinity_seconds,
             in_cluster_via: None,
@@ -385,14 +404,15 @@ fn service_ports(
         }
         if !frontends.is_empty() {
             // Local: this node's endpoints only, client address kept, and
-            // dropped when there are none. Cluster: every endpoint, the
-            // source translated to the node so replies come back through it.
+            // dropped when there are none here but some elsewhere. Cluster:
+            // every endpoint, the source translated to the node so replies
+            // come back through it.
             let (endpoints, draining) = serving_endpoints(slices, &name, protocol, external_local);
             let external = ServicePort {
                 frontends,
                 endpoints,
                 draining,
-                drop_when_empty: external_local,
+                drop_when_empty: external_local && has_endpoints_anywhere,
                 snat: !external_local,
                 affinity_seconds,
                 in_cluster_via: external_local.then_some((cluster_ip, number)),
@@ -403,6 +423,26 @@ fn service_ports(
         ports.push((internal_name, internal));
     }
     Ok(ports)
+}
+
+/// The service's IPv4 cluster IP: `clusterIPs` (dual-stack, either family
+/// first), else `clusterIP`; `None` for headless services and IPv6-only
+/// ones.
+fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Option<Ipv4Addr>, String> {
+    let listed = spec.cluster_ips.as_deref().filter(|ips| !ips.is_empty());
+    let ips = listed.map_or_else(|| spec.cluster_ip.iter().cloned().collect(), <[String]>::to_vec);
+    let mut ipv4 = None;
+    for ip in &ips {
+        match ip.as_str() {
+            "" | "None" => return Ok(None),
+            text => match text.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => ipv4 = ipv4.or(Some(ip)),
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => return Err(format!("clusterIP {text:?} is not an IP address")),
+            },
+        }
+    }
+    Ok(ipv4)
 }
 
 /// The endpoints serving one service port: ready ones, or when there are
@@ -454,34 +494,47 @@ fn serving_endpoints(
 }
 
 /// A slice's valid content; `None` for slices this datapath does not use
-/// (IPv6 or FQDN addresses).
-fn valid_slice(slice: &EndpointSlice, node: &str) -> Result<Option<ValidSlice>, String> {
+/// (IPv6 or FQDN addresses). An invalid port or endpoint is left out
+/// alone, with a line in `problems`, as kube-proxy does.
+fn valid_slice(slice: &EndpointSlice, node: &str, problems: &mut Vec<String>) -> Option<ValidSlice> {
     if slice.address_type != "IPv4" {
-        return Ok(None);
+        return None;
     }
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
-        let number = port.port.ok_or("a port has no port number")?;
-        let number = valid_port(number, "port")?;
-        if let Some(protocol) = protocol(port.protocol.as_deref())? {
-            ports.push((port.name.clone().unwrap_or_default(), protocol, number));
+        let name = port.name.clone().unwrap_or_default();
+        let valid = port
+            .port
+            .ok_or_else(|| "no port number".to_owned())
+            .and_then(|number| valid_port(number, "port"))
+            .and_then(|number| Ok(protocol(port.protocol.as_deref())?.map(|protocol| (protocol, number))));
+        match valid {
+            Ok(Some((protocol, number))) => ports.push((name, protocol, number)),
+            Ok(None) => {} // SCTP: the service says so
+            Err(reason) => problems.push(format!("port {name:?} skipped: {reason}")),
         }
     }
     let mut endpoints = Vec::new();
     for ep in &slice.endpoints {
         let conditions = ep.conditions.as_ref();
-        // Unset conditions: ready unless said otherwise, serving as ready,
-        // not terminating (discovery/v1 semantics).
+        // Unset conditions: ready and serving unless said otherwise, not
+        // terminating (discovery/v1 semantics, as kube-proxy reads them).
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
         let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
         let local = ep.node_name.as_deref() == Some(node);
-        for address in &ep.addresses {
-            let ip = address.parse::<Ipv4Addr>().map_err(|_| format!("endpoint address {address:?} is not an IPv4 address"))?;
-            endpoints.push(SliceEndpoint { ip, ready, serving, terminating, local });
+        // The first address is the endpoint's (all of them are the same
+        // pod); kube-proxy uses no other.
+        let Some(address) = ep.addresses.first() else {
+            problems.push("an endpoint without addresses skipped".to_owned());
+            continue;
+        };
+        match address.parse::<Ipv4Addr>() {
+            Ok(ip) => endpoints.push(SliceEndpoint { ip, ready, serving, terminating, local }),
+            Err(_) => problems.push(format!("endpoint {address:?} skipped: not an IPv4 address")),
         }
     }
-    Ok(Some(ValidSlice { ports, endpoints }))
+    Some(ValidSlice { ports, endpoints })
 }
 
 fn valid_port(port: i32, field: &str) -> Result<u16, String> {
@@ -698,10 +751,10 @@ mod tests {
                 0,
             ),
             (
-                "SCTP port is left out, the others programmed",
+                "SCTP port is left out with one line, the others programmed",
                 objects(&[kubia(json!({"ports": [{"name": "http", "port": 80}, {"name": "sig", "port": 9999, "protocol": "SCTP"}]}))], &[]),
                 map(&[("default/kubia:http", &[])]),
-                0,
+                1,
             ),
             (
                 "invalid clusterIP: service skipped, others kept",
@@ -734,24 +787,56 @@ mod tests {
                 1,
             ),
             (
-                "slice with an invalid address: slice skipped, other slices serve",
-                objects(&[kubia(json!({}))], &[kubia_slice("bad", json!([ep("10.244.1.300")])), kubia_slice("good", json!([ep("10.244.2.2")]))]),
-                map(&[("default/kubia:http", &["10.244.2.2:8080"])]),
+                "an endpoint with an invalid address: only it is skipped, the slice's others serve",
+                objects(&[kubia(json!({}))], &[kubia_slice("bad", json!([ep("10.244.1.300"), ep("10.244.3.2")])), kubia_slice("good", json!([ep("10.244.2.2")]))]),
+                map(&[("default/kubia:http", &["10.244.2.2:8080", "10.244.3.2:8080"])]),
                 1,
             ),
             (
-                "slice port out of range: slice skipped",
-                objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "bad", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
-                    "addressType": "IPv4", "ports": [{"name": "http", "port": 0}], "endpoints": [ep("10.244.1.2")]})]),
-                map(&[("default/kubia:http", &[])]),
+                "slice port out of range: only that port is skipped, the slice's other ports serve",
+                objects(&[kubia(json!({"ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}))],
+                    &[json!({"metadata": {"name": "bad", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 0}, {"name": "dns", "port": 5353, "protocol": "UDP"}], "endpoints": [ep("10.244.1.2")]})]),
+                map(&[("default/kubia:dns", &["10.244.1.2:5353"]), ("default/kubia:http", &[])]),
                 1,
             ),
             (
-                "slice port without a number: slice skipped",
+                "slice port without a number: only that port is skipped",
                 objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "bad", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
                     "addressType": "IPv4", "ports": [{"name": "http"}], "endpoints": [ep("10.244.1.2")]})]),
                 map(&[("default/kubia:http", &[])]),
                 1,
+            ),
+            (
+                "an endpoint is its first address: the others are not used",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([{"addresses": ["10.244.1.2", "10.244.9.9"], "conditions": {"ready": true}}]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "an endpoint without addresses is skipped alone",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([{"addresses": [], "conditions": {"ready": true}}, ep("10.244.2.2")]))]),
+                map(&[("default/kubia:http", &["10.244.2.2:8080"])]),
+                1,
+            ),
+            (
+                "unset serving means serving: a terminating endpoint without it serves when none is ready",
+                objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([{"addresses": ["10.244.2.2"], "conditions": {"ready": false, "terminating": true}}]))]),
+                map(&[("default/kubia:http", &["10.244.2.2:8080"])]),
+                0,
+            ),
+            (
+                "dual-stack with IPv6 first: the IPv4 cluster IP of clusterIPs is served",
+                objects(&[kubia(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv4"]}))],
+                    &[kubia_slice("s1", json!([ep("10.244.1.2")]))]),
+                map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                0,
+            ),
+            (
+                "IPv6 only: nothing for this datapath, nothing skipped",
+                objects(&[kubia(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"]}))], &[]),
+                map(&[]),
+                0,
             ),
         ];
         for (rule, objects, expected, skipped) in cases {
@@ -834,12 +919,32 @@ mod tests {
         }
     }
 
+    /// Each case: the rule, the policy, the endpoints (all on another
+    /// node), and whether traffic without a local endpoint is dropped
+    /// (true) or rejected (false), inside and from outside.
     #[test]
-    fn internal_traffic_policy_local_drops_rather_than_rejects() {
-        let objects = objects(&[kubia(json!({"internalTrafficPolicy": "Local"}))], &[]);
-        let computed = desired_state(&objects, NODE);
-        let port = computed.state.services.values().next().expect("programmed");
-        assert!(port.endpoints.is_empty() && port.drop_when_empty);
+    fn local_policies_drop_when_endpoints_are_elsewhere_and_reject_when_there_are_none() {
+        let remote = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "node-b"});
+        let remote_terminating = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-b"});
+        let remote_not_ready = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": false, "serving": false}, "nodeName": "node-b"});
+        let cases = [
+            ("internal Local, endpoints on another node: drop", "internalTrafficPolicy", json!([remote.clone()]), true),
+            ("internal Local, serving-terminating endpoints on another node: drop", "internalTrafficPolicy", json!([remote_terminating.clone()]), true),
+            ("internal Local, no endpoint anywhere: reject", "internalTrafficPolicy", json!([]), false),
+            ("internal Local, only not-ready endpoints elsewhere: reject", "internalTrafficPolicy", json!([remote_not_ready.clone()]), false),
+            ("external Local, endpoints on another node: drop", "externalTrafficPolicy", json!([remote]), true),
+            ("external Local, no endpoint anywhere: reject", "externalTrafficPolicy", json!([]), false),
+            ("external Local, only not-ready endpoints elsewhere: reject", "externalTrafficPolicy", json!([remote_not_ready]), false),
+        ];
+        for (rule, field, endpoints, drops) in cases {
+            let objects = objects(&[kubia(json!({field: "Local", "type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]}))],
+                &[kubia_slice("s1", endpoints)]);
+            let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
+            let side = if field == "internalTrafficPolicy" { ServicePortName::new("default", "kubia", "http") } else { ServicePortName::new("default", "kubia", "http").to_external() };
+            let port = computed.state.services.get(&side).expect("programmed");
+            assert!(port.endpoints.is_empty(), "{rule}: no local endpoint");
+            assert_eq!(port.drop_when_empty, drops, "{rule}");
+        }
     }
 
     /// The external side of a service port: which frontends, which
@@ -870,6 +975,9 @@ mod tests {
                 with(node_port_local, json!({})), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123"], vec!["10.244.1.2:8080"], false, true))),
             ("LoadBalancer: ingress IPs on the service port, node ports too; hostnames ignored",
                 with(load_balancer.clone(), lb_status.clone()), Some((vec!["10.0.0.1:30123", "192.168.0.1:30123", "203.0.113.7:80"], both.to_vec(), true, false))),
+            ("LoadBalancer ingress with ipMode Proxy: left to the load balancer; ipMode VIP served",
+                with(load_balancer.clone(), json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7", "ipMode": "Proxy"}, {"ip": "203.0.113.8", "ipMode": "VIP"}]}})),
+                Some((vec!["10.0.0.1:30123", "192.168.0.1:30123", "203.0.113.8:80"], both.to_vec(), true, false))),
             ("LoadBalancer without nodePort (allocateLoadBalancerNodePorts false): ingress IPs only",
                 with(json!({"type": "LoadBalancer"}), lb_status), Some((vec!["203.0.113.7:80"], both.to_vec(), true, false))),
             ("externalIPs on a ClusterIP service: on the service port",

@@ -54,6 +54,7 @@ pub const MAP_SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 pub const MAP_VERDICT_COUNTERS: &str = "VERDICT_COUNTERS";
 pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const MAP_SESSION_AFFINITY: &str = "SESSION_AFFINITY";
+pub const MAP_LB_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 pub const MAP_SOCKET_REVNAT: &str = "SOCKET_REVNAT";
 /// Service id → name, for inspection tools; created and written by the
 /// agent, never read by the datapath.
@@ -88,6 +89,8 @@ pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
 /// Fragmented datagrams in flight whose later fragments can be translated.
 pub const MAX_FRAGMENT_ENTRIES: u32 = 8_192;
 pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;
+/// Address ranges of `loadBalancerSourceRanges`, over all services.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -167,6 +170,28 @@ pub const FRONTEND_DROP_WHEN_EMPTY: u32 = 1;
 /// address (`DatapathConfig::snat_ip`), so that replies come back through
 /// this node: external traffic with externalTrafficPolicy Cluster.
 pub const FRONTEND_SNAT: u32 = 2;
+/// `FrontendValue::flags`: a load balancer IP of a service with
+/// `loadBalancerSourceRanges`: new connections only from a source in one of
+/// the service's ranges (`LB_SOURCE_RANGES`), others are dropped.
+pub const FRONTEND_SOURCE_RANGES: u32 = 4;
+
+/// `LB_SOURCE_RANGES` key data, behind the LPM trie's prefix length: the
+/// service id, then the address (network byte order). An entry's prefix
+/// length is 32 (the whole id) plus the range's; a lookup's is 64, so the
+/// longest match is within the service's own ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub ip: u32,
+}
+
+impl SourceRangeKey {
+    /// The LPM trie prefix length of a range of `range_len` bits.
+    pub const fn prefix_len(range_len: u8) -> u32 {
+        32 + range_len as u32
+    }
+}
 
 /// A client of a service with session affinity.
 #[repr(C)]
@@ -645,6 +670,7 @@ impl core::ops::Add for ServiceCounters {
 const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<FrontendValue>() == 28);
+    assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<SocketRevNatKey>() == 16);
     assert!(size_of::<SocketRevNatValue>() == 8);
@@ -672,6 +698,7 @@ mod user {
     // SAFETY: all of these are `bytemuck::Pod`: plain old data with no
     // padding, valid for any bit pattern.
     unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}

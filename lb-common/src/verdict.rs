@@ -58,10 +58,14 @@ pub enum Reason {
     /// has (a deleted service's, say): dropped, as kube-proxy does, rather
     /// than routed on.
     DropUnallocatedClusterIp = 18,
+    /// A new connection to a load balancer IP from a source outside the
+    /// service's `loadBalancerSourceRanges`: dropped, as kube-proxy's
+    /// firewall chain does.
+    DropSourceRange = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::ForwardEstablished,
@@ -83,6 +87,7 @@ impl Reason {
         Reason::IcmpErrorTranslated,
         Reason::EchoAnswered,
         Reason::DropUnallocatedClusterIp,
+        Reason::DropSourceRange,
     ];
 
     /// The stable snake_case name used in logs, metrics and the CLI.
@@ -107,6 +112,7 @@ impl Reason {
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::EchoAnswered => "echo_answered",
             Reason::DropUnallocatedClusterIp => "drop_unallocated_cluster_ip",
+            Reason::DropSourceRange => "drop_source_range",
         }
     }
 }

@@ -106,6 +106,11 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
             u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), t.proto);
         return reject(pkt, &flow, None, Reason::RejectUnknownPort);
     };
+    if !service::source_allowed(&fe, t.src_ip) {
+        debug!(pkt, "drop {:i}:{} -> {:i}:{}: not in service {}'s loadBalancerSourceRanges",
+            u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);
+        return (Action::Drop, Reason::DropSourceRange);
+    }
     let fe = service::serving_frontend(fe, t);
     let Some(backend) = service::pick_backend_for(&fe, t.src_ip) else {
         if fe.flags & FRONTEND_DROP_WHEN_EMPTY != 0 {

@@ -2,13 +2,13 @@
 //! values field by field. Layouts and names live in lb-common.
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, MAX_SOCKET_REVNAT_ENTRIES, SocketRevNatKey, SocketRevNatValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, MAX_FRAGMENT_ENTRIES, FragmentKey, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
-    ServiceCounters, VipValue,
+    ServiceCounters, VipValue, MAX_SOURCE_RANGES, SourceRangeKey,
 };
 
 #[btf_map]
@@ -30,6 +30,11 @@ pub static SESSION_AFFINITY: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINI
 #[btf_map]
 pub static SOCKET_REVNAT: LruHashMap<SocketRevNatKey, SocketRevNatValue, { MAX_SOCKET_REVNAT_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// loadBalancerSourceRanges: (service id, address range) → 1, read for new
+/// connections to frontends with `FRONTEND_SOURCE_RANGES`.
+#[btf_map]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 /// The node's settings, one entry.
 #[btf_map]

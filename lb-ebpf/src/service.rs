@@ -1,13 +1,16 @@
 //! Service lookups: frontends, service addresses, backend choice and the
 //! check that a backend still serves its service.
-use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use lb_common::{
-    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
 use crate::maps::{
-    BACKEND_SET_MEMBERS, BACKEND_SLOTS, DATAPATH_CONFIG, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS,
+    BACKEND_SET_MEMBERS, BACKEND_SLOTS, DATAPATH_CONFIG, LB_SOURCE_RANGES, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS,
     SERVICE_VIPS, SESSION_AFFINITY,
 };
 
@@ -23,6 +26,18 @@ pub fn frontend_by_key(key: &FrontendKey) -> Option<FrontendValue> {
     // SAFETY: the value is copied out at once; user space replaces entries
     // whole, so the copy is of one version.
     unsafe { SERVICE_FRONTENDS.get(key).copied() }
+}
+
+/// Whether a new connection from `src_ip` may reach `fe`: always, unless it
+/// is a load balancer IP with `loadBalancerSourceRanges` and the source is
+/// in none of them.
+#[inline(always)]
+pub fn source_allowed(fe: &FrontendValue, src_ip: u32) -> bool {
+    if fe.flags & FRONTEND_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { service_id: fe.service_id, ip: src_ip });
+    LB_SOURCE_RANGES.get(&key).is_some()
 }
 
 /// The frontend that serves the client of `tuple`: the one it addressed,

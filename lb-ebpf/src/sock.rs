@@ -36,6 +36,12 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     let (ip, port, proto) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16, (*addr).protocol as u8) };
     let key = FrontendKey { ip, port, proto, _pad: 0 };
     let Some(fe) = service::frontend_by_key(&key) else { return ALLOW };
+    // The node's processes connect from the node's address, which
+    // loadBalancerSourceRanges may leave out (EPERM, as kube-proxy's
+    // firewall drop fails such a connect).
+    if !service::source_allowed(&fe, service::node_address()) {
+        return REFUSE;
+    }
     // The node is inside the cluster: an externalTrafficPolicy Local
     // service's external address serves it as its cluster IP does.
     let fe = service::in_cluster_frontend(&fe, proto).unwrap_or(fe);

@@ -4,7 +4,10 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     util::nr_cpus,
 };
 use lb_common::{
@@ -12,7 +15,7 @@ use lb_common::{
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, MAP_FRAGMENT_PORTS, MAP_SESSION_AFFINITY, MAP_SNAT_PORT_CURSOR, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
+    MAP_DATAPATH_CONFIG, MAP_FRAGMENT_PORTS, MAP_LB_SOURCE_RANGES, MAP_SESSION_AFFINITY, SourceRangeKey, MAP_SNAT_PORT_CURSOR, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
     lifecycle::ConntrackLifetimes,
 };
 
@@ -26,7 +29,7 @@ use crate::{
 };
 
 /// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 14] = [
+pub const OBJECT_MAPS: [&str; 15] = [
     MAP_SERVICE_FRONTENDS,
     MAP_SERVICE_VIPS,
     MAP_BACKEND_SLOTS,
@@ -41,6 +44,7 @@ pub const OBJECT_MAPS: [&str; 14] = [
     MAP_VERDICT_COUNTERS,
     MAP_DATAPATH_CONFIG,
     MAP_SESSION_AFFINITY,
+    MAP_LB_SOURCE_RANGES,
 ];
 
 pub struct DatapathMaps {
@@ -53,6 +57,7 @@ pub struct DatapathMaps {
     pub service_counters: PerCpuArray<MapData, ServiceCounters>,
     pub verdict_counters: PerCpuArray<MapData, u64>,
     pub datapath_config: Array<MapData, DatapathConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Not in the object: created by the agent, for inspection tools.
     pub service_names: HashMap<MapData, u32, ServiceName>,
 }
@@ -125,6 +130,7 @@ impl DatapathMaps {
             service_counters: take(ebpf, MAP_SERVICE_COUNTERS)?,
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
             datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
+            source_ranges: take(ebpf, MAP_LB_SOURCE_RANGES)?,
             service_names: service_names(pin_dir)?,
         })
     }
@@ -154,6 +160,11 @@ impl DatapathMaps {
         found.vips = self.service_vips.keys().collect::<Result<_, _>>().map_err(map_err(MAP_SERVICE_VIPS))?;
         found.slots = self.backend_slots.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SLOTS))?;
         found.members = self.backend_set_members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SET_MEMBERS))?;
+        for entry in self.source_ranges.iter() {
+            let (key, _) = entry.map_err(map_err(MAP_LB_SOURCE_RANGES))?;
+            // The prefix covers the service id (32 bits) and the range.
+            found.source_ranges.push((key.data(), key.prefix_len().saturating_sub(32) as u8));
+        }
         Ok(found)
     }
 
@@ -235,6 +246,16 @@ impl MapWriter for DatapathMaps {
 
     fn remove_service_name(&mut self, service_id: u32) -> Result<()> {
         ignore_missing(self.service_names.remove(&service_id)).map_err(map_err(MAP_SERVICE_NAMES))
+    }
+
+    fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
+        let key = Key::new(SourceRangeKey::prefix_len(range_len), key);
+        self.source_ranges.insert(&key, 1, 0).map_err(map_err(MAP_LB_SOURCE_RANGES))
+    }
+
+    fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
+        let key = Key::new(SourceRangeKey::prefix_len(range_len), key);
+        ignore_missing(self.source_ranges.remove(&key)).map_err(map_err(MAP_LB_SOURCE_RANGES))
     }
 
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {

@@ -16,8 +16,8 @@ use std::{
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_SNAT, FrontendKey, FrontendValue, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS,
-    NO_BACKEND_SET, ServiceName, VIP_CLUSTER_IP, VipValue, ip_be,
+    FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, FrontendKey, FrontendValue, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND_SET, ServiceName, SourceRangeKey, VIP_CLUSTER_IP, VipValue, ip_be,
 };
 
 use crate::{
@@ -43,6 +43,10 @@ pub trait MapWriter {
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
     fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()>;
     fn remove_service_name(&mut self, service_id: u32) -> Result<()>;
+    /// A loadBalancerSourceRanges range of a service (`key.ip` masked, of
+    /// `range_len` bits).
+    fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()>;
+    fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()>;
     /// Removes the conntrack entries of these services (one pass over the
     /// table, however many services); returns how many.
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize>;
@@ -71,11 +75,19 @@ pub struct Limits {
     pub addresses: u32,
     /// `BACKEND_SLOTS` and `BACKEND_SET_MEMBERS` each.
     pub backend_slots: u32,
+    /// `LB_SOURCE_RANGES`.
+    pub source_ranges: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { service_ports: MAX_SERVICES, frontends: MAX_FRONTENDS, addresses: MAX_VIPS, backend_slots: MAX_BACKEND_SLOTS }
+        Self {
+            service_ports: MAX_SERVICES,
+            frontends: MAX_FRONTENDS,
+            addresses: MAX_VIPS,
+            backend_slots: MAX_BACKEND_SLOTS,
+            source_ranges: MAX_SOURCE_RANGES,
+        }
     }
 }
 
@@ -85,6 +97,7 @@ struct Usage {
     frontends: u32,
     slots: u32,
     members: u32,
+    source_ranges: u32,
 }
 
 /// A service port as programmed.
@@ -106,6 +119,9 @@ struct BackendSet {
     snat: bool,
     affinity_seconds: u32,
     in_cluster_via: Option<(Ipv4Addr, u16)>,
+    /// loadBalancerSourceRanges, and the addresses they restrict.
+    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    source_ranged: BTreeSet<Ipv4Addr>,
 }
 
 impl BackendSet {
@@ -117,6 +133,8 @@ impl BackendSet {
             snat: service.snat,
             affinity_seconds: service.affinity_seconds,
             in_cluster_via: service.in_cluster_via,
+            source_ranges: service.source_ranges.clone(),
+            source_ranged: service.source_ranged.clone(),
         }
     }
 }
@@ -272,6 +290,7 @@ impl Syncer {
             service.frontends.iter().filter(|f| current.is_none_or(|p| !p.frontends.contains(f))).collect();
         let new_addresses: BTreeSet<Ipv4Addr> =
             new_frontends.iter().map(|f| f.ip).filter(|ip| !self.frontends_per_vip.contains_key(ip)).collect();
+        let new_ranges = backends.source_ranges.iter().filter(|r| current.is_none_or(|p| !p.backends.source_ranges.contains(r))).count();
         let ids_used = self.next_id - self.free_ids.len() as u32;
         let needs = [
             (u32::from(current.is_none()), ids_used, self.limits.service_ports, "service ports", "the object's SERVICE_COUNTERS size"),
@@ -279,6 +298,7 @@ impl Syncer {
             (new_addresses.len() as u32, self.frontends_per_vip.len() as u32, self.limits.addresses, "service addresses", "--service-addresses-max"),
             (slots as u32, self.used.slots, self.limits.backend_slots, "backend slots", "--backend-slots-max"),
             (members as u32, self.used.members, self.limits.backend_slots, "backend set members", "--backend-slots-max"),
+            (new_ranges as u32, self.used.source_ranges, self.limits.source_ranges, "loadBalancerSourceRanges entries", "the object's LB_SOURCE_RANGES size"),
         ];
         needs.into_iter().find(|&(need, used, limit, ..)| need > limit.saturating_sub(used)).map(|(need, used, limit, what, flag)| {
             format!("{what}: needs {need}, {} of {limit} free ({flag})", limit.saturating_sub(used))
@@ -293,9 +313,9 @@ impl Syncer {
         let backends = BackendSet::of(service);
         let set = self.write_set(&backends, maps)?;
         maps.put_service_backend_set(id, set)?;
-        let value = frontend_value(id, set, &backends);
+        self.put_source_ranges(id, backends.source_ranges.iter(), maps)?;
         for frontend in &service.frontends {
-            self.add_frontend(frontend, !name.external, value, maps)?;
+            self.add_frontend(frontend, !name.external, frontend_value(id, set, &backends, frontend), maps)?;
         }
         self.programmed.insert(name.clone(), Programmed { id, set, frontends: service.frontends.clone(), backends });
         Ok(())
@@ -310,11 +330,15 @@ impl Syncer {
             Ok((std::mem::replace(&mut p.set, new_set), std::mem::replace(&mut p.backends, backends)))
         });
         let old = old.transpose()?;
-        let value = frontend_value(p.id, p.set, &p.backends);
+        // New ranges before a frontend relies on them; stale ones after.
+        if let Some((_, old_backends)) = &old {
+            self.put_source_ranges(p.id, p.backends.source_ranges.difference(&old_backends.source_ranges), maps)?;
+        }
         for frontend in p.frontends.difference(&service.frontends) {
             self.remove_frontend(frontend, !name.external, maps)?;
         }
         for frontend in &service.frontends {
+            let value = frontend_value(p.id, p.set, &p.backends, frontend);
             if !p.frontends.contains(frontend) {
                 self.add_frontend(frontend, !name.external, value, maps)?;
             } else if endpoints_changed {
@@ -323,6 +347,7 @@ impl Syncer {
         }
         if let Some((old_set, old_backends)) = old {
             maps.put_service_backend_set(p.id, p.set)?;
+            self.remove_source_ranges(p.id, old_backends.source_ranges.difference(&p.backends.source_ranges), maps)?;
             self.delete_set(old_set, &old_backends, maps)?;
         }
         p.frontends = service.frontends.clone();
@@ -338,6 +363,7 @@ impl Syncer {
             self.remove_frontend(frontend, !name.external, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
+        self.remove_source_ranges(p.id, p.backends.source_ranges.iter(), maps)?;
         self.delete_set(p.set, &p.backends, maps)?;
         maps.remove_service_name(p.id)?;
         Ok(Some(p.id))
@@ -373,6 +399,22 @@ impl Syncer {
         }
         self.used.slots -= backends.endpoints.len() as u32;
         self.used.members -= (backends.endpoints.len() + backends.draining.len()) as u32;
+        Ok(())
+    }
+
+    fn put_source_ranges<'a>(&mut self, id: u32, ranges: impl Iterator<Item = &'a (Ipv4Addr, u8)>, maps: &mut impl MapWriter) -> Result<()> {
+        for &(ip, len) in ranges {
+            maps.put_source_range(SourceRangeKey { service_id: id, ip: ip_be(ip) }, len)?;
+            self.used.source_ranges += 1;
+        }
+        Ok(())
+    }
+
+    fn remove_source_ranges<'a>(&mut self, id: u32, ranges: impl Iterator<Item = &'a (Ipv4Addr, u8)>, maps: &mut impl MapWriter) -> Result<()> {
+        for &(ip, len) in ranges {
+            maps.remove_source_range(SourceRangeKey { service_id: id, ip: ip_be(ip) }, len)?;
+            self.used.source_ranges -= 1;
+        }
         Ok(())
     }
 
@@ -416,13 +458,15 @@ fn frontend_key(frontend: &Frontend) -> FrontendKey {
     FrontendKey::new(frontend.ip, frontend.port, frontend.protocol.ip_proto())
 }
 
-fn frontend_value(service_id: u32, set: u32, backends: &BackendSet) -> FrontendValue {
+/// The value of `frontend`, one of a service port's frontends.
+fn frontend_value(service_id: u32, set: u32, backends: &BackendSet, frontend: &Frontend) -> FrontendValue {
     FrontendValue {
         service_id,
         backend_set: set,
         backend_count: backends.endpoints.len() as u32,
         flags: if backends.drop_when_empty { FRONTEND_DROP_WHEN_EMPTY } else { 0 }
-            | if backends.snat { FRONTEND_SNAT } else { 0 },
+            | if backends.snat { FRONTEND_SNAT } else { 0 }
+            | if backends.source_ranged.contains(&frontend.ip) { FRONTEND_SOURCE_RANGES } else { 0 },
         affinity_seconds: backends.affinity_seconds,
         in_cluster_ip: backends.in_cluster_via.map_or(0, |(ip, _)| ip_be(ip)),
         in_cluster_port: backends.in_cluster_via.map_or(0, |(_, port)| port.to_be()),
@@ -497,6 +541,7 @@ mod tests {
         service_sets: HashMap<u32, u32>,
         vips: HashMap<u32, VipValue>,
         names: HashMap<u32, String>,
+        source_ranges: BTreeSet<(SourceRangeKey, u8)>,
         flows_removed_for: Vec<u32>,
         /// Sizes enforced as the kernel does (a write of a new key to a
         /// full map fails); unbounded when `None`.
@@ -590,6 +635,15 @@ mod tests {
             self.names.remove(&service_id);
             Ok(())
         }
+        fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
+            self.check_room("LB_SOURCE_RANGES", self.source_ranges.len(), !self.source_ranges.contains(&(key, range_len)), |l| l.source_ranges)?;
+            self.source_ranges.insert((key, range_len));
+            Ok(())
+        }
+        fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
+            self.source_ranges.remove(&(key, range_len));
+            Ok(())
+        }
         fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
             self.flows_removed_for.extend(service_ids);
             Ok(0)
@@ -606,6 +660,7 @@ mod tests {
                 vips: self.vips.keys().copied().collect(),
                 slots: self.slots.clone(),
                 members: self.members.clone(),
+                source_ranges: self.source_ranges.iter().copied().collect(),
             }
         }
     }
@@ -944,5 +999,40 @@ mod tests {
         let (mut adopted, _) = Syncer::adopt(&maps.read_back(), &mut maps, limits).expect("adopt");
         let report = adopted.apply(&state(&[("a", sized_service(1, 3)), ("b", sized_service(2, 3))]), &mut maps).expect("apply");
         assert_eq!(report, SyncReport { unchanged: 1, over_capacity: 1, ..Default::default() });
+    }
+
+    /// A load balancer service port with source ranges: the flag on its
+    /// load balancer IP only, the ranges under its id, replaced on change
+    /// and deleted with it; adopted as they are after a restart.
+    #[test]
+    fn source_ranges_restrict_load_balancer_ips_only() {
+        let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+        let node_port = Frontend { ip: [192, 168, 0, 1].into(), port: 30080, protocol: Protocol::Tcp };
+        let with_ranges = |ranges: &[(Ipv4Addr, u8)]| ServicePort {
+            frontends: [Frontend { ip: lb_ip, port: 80, protocol: Protocol::Tcp }, node_port].into(),
+            source_ranges: ranges.iter().copied().collect(),
+            source_ranged: [lb_ip].into(),
+            ..sized_service(1, 1)
+        };
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let first = state(&[("a", with_ranges(&[([10, 1, 0, 0].into(), 16)]))]);
+        syncer.apply(&first, &mut maps).expect("apply");
+        let id = syncer.service_id(&name("a")).expect("programmed");
+        let flags = |maps: &FakeMaps, ip: Ipv4Addr, port: u16| maps.frontends[&FrontendKey::new(ip, port, lb_common::IPPROTO_TCP)].flags & FRONTEND_SOURCE_RANGES;
+        assert_eq!(flags(&maps, lb_ip, 80), FRONTEND_SOURCE_RANGES, "the load balancer IP is restricted");
+        assert_eq!(flags(&maps, node_port.ip, 30080), 0, "the node port is not");
+        let range = |ip: [u8; 4], len| (SourceRangeKey { service_id: id, ip: ip_be(ip.into()) }, len);
+        assert_eq!(maps.source_ranges, [range([10, 1, 0, 0], 16)].into());
+
+        let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
+        assert_eq!(report.adopted, 1);
+        assert_eq!(adopted.apply(&first, &mut maps).expect("apply"), SyncReport { unchanged: 1, ..Default::default() }, "adopted as they are");
+
+        let changed = state(&[("a", with_ranges(&[([10, 2, 0, 0].into(), 16), ([198, 51, 100, 7].into(), 32)]))]);
+        adopted.apply(&changed, &mut maps).expect("apply");
+        assert_eq!(maps.source_ranges, [range([10, 2, 0, 0], 16), range([198, 51, 100, 7], 32)].into(), "replaced");
+        adopted.apply(&state(&[]), &mut maps).expect("apply");
+        assert!(maps.source_ranges.is_empty(), "deleted with the service");
     }
 }

@@ -1103,6 +1103,53 @@ fn load_balancer_manifests(local_pod: bool) -> String {
     )
 }
 
+/// A LoadBalancer service (Cluster policy, the endpoint kubia-2) on load
+/// balancer IP 10.202.0.101 and node port 30300, allowing `ranges`.
+fn source_range_manifests(ranges: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kubia-fw, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.60\n  loadBalancerSourceRanges: {ranges}\n  \
+         ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30300}}\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 10.202.0.101}}]}}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubia-fw-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: kubia-fw}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         endpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}}}\n",
+        lb_tests::cluster::pod_ip(1)
+    )
+}
+
+/// loadBalancerSourceRanges: the client in the range is served through the
+/// load balancer IP while a pod outside it is dropped; with the ranges
+/// changed the other way round, the client is dropped and the pod served;
+/// the node port answers the client throughout.
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() {
+    use lb_tests::cluster::{CLIENT_IP, NODE_IP, TempDir, Topology};
+    let net = Topology::new(2, ClientHook::Tc).expect("namespaces");
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), source_range_manifests(&format!("[\"{CLIENT_IP}/32\"]"))).expect("manifest");
+    let source = ["--manifests", &manifests.0.to_string_lossy()].map(str::to_owned).to_vec();
+    let cluster = Cluster::run_agent(net, source, Some(manifests)).expect("agent");
+    let lb_ip = SocketAddrV4::new([10, 202, 0, 101].into(), 80);
+    let node_port = SocketAddrV4::new(NODE_IP, 30300);
+    let from = |ns: &lb_tests::netns::Netns, to: SocketAddrV4| ns.enter(move || connect_and_ask(to).map_err(|e| e.kind())).expect("client");
+    let served = Ok(format!("You've hit {}", pod_name(1)));
+
+    assert_eq!(from(&cluster.client, lb_ip), served, "the client is in the range");
+    assert_eq!(from(&cluster.pods[0].ns, lb_ip), Err(ErrorKind::TimedOut), "kubia-1's address is not: dropped");
+    assert_eq!(from(&cluster.client, node_port), served, "the node port is not restricted");
+
+    let dropped_before = cluster.maps().expect("maps").verdict_count(lb_common::Reason::DropSourceRange).expect("counter");
+    assert!(dropped_before >= 1, "the pod's SYN counted as drop_source_range");
+    cluster.write_manifest(MANIFEST_FILE, &source_range_manifests("[\"10.99.0.0/16\", \"10.244.1.0/24\"]")).expect("manifest");
+    cluster.agent.wait_for(&["synced"], lb_tests::cluster::agent_timeout()).expect("the change applied");
+    assert_eq!(from(&cluster.pods[0].ns, lb_ip), served, "kubia-1 is in the new ranges");
+    assert_eq!(from(&cluster.client, lb_ip), Err(ErrorKind::TimedOut), "the client no longer is: dropped");
+    assert_eq!(from(&cluster.client, node_port), served, "the node port is still not restricted");
+    let dropped_after = cluster.maps().expect("maps").verdict_count(lb_common::Reason::DropSourceRange).expect("counter");
+    assert!(dropped_after > dropped_before, "the client's SYN counted too");
+}
+
 /// Strict reverse-path filtering on the node (as RHEL-family distributions
 /// ship it) would drop the replies translated at ingress, whose source is
 /// the service address: the agent makes it loose on the interfaces it

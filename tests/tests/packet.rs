@@ -514,3 +514,35 @@ fn udp_churn_does_not_evict_an_idle_tcp_connection() {
     let after = fixture.reason_totals();
     assert_eq!(after[Reason::ForwardEstablished as usize], before[Reason::ForwardEstablished as usize] + 1, "the TCP flow is still tracked");
 }
+
+/// loadBalancerSourceRanges (10.0.0.0/24) on a Local-policy load balancer
+/// IP whose service also has a node port: a client in the range is served,
+/// one outside it and a pod are dropped and counted, and the node port is
+/// not restricted.
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() {
+    use Expect::*;
+    use Verdict::*;
+    const RANGED_LB_IP: [u8; 4] = [203, 0, 113, 20];
+    let (name, port) = service("ranged", RANGED_LB_IP, 80, Protocol::Tcp, &[(LOCAL_BACKEND, 8080)]);
+    let mut external = ServicePort { drop_when_empty: true, source_ranges: [([10, 0, 0, 0].into(), 24)].into(), source_ranged: [RANGED_LB_IP.into()].into(), ..port };
+    external.frontends.insert(lb_userspace::model::Frontend { ip: NODE_IP.into(), port: 30090, protocol: Protocol::Tcp });
+    let mut state = external_services();
+    state.services.insert(name.to_external(), external);
+    let allowed = Frame::tcp_syn("10.0.0.2:40030", "203.0.113.20:80");
+    let outside = Frame::tcp_syn("10.0.1.2:40031", "203.0.113.20:80");
+    let pod = Frame::tcp_syn("10.244.2.7:40032", "203.0.113.20:80");
+    let node_port = Frame::tcp_syn("10.0.1.2:40033", "192.168.0.1:30090");
+    let cases = || vec![
+        case("in a source range: served, client kept (Local)", allowed.bytes(), Pass, Bytes(allowed.clone().with_dst("10.244.1.3:8080").bytes()), Reason::ForwardNew),
+        case("outside every source range: dropped", outside.bytes(), Drop, Unchanged, Reason::DropSourceRange),
+        case("a pod outside every source range: dropped too", pod.bytes(), Drop, Unchanged, Reason::DropSourceRange),
+        case("the same service's node port: not restricted", node_port.bytes(), Pass, Bytes(node_port.clone().with_dst("10.244.1.3:8080").bytes()), Reason::ForwardNew),
+    ];
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let mut fixture = node_fixture();
+        fixture.program(&state);
+        let failures = check_cases(&fixture, hook, cases());
+        assert!(failures.is_empty(), "{hook:?}: {} failures:\n{}", failures.len(), failures.join("\n"));
+    }
+}

@@ -105,6 +105,12 @@ pub struct ServicePort {
     /// externalTrafficPolicy Local: the node port where load balancers ask
     /// whether this node has local endpoints.
     pub health_check_node_port: Option<u16>,
+    /// loadBalancerSourceRanges of a LoadBalancer service's external side:
+    /// new connections to `source_ranged` addresses (its load balancer IPs;
+    /// not its node ports or external IPs) only from these ranges
+    /// (address, prefix length). Empty: from anywhere.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    pub source_ranged: BTreeSet<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_SNAT, FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET, ServiceName, ip_from_be,
+    FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET,
+    ServiceName, SourceRangeKey, ip_from_be,
 };
 
 use super::{BackendSet, Limits, MapWriter, Programmed, Syncer};
@@ -31,6 +32,8 @@ pub struct ProgrammedMaps {
     pub vips: Vec<u32>,
     pub slots: HashMap<BackendSlotKey, Backend>,
     pub members: HashMap<BackendSetMemberKey, u32>,
+    /// `LB_SOURCE_RANGES` entries and their range lengths.
+    pub source_ranges: Vec<(SourceRangeKey, u8)>,
 }
 
 /// What adoption found.
@@ -64,6 +67,7 @@ impl Syncer {
         let adopted_sets: BTreeSet<u32> = syncer.programmed.values().map(|p| p.set).collect();
         for (name, p) in &syncer.programmed {
             syncer.used.frontends += p.frontends.len() as u32;
+            syncer.used.source_ranges += p.backends.source_ranges.len() as u32;
             syncer.used.slots += p.backends.endpoints.len() as u32;
             syncer.used.members += (p.backends.endpoints.len() + p.backends.draining.len()) as u32;
             for frontend in &p.frontends {
@@ -104,6 +108,9 @@ impl Syncer {
         for key in found.members.keys().filter(|k| !adopted_sets.contains(&k.backend_set)) {
             maps.remove_set_member(*key)?;
         }
+        for &(key, len) in found.source_ranges.iter().filter(|(k, _)| !adopted_ids.contains(&k.service_id)) {
+            maps.remove_source_range(key, len)?;
+        }
         if !discarded.is_empty() {
             maps.remove_service_flows(&discarded)?;
         }
@@ -126,8 +133,10 @@ fn adoptable(
     let port_name = parse_port_name(name.as_str())?;
     let set = *found.service_sets.get(&id)?;
     let &(_, first) = frontends.first()?;
-    let shape = |v: &FrontendValue| (v.backend_set, v.backend_count, v.flags, v.affinity_seconds, v.in_cluster_ip, v.in_cluster_port);
-    let expected = (set, first.backend_count, first.flags, first.affinity_seconds, first.in_cluster_ip, first.in_cluster_port);
+    // The source ranges flag is per frontend (load balancer IPs only).
+    let shared_flags = |v: &FrontendValue| v.flags & !FRONTEND_SOURCE_RANGES;
+    let shape = |v: &FrontendValue| (v.backend_set, v.backend_count, shared_flags(v), v.affinity_seconds, v.in_cluster_ip, v.in_cluster_port);
+    let expected = (set, first.backend_count, shared_flags(&first), first.affinity_seconds, first.in_cluster_ip, first.in_cluster_port);
     if frontends.iter().any(|(_, v)| shape(v) != expected) {
         return None;
     }
@@ -146,6 +155,8 @@ fn adoptable(
         .map(|(k, _)| endpoint(k.backend))
         .collect();
     draining.sort();
+    let source_ranged = frontends.iter().filter(|(_, v)| v.flags & FRONTEND_SOURCE_RANGES != 0).map(|(k, _)| ip_from_be(k.ip)).collect();
+    let source_ranges = found.source_ranges.iter().filter(|(k, _)| k.service_id == id).map(|&(k, len)| (ip_from_be(k.ip), len)).collect();
     let frontends = frontends.iter().map(|(k, _)| frontend(k)).collect::<Option<_>>()?;
     let backends = BackendSet {
         endpoints,
@@ -154,6 +165,8 @@ fn adoptable(
         snat: first.flags & FRONTEND_SNAT != 0,
         affinity_seconds: first.affinity_seconds,
         in_cluster_via: (first.in_cluster_ip != 0).then(|| (ip_from_be(first.in_cluster_ip), u16::from_be(first.in_cluster_port))),
+        source_ranges,
+        source_ranged,
     };
     Some((port_name, Programmed { id, set, frontends, backends }))
 }

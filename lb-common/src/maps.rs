@@ -323,6 +323,10 @@ impl DatapathClock {
 
 /// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
 pub const DATAPATH_ANSWER_ECHO: u32 = 1;
+/// `DatapathConfig::flags`: translate the source of every new flow to a
+/// cluster IP to the node (kube-proxy's `--masquerade-all`). Without it,
+/// only sources outside `cluster_cidrs` are (when ranges are configured).
+pub const DATAPATH_MASQUERADE_ALL: u32 = 2;
 
 /// `DatapathConfig::kernel_fallbacks`: tc programs attached as a cls_bpf
 /// filter on a clsact qdisc, not with tcx links (Linux 6.6).

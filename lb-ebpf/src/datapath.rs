@@ -123,11 +123,13 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         return reject(pkt, &flow, Some(fe.service_id), Reason::RejectNoBackend);
     };
     // Source NAT for external traffic with externalTrafficPolicy Cluster,
-    // and for hairpin: a pod sent to itself would otherwise get a packet
-    // from its own address, and answer it without going through the node.
+    // for hairpin (a pod sent to itself would otherwise get a packet from
+    // its own address, and answer it without going through the node), and
+    // for clients of a cluster IP that kube-proxy masquerades.
     let now = conntrack::now();
     let start = conntrack::Start::of(&flow, now);
-    let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip {
+    let masquerade = vip.flags & VIP_CLUSTER_IP != 0 && service::masquerades_cluster_ip_client(t.src_ip);
+    let recorded = if fe.flags & FRONTEND_SNAT != 0 || backend.ip == t.src_ip || masquerade {
         conntrack::record_with_snat(t, fe.service_id, backend, fe.backend_set, start, now, service::node_address())
     } else {
         conntrack::record(t, fe.service_id, backend, fe.backend_set, start, now)

@@ -135,6 +135,12 @@ pub struct AgentArgs {
     #[arg(long)]
     pub answer_ping: bool,
 
+    /// Translate the source of every connection to a cluster IP to the
+    /// node's address (kube-proxy's --masquerade-all). Without it, only
+    /// clients outside --cluster-cidr are (when it is given), as kube-proxy.
+    #[arg(long)]
+    pub masquerade_all: bool,
+
     /// Attach the tc (tcx) ingress program to this interface. Repeatable.
     #[arg(long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,

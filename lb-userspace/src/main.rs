@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidrs, KERNEL_FALLBACK_NO_SOCKET_LB};
+use lb_common::{DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DatapathConfig, Ipv4Cidrs, KERNEL_FALLBACK_NO_SOCKET_LB};
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
@@ -177,7 +177,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
-        flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 },
+        flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 } | if args.masquerade_all { DATAPATH_MASQUERADE_ALL } else { 0 },
         cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
         ct_lifetimes: args.conntrack_lifetimes(),

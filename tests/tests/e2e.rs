@@ -1150,6 +1150,25 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
     assert!(dropped_after > dropped_before, "the client's SYN counted too");
 }
 
+/// kube-proxy masquerades traffic to a cluster IP from outside
+/// `--cluster-cidr`: the client's connections reach the pods from the node,
+/// a pod's keep its own address.
+#[test]
+fn a_client_outside_the_cluster_cidr_reaches_a_cluster_ip_from_the_node() {
+    use lb_tests::cluster::{NODE_IP, Topology, pod_ip};
+    let cluster = kubia_with_flags(Topology::new(3, ClientHook::Tc).expect("namespaces"), &[0, 1, 2], &["--cluster-cidr", "10.244.0.0/16"]);
+    let peers = |cluster: &Cluster| -> BTreeSet<std::net::IpAddr> {
+        cluster.pods.iter().flat_map(|p| p.server.peers.lock().expect("peers").iter().map(|a| a.ip()).collect::<Vec<_>>()).collect()
+    };
+    let hits = spread(&cluster, 20);
+    assert_eq!(hits.values().sum::<usize>(), 20, "{hits:?}");
+    assert_eq!(peers(&cluster), BTreeSet::from([std::net::IpAddr::V4(NODE_IP)]), "the pods see the node, not the client");
+
+    let from_pod = cluster.pods[0].ns.enter(|| (0..20).map(|_| connect_and_ask(kubia())).collect::<Vec<_>>()).expect("pod");
+    assert!(from_pod.iter().all(Result::is_ok), "{from_pod:?}");
+    assert!(peers(&cluster).contains(&std::net::IpAddr::V4(pod_ip(0))), "a pod's connection keeps its address: {:?}", peers(&cluster));
+}
+
 /// Strict reverse-path filtering on the node (as RHEL-family distributions
 /// ship it) would drop the replies translated at ingress, whose source is
 /// the service address: the agent makes it loose on the interfaces it

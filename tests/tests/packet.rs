@@ -308,7 +308,7 @@ fn node_fixture() -> Fixture {
     fixture
 }
 
-/// One client port to two service addresses that share their backend: the
+/// One pod's client port to two service addresses that share their backend: the
 /// second flow's replies would carry the first's 5-tuple, so its source
 /// port is translated (the address kept); each flow's replies come back
 /// from its own service, to the client's own port.
@@ -316,21 +316,21 @@ fn node_fixture() -> Fixture {
 fn reply_clash_between_two_frontends_translates_the_source_port() {
     for hook in [Hook::Xdp, Hook::Tc] {
         let fixture = node_fixture();
-        let first = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.20:80");
-        let second = Frame::tcp_syn("10.0.0.2:40000", "10.96.0.21:80");
+        let first = Frame::tcp_syn("10.244.2.7:40000", "10.96.0.20:80");
+        let second = Frame::tcp_syn("10.244.2.7:40000", "10.96.0.21:80");
         assert_eq!(fixture.run(hook, &first.bytes()).output, first.clone().with_dst("10.244.1.2:8080").bytes(), "{hook:?}: first flow");
         let out = fixture.run(hook, &second.bytes()).output;
         let port = u16::from_be_bytes([out[34], out[35]]);
         assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "{hook:?}: second flow's source port {port}");
-        let source = format!("10.0.0.2:{port}");
+        let source = format!("10.244.2.7:{port}");
         assert_eq!(out, second.clone().with_dst("10.244.1.2:8080").with_src(&source).bytes(), "{hook:?}: second flow, client address kept");
-        let reply = Frame::tcp_syn_ack("10.244.1.2:8080", "10.0.0.2:40000");
+        let reply = Frame::tcp_syn_ack("10.244.1.2:8080", "10.244.2.7:40000");
         let reply_out = fixture.run(hook, &reply.bytes()).output;
         assert_eq!(reply_out, reply.clone().with_src("10.96.0.20:80").bytes(), "{hook:?}: the first flow's reply");
         let reply = Frame::tcp_syn_ack("10.244.1.2:8080", &source);
         let reply_out = fixture.run(hook, &reply.bytes()).output;
-        assert_eq!(reply_out, reply.clone().with_src("10.96.0.21:80").with_dst("10.0.0.2:40000").bytes(), "{hook:?}: the second flow's reply");
-        let data = Frame::tcp_data("10.0.0.2:40000", "10.96.0.21:80", b"more");
+        assert_eq!(reply_out, reply.clone().with_src("10.96.0.21:80").with_dst("10.244.2.7:40000").bytes(), "{hook:?}: the second flow's reply");
+        let data = Frame::tcp_data("10.244.2.7:40000", "10.96.0.21:80", b"more");
         let data_out = fixture.run(hook, &data.bytes()).output;
         assert_eq!(data_out, data.clone().with_dst("10.244.1.2:8080").with_src(&source).bytes(), "{hook:?}: the second flow keeps its port");
     }
@@ -356,6 +356,9 @@ fn external_cases() -> Vec<Case> {
     let pod_to_lb = Frame::tcp_syn("10.244.2.7:40010", "203.0.113.10:80");
     let lb_reply = Frame::tcp_syn_ack("10.244.1.2:8080", "10.244.2.7:40010");
     let outside_to_lb = Frame::tcp_syn("10.0.0.2:40011", "203.0.113.10:80");
+    let outside_to_cluster_ip = Frame::tcp_syn("10.0.0.2:62010", "10.96.0.21:80");
+    let outside_reply = Frame::tcp_syn_ack("10.244.1.2:8080", "192.168.0.1:62010");
+    let pod_to_cluster_ip = Frame::tcp_syn("10.244.2.7:40012", "10.96.0.21:80");
     let router = [192, 168, 1, 254];
     let frag_needed = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
     let sent_data = data.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62000");
@@ -381,6 +384,9 @@ fn external_cases() -> Vec<Case> {
         case("echo request to a cluster IP (--answer-ping): answered from it, TTL 64", echo_request([10, 0, 0, 2], [10, 96, 0, 20], 63), Bounce, Bytes(echo_reply([10, 96, 0, 20], [10, 0, 0, 2], 64)), Reason::EchoAnswered),
         case("echo request to the node's address: the node answers itself", echo_request([10, 0, 0, 2], NODE_IP, 63), Pass, Unchanged, Reason::PassNotService),
         case("echo request to a load balancer IP: not a cluster IP, unchanged", echo_request([10, 0, 0, 2], LB_IP, 63), Pass, Unchanged, Reason::PassNotService),
+        case("cluster IP from outside --cluster-cidr: masqueraded to the node, as kube-proxy", outside_to_cluster_ip.bytes(), Pass, Bytes(outside_to_cluster_ip.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62010").bytes()), Reason::ForwardNew),
+        case("its reply: from the cluster IP, back to the client", outside_reply.bytes(), Pass, Bytes(outside_reply.clone().with_src("10.96.0.21:80").with_dst("10.0.0.2:62010").bytes()), Reason::ReplyTranslated),
+        case("cluster IP from a pod: the pod's address kept", pod_to_cluster_ip.bytes(), Pass, Bytes(pod_to_cluster_ip.clone().with_dst("10.244.1.2:8080").bytes()), Reason::ForwardNew),
         case("unallocated cluster IP (in --service-cidr, no service): dropped", Frame::tcp_syn("10.0.0.2:40020", "10.96.0.99:80").bytes(), Drop, Unchanged, Reason::DropUnallocatedClusterIp),
         case("UDP to an unallocated cluster IP: dropped", Frame::udp("10.0.0.2:40021", "10.96.0.99:53", b"q").bytes(), Drop, Unchanged, Reason::DropUnallocatedClusterIp),
         case("just outside --service-cidr: not a service, unchanged", Frame::tcp_syn("10.0.0.2:40022", "10.97.0.1:80").bytes(), Pass, Unchanged, Reason::PassNotService),
@@ -542,6 +548,30 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
     for hook in [Hook::Xdp, Hook::Tc] {
         let mut fixture = node_fixture();
         fixture.program(&state);
+        let failures = check_cases(&fixture, hook, cases());
+        assert!(failures.is_empty(), "{hook:?}: {} failures:\n{}", failures.len(), failures.join("\n"));
+    }
+}
+
+/// `--masquerade-all`: a pod's new connection to a cluster IP gets the node
+/// as its source too, and its reply goes back to the pod.
+#[test]
+fn masquerade_all_translates_pods_to_cluster_ips() {
+    use Expect::*;
+    use Verdict::*;
+    let syn = Frame::tcp_syn("10.244.2.7:62020", "10.96.0.21:80");
+    let syn_ack = Frame::tcp_syn_ack("10.244.1.2:8080", "192.168.0.1:62020");
+    let cases = || {
+        vec![
+            case("a pod to a cluster IP: from the node", syn.bytes(), Pass, Bytes(syn.clone().with_dst("10.244.1.2:8080").with_src("192.168.0.1:62020").bytes()), Reason::ForwardNew),
+            case("the reply: back to the pod from the cluster IP", syn_ack.bytes(), Pass, Bytes(syn_ack.clone().with_src("10.96.0.21:80").with_dst("10.244.2.7:62020").bytes()), Reason::ReplyTranslated),
+        ]
+    };
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let mut fixture = node_fixture();
+        let mut config = fixture.datapath.maps.datapath_config.get(&0, 0).expect("config");
+        config.flags |= lb_common::DATAPATH_MASQUERADE_ALL;
+        fixture.datapath.maps.set_config(config).expect("config");
         let failures = check_cases(&fixture, hook, cases());
         assert!(failures.is_empty(), "{hook:?}: {} failures:\n{}", failures.len(), failures.join("\n"));
     }

@@ -434,6 +434,16 @@ fn sync(
     *state.reported = skipped;
     stats.over_capacity.store(state.syncer.over_capacity().len() as u64, Ordering::Relaxed);
     stats.sync_seconds.observe(started.elapsed().as_secs_f64());
+    stats.programming_seconds.observe(noticed.elapsed().as_secs_f64());
+    let unix_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    stats.last_sync_unix.store(unix_now.as_secs_f64().to_bits(), Ordering::Relaxed);
+    let queued = unix_now.saturating_sub(noticed.elapsed());
+    stats.last_queued_unix.store(queued.as_secs_f64().to_bits(), Ordering::Relaxed);
+    stats.endpoint_changes.fetch_add(changes.endpoint_changes as u64, Ordering::Relaxed);
+    stats.service_changes.fetch_add(changes.service_changes as u64, Ordering::Relaxed);
+    let (internal, external) = state.model.state.no_local_endpoints();
+    stats.no_local_endpoints[0].store(internal as u64, Ordering::Relaxed);
+    stats.no_local_endpoints[1].store(external as u64, Ordering::Relaxed);
     stats.syncs.fetch_add(1, Ordering::Relaxed);
     stats.backends.store(state.model.state.endpoint_count() as u64, Ordering::Relaxed);
     if let Ok(mut services) = stats.services.write() {

@@ -52,6 +52,18 @@ pub struct AgentStats {
     pub over_capacity: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_seconds: Histogram,
+    /// From a change reaching the agent to its being programmed.
+    pub programming_seconds: Histogram,
+    /// Unix time of the last sync, and of the last change noticed, in
+    /// seconds (f64 bits).
+    pub last_sync_unix: AtomicU64,
+    pub last_queued_unix: AtomicU64,
+    /// Objects changed, as kube-proxy counts them.
+    pub endpoint_changes: AtomicU64,
+    pub service_changes: AtomicU64,
+    /// Service ports with a Local policy and no local endpoint (internal,
+    /// external).
+    pub no_local_endpoints: [AtomicU64; 2],
     /// The conntrack garbage collector's figures.
     pub conntrack: Arc<GcStats>,
 }
@@ -64,6 +76,12 @@ impl Default for AgentStats {
             over_capacity: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            programming_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            last_sync_unix: AtomicU64::new(0),
+            last_queued_unix: AtomicU64::new(0),
+            endpoint_changes: AtomicU64::new(0),
+            service_changes: AtomicU64::new(0),
+            no_local_endpoints: [AtomicU64::new(0), AtomicU64::new(0)],
             conntrack: Arc::default(),
         }
     }
@@ -71,10 +89,55 @@ impl Default for AgentStats {
 
 /// The registry of everything /metrics shows.
 pub fn registry(maps_dir: PathBuf, stats: Arc<AgentStats>) -> Registry {
-    let mut registry = Registry::with_prefix("lb");
-    registry.register("sync_duration_seconds", "Time to program one change into the maps", stats.sync_seconds.clone());
-    registry.register_collector(Box::new(DatapathCollector { maps_dir, stats }));
+    let mut registry = Registry::default();
+    // kube-proxy's own names, so that its dashboards and alerts work.
+    let kube_proxy = registry.sub_registry_with_prefix("kubeproxy");
+    kube_proxy.register("sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", stats.sync_seconds.clone());
+    kube_proxy.register(
+        "network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds (from the agent noticing a change)",
+        stats.programming_seconds.clone(),
+    );
+    kube_proxy.register_collector(Box::new(KubeProxyCollector { stats: stats.clone() }));
+    let own = registry.sub_registry_with_prefix("lb");
+    own.register("sync_duration_seconds", "Time to program one change into the maps", stats.sync_seconds.clone());
+    own.register_collector(Box::new(DatapathCollector { maps_dir, stats }));
     registry
+}
+
+/// The AgentStats figures under kube-proxy's names.
+#[derive(Debug)]
+struct KubeProxyCollector {
+    stats: Arc<AgentStats>,
+}
+
+impl Collector for KubeProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let seconds = |at: &AtomicU64| f64::from_bits(at.load(Ordering::Relaxed));
+        let timestamps = [
+            ("sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced", seconds(&self.stats.last_sync_unix)),
+            ("sync_proxy_rules_last_queued_timestamp_seconds", "The last time a sync of proxy rules was queued", seconds(&self.stats.last_queued_unix)),
+        ];
+        for (name, help, value) in timestamps {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let changes = [
+            ("sync_proxy_rules_endpoint_changes", "Cumulative proxy rules EndpointSlice changes", &self.stats.endpoint_changes),
+            ("sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes", &self.stats.service_changes),
+        ];
+        for (name, help, value) in changes {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        // kube-proxy's name ends in _total though it is a gauge.
+        let help = "Number of services with a Local traffic policy and no endpoints";
+        let mut family = encoder.encode_descriptor("sync_proxy_rules_no_local_endpoints_total", help, None, MetricType::Gauge)?;
+        for (policy, value) in ["internal", "external"].into_iter().zip(&self.stats.no_local_endpoints) {
+            ConstGauge::new(value.load(Ordering::Relaxed) as i64).encode(family.encode_family(&vec![("traffic_policy", policy)])?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Picks one figure out of a conntrack table's capacity.

@@ -537,6 +537,32 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
     assert_eq!(value("lb_backends"), 4);
 }
 
+/// kube-proxy's metric names, so that its dashboards and alerts work: after
+/// a change and traffic, each is served with a value that says the syncs
+/// happened.
+#[test]
+fn kube_proxy_metric_names_are_served() {
+    let cluster = Cluster::start(2, &kubia_manifests(&ready(&[0, 1]))).expect("cluster");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    cluster.set_kubia_pods(&ready(&[0])).expect("a change applied");
+    assert_eq!(spread(&cluster, 5).values().sum::<usize>(), 5);
+    let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0, "the first sync and the change");
+    assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 2.0);
+    assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") >= before, "the change's sync is the last");
+    assert!(value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") >= before - 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 2.0, "the first slice and its new version");
+    assert!(value("kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "kubia and no-endpoints");
+    assert_eq!(value(r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}"#), 0.0);
+    assert_eq!(value(r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external"}"#), 0.0);
+}
+
 /// lbctl against a running agent: its services with their endpoints, the
 /// flows of the traffic sent, the counters; as JSON and as a table.
 #[test]

@@ -156,6 +156,10 @@ pub struct Changes {
     pub ports: BTreeSet<ServicePortName>,
     /// Every object skipped and why, one line each.
     pub skipped: Vec<String>,
+    /// EndpointSlices and Services added, changed or deleted (an object
+    /// replaced by a new version counts once).
+    pub endpoint_changes: usize,
+    pub service_changes: usize,
 }
 
 /// The desired state, kept up to date incrementally. Objects are shared
@@ -191,12 +195,14 @@ impl Model {
         // Slices: new ones are added to their service, vanished ones removed;
         // either way the service is computed again.
         let mut dirty: Vec<ObjectKey> = Vec::new();
+        let mut new_slices = 0;
         for slice in &objects.slices {
             let ptr = Arc::as_ptr(slice);
             if let Some(known) = self.slices.get_mut(&ptr) {
                 known.seen = seen;
                 continue;
             }
+            new_slices += 1;
             let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(|service| ObjectKey {
                 namespace: slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
                 name: service.clone(),
@@ -207,6 +213,7 @@ impl Model {
             }
             self.slices.insert(ptr, KnownSlice { _slice: slice.clone(), owner, seen });
         }
+        let slices_before = self.slices.len();
         let slices_of = &mut self.slices_of;
         self.slices.retain(|ptr, known| {
             if known.seen == seen {
@@ -223,11 +230,16 @@ impl Model {
             }
             false
         });
+        // New versions replace old ones one for one; the rest are added or
+        // deleted.
+        let vanished_slices = slices_before - self.slices.len();
+        let endpoint_changes = new_slices.max(vanished_slices);
         for key in &dirty {
             if let Some(cached) = self.service_of.get(key).and_then(|ptr| self.services.get_mut(ptr)) {
                 cached.seen = 0;
             }
         }
+        let mut new_services = 0;
         // Services: a known, clean one is kept; a new or dirty one computed.
         let mut recomputed = Vec::new();
         for service in &objects.services {
@@ -238,10 +250,15 @@ impl Model {
                 cached.seen = seen;
                 continue;
             }
+            if !self.services.contains_key(&ptr) {
+                new_services += 1;
+            }
             let key = ObjectKey::of(&service.metadata);
             let slices = self.slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
             recomputed.push((service, key, compute_service(service, slices, node, &self.node_ips)));
         }
+        let current: std::collections::HashSet<*const Service> = objects.services.iter().map(Arc::as_ptr).collect();
+        let vanished_services = self.services.keys().filter(|ptr| !current.contains(ptr)).count();
         // Entries not seen now belong to services that changed or are gone.
         let mut changes = Changes::default();
         let (state, service_of) = (&mut self.state, &mut self.service_of);
@@ -269,6 +286,8 @@ impl Model {
             self.services.insert(ptr, CachedService { _service: service.clone(), key, ports: names, skipped, seen });
         }
         changes.skipped = self.services.values().flat_map(|c| c.skipped.iter().cloned()).collect();
+        changes.service_changes = new_services.max(vanished_services);
+        changes.endpoint_changes = endpoint_changes;
         changes
     }
 }
@@ -897,18 +916,23 @@ mod tests {
         let mut model = Model::default();
         let first = model.update(&objects, NODE);
         assert_eq!(first.ports.len(), 2, "everything is new");
-        assert!(model.update(&objects, NODE).ports.is_empty(), "the same objects change nothing");
+        assert_eq!((first.service_changes, first.endpoint_changes), (2, 1), "changes counted as kube-proxy's metrics count them");
+        let same = model.update(&objects, NODE);
+        assert!(same.ports.is_empty(), "the same objects change nothing");
+        assert_eq!((same.service_changes, same.endpoint_changes), (0, 0));
 
         // A new version of the slice: only kubia's port changes.
         objects.slices[0] = Arc::new(slice(kubia_slice("s1", json!([ep("10.244.1.2"), ep("10.244.2.2")]))).1);
         let changed = model.update(&objects, NODE);
         assert_eq!(changed.ports.iter().map(ToString::to_string).collect::<Vec<_>>(), ["default/kubia:http"]);
+        assert_eq!((changed.service_changes, changed.endpoint_changes), (0, 1), "a new version of a slice is one change");
         assert_eq!(model.state.services.values().map(|p| p.endpoints.len()).sum::<usize>(), 2);
 
         // The service deleted: its port goes, the other stays.
         objects.services.remove(0);
         let removed = model.update(&objects, NODE);
         assert_eq!(removed.ports.iter().map(ToString::to_string).collect::<Vec<_>>(), ["default/kubia:http"]);
+        assert_eq!((removed.service_changes, removed.endpoint_changes), (1, 0));
         assert_eq!(model.state.services.keys().map(ToString::to_string).collect::<Vec<_>>(), ["default/other:http"]);
         assert_eq!(model.state, desired_state(&objects, NODE).state, "incremental equals computed from scratch");
     }
@@ -988,6 +1012,9 @@ mod tests {
             let port = computed.state.services.get(&side).expect("programmed");
             assert!(port.endpoints.is_empty(), "{rule}: no local endpoint");
             assert_eq!(port.drop_when_empty, drops, "{rule}");
+            let internal = field == "internalTrafficPolicy";
+            let counted = (usize::from(drops && internal), usize::from(drops && !internal));
+            assert_eq!(computed.state.no_local_endpoints(), counted, "{rule}: kube-proxy's no_local_endpoints gauge");
         }
     }
 

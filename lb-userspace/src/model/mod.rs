@@ -132,6 +132,17 @@ impl DesiredState {
         self.services.values().map(|s| s.endpoints.len()).sum()
     }
 
+    /// Service ports with a Local traffic policy and no endpoint on this
+    /// node while other nodes have some (their traffic is dropped):
+    /// (internal, external), as kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total` counts them.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        let without = |external: bool| {
+            self.services.iter().filter(|(name, port)| name.external == external && port.drop_when_empty && port.endpoints.is_empty()).count()
+        };
+        (without(false), without(true))
+    }
+
     /// The health check node ports and what each reports: the service's
     /// distinct local endpoint addresses over all its ports.
     pub fn health_checks(&self) -> BTreeMap<u16, ServiceHealth> {

@@ -484,6 +484,14 @@ fn health_endpoints_answer_on_the_node() {
 
 /// /metrics after real traffic: the per-service counters moved by exactly
 /// the traffic sent.
+/// The value of `series` (name and labels) in a /metrics scrape.
+fn scraped<T: std::str::FromStr>(metrics: &str, series: &str) -> T {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+}
+
 #[test]
 fn metrics_count_the_traffic_sent_through_the_vip() {
     const NEW: usize = 25;
@@ -501,12 +509,7 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
         })
         .expect("client");
     let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
-    let value = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
-    };
+    let value = |series: &str| -> u64 { scraped(&metrics, series) };
     let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP",traffic="internal"}"#;
     let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP",traffic="internal"}"#;
     assert_eq!(value(&format!("lb_service_new_connections_total{kubia}")), NEW as u64);
@@ -547,12 +550,7 @@ fn kube_proxy_metric_names_are_served() {
     cluster.set_kubia_pods(&ready(&[0])).expect("a change applied");
     assert_eq!(spread(&cluster, 5).values().sum::<usize>(), 5);
     let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
-    let value = |series: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
-    };
+    let value = |series: &str| -> f64 { scraped(&metrics, series) };
     assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0, "the first sync and the change");
     assert!(value("kubeproxy_network_programming_duration_seconds_count") >= 2.0);
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") >= before, "the change's sync is the last");

@@ -157,6 +157,13 @@ impl VipUse {
 pub struct Syncer {
     programmed: BTreeMap<ServicePortName, Programmed>,
     frontends_per_vip: BTreeMap<Ipv4Addr, VipUse>,
+    /// Which service port's value each frontend holds. Two service ports
+    /// may claim one frontend (two services sharing an external IP and
+    /// port): the first keeps it, and when it lets go, another claimant
+    /// takes it over in place.
+    frontend_owner: BTreeMap<Frontend, ServicePortName>,
+    /// The other claimants of a held frontend, in name order.
+    frontend_waiting: BTreeMap<Frontend, BTreeSet<ServicePortName>>,
     limits: Limits,
     used: Usage,
     /// Service ports the maps could not hold at the last sync, and why;
@@ -186,6 +193,8 @@ impl Syncer {
         Self {
             programmed: BTreeMap::new(),
             frontends_per_vip: BTreeMap::new(),
+            frontend_owner: BTreeMap::new(),
+            frontend_waiting: BTreeMap::new(),
             limits,
             used: Usage::default(),
             over_capacity: BTreeMap::new(),
@@ -315,7 +324,7 @@ impl Syncer {
         maps.put_service_backend_set(id, set)?;
         self.put_source_ranges(id, backends.source_ranges.iter(), maps)?;
         for frontend in &service.frontends {
-            self.add_frontend(frontend, !name.external, frontend_value(id, set, &backends, frontend), maps)?;
+            self.add_frontend(name, frontend, frontend_value(id, set, &backends, frontend), maps)?;
         }
         self.programmed.insert(name.clone(), Programmed { id, set, frontends: service.frontends.clone(), backends });
         Ok(())
@@ -335,13 +344,13 @@ impl Syncer {
             self.put_source_ranges(p.id, p.backends.source_ranges.difference(&old_backends.source_ranges), maps)?;
         }
         for frontend in p.frontends.difference(&service.frontends) {
-            self.remove_frontend(frontend, !name.external, maps)?;
+            self.remove_frontend(name, frontend, maps)?;
         }
         for frontend in &service.frontends {
             let value = frontend_value(p.id, p.set, &p.backends, frontend);
             if !p.frontends.contains(frontend) {
-                self.add_frontend(frontend, !name.external, value, maps)?;
-            } else if endpoints_changed {
+                self.add_frontend(name, frontend, value, maps)?;
+            } else if endpoints_changed && self.frontend_owner.get(frontend) == Some(name) {
                 maps.put_frontend(frontend_key(frontend), value)?;
             }
         }
@@ -360,7 +369,7 @@ impl Syncer {
     fn remove(&mut self, name: &ServicePortName, maps: &mut impl MapWriter) -> Result<Option<u32>> {
         let Some(p) = self.programmed.remove(name) else { return Ok(None) };
         for frontend in &p.frontends {
-            self.remove_frontend(frontend, !name.external, maps)?;
+            self.remove_frontend(name, frontend, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
         self.remove_source_ranges(p.id, p.backends.source_ranges.iter(), maps)?;
@@ -418,16 +427,50 @@ impl Syncer {
         Ok(())
     }
 
-    fn add_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
+    /// Writes `frontend` for the service port `name`, unless another holds
+    /// it (that one keeps it; `name` takes over when it lets go).
+    fn add_frontend(&mut self, name: &ServicePortName, frontend: &Frontend, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
+        if self.frontend_owner.get(frontend).is_some_and(|owner| owner != name) {
+            self.frontend_waiting.entry(*frontend).or_default().insert(name.clone());
+            return Ok(());
+        }
+        self.frontend_owner.insert(*frontend, name.clone());
         let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
         vip.frontends += 1;
-        vip.cluster += u32::from(cluster_ip);
+        vip.cluster += u32::from(!name.external);
         maps.put_service_vip(ip_be(frontend.ip), vip.value())?;
         self.used.frontends += 1;
         maps.put_frontend(frontend_key(frontend), value)
     }
 
-    fn remove_frontend(&mut self, frontend: &Frontend, cluster_ip: bool, maps: &mut impl MapWriter) -> Result<()> {
+    /// Lets go of `frontend` for the service port `name`: another service
+    /// port claiming it takes it over in place (one map update, no moment
+    /// without it); else it is deleted.
+    fn remove_frontend(&mut self, name: &ServicePortName, frontend: &Frontend, maps: &mut impl MapWriter) -> Result<()> {
+        if self.frontend_owner.get(frontend) != Some(name) {
+            if let Some(waiting) = self.frontend_waiting.get_mut(frontend) {
+                waiting.remove(name);
+                if waiting.is_empty() {
+                    self.frontend_waiting.remove(frontend);
+                }
+            }
+            return Ok(());
+        }
+        let heir = self.frontend_waiting.get_mut(frontend).and_then(BTreeSet::pop_first);
+        if self.frontend_waiting.get(frontend).is_some_and(BTreeSet::is_empty) {
+            self.frontend_waiting.remove(frontend);
+        }
+        if let Some((heir, p)) = heir.and_then(|heir| self.programmed.get(&heir).map(|p| (heir, p))) {
+            let value = frontend_value(p.id, p.set, &p.backends, frontend);
+            let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
+            vip.cluster = vip.cluster - u32::from(!name.external) + u32::from(!heir.external);
+            let vip_value = vip.value();
+            self.frontend_owner.insert(*frontend, heir);
+            maps.put_service_vip(ip_be(frontend.ip), vip_value)?;
+            return maps.put_frontend(frontend_key(frontend), value);
+        }
+        self.frontend_owner.remove(frontend);
+        let cluster_ip = !name.external;
         maps.remove_frontend(frontend_key(frontend))?;
         self.used.frontends -= 1;
         let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
@@ -1034,5 +1077,29 @@ mod tests {
         assert_eq!(maps.source_ranges, [range([10, 2, 0, 0], 16), range([198, 51, 100, 7], 32)].into(), "replaced");
         adopted.apply(&state(&[]), &mut maps).expect("apply");
         assert!(maps.source_ranges.is_empty(), "deleted with the service");
+    }
+
+    /// Two services sharing an external IP and port: the first keeps the
+    /// frontend; removing the other changes nothing; when the first goes,
+    /// the other takes it over in place; when both go, it is gone.
+    #[test]
+    fn a_frontend_claimed_by_two_service_ports_stays_with_the_first_until_it_lets_go() {
+        let shared = Frontend { ip: [198, 51, 100, 9].into(), port: 80, protocol: Protocol::Tcp };
+        let key = frontend_key(&shared);
+        let claim = |n: u8, endpoints: u8| ServicePort { frontends: [shared].into(), ..sized_service(n, endpoints) };
+        let mut syncer = Syncer::new();
+        let mut maps = FakeMaps::default();
+        let id = |syncer: &Syncer, n: &str| syncer.service_id(&name(n)).expect("programmed");
+        syncer.apply(&state(&[("a", claim(1, 1)), ("b", claim(2, 2))]), &mut maps).expect("apply");
+        assert_eq!(maps.frontends[&key].service_id, id(&syncer, "a"), "the first claimant holds it");
+        syncer.apply(&state(&[("a", claim(1, 1))]), &mut maps).expect("apply");
+        assert_eq!(maps.frontends[&key].service_id, id(&syncer, "a"), "the other leaving changes nothing");
+        syncer.apply(&state(&[("a", claim(1, 1)), ("b", claim(2, 2))]), &mut maps).expect("apply");
+        syncer.apply(&state(&[("b", claim(2, 3))]), &mut maps).expect("apply");
+        let value = maps.frontends[&key];
+        assert_eq!((value.service_id, value.backend_count), (id(&syncer, "b"), 3), "taken over by the other, with its current set");
+        assert_eq!(maps.vips[&ip_be(shared.ip)].frontends, 1);
+        syncer.apply(&state(&[]), &mut maps).expect("apply");
+        assert!(maps.frontends.is_empty() && maps.vips.is_empty(), "gone with both");
     }
 }

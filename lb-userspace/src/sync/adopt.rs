@@ -67,6 +67,7 @@ impl Syncer {
         let adopted_sets: BTreeSet<u32> = syncer.programmed.values().map(|p| p.set).collect();
         for (name, p) in &syncer.programmed {
             syncer.used.frontends += p.frontends.len() as u32;
+            syncer.frontend_owner.extend(p.frontends.iter().map(|f| (*f, name.clone())));
             syncer.used.source_ranges += p.backends.source_ranges.len() as u32;
             syncer.used.slots += p.backends.endpoints.len() as u32;
             syncer.used.members += (p.backends.endpoints.len() + p.backends.draining.len()) as u32;

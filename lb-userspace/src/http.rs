@@ -30,6 +30,8 @@ use crate::{metrics, model::ServiceHealth};
 pub struct Health {
     ready: AtomicBool,
     syncs: AtomicU64,
+    /// The node is being deleted or drained by the cluster autoscaler.
+    draining: AtomicBool,
 }
 
 impl Health {
@@ -42,14 +44,22 @@ impl Health {
         self.syncs.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether the node is being drained: `/healthz` then answers 503, so
+    /// that load balancers move their traffic off the node while the agent
+    /// keeps serving (kube-proxy's behaviour since KEP-3836).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
     /// The answer to a GET of a health `path`.
     pub fn answer(&self, path: &str) -> (StatusCode, String) {
         let syncs = self.syncs.load(Ordering::Relaxed);
+        let (ready, draining) = (self.ready.load(Ordering::Relaxed), self.draining.load(Ordering::Relaxed));
         match path {
-            "/healthz" if self.ready.load(Ordering::Relaxed) => {
-                (StatusCode::OK, format!("{{\"ready\":true,\"syncs\":{syncs}}}\n"))
+            "/healthz" => {
+                let status = if ready && !draining { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (status, format!("{{\"ready\":{ready},\"syncs\":{syncs},\"nodeDraining\":{draining}}}\n"))
             }
-            "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, format!("{{\"ready\":false,\"syncs\":{syncs}}}\n")),
             "/livez" => (StatusCode::OK, "ok\n".to_owned()),
             _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /livez\n".to_owned()),
         }
@@ -186,7 +196,10 @@ mod tests {
         assert_eq!(health.answer("/livez").0, StatusCode::OK);
         health.record_sync();
         health.set_ready();
-        assert_eq!(health.answer("/healthz"), (StatusCode::OK, "{\"ready\":true,\"syncs\":1}\n".to_owned()));
+        assert_eq!(health.answer("/healthz"), (StatusCode::OK, "{\"ready\":true,\"syncs\":1,\"nodeDraining\":false}\n".to_owned()));
+        health.set_draining(true);
+        assert_eq!(health.answer("/healthz"), (StatusCode::SERVICE_UNAVAILABLE, "{\"ready\":true,\"syncs\":1,\"nodeDraining\":true}\n".to_owned()));
+        assert_eq!(health.answer("/livez").0, StatusCode::OK, "alive while draining");
         assert_eq!(health.answer("/metrics").0, StatusCode::NOT_FOUND);
     }
 

@@ -14,6 +14,7 @@ pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod node_addresses;
 pub mod source;
 pub mod sync;
 

@@ -118,6 +118,15 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     let (source, source_task): (Source, JoinHandle<anyhow::Result<()>>) = match &args.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), node, "source: manifest directory");
+            if node_ips.is_empty() {
+                match lb_userspace::node_addresses::local() {
+                    Ok(addresses) => {
+                        info!(?addresses, "no --node-ip: node ports answer on this node's addresses (all but loopback and link-local, the default route's first)");
+                        node_ips = addresses;
+                    }
+                    Err(e) => warn!("reading this node's addresses: {e} (give --node-ip)"),
+                }
+            }
             let watched = dir.clone();
             let task = tokio::spawn(async move { Ok(manifests::watch(watched, changes_tx).await?) });
             (Source::Manifests(manifests::ManifestDir::new(dir.clone())), task)
@@ -134,7 +143,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
                     Err(e) => warn!(node, "reading the Node object for its addresses: {e} (give --node-ip)"),
                 }
             }
-            let (api, task) = ApiSource::start(client, changes_tx);
+            let (api, task) = ApiSource::start(client, &node, changes_tx);
             (Source::Api(api), tokio::spawn(async move {
                 task.await;
                 Ok(())
@@ -291,7 +300,8 @@ async fn serve(
                 generation += 1;
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
-                sync(&mut source, node.name, state, datapath, generation, noticed, reporting.stats)?;
+                let follow_node_ips = args.node_ips.is_empty();
+                sync(&mut source, (node.name, follow_node_ips), state, datapath, generation, noticed, reporting)?;
                 health_checks.update(model.state.health_checks()).await;
                 reporting.health.record_sync();
                 if generation == 1 {
@@ -406,17 +416,28 @@ struct State<'a> {
 
 /// Programs what changed in the source's objects; logs each skipped object
 /// once.
+/// `node`: this node's name, and whether its addresses follow its Node
+/// object (no --node-ip given).
 fn sync(
     source: &mut Source,
-    node: &str,
+    (node, follow_node_ips): (&str, bool),
     state: State<'_>,
     datapath: &mut Datapath,
     generation: u64,
     noticed: Instant,
-    stats: &AgentStats,
+    reporting: Reporting<'_>,
 ) -> anyhow::Result<()> {
+    let stats = reporting.stats;
     let started = Instant::now();
     let update = source.snapshot()?;
+    if let Some(node_state) = &update.node {
+        reporting.health.set_draining(node_state.draining);
+        if follow_node_ips && !node_state.addresses.is_empty() && node_state.addresses != state.model.node_ips() {
+            info!(node, addresses = ?node_state.addresses, "node addresses changed in the Node object");
+            datapath.maps.set_snat_ip(lb_common::ip_be(node_state.addresses[0]))?;
+            state.model.set_node_ips(node_state.addresses.clone());
+        }
+    }
     let changes = state.model.update(&update.objects, node);
     // The first sync compares everything: services adopted from a previous
     // agent and deleted while no agent ran are not among the changes.

@@ -142,6 +142,13 @@ impl DatapathMaps {
         self.datapath_config.set(0, DatapathConfig { clock, ..config }, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
     }
 
+    /// Makes `ip` (network byte order) the source of translated traffic,
+    /// the other settings kept.
+    pub fn set_snat_ip(&mut self, ip: u32) -> Result<()> {
+        let config = self.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG))?;
+        self.set_config(DatapathConfig { snat_ip: ip, ..config })
+    }
+
     /// Reads back what the syncer programmed, for a restarted agent to
     /// adopt it.
     pub fn read_programmed(&self) -> Result<ProgrammedMaps> {

@@ -27,6 +27,8 @@ use crate::netns::Netns;
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: kept under the namespace "".
+    Node,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
         match (value.get("apiVersion")?.as_str()?, value.get("kind")?.as_str()?) {
             ("v1", "Service") => Some(Kind::Service),
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("v1", "Node") => Some(Kind::Node),
             _ => None,
         }
     }
@@ -42,6 +45,7 @@ impl Kind {
         match path {
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/api/v1/nodes" => Some(Kind::Node),
             _ => None,
         }
     }
@@ -50,6 +54,7 @@ impl Kind {
         match self {
             Kind::Service => ("v1", "ServiceList"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Kind::Node => ("v1", "NodeList"),
         }
     }
 
@@ -57,6 +62,7 @@ impl Kind {
         match self {
             Kind::Service => ("v1", "Service"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
+            Kind::Node => ("v1", "Node"),
         }
     }
 }
@@ -73,16 +79,17 @@ enum WatchMessage {
 struct State {
     resource_version: u64,
     objects: BTreeMap<(Kind, String, String), Value>,
-    /// Every change as (kind, resourceVersion, watch event line).
-    history: Vec<(Kind, u64, String)>,
+    /// Every change as (kind, resourceVersion, object name, watch event
+    /// line).
+    history: Vec<(Kind, u64, String, String)>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
     down: bool,
     held_lists: BTreeSet<Kind>,
     list_requests: Vec<Kind>,
-    watchers: Vec<(Kind, mpsc::Sender<WatchMessage>)>,
-    /// Node objects by name, answered to GETs only.
-    nodes: BTreeMap<String, Value>,
+    /// Open watches: their kind, the name their field selector asks for,
+    /// and where their events go.
+    watchers: Vec<(Kind, Option<String>, mpsc::Sender<WatchMessage>)>,
 }
 
 /// The server; it runs until dropped.
@@ -135,20 +142,21 @@ impl FakeApiServer {
         Ok(())
     }
 
-    /// Stores a Node, served to `GET /api/v1/nodes/NAME`.
+    /// Creates or replaces a Node: served to `GET /api/v1/nodes/NAME`, and
+    /// to lists and watches (with a `metadata.name` field selector).
     pub fn put_node(&self, node: Value) -> Result<()> {
-        let name = node["metadata"]["name"].as_str().context("a Node without a name")?.to_owned();
-        self.lock().nodes.insert(name, node);
-        Ok(())
+        self.apply(node)
     }
 
     pub fn apply(&self, mut object: Value) -> Result<()> {
-        let kind = Kind::of(&object).context("not a Service or EndpointSlice")?;
+        let kind = Kind::of(&object).context("not a Service, EndpointSlice or Node")?;
         let mut state = self.lock();
         state.resource_version += 1;
         let rv = state.resource_version;
         let meta = object.get_mut("metadata").and_then(Value::as_object_mut).context("no metadata")?;
-        meta.entry("namespace").or_insert_with(|| json!("default"));
+        if kind != Kind::Node {
+            meta.entry("namespace").or_insert_with(|| json!("default"));
+        }
         meta.insert("resourceVersion".into(), json!(rv.to_string()));
         let key = object_key(kind, &object)?;
         let event = if state.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
@@ -170,7 +178,7 @@ impl FakeApiServer {
 
     /// Cuts every open watch connection, as a network failure would.
     pub fn drop_watches(&self) {
-        for (_, watcher) in self.lock().watchers.drain(..) {
+        for (_, _, watcher) in self.lock().watchers.drain(..) {
             let _ = watcher.send(WatchMessage::Cut);
         }
     }
@@ -181,7 +189,7 @@ impl FakeApiServer {
         let mut state = self.lock();
         state.compacted = state.resource_version + 1;
         state.history.clear();
-        for (_, watcher) in state.watchers.drain(..) {
+        for (_, _, watcher) in state.watchers.drain(..) {
             let _ = watcher.send(WatchMessage::Line(gone_event().to_string()));
             let _ = watcher.send(WatchMessage::End);
         }
@@ -193,7 +201,7 @@ impl FakeApiServer {
         let mut state = self.lock();
         state.down = down;
         if down {
-            for (_, watcher) in state.watchers.drain(..) {
+            for (_, _, watcher) in state.watchers.drain(..) {
                 let _ = watcher.send(WatchMessage::Cut);
             }
         }
@@ -244,13 +252,23 @@ fn lock(state: &(Mutex<State>, Condvar)) -> MutexGuard<'_, State> {
 fn object_key(kind: Kind, object: &Value) -> Result<(Kind, String, String)> {
     let meta = &object["metadata"];
     let name = meta["name"].as_str().context("no metadata.name")?;
-    Ok((kind, meta["namespace"].as_str().unwrap_or("default").to_owned(), name.to_owned()))
+    let namespace = if kind == Kind::Node { "" } else { meta["namespace"].as_str().unwrap_or("default") };
+    Ok((kind, namespace.to_owned(), name.to_owned()))
 }
 
 fn publish(state: &mut State, kind: Kind, rv: u64, event: Value) {
     let line = event.to_string();
-    state.history.push((kind, rv, line.clone()));
-    state.watchers.retain(|(k, tx)| *k != kind || tx.send(WatchMessage::Line(line.clone())).is_ok());
+    let name = event["object"]["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    state.watchers.retain(|(k, wanted, tx)| {
+        *k != kind || wanted.as_ref().is_some_and(|w| *w != name) || tx.send(WatchMessage::Line(line.clone())).is_ok()
+    });
+    state.history.push((kind, rv, name, line));
+}
+
+/// The name a `fieldSelector=metadata.name=NAME` query asks for.
+fn selected_name(params: &BTreeMap<&str, &str>) -> Option<String> {
+    let selector = params.get("fieldSelector")?.replace("%3D", "=").replace("%3d", "=");
+    selector.strip_prefix("metadata.name=").map(str::to_owned)
 }
 
 fn gone_event() -> Value {
@@ -287,7 +305,7 @@ fn serve(conn: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
         if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
-            let node = lock(shared).nodes.get(name).cloned();
+            let node = lock(shared).objects.get(&(Kind::Node, String::new(), name.to_owned())).cloned();
             let (status, body) = match node {
                 Some(node) => ("200 OK", node.to_string()),
                 None => ("404 Not Found", json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string()),
@@ -300,11 +318,12 @@ fn serve(conn: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) {
             let _ = write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
             continue;
         };
+        let name = selected_name(&params);
         let keep_going = if matches!(params.get("watch"), Some(&"true" | &"1")) {
             let from = params.get("resourceVersion").and_then(|rv| rv.parse().ok()).unwrap_or(0);
-            watch(&mut conn, shared, kind, from)
+            watch(&mut conn, shared, (kind, name), from)
         } else {
-            list(&mut conn, shared, kind)
+            list(&mut conn, shared, kind, name.as_deref())
         };
         if !keep_going {
             return;
@@ -312,7 +331,7 @@ fn serve(conn: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) {
     }
 }
 
-fn list(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind) -> bool {
+fn list(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind, name: Option<&str>) -> bool {
     let mut state = lock(shared);
     state.list_requests.push(kind);
     shared.1.notify_all();
@@ -321,7 +340,8 @@ fn list(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind)
         let _ = conn.shutdown(Shutdown::Both);
         return false;
     }
-    let items: Vec<&Value> = state.objects.iter().filter(|((k, _, _), _)| *k == kind).map(|(_, v)| v).collect();
+    let items: Vec<&Value> =
+        state.objects.iter().filter(|((k, _, n), _)| *k == kind && name.is_none_or(|name| name == n)).map(|(_, v)| v).collect();
     let (api_version, list_kind) = kind.list_header();
     let body = json!({"apiVersion": api_version, "kind": list_kind,
         "metadata": {"resourceVersion": state.resource_version.to_string()}, "items": items})
@@ -332,7 +352,7 @@ fn list(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind)
 
 /// Streams a watch; returns whether the connection can serve another
 /// request.
-fn watch(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind, from: u64) -> bool {
+fn watch(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, (kind, name): (Kind, Option<String>), from: u64) -> bool {
     let (tx, rx) = mpsc::channel();
     {
         let mut state = lock(shared);
@@ -340,14 +360,15 @@ fn watch(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, kind: Kind
             let _ = tx.send(WatchMessage::Line(gone_event().to_string()));
             let _ = tx.send(WatchMessage::End);
         } else {
-            for (_, _, line) in state.history.iter().filter(|(k, rv, _)| *k == kind && *rv > from) {
+            let selected = |n: &String| name.as_ref().is_none_or(|name| name == n);
+            for (_, _, _, line) in state.history.iter().filter(|(k, rv, n, _)| *k == kind && *rv > from && selected(n)) {
                 let _ = tx.send(WatchMessage::Line(line.clone()));
             }
             let (api_version, object_kind) = kind.api_version_kind();
             let bookmark = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": object_kind,
                 "metadata": {"resourceVersion": state.resource_version.to_string()}}});
             let _ = tx.send(WatchMessage::Line(bookmark.to_string()));
-            state.watchers.push((kind, tx));
+            state.watchers.push((kind, name, tx));
         }
     }
     if write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").is_err() {

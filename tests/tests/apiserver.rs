@@ -119,6 +119,62 @@ fn agent_follows_the_api_through_watch_failures_and_outages() {
     );
 }
 
+/// The Node object as the API server holds it: `internal_ip`, and the
+/// cluster autoscaler's taint when `to_be_deleted`.
+fn node_object(internal_ip: Ipv4Addr, to_be_deleted: bool) -> serde_json::Value {
+    use lb_tests::cluster::NODE_NAME;
+    let taints = if to_be_deleted { serde_json::json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]) } else { serde_json::json!([]) };
+    serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME}, "spec": {"taints": taints},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal_ip.to_string()}]}})
+}
+
+/// The kubia manifests with the HTTP port a NodePort at 30123.
+fn kubia_node_port() -> String {
+    kubia_manifests(&ready(&[0])).replacen("  selector: {app: kubia}\n", "  type: NodePort\n  selector: {app: kubia}\n", 1).replacen(
+        "targetPort: 8080}",
+        "targetPort: 8080, nodePort: 30123}",
+        1,
+    )
+}
+
+/// The agent follows its Node object (a watch on its name): a new
+/// InternalIP moves the node ports there, and the cluster autoscaler's
+/// taint turns /healthz to 503 (load balancers drain the node) while the
+/// node keeps serving, as kube-proxy does.
+#[test]
+fn the_node_object_is_followed_for_its_addresses_and_its_drain() {
+    use lb_tests::cluster::NODE_IP;
+    use lb_tests::netns::http_get_until;
+    const MOVED_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 50);
+    let mut net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    net.node_ip_flag = false;
+    net.node.ip(&["addr", "add", &format!("{MOVED_IP}/24"), "dev", "c0"]).expect("a second address on the node");
+    let api = FakeApiServer::start_in(&net.node).expect("fake API server");
+    api.put_node(node_object(NODE_IP, false)).expect("node");
+    api.apply_yaml(&kubia_node_port()).expect("objects");
+    let dir = TempDir::new("kubeconfig").expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir.0).expect("kubeconfig");
+    let cluster = Cluster::run_agent(net, vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()], None).expect("agent");
+    let ask = |ip: Ipv4Addr| cluster.client.enter(move || connect_and_ask(SocketAddrV4::new(ip, 30123)).map_err(|e| e.kind())).expect("client");
+    assert_eq!(ask(NODE_IP).as_deref(), Ok("You've hit kubia-1"));
+
+    api.put_node(node_object(MOVED_IP, false)).expect("node moved");
+    let deadline = Instant::now() + agent_timeout();
+    while ask(MOVED_IP).is_err() && Instant::now() < deadline {}
+    assert_eq!(ask(MOVED_IP).as_deref(), Ok("You've hit kubia-1"), "the node port follows the Node's InternalIP");
+    assert_eq!(ask(NODE_IP), Err(std::io::ErrorKind::ConnectionRefused), "and left the old address to the node");
+    assert!(cluster.agent.log().contains("node addresses changed in the Node object"), "{}", cluster.agent.log());
+
+    let healthz = http_get_until(&cluster.node, "127.0.0.1:10256", "/healthz", "HTTP/1.1 200", agent_timeout());
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    api.put_node(node_object(MOVED_IP, true)).expect("node tainted");
+    let healthz = http_get_until(&cluster.node, "127.0.0.1:10256", "/healthz", "HTTP/1.1 503", agent_timeout());
+    assert!(healthz.starts_with("HTTP/1.1 503") && healthz.contains("\"nodeDraining\":true"), "{healthz}");
+    assert_eq!(ask(MOVED_IP).as_deref(), Ok("You've hit kubia-1"), "a draining node still serves");
+    let livez = http_get_until(&cluster.node, "127.0.0.1:10256", "/livez", "HTTP/1.1 200", agent_timeout());
+    assert!(livez.starts_with("HTTP/1.1 200"), "{livez}");
+}
+
 /// In a cluster the node's addresses come from its Node object (named by
 /// --node-name / NODE_NAME): without --node-ip the agent reads them there,
 /// and the node port answers on the InternalIP.

@@ -1008,6 +1008,22 @@ fn node_port_manifests() -> String {
     service("cluster", 30123, "Cluster") + &service("local", 30124, "Local")
 }
 
+/// From manifests without --node-ip, node ports answer on the node's own
+/// addresses (as kube-proxy's default), and Cluster-policy traffic is
+/// translated to the first of them.
+#[test]
+fn without_node_ip_node_ports_answer_on_the_nodes_own_addresses() {
+    use lb_tests::cluster::{NODE_IP, TempDir, Topology};
+    let mut net = Topology::new(2, ClientHook::Tc).expect("namespaces");
+    net.node_ip_flag = false;
+    let manifests = TempDir::new("manifests").expect("dir");
+    std::fs::write(manifests.0.join(MANIFEST_FILE), node_port_manifests()).expect("manifest");
+    let cluster = Cluster::run_agent(net, vec!["--manifests".into(), manifests.0.to_string_lossy().into_owned()], Some(manifests)).expect("agent");
+    assert!(cluster.agent.log().contains("node ports answer on this node's addresses"), "{}", cluster.agent.log());
+    let answer = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new(NODE_IP, 30123))).expect("client");
+    assert!(answer.expect("the node port on the node's address").starts_with("You've hit kubia-"));
+}
+
 /// NodePort from outside the node: with Cluster every endpoint serves and
 /// the backend sees the node's address (source NAT, replies back through the
 /// node) and a port of `--snat-port-range`; with Local only the local pod

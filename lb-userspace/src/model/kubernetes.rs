@@ -189,6 +189,20 @@ impl Model {
         Self { node_ips, ..Self::default() }
     }
 
+    /// This node's addresses, where node ports answer.
+    pub fn node_ips(&self) -> &[Ipv4Addr] {
+        &self.node_ips
+    }
+
+    /// New node addresses: every service is computed again by the next
+    /// `update` (its node ports move).
+    pub fn set_node_ips(&mut self, node_ips: Vec<Ipv4Addr>) {
+        self.node_ips = node_ips;
+        for cached in self.services.values_mut() {
+            cached.seen = 0;
+        }
+    }
+
     pub fn update(&mut self, objects: &ClusterObjects, node: &str) -> Changes {
         self.updates += 1;
         let seen = self.updates;

@@ -21,19 +21,22 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use super::{ChangeSender, Update};
+use super::{ChangeSender, NodeState, Update};
 use crate::model::kubernetes::ClusterObjects;
 
 /// The reflectors' stores: the objects as last listed and watched.
 pub struct ApiSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// This node's Node object (a watch with a field selector on its name).
+    node: Store<Node>,
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Services,
     EndpointSlices,
+    Node,
 }
 
 /// What a watch event means for the stores.
@@ -57,10 +60,17 @@ fn effect<K>(event: &Event<K>) -> Effect {
 
 impl ApiSource {
     /// The stores, and the task that fills them and signals `changes`
-    /// (run it until it ends: when the receiver is gone).
-    pub fn start(client: Client, changes: ChangeSender) -> (Self, impl Future<Output = ()>) {
+    /// (run it until it ends: when the receiver is gone). `node` names this
+    /// node, whose Node object is followed for its addresses and whether it
+    /// is being drained.
+    pub fn start(client: Client, node: &str, changes: ChangeSender) -> (Self, impl Future<Output = ()> + use<>) {
         let (services, services_writer) = reflector::store::<Service>();
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+        let (node_store, node_writer) = reflector::store::<Node>();
+        let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")))
+            .default_backoff()
+            .reflect(node_writer)
+            .map(|event| (Kind::Node, event.map(|e| effect(&e))));
         let service_events = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .reflect(services_writer)
@@ -70,7 +80,7 @@ impl ApiSource {
             .reflect(slices_writer)
             .map(|event| (Kind::EndpointSlices, event.map(|e| effect(&e))));
         let task = async move {
-            let mut events = std::pin::pin!(stream::select(service_events, slice_events));
+            let mut events = std::pin::pin!(stream::select(stream::select(service_events, slice_events), node_events));
             let (mut services_listed, mut slices_listed) = (false, false);
             while let Some((kind, event)) = events.next().await {
                 if let Ok(effect) = &event {
@@ -85,6 +95,9 @@ impl ApiSource {
                             match kind {
                                 Kind::Services => services_listed = true,
                                 Kind::EndpointSlices => slices_listed = true,
+                                // Not waited for: the services are served
+                                // with the addresses read at start.
+                                Kind::Node => {}
                             }
                         }
                         if services_listed && slices_listed && changes.send(Some(Instant::now())).is_err() {
@@ -94,24 +107,21 @@ impl ApiSource {
                 }
             }
         };
-        (Self { services, slices }, task)
+        (Self { services, slices, node: node_store }, task)
     }
 
     pub fn snapshot(&self) -> Update {
         // The stores hand out their objects shared: no copy.
         let objects = ClusterObjects { services: self.services.state(), slices: self.slices.state() };
-        Update { objects, skipped: Vec::new() }
+        let node = self.node.state().first().map(|node| NodeState::of(node));
+        Update { objects, skipped: Vec::new(), node }
     }
 }
 
-/// This node's IPv4 addresses from its Node object: InternalIP ones first,
-/// then ExternalIP ones (where node ports answer, as kube-proxy's default).
+/// This node's IPv4 addresses from its Node object, read once at start:
+/// InternalIP ones first, then ExternalIP ones (where node ports answer, as
+/// kube-proxy's default).
 pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::Ipv4Addr>, kube::Error> {
     let node = Api::<Node>::all(client).get(node).await?;
-    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
-    let mut ips = Vec::new();
-    for kind in ["InternalIP", "ExternalIP"] {
-        ips.extend(addresses.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok()));
-    }
-    Ok(ips)
+    Ok(NodeState::of(&node).addresses)
 }

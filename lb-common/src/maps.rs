@@ -361,6 +361,14 @@ impl Ipv4Cidr {
     }
 }
 
+/// As written: `10.96.0.0/12`.
+impl core::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let network = Ipv4Addr::from(u32::from_be(self.network));
+        write!(f, "{network}/{}", u32::from_be(self.mask).count_ones())
+    }
+}
+
 /// Up to `MAX_CIDRS` address ranges: the first `count` are used.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

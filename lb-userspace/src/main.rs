@@ -300,8 +300,8 @@ async fn serve(
                 generation += 1;
                 limiter.record(Instant::now());
                 let state = State { model: &mut model, syncer: &mut syncer, reported: &mut reported };
-                let follow_node_ips = args.node_ips.is_empty();
-                sync(&mut source, (node.name, follow_node_ips), state, datapath, generation, noticed, reporting)?;
+                let follow = Follow { node_ips: args.node_ips.is_empty(), service_cidrs: args.service_cidrs.is_empty() };
+                sync(&mut source, (node.name, follow), state, datapath, generation, noticed, reporting)?;
                 health_checks.update(model.state.health_checks()).await;
                 reporting.health.record_sync();
                 if generation == 1 {
@@ -416,11 +416,19 @@ struct State<'a> {
 
 /// Programs what changed in the source's objects; logs each skipped object
 /// once.
-/// `node`: this node's name, and whether its addresses follow its Node
-/// object (no --node-ip given).
+/// What the agent takes from the source besides services: the node's
+/// addresses (no --node-ip given) and the service ranges (no
+/// --service-cidr given).
+#[derive(Clone, Copy)]
+struct Follow {
+    node_ips: bool,
+    service_cidrs: bool,
+}
+
+/// `node`: this node's name, and what follows the source.
 fn sync(
     source: &mut Source,
-    (node, follow_node_ips): (&str, bool),
+    (node, follow): (&str, Follow),
     state: State<'_>,
     datapath: &mut Datapath,
     generation: u64,
@@ -432,10 +440,19 @@ fn sync(
     let update = source.snapshot()?;
     if let Some(node_state) = &update.node {
         reporting.health.set_draining(node_state.draining);
-        if follow_node_ips && !node_state.addresses.is_empty() && node_state.addresses != state.model.node_ips() {
+        if follow.node_ips && !node_state.addresses.is_empty() && node_state.addresses != state.model.node_ips() {
             info!(node, addresses = ?node_state.addresses, "node addresses changed in the Node object");
             datapath.maps.set_snat_ip(lb_common::ip_be(node_state.addresses[0]))?;
             state.model.set_node_ips(node_state.addresses.clone());
+        }
+    }
+    if let Some(ranges) = update.service_cidrs.as_ref().filter(|_| follow.service_cidrs)
+        && datapath.maps.set_service_cidrs(Ipv4Cidrs::new(ranges.iter().copied().take(lb_common::MAX_CIDRS)))?
+    {
+        let shown: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+        info!(ranges = ?shown, "service ranges from the ServiceCIDR objects");
+        if ranges.len() > lb_common::MAX_CIDRS {
+            warn!("more ServiceCIDR ranges than the datapath holds: the first {} are used", lb_common::MAX_CIDRS);
         }
     }
     let changes = state.model.update(&update.objects, node);

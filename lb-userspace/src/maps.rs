@@ -145,8 +145,24 @@ impl DatapathMaps {
     /// Makes `ip` (network byte order) the source of translated traffic,
     /// the other settings kept.
     pub fn set_snat_ip(&mut self, ip: u32) -> Result<()> {
+        self.edit_config(|config| config.snat_ip = ip)
+    }
+
+    /// Makes `ranges` the service address ranges (unallocated addresses in
+    /// them are dropped); returns whether they changed.
+    pub fn set_service_cidrs(&mut self, ranges: lb_common::Ipv4Cidrs) -> Result<bool> {
         let config = self.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG))?;
-        self.set_config(DatapathConfig { snat_ip: ip, ..config })
+        if config.service_cidrs == ranges {
+            return Ok(false);
+        }
+        self.set_config(DatapathConfig { service_cidrs: ranges, ..config })?;
+        Ok(true)
+    }
+
+    fn edit_config(&mut self, edit: impl FnOnce(&mut DatapathConfig)) -> Result<()> {
+        let mut config = self.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG))?;
+        edit(&mut config);
+        self.set_config(config)
     }
 
     /// Reads back what the syncer programmed, for a restarted agent to

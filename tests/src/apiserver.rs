@@ -27,8 +27,9 @@ use crate::netns::Netns;
 pub enum Kind {
     Service,
     EndpointSlice,
-    /// Cluster-scoped: kept under the namespace "".
+    /// Cluster-scoped: kept under the namespace "", as ServiceCIDR.
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
@@ -37,6 +38,7 @@ impl Kind {
             ("v1", "Service") => Some(Kind::Service),
             ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
             ("v1", "Node") => Some(Kind::Node),
+            ("networking.k8s.io/v1", "ServiceCIDR") => Some(Kind::ServiceCidr),
             _ => None,
         }
     }
@@ -46,8 +48,13 @@ impl Kind {
             "/api/v1/services" => Some(Kind::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
             "/api/v1/nodes" => Some(Kind::Node),
+            "/apis/networking.k8s.io/v1/servicecidrs" => Some(Kind::ServiceCidr),
             _ => None,
         }
+    }
+
+    fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     fn list_header(self) -> (&'static str, &'static str) {
@@ -55,6 +62,7 @@ impl Kind {
             Kind::Service => ("v1", "ServiceList"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Kind::Node => ("v1", "NodeList"),
+            Kind::ServiceCidr => ("networking.k8s.io/v1", "ServiceCIDRList"),
         }
     }
 
@@ -63,6 +71,7 @@ impl Kind {
             Kind::Service => ("v1", "Service"),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
             Kind::Node => ("v1", "Node"),
+            Kind::ServiceCidr => ("networking.k8s.io/v1", "ServiceCIDR"),
         }
     }
 }
@@ -154,7 +163,7 @@ impl FakeApiServer {
         state.resource_version += 1;
         let rv = state.resource_version;
         let meta = object.get_mut("metadata").and_then(Value::as_object_mut).context("no metadata")?;
-        if kind != Kind::Node {
+        if !kind.cluster_scoped() {
             meta.entry("namespace").or_insert_with(|| json!("default"));
         }
         meta.insert("resourceVersion".into(), json!(rv.to_string()));
@@ -252,7 +261,7 @@ fn lock(state: &(Mutex<State>, Condvar)) -> MutexGuard<'_, State> {
 fn object_key(kind: Kind, object: &Value) -> Result<(Kind, String, String)> {
     let meta = &object["metadata"];
     let name = meta["name"].as_str().context("no metadata.name")?;
-    let namespace = if kind == Kind::Node { "" } else { meta["namespace"].as_str().unwrap_or("default") };
+    let namespace = if kind.cluster_scoped() { "" } else { meta["namespace"].as_str().unwrap_or("default") };
     Ok((kind, namespace.to_owned(), name.to_owned()))
 }
 

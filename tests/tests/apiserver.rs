@@ -200,3 +200,28 @@ fn node_addresses_come_from_the_node_object() {
     let answer = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new(NODE_IP, 30123))).expect("client");
     assert_eq!(answer.expect("the node port on the Node object's InternalIP"), "You've hit kubia-1");
 }
+
+/// In API mode the service ranges come from the cluster's ServiceCIDR
+/// objects (no --service-cidr given): a connection to an address in one
+/// that no service has is dropped, as kube-proxy does, and counted.
+#[test]
+fn service_cidr_objects_give_the_service_ranges() {
+    let net = Topology::new(1, ClientHook::Tc).expect("namespaces");
+    let api = FakeApiServer::start_in(&net.node).expect("fake API server");
+    api.apply_yaml(&kubia_manifests(&ready(&[0]))).expect("objects");
+    let dir = TempDir::new("kubeconfig").expect("dir");
+    let kubeconfig = api.write_kubeconfig(&dir.0).expect("kubeconfig");
+    let cluster = Cluster::run_agent(net, vec!["--kubeconfig".into(), kubeconfig.to_string_lossy().into_owned()], None).expect("agent");
+    api.apply(serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+        "spec": {"cidrs": ["10.96.0.0/16", "fd00:10:96::/112"]}}))
+        .expect("a ServiceCIDR");
+    cluster.agent.wait_for(&["service ranges from the ServiceCIDR objects"], agent_timeout()).expect("the ranges taken");
+    let maps = cluster.maps().expect("maps");
+    let dropped = || maps.verdict_count(lb_common::Reason::DropUnallocatedClusterIp).expect("counter");
+    let before = dropped();
+    let refused = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new([10, 96, 0, 99].into(), 80)).map_err(|e| e.kind())).expect("client");
+    assert!(refused.is_err(), "nothing answers an unallocated cluster IP: {refused:?}");
+    assert!(dropped() > before, "dropped as unallocated, in the ServiceCIDR's range");
+    let served = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new(KUBIA_VIP, 80))).expect("client");
+    assert_eq!(served.expect("kubia still served"), "You've hit kubia-1");
+}

@@ -10,6 +10,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client,
@@ -21,7 +22,7 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use super::{ChangeSender, NodeState, Update};
+use super::{ChangeSender, NodeState, Update, service_cidr_ranges};
 use crate::model::kubernetes::ClusterObjects;
 
 /// The reflectors' stores: the objects as last listed and watched.
@@ -30,6 +31,9 @@ pub struct ApiSource {
     slices: Store<EndpointSlice>,
     /// This node's Node object (a watch with a field selector on its name).
     node: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
+    /// Whether the ServiceCIDR list completed (the API serves them).
+    service_cidrs_listed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -37,6 +41,7 @@ enum Kind {
     Services,
     EndpointSlices,
     Node,
+    ServiceCidrs,
 }
 
 /// What a watch event means for the stores.
@@ -67,6 +72,13 @@ impl ApiSource {
         let (services, services_writer) = reflector::store::<Service>();
         let (slices, slices_writer) = reflector::store::<EndpointSlice>();
         let (node_store, node_writer) = reflector::store::<Node>();
+        let (service_cidrs, service_cidrs_writer) = reflector::store::<ServiceCIDR>();
+        let service_cidr_events = watcher(Api::<ServiceCIDR>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .reflect(service_cidrs_writer)
+            .map(|event| (Kind::ServiceCidrs, event.map(|e| effect(&e))));
+        let service_cidrs_listed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cidrs_listed = service_cidrs_listed.clone();
         let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&format!("metadata.name={node}")))
             .default_backoff()
             .reflect(node_writer)
@@ -80,13 +92,24 @@ impl ApiSource {
             .reflect(slices_writer)
             .map(|event| (Kind::EndpointSlices, event.map(|e| effect(&e))));
         let task = async move {
-            let mut events = std::pin::pin!(stream::select(stream::select(service_events, slice_events), node_events));
+            let objects = stream::select(service_events, slice_events);
+            let mut events = std::pin::pin!(stream::select(objects, stream::select(node_events, service_cidr_events)));
             let (mut services_listed, mut slices_listed) = (false, false);
+            let mut service_cidrs_unserved = false;
             while let Some((kind, event)) = events.next().await {
                 if let Ok(effect) = &event {
                     debug!(?kind, ?effect, "watch event");
                 }
                 match event {
+                    // Before Kubernetes 1.33 (or with the API off) there
+                    // are no ServiceCIDR objects: said once, not warned
+                    // about at every retry.
+                    Err(e) if matches!(kind, Kind::ServiceCidrs) && is_not_found(&e) => {
+                        if !service_cidrs_unserved {
+                            info!("the API server has no networking.k8s.io/v1 ServiceCIDR objects: the service ranges are --service-cidr's");
+                            service_cidrs_unserved = true;
+                        }
+                    }
                     Err(e) => warn!("watching {kind:?}: {e}; keeping the last known state, retrying with backoff"),
                     Ok(Effect::Listing) => {}
                     Ok(effect) => {
@@ -98,6 +121,7 @@ impl ApiSource {
                                 // Not waited for: the services are served
                                 // with the addresses read at start.
                                 Kind::Node => {}
+                                Kind::ServiceCidrs => cidrs_listed.store(true, std::sync::atomic::Ordering::Relaxed),
                             }
                         }
                         if services_listed && slices_listed && changes.send(Some(Instant::now())).is_err() {
@@ -107,14 +131,28 @@ impl ApiSource {
                 }
             }
         };
-        (Self { services, slices, node: node_store }, task)
+        (Self { services, slices, node: node_store, service_cidrs, service_cidrs_listed }, task)
     }
 
     pub fn snapshot(&self) -> Update {
         // The stores hand out their objects shared: no copy.
         let objects = ClusterObjects { services: self.services.state(), slices: self.slices.state() };
         let node = self.node.state().first().map(|node| NodeState::of(node));
-        Update { objects, skipped: Vec::new(), node }
+        let service_cidrs = self
+            .service_cidrs_listed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| service_cidr_ranges(&self.service_cidrs.state()));
+        Update { objects, skipped: Vec::new(), node, service_cidrs }
+    }
+}
+
+/// Whether a watch failed because the API server does not serve the kind.
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            status.code == 404
+        }
+        _ => false,
     }
 }
 

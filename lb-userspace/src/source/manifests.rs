@@ -96,7 +96,7 @@ impl ManifestDir {
             skipped.extend(parsed.skipped.iter().cloned());
         }
         let objects = ClusterObjects { services: services.into_values().collect(), slices: slices.into_values().collect() };
-        Ok(Update { objects, skipped, node: None })
+        Ok(Update { objects, skipped, node: None, service_cidrs: None })
     }
 }
 

@@ -19,6 +19,23 @@ pub struct Update {
     pub skipped: Vec<String>,
     /// This node's Node object as last seen, where the source follows it.
     pub node: Option<NodeState>,
+    /// The IPv4 ranges of the cluster's ServiceCIDR objects, where the
+    /// source follows them and the API serves them (Kubernetes 1.33+).
+    pub service_cidrs: Option<Vec<lb_common::Ipv4Cidr>>,
+}
+
+/// The IPv4 ranges of ServiceCIDR objects (`spec.cidrs`; IPv6 and invalid
+/// ones left out), each once, in order.
+pub fn service_cidr_ranges(objects: &[std::sync::Arc<k8s_openapi::api::networking::v1::ServiceCIDR>]) -> Vec<lb_common::Ipv4Cidr> {
+    let mut ranges = Vec::new();
+    for text in objects.iter().filter_map(|o| o.spec.as_ref()?.cidrs.as_ref()).flatten() {
+        if let Ok(range) = crate::cli::parse_cidr(text)
+            && !ranges.contains(&range)
+        {
+            ranges.push(range);
+        }
+    }
+    ranges
 }
 
 /// What the agent takes from its Node object.
@@ -65,5 +82,47 @@ impl Source {
             Source::Manifests(dir) => dir.load(),
             Source::Api(api) => Ok(api.snapshot()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, sync::Arc};
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Each case: the rule, a Node, and what the agent takes from it.
+    #[test]
+    fn node_state_from_the_node_object() {
+        let addresses = json!([{"type": "Hostname", "address": "node-1"}, {"type": "ExternalIP", "address": "203.0.113.5"},
+            {"type": "InternalIP", "address": "10.0.0.5"}, {"type": "InternalIP", "address": "fd00::5"}]);
+        let cases = [
+            ("InternalIP first, then ExternalIP; IPv6 and host names left out", json!({}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], false),
+            ("the cluster autoscaler's taint: draining", json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], true),
+            ("another taint: not draining", json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], false),
+            ("being deleted: draining", json!({}), json!({"deletionTimestamp": "2026-12-04T00:00:00Z"}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], true),
+        ];
+        for (rule, spec, extra_meta, expected, draining) in cases {
+            let mut metadata = json!({"name": "node-1"});
+            if let (Some(meta), Some(extra)) = (metadata.as_object_mut(), extra_meta.as_object()) {
+                meta.extend(extra.clone());
+            }
+            let node: k8s_openapi::api::core::v1::Node =
+                serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": {"addresses": addresses}})).expect("a Node");
+            let expected = NodeState { addresses: expected.into_iter().map(Ipv4Addr::from).collect(), draining };
+            assert_eq!(NodeState::of(&node), expected, "{rule}");
+        }
+    }
+
+    #[test]
+    fn service_cidr_objects_give_their_ipv4_ranges_once() {
+        let object = |cidrs: serde_json::Value| -> Arc<k8s_openapi::api::networking::v1::ServiceCIDR> {
+            Arc::new(serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"cidrs": cidrs}})).expect("a ServiceCIDR"))
+        };
+        let objects = [object(json!(["10.96.0.0/16", "fd00::/112"])), object(json!(["10.96.0.0/16", "10.100.0.0/24", "banana"]))];
+        let ranges: Vec<String> = service_cidr_ranges(&objects).iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["10.96.0.0/16", "10.100.0.0/24"]);
     }
 }

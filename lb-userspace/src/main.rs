@@ -129,7 +129,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
             }
             let watched = dir.clone();
             let task = tokio::spawn(async move { Ok(manifests::watch(watched, changes_tx).await?) });
-            (Source::Manifests(manifests::ManifestDir::new(dir.clone())), task)
+            (Source::Manifests(manifests::ManifestDir::for_node(dir.clone(), &node)), task)
         }
         None => {
             let client = kube_client(args).await?;
@@ -444,6 +444,10 @@ fn sync(
             info!(node, addresses = ?node_state.addresses, "node addresses changed in the Node object");
             datapath.maps.set_snat_ip(lb_common::ip_be(node_state.addresses[0]))?;
             state.model.set_node_ips(node_state.addresses.clone());
+        }
+        if node_state.zone.as_deref() != state.model.zone() {
+            info!(node, zone = ?node_state.zone, "node zone (topology.kubernetes.io/zone), for topology-aware routing");
+            state.model.set_zone(node_state.zone.clone());
         }
     }
     if let Some(ranges) = update.service_cidrs.as_ref().filter(|_| follow.service_cidrs)

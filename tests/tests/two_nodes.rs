@@ -252,3 +252,71 @@ fn local_policies_drop_with_endpoints_elsewhere_and_reject_with_none() {
     }
     panic!("with no endpoint anywhere both are rejected at once; external: {external_now}, internal: {internal_now}");
 }
+
+/// The two nodes as Node objects: node-1 in zone-a, node-2 in zone-b.
+fn zoned_nodes() -> String {
+    NODE_NAMES
+        .iter()
+        .zip(ZONES)
+        .map(|(node, zone)| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n"))
+        .collect()
+}
+
+const ZONES: [&str; 2] = ["zone-a", "zone-b"];
+
+/// A ClusterIP service 10.96.0.`octet` with `extra` spec lines over every
+/// pod, each endpoint with its node and zone; kubia-3 ready or not; with
+/// `for_zones`, each endpoint's zone hint.
+fn topology_service(name: &str, octet: u8, extra: &str, kubia3_ready: bool, for_zones: Option<[&str; 3]>) -> String {
+    let mut endpoints = String::new();
+    for (i, &node) in POD_NODES.iter().enumerate() {
+        let ready = i != 2 || kubia3_ready;
+        let hints = for_zones.map(|z| format!(", hints: {{forZones: [{{name: {}}}]}}", z[i])).unwrap_or_default();
+        endpoints.push_str(&format!(
+            "- {{addresses: [\"{}\"], conditions: {{ready: {ready}}}, nodeName: {}, zone: {}{hints}}}\n",
+            pod_ip(i),
+            NODE_NAMES[node],
+            ZONES[node]
+        ));
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: 10.96.0.{octet}\n{extra}  \
+         ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         endpoints:\n{endpoints}---\n"
+    )
+}
+
+/// Topology-aware routing across two nodes in two zones (kubia-1 and
+/// kubia-2 on node-1 in zone-a, kubia-3 on node-2 in zone-b):
+/// trafficDistribution PreferSameZone and PreferSameNode keep each pod's
+/// connections on its own node's endpoints; EndpointSlice hints are
+/// followed as given; when node-2's only endpoint stops being ready, its
+/// pods fall back to every endpoint, as kube-proxy does.
+#[test]
+fn topology_keeps_traffic_close_and_falls_back_when_the_close_endpoints_go() {
+    let services = |kubia3_ready: bool| {
+        zoned_nodes()
+            + &topology_service("kubia-zone", 16, "  trafficDistribution: PreferSameZone\n", kubia3_ready, None)
+            + &topology_service("kubia-node", 17, "  trafficDistribution: PreferSameNode\n", kubia3_ready, None)
+            + &topology_service("kubia-hinted", 18, "", true, Some(["zone-b", "zone-a", "zone-a"]))
+    };
+    let cluster = TwoNodes::start(&services(true)).expect("two nodes");
+    let vip = |octet: u8| SocketAddrV4::new([10, 96, 0, octet].into(), 80);
+    let names = |seen: BTreeMap<String, usize>| seen.into_keys().collect::<Vec<_>>();
+    for (octet, rule) in [(16, "PreferSameZone"), (17, "PreferSameNode")] {
+        assert_eq!(names(hits(&cluster.pod(0).ns, vip(octet), 30)), ["kubia-1", "kubia-2"], "{rule}: a pod on node-1 stays on node-1");
+        assert_eq!(names(hits(&cluster.pod(2).ns, vip(octet), 10)), ["kubia-3"], "{rule}: a pod on node-2 stays on node-2");
+    }
+    assert_eq!(names(hits(&cluster.pod(2).ns, vip(18), 10)), ["kubia-1"], "hints: zone-b is served by kubia-1 alone");
+    assert_eq!(names(hits(&cluster.pod(0).ns, vip(18), 30)), ["kubia-2", "kubia-3"], "hints: zone-a by kubia-2 and kubia-3");
+
+    cluster.write_manifests(&services(false)).expect("kubia-3 not ready");
+    let deadline = std::time::Instant::now() + lb_tests::netns::scaled(Duration::from_secs(20));
+    while hits(&cluster.pod(2).ns, vip(16), 1).contains_key("kubia-3") && std::time::Instant::now() < deadline {}
+    for (octet, rule) in [(16, "PreferSameZone"), (17, "PreferSameNode")] {
+        assert_eq!(names(hits(&cluster.pod(2).ns, vip(octet), 30)), ["kubia-1", "kubia-2"], "{rule}: node-2 falls back to every endpoint");
+        assert_eq!(names(hits(&cluster.pod(0).ns, vip(octet), 20)), ["kubia-1", "kubia-2"], "{rule}: node-1 keeps its own");
+    }
+}

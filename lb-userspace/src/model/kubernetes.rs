@@ -26,6 +26,9 @@
 //!   balancer.
 //! - An endpoint is its first address; unset `ready` and `serving` mean
 //!   true, unset `terminating` false.
+//! - Which endpoints each side uses (traffic policy, topology hints,
+//!   trafficDistribution, draining) is decided in one place,
+//!   `endpoints::pick`.
 //! - Node ports (on every node address), load balancer ingress IPs and
 //!   external IPs form the external side of a service port, with
 //!   externalTrafficPolicy: Local uses this node's endpoints and keeps the
@@ -38,7 +41,7 @@
 //! a slice only the invalid endpoint or port is. SCTP ports get one line
 //! saying they are not served. Everything else is still programmed.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
@@ -49,7 +52,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
+use super::{
+    DesiredState, Frontend, Protocol, ServicePort, ServicePortName,
+    endpoints::{Distribution, Here, Policy, ValidSlice, pick, valid_slice},
+};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -95,23 +101,6 @@ pub struct ClusterObjects {
 pub struct Computed {
     pub state: DesiredState,
     pub skipped: Vec<String>,
-}
-
-/// What a valid slice says about one endpoint address.
-#[derive(Clone, Copy, Debug)]
-struct SliceEndpoint {
-    ip: Ipv4Addr,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    local: bool,
-}
-
-/// A slice that passed validation.
-struct ValidSlice {
-    /// (name, protocol, port) of each slice port.
-    ports: Vec<(String, Protocol, u16)>,
-    endpoints: Vec<SliceEndpoint>,
 }
 
 /// The desired state for `objects` on the node named `node` (with no
@@ -181,6 +170,8 @@ pub struct Model {
     updates: u64,
     /// This node's addresses, where node ports answer.
     node_ips: Vec<Ipv4Addr>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology.
+    zone: Option<String>,
 }
 
 impl Model {
@@ -198,6 +189,21 @@ impl Model {
     /// `update` (its node ports move).
     pub fn set_node_ips(&mut self, node_ips: Vec<Ipv4Addr>) {
         self.node_ips = node_ips;
+        self.recompute_all();
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    /// A new zone for this node: every service is computed again by the
+    /// next `update` (topology picks other endpoints).
+    pub fn set_zone(&mut self, zone: Option<String>) {
+        self.zone = zone;
+        self.recompute_all();
+    }
+
+    fn recompute_all(&mut self) {
         for cached in self.services.values_mut() {
             cached.seen = 0;
         }
@@ -269,7 +275,8 @@ impl Model {
             }
             let key = ObjectKey::of(&service.metadata);
             let slices = self.slices_of.get(&key).map(Vec::as_slice).unwrap_or_default();
-            recomputed.push((service, key, compute_service(service, slices, node, &self.node_ips)));
+            let here = Here { node, zone: self.zone.as_deref() };
+            recomputed.push((service, key, compute_service(service, slices, here, &self.node_ips)));
         }
         let current: std::collections::HashSet<*const Service> = objects.services.iter().map(Arc::as_ptr).collect();
         let vanished_services = self.services.keys().filter(|ptr| !current.contains(ptr)).count();
@@ -310,7 +317,7 @@ impl Model {
 fn compute_service(
     service: &Service,
     slices: &[Arc<EndpointSlice>],
-    node: &str,
+    here: Here<'_>,
     node_ips: &[Ipv4Addr],
 ) -> (Vec<(ServicePortName, ServicePort)>, Vec<String>) {
     let key = ObjectKey::of(&service.metadata);
@@ -319,13 +326,13 @@ fn compute_service(
     for slice in slices {
         let slice_key = ObjectKey::of(&slice.metadata);
         let mut problems = Vec::new();
-        if let Some(v) = valid_slice(slice, node, &mut problems) {
+        if let Some(v) = valid_slice(slice, &mut problems) {
             valid.push(v);
         }
         skipped.extend(problems.into_iter().map(|problem| format!("EndpointSlice {slice_key}: {problem}")));
     }
     let mut notes = Vec::new();
-    match service_ports(&key, service, &valid, node_ips, &mut notes) {
+    match service_ports(&key, service, &valid, (here, node_ips), &mut notes) {
         Ok(ports) => {
             skipped.extend(notes.into_iter().map(|note| format!("Service {key}: {note}")));
             (ports, skipped)
@@ -344,7 +351,7 @@ fn service_ports(
     key: &ObjectKey,
     service: &Service,
     slices: &[ValidSlice],
-    node_ips: &[Ipv4Addr],
+    (here, node_ips): (Here<'_>, &[Ipv4Addr]),
     notes: &mut Vec<String>,
 ) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
     let labels = service.metadata.labels.as_ref();
@@ -361,6 +368,8 @@ fn service_ports(
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let policy = |local: bool| if local { Policy::Local } else { Policy::Cluster };
+    let distribution = Distribution::of(spec.traffic_distribution.as_deref());
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let affinity_seconds = match spec.session_affinity.as_deref() {
         Some("ClientIP") => {
@@ -417,15 +426,15 @@ fn service_ports(
             continue;
         };
         let internal_name = ServicePortName::new(&key.namespace, &key.name, &name);
-        let (endpoints, draining) = serving_endpoints(slices, &name, protocol, local_only);
+        let picked = pick(slices, &name, protocol, policy(local_only), distribution, here);
         // A Local policy without a local endpoint drops when endpoints
         // exist on other nodes, and rejects when there are none anywhere
         // (kube-proxy's "no local endpoints" versus "no endpoints").
-        let has_endpoints_anywhere = !serving_endpoints(slices, &name, protocol, false).0.is_empty();
+        let has_endpoints_anywhere = picked.anywhere;
         let internal = ServicePort {
             frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
-            endpoints,
-            draining,
+            endpoints: picked.serving,
+            draining: picked.draining,
             drop_when_empty: local_only && has_endpoints_anywhere,
             snat: false,
             affinity_seconds,
@@ -448,11 +457,11 @@ fn service_ports(
             // dropped when there are none here but some elsewhere. Cluster:
             // every endpoint, the source translated to the node so replies
             // come back through it.
-            let (endpoints, draining) = serving_endpoints(slices, &name, protocol, external_local);
+            let picked = pick(slices, &name, protocol, policy(external_local), distribution, here);
             let external = ServicePort {
                 frontends,
-                endpoints,
-                draining,
+                endpoints: picked.serving,
+                draining: picked.draining,
                 drop_when_empty: external_local && has_endpoints_anywhere,
                 snat: !external_local,
                 affinity_seconds,
@@ -522,99 +531,7 @@ fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Opt
     Ok(ipv4)
 }
 
-/// The endpoints serving one service port: ready ones, or when there are
-/// none, serving and terminating ones (KEP-1669); only local ones when
-/// `local_only`. Second, the endpoints that drain (keep the flows they
-/// have, take no new ones): for TCP every other listed endpoint, in any
-/// condition, since kube-proxy never touches an established TCP connection's
-/// conntrack entry and moving one can only reset it (a pod that turns
-/// unready under load finishes its work); for UDP only the other serving
-/// ones, since kube-proxy clears the UDP flows of an endpoint that stops
-/// serving so that its clients move.
-fn serving_endpoints(
-    slices: &[ValidSlice],
-    port_name: &str,
-    protocol: Protocol,
-    local_only: bool,
-) -> (BTreeSet<Endpoint>, BTreeSet<Endpoint>) {
-    // Merged by address and port: an endpoint listed twice counts once, and
-    // is ready if any listing says so.
-    let mut candidates: BTreeMap<Endpoint, SliceEndpoint> = BTreeMap::new();
-    for slice in slices {
-        let Some(&(_, _, port)) = slice.ports.iter().find(|(n, p, _)| n == port_name && *p == protocol) else {
-            continue;
-        };
-        for ep in slice.endpoints.iter().filter(|ep| !local_only || ep.local) {
-            candidates
-                .entry(Endpoint { ip: ep.ip, port })
-                .and_modify(|seen| {
-                    seen.ready |= ep.ready;
-                    seen.serving |= ep.serving;
-                    seen.terminating &= ep.terminating;
-                })
-                .or_insert(*ep);
-        }
-    }
-    let pick = |keep: fn(&SliceEndpoint) -> bool| -> BTreeSet<Endpoint> {
-        candidates.iter().filter(|(_, c)| keep(c)).map(|(e, _)| *e).collect()
-    };
-    let mut serving = pick(|c| c.ready);
-    if serving.is_empty() {
-        serving = pick(|c| c.serving && c.terminating);
-    }
-    let drains: fn(&SliceEndpoint) -> bool = match protocol {
-        Protocol::Tcp => |_| true,
-        Protocol::Udp => |c| c.serving,
-    };
-    let draining = pick(drains).difference(&serving).copied().collect();
-    (serving, draining)
-}
-
-/// A slice's valid content; `None` for slices this datapath does not use
-/// (IPv6 or FQDN addresses). An invalid port or endpoint is left out
-/// alone, with a line in `problems`, as kube-proxy does.
-fn valid_slice(slice: &EndpointSlice, node: &str, problems: &mut Vec<String>) -> Option<ValidSlice> {
-    if slice.address_type != "IPv4" {
-        return None;
-    }
-    let mut ports = Vec::new();
-    for port in slice.ports.iter().flatten() {
-        let name = port.name.clone().unwrap_or_default();
-        let valid = port
-            .port
-            .ok_or_else(|| "no port number".to_owned())
-            .and_then(|number| valid_port(number, "port"))
-            .and_then(|number| Ok(protocol(port.protocol.as_deref())?.map(|protocol| (protocol, number))));
-        match valid {
-            Ok(Some((protocol, number))) => ports.push((name, protocol, number)),
-            Ok(None) => {} // SCTP: the service says so
-            Err(reason) => problems.push(format!("port {name:?} skipped: {reason}")),
-        }
-    }
-    let mut endpoints = Vec::new();
-    for ep in &slice.endpoints {
-        let conditions = ep.conditions.as_ref();
-        // Unset conditions: ready and serving unless said otherwise, not
-        // terminating (discovery/v1 semantics, as kube-proxy reads them).
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-        let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-        let local = ep.node_name.as_deref() == Some(node);
-        // The first address is the endpoint's (all of them are the same
-        // pod); kube-proxy uses no other.
-        let Some(address) = ep.addresses.first() else {
-            problems.push("an endpoint without addresses skipped".to_owned());
-            continue;
-        };
-        match address.parse::<Ipv4Addr>() {
-            Ok(ip) => endpoints.push(SliceEndpoint { ip, ready, serving, terminating, local }),
-            Err(_) => problems.push(format!("endpoint {address:?} skipped: not an IPv4 address")),
-        }
-    }
-    Some(ValidSlice { ports, endpoints })
-}
-
-fn valid_port(port: i32, field: &str) -> Result<u16, String> {
+pub(super) fn valid_port(port: i32, field: &str) -> Result<u16, String> {
     match u16::try_from(port) {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(format!("{field} {port} is not in 1..=65535")),
@@ -622,7 +539,7 @@ fn valid_port(port: i32, field: &str) -> Result<u16, String> {
 }
 
 /// TCP or UDP; `None` for SCTP (valid, unsupported); an error otherwise.
-fn protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
+pub(super) fn protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Some(Protocol::Tcp)),
         "UDP" => Ok(Some(Protocol::Udp)),
@@ -635,7 +552,10 @@ fn protocol(protocol: Option<&str>) -> Result<Option<Protocol>, String> {
 mod tests {
     use serde_json::json;
 
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::model::Endpoint;
     use crate::model::ServiceHealth;
 
     const NODE: &str = "node-a";

@@ -2,6 +2,7 @@
 //! serve them, per service port. `kubernetes::desired_state` computes it from
 //! Services and EndpointSlices with kube-proxy's rules; the syncer programs
 //! it.
+pub mod endpoints;
 pub mod kubernetes;
 use std::{
     collections::{BTreeMap, BTreeSet},

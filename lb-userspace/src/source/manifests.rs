@@ -2,9 +2,11 @@
 //! `*.yaml`, `*.yml` and `*.json` file in it, each holding one or more
 //! documents (`---`-separated, or a `List` as `kubectl get -o yaml` writes
 //! it) of Service, discovery.k8s.io/v1 EndpointSlice and legacy v1 Endpoints
-//! objects. Other kinds (Pods, Deployments, ...) are ignored. Endpoints are
-//! turned into EndpointSlices as Kubernetes' mirroring controller does. The
-//! directory is watched, and re-read whole on every change.
+//! objects, and Nodes (the one named like this node gives its zone, and
+//! its addresses where no --node-ip is given, as in a cluster). Other kinds
+//! (Pods, Deployments, ...) are ignored. Endpoints are turned into
+//! EndpointSlices as Kubernetes' mirroring controller does. The directory
+//! is watched, and re-read whole on every change.
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt,
@@ -15,7 +17,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{EndpointSubset, Endpoints, Service},
+        core::v1::{EndpointSubset, Endpoints, Node, Service},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -25,7 +27,7 @@ use serde::Deserialize;
 use tracing::{debug, warn};
 use std::time::Instant;
 
-use super::{ChangeSender, Update};
+use super::{ChangeSender, NodeState, Update};
 use crate::{
     error::{Error, Result},
     model::kubernetes::{ClusterObjects, ObjectKey, SERVICE_NAME_LABEL},
@@ -36,6 +38,7 @@ use crate::{
 pub struct Parsed {
     services: Vec<(ObjectKey, Arc<Service>)>,
     slices: Vec<(ObjectKey, Arc<EndpointSlice>)>,
+    nodes: Vec<(String, NodeState)>,
     skipped: Vec<String>,
 }
 
@@ -54,11 +57,18 @@ struct FileStamp {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, (FileStamp, Parsed)>,
+    /// This node's name, whose Node object is looked for.
+    node: Option<String>,
 }
 
 impl ManifestDir {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir, files: BTreeMap::new() }
+        Self { dir, files: BTreeMap::new(), node: None }
+    }
+
+    /// The directory, with the Node object named `node` as this node's.
+    pub fn for_node(dir: PathBuf, node: &str) -> Self {
+        Self { node: Some(node.to_owned()), ..Self::new(dir) }
     }
 
     /// The directory's objects now. Where two files define the same object,
@@ -90,13 +100,16 @@ impl ManifestDir {
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut node = None;
         for (_, parsed) in self.files.values() {
             services.extend(parsed.services.iter().cloned());
             slices.extend(parsed.slices.iter().cloned());
             skipped.extend(parsed.skipped.iter().cloned());
+            let this_node = parsed.nodes.iter().rfind(|(name, _)| Some(name) == self.node.as_ref());
+            node = this_node.map(|(_, state)| state.clone()).or(node);
         }
         let objects = ClusterObjects { services: services.into_values().collect(), slices: slices.into_values().collect() };
-        Ok(Update { objects, skipped, node: None, service_cidrs: None })
+        Ok(Update { objects, skipped, node, service_cidrs: None })
     }
 }
 
@@ -139,7 +152,7 @@ fn add_object(value: serde_yaml_ng::Value, place: &str, parsed: &mut Parsed) {
         .to_owned();
     let label = format!("{place}: {kind} {name}");
     let result = match (api_version.as_str(), kind.as_str()) {
-        (_, "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList") => {
+        (_, "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList" | "NodeList") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for (i, item) in items.iter().enumerate() {
                     add_object(item.clone(), &format!("{place} item {}", i + 1), parsed);
@@ -152,6 +165,9 @@ fn add_object(value: serde_yaml_ng::Value, place: &str, parsed: &mut Parsed) {
         }),
         ("discovery.k8s.io/v1", "EndpointSlice") => serde_yaml_ng::from_value::<EndpointSlice>(value).map(|s| {
             parsed.slices.push((ObjectKey::of(&s.metadata), Arc::new(s)));
+        }),
+        ("v1", "Node") => serde_yaml_ng::from_value::<Node>(value).map(|n| {
+            parsed.nodes.push((n.metadata.name.clone().unwrap_or_default(), NodeState::of(&n)));
         }),
         ("v1", "Endpoints") => serde_yaml_ng::from_value::<Endpoints>(value).map(|e| {
             for slice in mirror(&e) {

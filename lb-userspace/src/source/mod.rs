@@ -48,7 +48,12 @@ pub struct NodeState {
     /// `/healthz` answers 503 so that load balancers drain the node
     /// (kube-proxy's KEP-3836).
     pub draining: bool,
+    /// Its `topology.kubernetes.io/zone` label, for topology-aware routing.
+    pub zone: Option<String>,
 }
+
+/// The node label topology hints name zones by.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -61,7 +66,8 @@ impl NodeState {
             addresses.extend(listed.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok()));
         }
         let tainted = node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default().iter().any(|t| t.key == TO_BE_DELETED_TAINT);
-        Self { addresses, draining: node.metadata.deletion_timestamp.is_some() || tainted }
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
+        Self { addresses, draining: node.metadata.deletion_timestamp.is_some() || tainted, zone }
     }
 }
 
@@ -105,13 +111,13 @@ mod tests {
             ("being deleted: draining", json!({}), json!({"deletionTimestamp": "2026-12-04T00:00:00Z"}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], true),
         ];
         for (rule, spec, extra_meta, expected, draining) in cases {
-            let mut metadata = json!({"name": "node-1"});
+            let mut metadata = json!({"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-1"}});
             if let (Some(meta), Some(extra)) = (metadata.as_object_mut(), extra_meta.as_object()) {
                 meta.extend(extra.clone());
             }
             let node: k8s_openapi::api::core::v1::Node =
                 serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": {"addresses": addresses}})).expect("a Node");
-            let expected = NodeState { addresses: expected.into_iter().map(Ipv4Addr::from).collect(), draining };
+            let expected = NodeState { addresses: expected.into_iter().map(Ipv4Addr::from).collect(), draining, zone: Some("zone-1".to_owned()) };
             assert_eq!(NodeState::of(&node), expected, "{rule}");
         }
     }

@@ -1209,6 +1209,52 @@ fn a_client_outside_the_cluster_cidr_reaches_a_cluster_ip_from_the_node() {
     assert!(peers(&cluster).contains(&std::net::IpAddr::V4(pod_ip(0))), "a pod's connection keeps its address: {:?}", peers(&cluster));
 }
 
+/// A service answering on one port over TCP and UDP (as cluster DNS does):
+/// both protocols are served through the same cluster IP and port, each by
+/// its own target port.
+#[test]
+fn one_port_over_tcp_and_udp_like_cluster_dns() {
+    let dns = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  clusterIP: 10.96.0.70\n  \
+         ports:\n  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\n\
+         ports:\n- {{name: dns-tcp, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
+         endpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}}}\n",
+        lb_tests::cluster::pod_ip(0)
+    );
+    let cluster = Cluster::start_with(1, &[("dns.yaml", &dns)], ClientHook::Tc).expect("cluster");
+    let addr = SocketAddrV4::new([10, 96, 0, 70].into(), 53);
+    let (tcp, udp) = cluster.client.enter(move || (connect_and_ask(addr), udp_ask(addr))).expect("client");
+    assert_eq!(tcp.expect("TCP to port 53"), format!("You've hit {}", pod_name(0)));
+    assert_eq!(udp.expect("UDP to port 53"), format!("You've hit {}", pod_name(0)));
+}
+
+/// Load balancer ingress IPs: one with `ipMode: VIP` is served on the
+/// node, one with `ipMode: Proxy` is left to the load balancer (nothing is
+/// programmed for it, its packets go on untouched).
+#[test]
+fn load_balancer_ip_mode_proxy_is_left_to_the_load_balancer() {
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kubia-lb, namespace: default}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30400}}\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 10.202.0.110, ipMode: VIP}}, {{ip: 10.202.0.111, ipMode: Proxy}}]}}}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: kubia-lb-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: kubia-lb}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         endpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}}}\n",
+        lb_tests::cluster::pod_ip(0)
+    );
+    let cluster = Cluster::start_with(1, &[("lb.yaml", &service)], ClientHook::Tc).expect("cluster");
+    let maps = cluster.maps().expect("maps");
+    let frontend = |ip: [u8; 4]| lb_common::FrontendKey::new(ip.into(), 80, lb_common::IPPROTO_TCP);
+    assert!(maps.backends(frontend([10, 202, 0, 110])).is_some(), "ipMode VIP: programmed");
+    assert!(maps.backends(frontend([10, 202, 0, 111])).is_none(), "ipMode Proxy: not programmed");
+    let vip = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new([10, 202, 0, 110].into(), 80))).expect("client");
+    assert_eq!(vip.expect("through the VIP-mode address"), format!("You've hit {}", pod_name(0)));
+    let proxied = cluster.client.enter(|| connect_and_ask(SocketAddrV4::new([10, 202, 0, 111].into(), 80))).expect("client");
+    assert!(proxied.is_err(), "the Proxy-mode address is not the node's to serve: {proxied:?}");
+}
+
 /// Strict reverse-path filtering on the node (as RHEL-family distributions
 /// ship it) would drop the replies translated at ingress, whose source is
 /// the service address: the agent makes it loose on the interfaces it

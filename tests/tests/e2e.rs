@@ -1420,7 +1420,16 @@ fn sequential_connections_through_a_node_port(snat_port_range: &str, count: usiz
     assert!(failures.is_empty(), "{} of {count} failed; first: {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert_eq!(no_port, 0, "no new flow may lack a source NAT port");
     assert!(stalls.len() <= max_stalls, "{} connections waited for a retransmitted SYN: {stalls:?}", stalls.len());
-    assert_eq!(new_flows, count as u64, "every connection is a new flow, placed afresh");
+    // Every connection is a new flow, placed afresh. A few more are
+    // allowed, as many as stalls: a source NAT port reused while the pod
+    // still holds the old connection's TIME_WAIT can draw an ACK instead of
+    // a SYN-ACK, the client resets, and its retransmitted SYN is placed
+    // afresh (seen 3 times in 50,000 under emulation; the known defect the
+    // stall bound above is about).
+    assert!(
+        (count as u64..=(count + max_stalls) as u64).contains(&new_flows),
+        "{new_flows} new flows for {count} connections: each is placed afresh, at most {max_stalls} twice"
+    );
 }
 
 #[test]

@@ -56,6 +56,7 @@ pub const MAP_DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const MAP_SESSION_AFFINITY: &str = "SESSION_AFFINITY";
 pub const MAP_LB_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 pub const MAP_SOCKET_REVNAT: &str = "SOCKET_REVNAT";
+pub const MAP_SOCKET_BACKENDS: &str = "SOCKET_BACKENDS";
 /// Service id → name, for inspection tools; created and written by the
 /// agent, never read by the datapath.
 pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
@@ -89,6 +90,8 @@ pub const MAX_AFFINITY_ENTRIES: u32 = 131_072;
 /// Fragmented datagrams in flight whose later fragments can be translated.
 pub const MAX_FRAGMENT_ENTRIES: u32 = 8_192;
 pub const MAX_SOCKET_REVNAT_ENTRIES: u32 = 131_072;
+/// Unconnected UDP sockets' backends, per (socket, frontend).
+pub const MAX_SOCKET_BACKEND_ENTRIES: u32 = 131_072;
 /// Address ranges of `loadBalancerSourceRanges`, over all services.
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
@@ -222,6 +225,19 @@ pub struct SocketRevNatKey {
     pub backend_ip: u32,
     /// Network byte order.
     pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// An unconnected UDP socket of the node's and a frontend it sends to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SocketBackendKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// Network byte order.
+    pub frontend_ip: u32,
+    /// Network byte order.
+    pub frontend_port: u16,
     pub _pad: u16,
 }
 
@@ -685,6 +701,7 @@ const _: () = {
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<SocketRevNatKey>() == 16);
+    assert!(size_of::<SocketBackendKey>() == 16);
     assert!(size_of::<SocketRevNatValue>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<BackendSlotKey>() == 8);
@@ -711,6 +728,7 @@ mod user {
     // padding, valid for any bit pattern.
     unsafe impl aya::Pod for FrontendKey {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SocketBackendKey {}
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}

@@ -54,13 +54,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// The node's own TCP connects and connected UDP sockets to a service.
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_destination(&ctx)
+    sock::translate_destination(&ctx, sock::Call::Connect)
 }
 
 /// The node's own unconnected UDP datagrams to a service.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_destination(&ctx)
+    sock::translate_destination(&ctx, sock::Call::SendTo)
 }
 
 /// Datagrams from a backend show the service as their source.

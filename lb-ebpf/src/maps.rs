@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, MAX_SOCKET_REVNAT_ENTRIES, SocketRevNatKey, SocketRevNatValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, MAX_FRAGMENT_ENTRIES, FragmentKey, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
-    ServiceCounters, VipValue, MAX_SOURCE_RANGES, SourceRangeKey,
+    ServiceCounters, VipValue, MAX_SOURCE_RANGES, SourceRangeKey, MAX_SOCKET_BACKEND_ENTRIES, SocketBackendKey,
 };
 
 #[btf_map]
@@ -35,6 +35,13 @@ pub static SOCKET_REVNAT: LruHashMap<SocketRevNatKey, SocketRevNatValue, { MAX_S
 /// connections to frontends with `FRONTEND_SOURCE_RANGES`.
 #[btf_map]
 pub static LB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
+/// The backend each unconnected UDP socket of the node's sends a frontend's
+/// datagrams to, and when it last did: one backend per socket and frontend
+/// (a multi-datagram exchange stays on one backend), for as long as a UDP
+/// flow lives without traffic.
+#[btf_map]
+pub static SOCKET_BACKENDS: LruHashMap<SocketBackendKey, AffinityValue, { MAX_SOCKET_BACKEND_ENTRIES as usize }> = LruHashMap::new();
 
 /// The node's settings, one entry.
 #[btf_map]

@@ -8,9 +8,23 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use lb_common::{FrontendKey, SocketRevNatKey, SocketRevNatValue};
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use lb_common::{AffinityValue, Backend, FrontendKey, FrontendValue, IPPROTO_UDP, SocketBackendKey, SocketRevNatKey, SocketRevNatValue, lifecycle};
 
-use crate::{maps::SOCKET_REVNAT, service, stats};
+use crate::{
+    maps::{SOCKET_BACKENDS, SOCKET_REVNAT},
+    service, stats,
+};
+
+/// Which call a translation is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// connect: a TCP or connected UDP socket picks once.
+    Connect,
+    /// sendmsg on an unconnected UDP socket: every datagram asks, and gets
+    /// the socket's backend for that frontend.
+    SendTo,
+}
 
 /// What a sock_addr program returns: go on, or fail the call (with EPERM,
 /// unless the program set another error).
@@ -28,7 +42,7 @@ static LB_SOCK_SET_RETVAL: Global<u8> = Global::new(0);
 
 /// connect4 and sendmsg4: a service frontend becomes one of its backends.
 #[inline(always)]
-pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
+pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: the kernel hands the program a valid bpf_sock_addr; these are
     // plain field reads. user_port holds the port in network byte order in
@@ -45,9 +59,13 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
     // The node is inside the cluster: an externalTrafficPolicy Local
     // service's external address serves it as its cluster IP does.
     let fe = service::in_cluster_frontend(&fe, proto).unwrap_or(fe);
-    // For sessionAffinity ClientIP the node's processes are one client,
-    // known by the node's address, as their packets would show it.
-    let Some(backend) = service::pick_backend_for(&fe, service::node_address()) else {
+    // SAFETY: a helper taking the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let picked = match call {
+        Call::SendTo => socket_backend(SocketBackendKey { cookie, frontend_ip: ip, frontend_port: port, _pad: 0 }, &fe),
+        Call::Connect => pick(&fe),
+    };
+    let Some(backend) = picked else {
         // No endpoints: fail at once with "connection refused", as a reject
         // does for packets (and kube-proxy's REJECT rule).
         stats::count_service_reject(fe.service_id);
@@ -59,8 +77,6 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
         }
         return REFUSE;
     };
-    // SAFETY: a helper taking the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let reverse_key = SocketRevNatKey { cookie, backend_ip: backend.ip, backend_port: backend.port, _pad: 0 };
     let reverse = SocketRevNatValue { frontend_ip: ip, frontend_port: port, _pad: 0 };
     // Without the reverse entry a UDP reply would not be recognised: refuse
@@ -75,6 +91,39 @@ pub fn translate_destination(ctx: &SockAddrContext) -> i32 {
         (*addr).user_port = u32::from(backend.port);
     }
     ALLOW
+}
+
+/// A backend for a new connection of the node's processes. For
+/// sessionAffinity ClientIP they are one client, known by the node's
+/// address, as their packets would show it.
+#[inline(always)]
+fn pick(fe: &FrontendValue) -> Option<Backend> {
+    service::pick_backend_for(fe, service::node_address())
+}
+
+/// The backend an unconnected UDP socket sends this frontend's datagrams
+/// to: the one it used last, while a UDP flow would live (the conntrack UDP
+/// lifetime since its last datagram) and the backend still belongs to the
+/// service; else a new pick, remembered.
+#[inline(always)]
+fn socket_backend(key: SocketBackendKey, fe: &FrontendValue) -> Option<Backend> {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let lifetime_ns = u64::from(service::ct_lifetime(IPPROTO_UDP, 0)) << lifecycle::TICK_SHIFT;
+    if let Some(entry) = SOCKET_BACKENDS.get_ptr_mut(&key) {
+        // SAFETY: a pointer from a successful lookup, valid for this run.
+        let remembered = unsafe { *entry };
+        let current = service::current_backend_set(fe.service_id);
+        if now.saturating_sub(remembered.last_used_ns) <= lifetime_ns && service::is_member(current, remembered.backend) {
+            // SAFETY: as above; one aligned u64 store.
+            unsafe { (*entry).last_used_ns = now };
+            return Some(remembered.backend);
+        }
+    }
+    let backend = pick(fe)?;
+    // A socket whose choice cannot be stored still gets its backend.
+    let _best_effort = SOCKET_BACKENDS.insert(&key, &AffinityValue { backend, last_used_ns: now }, 0);
+    Some(backend)
 }
 
 /// recvmsg4 and getpeername4: a backend the socket was sent to by

@@ -28,7 +28,7 @@ use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
     features::{Feature, KernelFeatures},
-    maps::{self, DatapathMaps, MapSettings, OBJECT_MAPS, PinnedState},
+    maps::{self, DatapathMaps, MapSettings, PinnedState, object_maps},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -152,7 +152,7 @@ impl Datapath {
         let mut loader = loader(&features);
         let level = log_level.map_or(EBPF_LOG_OFF, |l| l as u8);
         loader.override_global(aya_log::LEVEL, &level, true);
-        for name in OBJECT_MAPS {
+        for name in object_maps() {
             loader.map_pin_path(name, dir.join(name));
             if let Some(max_entries) = settings.max_entries(name) {
                 loader.map_max_entries(name, max_entries);
@@ -565,7 +565,7 @@ pub fn remove_pinned(dir: &Path) -> Result<usize> {
             pins.push(entry.map_err(|source| Error::Read { path: links.clone(), source })?.path());
         }
     }
-    pins.extend(OBJECT_MAPS.into_iter().chain([lb_common::MAP_SERVICE_NAMES]).map(|name| dir.join(name)));
+    pins.extend(object_maps().iter().map(String::as_str).chain([lb_common::MAP_SERVICE_NAMES]).map(|name| dir.join(name)));
     let mut removed = 0;
     for pin in pins.iter().filter(|pin| pin.exists()) {
         let legacy = pin.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(LinkKind::TcIngressLegacy.prefix()));

@@ -15,7 +15,7 @@ use lb_common::{
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, MAP_FRAGMENT_PORTS, MAP_LB_SOURCE_RANGES, MAP_SESSION_AFFINITY, SourceRangeKey, MAP_SNAT_PORT_CURSOR, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
+    MAP_DATAPATH_CONFIG, MAP_LB_SOURCE_RANGES, SourceRangeKey, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
     lifecycle::ConntrackLifetimes,
 };
 
@@ -28,24 +28,19 @@ use crate::{
     sync::{Limits, MapWriter, ProgrammedMaps},
 };
 
-/// The maps declared in the eBPF object.
-pub const OBJECT_MAPS: [&str; 15] = [
-    MAP_SERVICE_FRONTENDS,
-    MAP_SERVICE_VIPS,
-    MAP_BACKEND_SLOTS,
-    MAP_BACKEND_SET_MEMBERS,
-    MAP_SERVICE_BACKEND_SETS,
-    MAP_CONNTRACK_TCP,
-    MAP_CONNTRACK_UDP,
-    MAP_CONNTRACK_TCP_PENDING,
-    MAP_SNAT_PORT_CURSOR,
-    MAP_FRAGMENT_PORTS,
-    MAP_SERVICE_COUNTERS,
-    MAP_VERDICT_COUNTERS,
-    MAP_DATAPATH_CONFIG,
-    MAP_SESSION_AFFINITY,
-    MAP_LB_SOURCE_RANGES,
-];
+/// The maps the eBPF object declares with BTF (`#[btf_map]` in lb-ebpf's
+/// maps.rs), by name: every one is pinned and taken over at a restart, so
+/// none can be left out by hand. aya-log's buffer, a legacy map, is not
+/// among them.
+pub fn object_maps() -> &'static [String] {
+    static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let Ok(object) = aya_obj::Object::parse(crate::EBPF_OBJECT) else { return Vec::new() };
+        let mut names: Vec<String> = object.maps.iter().filter(|(_, m)| matches!(m, aya_obj::Map::Btf(_))).map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    });
+    &NAMES
+}
 
 pub struct DatapathMaps {
     pub frontends: HashMap<MapData, FrontendKey, FrontendValue>,
@@ -403,9 +398,9 @@ impl MapSettings {
 pub fn check_pins(dir: &Path, settings: &MapSettings) -> Result<PinnedState> {
     let object = aya_obj::Object::parse(crate::EBPF_OBJECT).map_err(|e| Error::Load(e.into()))?;
     let mut state = PinnedState::default();
-    let wanted = OBJECT_MAPS
-        .into_iter()
-        .map(|name| object.maps.get(name).map(|m| (name, Layout::of(m))).ok_or(Error::Missing(name)))
+    let wanted = object_maps()
+        .iter()
+        .map(|name| object.maps.get(name).map(|m| (name.as_str(), Layout::of(m))).ok_or(Error::Missing(name.as_str())))
         .chain([Ok((MAP_SERVICE_NAMES, Layout::of(&service_names_definition())))]);
     for entry in wanted {
         let (name, mut layout) = entry?;
@@ -495,5 +490,27 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod object_map_tests {
+    use lb_common::{
+        MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP, MAP_DATAPATH_CONFIG,
+        MAP_FRAGMENT_PORTS, MAP_LB_SOURCE_RANGES, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
+        MAP_SESSION_AFFINITY, MAP_SNAT_PORT_CURSOR, MAP_SOCKET_BACKENDS, MAP_SOCKET_REVNAT, MAP_VERDICT_COUNTERS,
+    };
+
+    /// Every map of the object is pinned (so a restart keeps it), and each
+    /// has its name in lb-common; aya-log's buffer is not pinned.
+    #[test]
+    fn every_map_the_object_declares_is_pinned_under_its_lb_common_name() {
+        let mut named = vec![
+            MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP, MAP_DATAPATH_CONFIG,
+            MAP_FRAGMENT_PORTS, MAP_LB_SOURCE_RANGES, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
+            MAP_SESSION_AFFINITY, MAP_SNAT_PORT_CURSOR, MAP_SOCKET_BACKENDS, MAP_SOCKET_REVNAT, MAP_VERDICT_COUNTERS,
+        ];
+        named.sort_unstable();
+        assert_eq!(super::object_maps(), named);
     }
 }

@@ -171,6 +171,50 @@ impl Cgroup {
     }
 }
 
+/// `lb-test-udp-client` running in a cgroup and namespace: one unconnected
+/// UDP socket of a process the socket programs see.
+pub struct UdpClientProcess {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl UdpClientProcess {
+    pub fn start(cgroup: &Cgroup, ns: &Netns) -> Result<Self> {
+        let procs = cgroup.dir.join("cgroup.procs");
+        let binary = userspace_binary("lb-test-udp-client")?;
+        let script = format!("echo $$ > {} && exec {}", procs.display(), binary.display());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bash", "-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting lb-test-udp-client")?;
+        let stdin = child.stdin.take().context("its stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("its stdout")?);
+        Ok(Self { child, stdin, stdout })
+    }
+
+    /// One datagram to `to` from the process's socket: where the answer
+    /// came from, and the answer.
+    pub fn ask(&mut self, to: SocketAddrV4) -> Result<(SocketAddr, String)> {
+        writeln!(self.stdin, "send {to}")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let line = line.trim_end();
+        let (from, answer) = line.split_once(' ').with_context(|| format!("no answer: {line:?}"))?;
+        let from = from.parse::<SocketAddr>().with_context(|| format!("no answer: {line:?}"))?;
+        Ok((from, answer.to_owned()))
+    }
+}
+
+impl Drop for UdpClientProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         if self.dir.exists()
@@ -448,8 +492,8 @@ pub fn ping(to: Ipv4Addr) -> std::io::Result<Ipv4Addr> {
     }
 }
 
-/// A binary of lb-userspace (`lb-agent`, `lbctl`) built next to the
-/// running test or tool.
+/// A binary of the workspace (`lb-agent`, `lbctl`, this crate's
+/// `lb-test-udp-client`) built next to the running test or tool.
 pub fn userspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(2) {

@@ -1255,6 +1255,40 @@ fn load_balancer_ip_mode_proxy_is_left_to_the_load_balancer() {
     assert!(proxied.is_err(), "the Proxy-mode address is not the node's to serve: {proxied:?}");
 }
 
+/// A node process's unconnected UDP socket sending many datagrams to a
+/// service: every one reaches the same backend (one choice per socket, as
+/// Cilium keys it by socket cookie), each answer from the service address.
+#[test]
+fn a_node_udp_socket_sends_every_datagram_to_one_backend() {
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let dns = SocketAddrV4::new(KUBIA_VIP, 53);
+    let mut pods_seen = BTreeSet::new();
+    for socket in 0..4 {
+        let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup, &cluster.node).expect("a node process");
+        let answers: Vec<_> = (0..15).map(|_| client.ask(dns).expect("an answer")).collect();
+        assert!(answers.iter().all(|(from, _)| *from == std::net::SocketAddr::V4(dns)), "socket {socket}: answers from the service: {answers:?}");
+        let pods: BTreeSet<&String> = answers.iter().map(|(_, answer)| answer).collect();
+        assert_eq!(pods.len(), 1, "socket {socket}: one backend for all its datagrams: {pods:?}");
+        pods_seen.extend(pods.into_iter().cloned());
+    }
+    println!("4 node sockets x 15 datagrams, backends: {pods_seen:?}");
+}
+
+/// An unconnected UDP socket of the node keeps getting translated answers
+/// (from the service address, from its backend) across an agent restart:
+/// the socket maps are pinned and taken over.
+#[test]
+fn a_node_udp_socket_keeps_its_backend_and_translated_answers_across_a_restart() {
+    let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let dns = SocketAddrV4::new(KUBIA_VIP, 53);
+    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup, &cluster.node).expect("a node process");
+    let before = client.ask(dns).expect("an answer before");
+    cluster.restart_agent().expect("restart");
+    let after = client.ask(dns).expect("an answer after the restart");
+    assert_eq!(after, before, "the same backend, and the answer from the service address");
+    assert_eq!(after.0, std::net::SocketAddr::V4(dns));
+}
+
 /// Strict reverse-path filtering on the node (as RHEL-family distributions
 /// ship it) would drop the replies translated at ingress, whose source is
 /// the service address: the agent makes it loose on the interfaces it

@@ -15,6 +15,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod node_addresses;
+pub mod sockets;
 pub mod source;
 pub mod sync;
 

@@ -414,6 +414,19 @@ struct State<'a> {
     reported: &'a mut HashSet<String>,
 }
 
+/// Destroys the node's sockets that the socket programs sent to a backend
+/// which has since left its service, so their applications reconnect at
+/// once (a connected UDP socket would otherwise send into the void).
+fn destroy_sockets_of_departed_backends(datapath: &Datapath, syncer: &Syncer) {
+    let entries: Vec<_> = datapath.maps.socket_revnat.iter().filter_map(Result::ok).collect();
+    let stale = lb_userspace::sockets::stale_cookies(entries, |frontend, backend| syncer.socket_backend_serves(frontend, backend));
+    match lb_userspace::sockets::destroy(&stale) {
+        Ok(0) => {}
+        Ok(destroyed) => info!(destroyed, "destroyed the node's sockets connected to backends that left their service"),
+        Err(e) => warn!("destroying the node's sockets connected to backends that left: {e} (needs CONFIG_INET_DIAG_DESTROY); they reconnect when their applications do"),
+    }
+}
+
 /// Programs what changed in the source's objects; logs each skipped object
 /// once.
 /// What the agent takes from the source besides services: the node's
@@ -468,6 +481,9 @@ fn sync(
         changes.ports.clone()
     };
     let report = state.syncer.apply_changes(&state.model.state, &names, &mut datapath.maps)?;
+    if report.updated + report.removed > 0 {
+        destroy_sockets_of_departed_backends(datapath, state.syncer);
+    }
     let over_capacity = state.syncer.over_capacity().iter().map(|(name, why)| format!("service port {name} not programmed: {why}"));
     let skipped: HashSet<String> = update.skipped.into_iter().chain(changes.skipped).chain(over_capacity).collect();
     for line in skipped.difference(state.reported) {

@@ -15,7 +15,7 @@ use lb_common::{
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
-    MAP_DATAPATH_CONFIG, MAP_LB_SOURCE_RANGES, SourceRangeKey, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
+    MAP_DATAPATH_CONFIG, MAP_LB_SOURCE_RANGES, MAP_SOCKET_REVNAT, SocketRevNatKey, SocketRevNatValue, SourceRangeKey, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
     lifecycle::ConntrackLifetimes,
 };
 
@@ -53,6 +53,8 @@ pub struct DatapathMaps {
     pub verdict_counters: PerCpuArray<MapData, u64>,
     pub datapath_config: Array<MapData, DatapathConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    /// The node's sockets sent to a backend: (cookie, backend) → frontend.
+    pub socket_revnat: HashMap<MapData, SocketRevNatKey, SocketRevNatValue>,
     /// Not in the object: created by the agent, for inspection tools.
     pub service_names: HashMap<MapData, u32, ServiceName>,
 }
@@ -126,6 +128,7 @@ impl DatapathMaps {
             verdict_counters: take(ebpf, MAP_VERDICT_COUNTERS)?,
             datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
             source_ranges: take(ebpf, MAP_LB_SOURCE_RANGES)?,
+            socket_revnat: take(ebpf, MAP_SOCKET_REVNAT)?,
             service_names: service_names(pin_dir)?,
         })
     }

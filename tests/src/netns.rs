@@ -195,17 +195,40 @@ impl UdpClientProcess {
         Ok(Self { child, stdin, stdout })
     }
 
-    /// One datagram to `to` from the process's socket: where the answer
-    /// came from, and the answer.
+    /// One datagram to `to` from the process's unconnected socket: where
+    /// the answer came from, and the answer.
     pub fn ask(&mut self, to: SocketAddrV4) -> Result<(SocketAddr, String)> {
-        writeln!(self.stdin, "send {to}")?;
+        let line = self.command(&format!("send {to}"))?;
+        answer(&line)
+    }
+
+    /// A new socket of the process, connected to `to`.
+    pub fn connect(&mut self, to: SocketAddrV4) -> Result<()> {
+        let line = self.command(&format!("connect {to}"))?;
+        anyhow::ensure!(line == "connected", "connecting to {to}: {line}");
+        Ok(())
+    }
+
+    /// One datagram on the connected socket: where the answer came from,
+    /// and the answer.
+    pub fn ask_connected(&mut self) -> Result<(SocketAddr, String)> {
+        let line = self.command("ask")?;
+        answer(&line)
+    }
+
+    fn command(&mut self, command: &str) -> Result<String> {
+        writeln!(self.stdin, "{command}")?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        let line = line.trim_end();
-        let (from, answer) = line.split_once(' ').with_context(|| format!("no answer: {line:?}"))?;
-        let from = from.parse::<SocketAddr>().with_context(|| format!("no answer: {line:?}"))?;
-        Ok((from, answer.to_owned()))
+        Ok(line.trim_end().to_owned())
     }
+}
+
+/// `FROM ANSWER`, as the client prints a reply.
+fn answer(line: &str) -> Result<(SocketAddr, String)> {
+    let (from, answer) = line.split_once(' ').with_context(|| format!("no answer: {line:?}"))?;
+    let from = from.parse::<SocketAddr>().with_context(|| format!("no answer: {line:?}"))?;
+    Ok((from, answer.to_owned()))
 }
 
 impl Drop for UdpClientProcess {

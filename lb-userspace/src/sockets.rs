@@ -1,0 +1,209 @@
+//! The node's own sockets that the socket programs sent to a backend which
+//! has since left its service. Their cookies are the ones `SOCKET_REVNAT`
+//! remembers; sock_diag finds them (a dump of the node's IPv4 TCP and
+//! connected UDP sockets) and destroys them (SOCK_DESTROY, Linux 4.5 with
+//! CONFIG_INET_DIAG_DESTROY, which distribution kernels enable). Their
+//! applications then see ECONNABORTED and reconnect at once, to a backend
+//! that serves, instead of sending into one that is gone: a connected UDP
+//! socket would otherwise blackhole until it reconnects by itself, the
+//! socket-level load balancers' best-known failure (Cilium #12859).
+//! Sockets in pods' own network namespaces are not reached from here.
+use std::{
+    collections::HashSet,
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use lb_common::{SocketRevNatKey, SocketRevNatValue, ip_from_be};
+
+use crate::model::Endpoint;
+
+/// The cookies of sockets whose backend no longer serves their frontend,
+/// as `serves((frontend ip, port), backend)` says.
+pub fn stale_cookies(
+    entries: impl IntoIterator<Item = (SocketRevNatKey, SocketRevNatValue)>,
+    serves: impl Fn((std::net::Ipv4Addr, u16), Endpoint) -> bool,
+) -> HashSet<u64> {
+    entries
+        .into_iter()
+        .filter(|(key, value)| {
+            let frontend = (ip_from_be(value.frontend_ip), u16::from_be(value.frontend_port));
+            let backend = Endpoint { ip: ip_from_be(key.backend_ip), port: u16::from_be(key.backend_port) };
+            !serves(frontend, backend)
+        })
+        .map(|(key, _)| key.cookie)
+        .collect()
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_LISTEN: u32 = 10;
+
+/// `struct inet_diag_sockid`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct DiagRequest {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+/// `struct nlmsghdr` followed by a request.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Message {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    request: DiagRequest,
+}
+
+/// Destroys the node's IPv4 TCP sockets (all but listeners) and connected
+/// UDP sockets whose cookie is in `cookies`; returns how many.
+pub fn destroy(cookies: &HashSet<u64>) -> io::Result<usize> {
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    let mut destroyed = 0;
+    for (protocol, states) in [(libc::IPPROTO_TCP as u8, !(1u32 << TCP_LISTEN)), (libc::IPPROTO_UDP as u8, 1 << TCP_ESTABLISHED)] {
+        let found = dump(protocol, states)?;
+        for id in found.into_iter().filter(|id| cookies.contains(&(u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32))) {
+            // A socket closed meanwhile is not an error.
+            if request(&Message {
+                kind: SOCK_DESTROY,
+                flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+                request: DiagRequest { family: libc::AF_INET as u8, protocol, states: u32::MAX, id, ..DiagRequest::default() },
+                ..Message::default()
+            })
+            .is_ok()
+            {
+                destroyed += 1;
+            }
+        }
+    }
+    Ok(destroyed)
+}
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: a plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by socket(2), owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(fd: &OwnedFd, message: &Message) -> io::Result<()> {
+    let message = Message { len: size_of::<Message>() as u32, ..*message };
+    // SAFETY: the message is a plain repr(C) value of the given size.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), (&raw const message).cast(), size_of::<Message>(), 0) };
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Reads netlink messages until DONE (or an error/ack), handing each
+/// payload of `kind` to `each`.
+fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            if len < 16 || len > rest.len() {
+                return Err(io::Error::other("a truncated netlink message"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes([rest[16], rest[17], rest[18], rest[19]]);
+                    return if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-errno)) };
+                }
+                _ => each(&rest[16..len]),
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+    }
+}
+
+fn request(message: &Message) -> io::Result<()> {
+    let fd = socket()?;
+    send(&fd, message)?;
+    receive(&fd, |_| {})
+}
+
+/// The ids (tuple and cookie) of the node's IPv4 sockets of `protocol` in
+/// `states`.
+fn dump(protocol: u8, states: u32) -> io::Result<Vec<SockId>> {
+    let fd = socket()?;
+    send(&fd, &Message {
+        kind: SOCK_DIAG_BY_FAMILY,
+        flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+        request: DiagRequest { family: libc::AF_INET as u8, protocol, states, ..DiagRequest::default() },
+        ..Message::default()
+    })?;
+    let mut found = Vec::new();
+    // `struct inet_diag_msg`: family, state, timer, retrans, then the id.
+    receive(&fd, |payload| {
+        if payload.len() >= 4 + size_of::<SockId>() {
+            // SAFETY: SockId is plain old data; the bytes are long enough,
+            // read unaligned.
+            found.push(unsafe { std::ptr::read_unaligned(payload[4..].as_ptr().cast::<SockId>()) });
+        }
+    })?;
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sockets_are_those_whose_backend_left_the_frontend() {
+        let entry = |cookie, backend: [u8; 4]| {
+            (
+                SocketRevNatKey { cookie, backend_ip: lb_common::ip_be(backend.into()), backend_port: 8080u16.to_be(), _pad: 0 },
+                SocketRevNatValue { frontend_ip: lb_common::ip_be([10, 96, 0, 10].into()), frontend_port: 53u16.to_be(), _pad: 0 },
+            )
+        };
+        let serving = Endpoint { ip: [10, 244, 1, 2].into(), port: 8080 };
+        let stale = stale_cookies([entry(1, [10, 244, 1, 2]), entry(2, [10, 244, 2, 2])], |frontend, backend| {
+            frontend == ([10, 96, 0, 10].into(), 53) && backend == serving
+        });
+        assert_eq!(stale, HashSet::from([2]), "only the socket whose backend left");
+    }
+
+    #[test]
+    fn diag_messages_have_the_kernels_layout() {
+        assert_eq!(size_of::<SockId>(), 48);
+        assert_eq!(size_of::<DiagRequest>(), 56);
+        assert_eq!(size_of::<Message>(), 72);
+    }
+}

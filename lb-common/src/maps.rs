@@ -200,10 +200,17 @@ impl SourceRangeKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey {
-    /// Network byte order.
-    pub client_ip: u32,
+    /// The client: its address (network byte order) for packets and the
+    /// node's own processes; for a socket of another network namespace (a
+    /// pod in a child cgroup of the socket programs'), that namespace's
+    /// cookie with `AFFINITY_CLIENT_NETNS` set.
+    pub client: u64,
     pub service_id: u32,
+    pub _pad: u32,
 }
+
+/// `AffinityKey::client` of a network namespace's sockets, not an address.
+pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
 
 /// The backend a client's connections stick to, and when it last opened
 /// one (`bpf_ktime_get_ns`, monotonic).
@@ -311,6 +318,10 @@ pub struct DatapathConfig {
     /// How the datapath reads the monotonic clock: from jiffies, which the
     /// verifier inlines into one load.
     pub clock: DatapathClock,
+    /// The node's own network namespace cookie (SO_NETNS_COOKIE, Linux
+    /// 5.14): sockets of other namespaces are clients of their own for
+    /// session affinity. 0 where unknown: every socket is the node's.
+    pub host_netns_cookie: u64,
 }
 
 /// jiffies → monotonic clock ticks (`lifecycle`): `(jiffies -
@@ -699,7 +710,7 @@ const _: () = {
     assert!(size_of::<FrontendKey>() == 8);
     assert!(size_of::<FrontendValue>() == 28);
     assert!(size_of::<SourceRangeKey>() == 8);
-    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityKey>() == 16);
     assert!(size_of::<SocketRevNatKey>() == 16);
     assert!(size_of::<SocketBackendKey>() == 16);
     assert!(size_of::<SocketRevNatValue>() == 8);
@@ -711,7 +722,7 @@ const _: () = {
     assert!(size_of::<ConntrackValue>() == 32);
     assert!(size_of::<VipValue>() == 8);
     assert!(size_of::<FragmentKey>() == 12);
-    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>() + 4 + size_of::<DatapathClock>());
+    assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>() + 4 + size_of::<DatapathClock>() + 8);
     assert!(size_of::<DatapathClock>() == 16);
     assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
     assert!(size_of::<Ipv4Cidr>() == 8);

@@ -112,7 +112,7 @@ fn decide<P: Packet>(pkt: &P) -> (Action, Reason) {
         return (Action::Drop, Reason::DropSourceRange);
     }
     let fe = service::serving_frontend(fe, t);
-    let Some(backend) = service::pick_backend_for(&fe, t.src_ip) else {
+    let Some(backend) = service::pick_backend_for(&fe, u64::from(t.src_ip)) else {
         if fe.flags & FRONTEND_DROP_WHEN_EMPTY != 0 {
             debug!(pkt, "drop {:i}:{} -> {:i}:{}: service {} has no local endpoint",
                 u32::from_be(t.src_ip), u16::from_be(t.src_port), u32::from_be(t.dst_ip), u16::from_be(t.dst_port), fe.service_id);

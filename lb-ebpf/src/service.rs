@@ -70,6 +70,12 @@ fn read_config<T: Default>(read: impl FnOnce(&DatapathConfig) -> T) -> T {
     DATAPATH_CONFIG.get_ptr(0).map_or_else(T::default, |config| read(unsafe { &*config }))
 }
 
+/// The node's own network namespace cookie; 0 when unknown.
+#[inline(always)]
+pub fn host_netns_cookie() -> u64 {
+    read_config(|config| config.host_netns_cookie)
+}
+
 /// The node's address (the source of translated traffic); 0 when none is
 /// configured.
 #[inline(always)]
@@ -160,10 +166,10 @@ pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
     unsafe { BACKEND_SLOTS.get(&key).copied() }
 }
 
-/// The backend for a new connection of `client`: with session affinity as
-/// `pick_backend_with_affinity`, else at random.
+/// The backend for a new connection of `client` (an `AffinityKey::client`):
+/// with session affinity as `pick_backend_with_affinity`, else at random.
 #[inline(always)]
-pub fn pick_backend_for(fe: &FrontendValue, client: u32) -> Option<Backend> {
+pub fn pick_backend_for(fe: &FrontendValue, client: u64) -> Option<Backend> {
     if fe.affinity_seconds != 0 { pick_backend_with_affinity(fe, client) } else { pick_backend(fe) }
 }
 
@@ -172,8 +178,8 @@ pub fn pick_backend_for(fe: &FrontendValue, client: u32) -> Option<Backend> {
 /// affinity's timeout ago and the backend still takes new connections;
 /// else a random one, remembered for the next.
 #[inline(always)]
-fn pick_backend_with_affinity(fe: &FrontendValue, client: u32) -> Option<Backend> {
-    let key = AffinityKey { client_ip: client, service_id: fe.service_id };
+fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend> {
+    let key = AffinityKey { client, service_id: fe.service_id, _pad: 0 };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(fe.affinity_seconds) * 1_000_000_000;

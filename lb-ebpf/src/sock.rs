@@ -5,11 +5,14 @@
 //! application reads the peer (received datagrams, getpeername).
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::generated::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
-use lb_common::{AffinityValue, Backend, FrontendKey, FrontendValue, IPPROTO_UDP, SocketBackendKey, SocketRevNatKey, SocketRevNatValue, lifecycle};
+use lb_common::{
+    AFFINITY_CLIENT_NETNS, AffinityValue, Backend, FrontendKey, FrontendValue, IPPROTO_UDP, SocketBackendKey, SocketRevNatKey,
+    SocketRevNatValue, lifecycle,
+};
 
 use crate::{
     maps::{SOCKET_BACKENDS, SOCKET_REVNAT},
@@ -61,9 +64,10 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     let fe = service::in_cluster_frontend(&fe, proto).unwrap_or(fe);
     // SAFETY: a helper taking the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let client = affinity_client(ctx);
     let picked = match call {
-        Call::SendTo => socket_backend(SocketBackendKey { cookie, frontend_ip: ip, frontend_port: port, _pad: 0 }, &fe),
-        Call::Connect => pick(&fe),
+        Call::SendTo => socket_backend(SocketBackendKey { cookie, frontend_ip: ip, frontend_port: port, _pad: 0 }, &fe, client),
+        Call::Connect => service::pick_backend_for(&fe, client),
     };
     let Some(backend) = picked else {
         // No endpoints: fail at once with "connection refused", as a reject
@@ -93,12 +97,16 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     ALLOW
 }
 
-/// A backend for a new connection of the node's processes. For
-/// sessionAffinity ClientIP they are one client, known by the node's
-/// address, as their packets would show it.
+/// Who the socket is for sessionAffinity ClientIP: the node's processes
+/// are one client, known by the node's address as their packets would show
+/// it; a socket of another network namespace (a pod whose processes sit in
+/// a child cgroup) is a client of its own, known by its namespace's cookie.
 #[inline(always)]
-fn pick(fe: &FrontendValue) -> Option<Backend> {
-    service::pick_backend_for(fe, service::node_address())
+fn affinity_client(ctx: &SockAddrContext) -> u64 {
+    let host = service::host_netns_cookie();
+    // SAFETY: a helper taking the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if host == 0 || netns == host { u64::from(service::node_address()) } else { netns | AFFINITY_CLIENT_NETNS }
 }
 
 /// The backend an unconnected UDP socket sends this frontend's datagrams
@@ -106,7 +114,7 @@ fn pick(fe: &FrontendValue) -> Option<Backend> {
 /// lifetime since its last datagram) and the backend still belongs to the
 /// service; else a new pick, remembered.
 #[inline(always)]
-fn socket_backend(key: SocketBackendKey, fe: &FrontendValue) -> Option<Backend> {
+fn socket_backend(key: SocketBackendKey, fe: &FrontendValue, client: u64) -> Option<Backend> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let lifetime_ns = u64::from(service::ct_lifetime(IPPROTO_UDP, 0)) << lifecycle::TICK_SHIFT;
@@ -120,7 +128,7 @@ fn socket_backend(key: SocketBackendKey, fe: &FrontendValue) -> Option<Backend> 
             return Some(remembered.backend);
         }
     }
-    let backend = pick(fe)?;
+    let backend = service::pick_backend_for(fe, client)?;
     // A socket whose choice cannot be stored still gets its backend.
     let _best_effort = SOCKET_BACKENDS.insert(&key, &AffinityValue { backend, last_used_ns: now }, 0);
     Some(backend)

@@ -191,6 +191,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
         ct_lifetimes: args.conntrack_lifetimes(),
         kernel_fallbacks: datapath.features().fallbacks(),
+        host_netns_cookie: lb_userspace::sockets::netns_cookie().unwrap_or(0),
         ..DatapathConfig::default()
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);

@@ -36,6 +36,20 @@ pub fn stale_cookies(
         .collect()
 }
 
+/// SO_NETNS_COOKIE (asm-generic, Linux 5.14).
+const SO_NETNS_COOKIE: i32 = 71;
+
+/// This process's network namespace cookie, as `bpf_get_netns_cookie`
+/// reports it for its sockets; `None` before Linux 5.14.
+pub fn netns_cookie() -> Option<u64> {
+    let fd = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let done = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    (done == 0 && len as usize == size_of::<u64>()).then_some(cookie)
+}
+
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;

@@ -158,7 +158,40 @@ impl Cgroup {
     /// Runs a bash `script` in namespace `ns` as a process of this cgroup;
     /// returns its standard output, or its error output when it fails.
     pub fn run_in(&self, ns: &Netns, script: &str) -> Result<String> {
-        let procs = self.dir.join("cgroup.procs");
+        run_in_cgroup(&self.dir, ns, script)
+    }
+
+    /// A child cgroup (a pod's, on a real node): what is attached to this
+    /// one applies to its processes too.
+    pub fn child(&self, name: &str) -> Result<ChildCgroup> {
+        let dir = self.dir.join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(ChildCgroup { dir })
+    }
+}
+
+/// A child of a test's cgroup, removed when dropped (after its processes,
+/// which must be gone by then).
+pub struct ChildCgroup {
+    pub dir: PathBuf,
+}
+
+impl ChildCgroup {
+    /// As `Cgroup::run_in`, in this child.
+    pub fn run_in(&self, ns: &Netns, script: &str) -> Result<String> {
+        run_in_cgroup(&self.dir, ns, script)
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn run_in_cgroup(dir: &Path, ns: &Netns, script: &str) -> Result<String> {
+    {
+        let procs = dir.join("cgroup.procs");
         let joined = format!("echo $$ > {} && {script}", procs.display());
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.name, "bash", "-c", &joined])
@@ -180,8 +213,9 @@ pub struct UdpClientProcess {
 }
 
 impl UdpClientProcess {
-    pub fn start(cgroup: &Cgroup, ns: &Netns) -> Result<Self> {
-        let procs = cgroup.dir.join("cgroup.procs");
+    /// Starts the client as a process of the cgroup `cgroup_dir`, in `ns`.
+    pub fn start(cgroup_dir: &Path, ns: &Netns) -> Result<Self> {
+        let procs = cgroup_dir.join("cgroup.procs");
         let binary = userspace_binary("lb-test-udp-client")?;
         let script = format!("echo $$ > {} && exec {}", procs.display(), binary.display());
         let mut child = Command::new("ip")

@@ -1264,7 +1264,7 @@ fn a_node_udp_socket_sends_every_datagram_to_one_backend() {
     let dns = SocketAddrV4::new(KUBIA_VIP, 53);
     let mut pods_seen = BTreeSet::new();
     for socket in 0..4 {
-        let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup, &cluster.node).expect("a node process");
+        let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup.dir, &cluster.node).expect("a node process");
         let answers: Vec<_> = (0..15).map(|_| client.ask(dns).expect("an answer")).collect();
         assert!(answers.iter().all(|(from, _)| *from == std::net::SocketAddr::V4(dns)), "socket {socket}: answers from the service: {answers:?}");
         let pods: BTreeSet<&String> = answers.iter().map(|(_, answer)| answer).collect();
@@ -1281,7 +1281,7 @@ fn a_node_udp_socket_sends_every_datagram_to_one_backend() {
 fn a_node_udp_socket_keeps_its_backend_and_translated_answers_across_a_restart() {
     let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     let dns = SocketAddrV4::new(KUBIA_VIP, 53);
-    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup, &cluster.node).expect("a node process");
+    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup.dir, &cluster.node).expect("a node process");
     let before = client.ask(dns).expect("an answer before");
     cluster.restart_agent().expect("restart");
     let after = client.ask(dns).expect("an answer after the restart");
@@ -1297,7 +1297,7 @@ fn a_node_udp_socket_keeps_its_backend_and_translated_answers_across_a_restart()
 fn a_connected_node_udp_socket_whose_backend_leaves_is_destroyed_and_reconnects_elsewhere() {
     let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     let dns = SocketAddrV4::new(KUBIA_VIP, 53);
-    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup, &cluster.node).expect("a node process");
+    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup.dir, &cluster.node).expect("a node process");
     client.connect(dns).expect("connect");
     let (from, first) = client.ask_connected().expect("a first answer");
     assert_eq!(from, std::net::SocketAddr::V4(dns));
@@ -1314,6 +1314,52 @@ fn a_connected_node_udp_socket_whose_backend_leaves_is_destroyed_and_reconnects_
     println!("connected UDP socket: answer from {answer} {took:?} after its backend {first} left");
     assert_ne!(answer, format!("You've hit {first}"));
     assert!(took < lb_tests::netns::scaled(Duration::from_secs(1)), "the client moved within a second: {took:?}");
+}
+
+/// Pods whose processes sit in child cgroups of --cgroup, as on a real
+/// node where the socket programs attach at the cgroup root: their UDP and
+/// TCP to a cluster IP go through the socket path (translated at the
+/// socket: no new flow at the tc hook of their interfaces, answers from the
+/// service address), and ClientIP affinity is per pod, each staying on its
+/// own backend (keyed by the pod's network namespace; before Linux 5.14,
+/// which cannot name the node's own, all are the node's one client).
+#[test]
+fn pods_in_child_cgroups_use_the_socket_path_with_affinity_per_pod() {
+    use lb_common::{AFFINITY_CLIENT_NETNS, AffinityKey, AffinityValue};
+    let sticky = kubia_manifests(&ready(&[0, 1, 2])).replacen("  selector: {app: kubia}\n", "  sessionAffinity: ClientIP\n  selector: {app: kubia}\n", 1);
+    let cluster = Cluster::start(3, &sticky).expect("cluster");
+    let maps = cluster.maps().expect("maps");
+    let new_flows_before = maps.verdict_count(lb_common::Reason::ForwardNew).expect("counter");
+    let dns = SocketAddrV4::new(KUBIA_VIP, 53);
+    let mut chosen = Vec::new();
+    for pod in 0..3 {
+        let cgroup = cluster.cgroup.child(&format!("pod{pod}")).expect("a pod cgroup");
+        let ns = &cluster.pods[pod].ns;
+        let mut client = lb_tests::netns::UdpClientProcess::start(&cgroup.dir, ns).expect("a pod process");
+        let mut answers = BTreeSet::new();
+        for _ in 0..5 {
+            client.connect(dns).expect("a new connected socket");
+            let (from, answer) = client.ask_connected().expect("an answer");
+            assert_eq!(from, std::net::SocketAddr::V4(dns), "pod {pod}: answered as the service");
+            answers.insert(answer);
+        }
+        let tcp = cgroup.run_in(ns, "exec 3<>/dev/tcp/10.96.0.10/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 grep -m1 -o \"You've hit kubia-[0-9]\" <&3").expect("TCP from the pod");
+        assert!(tcp.contains("You've hit kubia-"), "pod {pod}: TCP through the socket path: {tcp}");
+        assert_eq!(answers.len(), 1, "pod {pod}: five new sockets, one backend (affinity): {answers:?}");
+        chosen.extend(answers);
+        drop(client);
+    }
+    assert_eq!(maps.verdict_count(lb_common::Reason::ForwardNew).expect("counter"), new_flows_before, "translated at the socket, not at tc");
+    let pinned = aya::maps::MapData::from_pin(cluster.bpffs.dir.join(lb_common::MAP_SESSION_AFFINITY)).expect("SESSION_AFFINITY");
+    let affinity = aya::maps::HashMap::<_, AffinityKey, AffinityValue>::try_from(aya::maps::Map::LruHashMap(pinned)).expect("a hash map");
+    let clients: BTreeSet<u64> = affinity.keys().filter_map(Result::ok).map(|k| k.client).collect();
+    println!("three pods' backends: {chosen:?}; affinity clients: {clients:x?}");
+    if lb_userspace::sockets::netns_cookie().is_some() {
+        assert_eq!(clients.len(), 3, "one affinity per pod: {clients:x?}");
+        assert!(clients.iter().all(|c| c & AFFINITY_CLIENT_NETNS != 0), "keyed by the pods' namespaces: {clients:x?}");
+    } else {
+        assert_eq!(clients.len(), 1, "without SO_NETNS_COOKIE every socket is the node's: {clients:x?}");
+    }
 }
 
 /// Strict reverse-path filtering on the node (as RHEL-family distributions

@@ -421,7 +421,7 @@ struct State<'a> {
 fn destroy_sockets_of_departed_backends(datapath: &Datapath, syncer: &Syncer) {
     let entries: Vec<_> = datapath.maps.socket_revnat.iter().filter_map(Result::ok).collect();
     let stale = lb_userspace::sockets::stale_cookies(entries, |frontend, backend| syncer.socket_backend_serves(frontend, backend));
-    match lb_userspace::sockets::destroy(&stale) {
+    match lb_userspace::sockets::destroy_everywhere(&stale) {
         Ok(0) => {}
         Ok(destroyed) => info!(destroyed, "destroyed the node's sockets connected to backends that left their service"),
         Err(e) => warn!("destroying the node's sockets connected to backends that left: {e} (needs CONFIG_INET_DIAG_DESTROY); they reconnect when their applications do"),

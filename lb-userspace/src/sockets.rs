@@ -7,7 +7,9 @@
 //! that serves, instead of sending into one that is gone: a connected UDP
 //! socket would otherwise blackhole until it reconnects by itself, the
 //! socket-level load balancers' best-known failure (Cilium #12859).
-//! Sockets in pods' own network namespaces are not reached from here.
+//! Pods' sockets (their processes in child cgroups of the socket programs'
+//! cgroup) live in the pods' network namespaces: each namespace any
+//! process is in is visited, from a thread that joins it (setns).
 use std::{
     collections::HashSet,
     io,
@@ -94,9 +96,43 @@ struct Message {
     request: DiagRequest,
 }
 
-/// Destroys the node's IPv4 TCP sockets (all but listeners) and connected
-/// UDP sockets whose cookie is in `cookies`; returns how many.
-pub fn destroy(cookies: &HashSet<u64>) -> io::Result<usize> {
+/// Destroys the IPv4 TCP sockets (all but listeners) and connected UDP
+/// sockets whose cookie is in `cookies`, in every network namespace a
+/// process is in (socket cookies are unique across them); returns how many.
+pub fn destroy_everywhere(cookies: &HashSet<u64>) -> io::Result<usize> {
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    let mut destroyed = destroy(cookies)?;
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let mut seen = HashSet::new();
+    for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let path = entry.path().join("ns/net");
+        let Ok(inode) = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)) else { continue };
+        if Some(inode) == own || !seen.insert(inode) {
+            continue;
+        }
+        // setns changes the calling thread only: a thread of its own.
+        let cookies = cookies.clone();
+        let visit = std::thread::spawn(move || -> io::Result<usize> {
+            let ns = std::fs::File::open(&path)?;
+            // SAFETY: setns on a namespace file we hold open, for this
+            // thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            destroy(&cookies)
+        });
+        // A process gone meanwhile, or a namespace without diag support,
+        // has nothing to destroy.
+        destroyed += visit.join().ok().and_then(Result::ok).unwrap_or(0);
+    }
+    Ok(destroyed)
+}
+
+/// Destroys this thread's namespace's IPv4 TCP sockets (all but listeners)
+/// and connected UDP sockets whose cookie is in `cookies`; returns how many.
+fn destroy(cookies: &HashSet<u64>) -> io::Result<usize> {
     if cookies.is_empty() {
         return Ok(0);
     }

@@ -104,11 +104,12 @@ fn daemonset_runs_on_the_host_network_with_capabilities_not_privilege() {
     let ds: DaemonSet = typed(&path, &value);
     let pod = ds.spec.and_then(|s| s.template.spec).expect("a pod spec");
     assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.host_pid, Some(true), "pods' network namespaces are reached through their processes");
     let container = &pod.containers[0];
     let security = container.security_context.as_ref().expect("a security context");
     assert_ne!(security.privileged, Some(true));
     let added = security.capabilities.as_ref().and_then(|c| c.add.clone()).unwrap_or_default();
-    for cap in ["BPF", "NET_ADMIN"] {
+    for cap in ["BPF", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN"] {
         assert!(added.iter().any(|a| a == cap), "capability {cap} in {added:?}");
     }
     let env = container.env.as_ref().and_then(|e| e.iter().find(|v| v.name == "NODE_NAME")).expect("NODE_NAME");

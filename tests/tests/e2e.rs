@@ -1289,31 +1289,36 @@ fn a_node_udp_socket_keeps_its_backend_and_translated_answers_across_a_restart()
     assert_eq!(after.0, std::net::SocketAddr::V4(dns));
 }
 
-/// A node process's connected UDP socket (a DNS-like client) whose backend
-/// leaves the service: the agent destroys the socket, its next receive
-/// fails at once, and a reconnect reaches a backend that serves, within a
-/// second of the change.
+/// Connected UDP sockets (DNS-like clients) of a node process and of a pod
+/// (its process in a child cgroup of --cgroup) whose backend leaves the
+/// service: the agent destroys both sockets, their next receive fails at
+/// once, and a reconnect reaches a backend that serves within a second of
+/// the change.
 #[test]
-fn a_connected_node_udp_socket_whose_backend_leaves_is_destroyed_and_reconnects_elsewhere() {
+fn connected_udp_sockets_whose_backend_leaves_are_destroyed_and_reconnect_elsewhere() {
     let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     let dns = SocketAddrV4::new(KUBIA_VIP, 53);
-    let mut client = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup.dir, &cluster.node).expect("a node process");
-    client.connect(dns).expect("connect");
-    let (from, first) = client.ask_connected().expect("a first answer");
-    assert_eq!(from, std::net::SocketAddr::V4(dns));
-    let first = first.trim_start_matches("You've hit ").to_owned();
-    let others: Vec<usize> = (0..3).filter(|&i| pod_name(i) != first).collect();
-    let changed = std::time::Instant::now();
-    cluster.set_kubia_pods(&ready(&others)).expect("its backend removed");
-    cluster.agent.wait_for(&["destroyed the node's sockets connected to backends that left"], lb_tests::cluster::agent_timeout()).expect("the socket destroyed");
-    let failed = client.ask_connected();
-    assert!(failed.is_err(), "the socket to the removed backend was destroyed: {failed:?}");
-    client.connect(dns).expect("reconnect");
-    let (_, answer) = client.ask_connected().expect("an answer after reconnecting");
-    let took = changed.elapsed();
-    println!("connected UDP socket: answer from {answer} {took:?} after its backend {first} left");
-    assert_ne!(answer, format!("You've hit {first}"));
-    assert!(took < lb_tests::netns::scaled(Duration::from_secs(1)), "the client moved within a second: {took:?}");
+    let pod_cgroup = cluster.cgroup.child("pod").expect("a pod cgroup");
+    for (who, cgroup, ns) in [("node", &cluster.cgroup.dir, &cluster.node), ("pod", &pod_cgroup.dir, &cluster.pods[0].ns)] {
+        cluster.set_kubia_pods(&ready(&[0, 1, 2])).expect("every backend");
+        let mut client = lb_tests::netns::UdpClientProcess::start(cgroup, ns).expect("a client process");
+        client.connect(dns).expect("connect");
+        let (from, first) = client.ask_connected().expect("a first answer");
+        assert_eq!(from, std::net::SocketAddr::V4(dns), "{who}: answered as the service");
+        let first = first.trim_start_matches("You've hit ").to_owned();
+        let others: Vec<usize> = (0..3).filter(|&i| pod_name(i) != first).collect();
+        let changed = std::time::Instant::now();
+        cluster.set_kubia_pods(&ready(&others)).expect("its backend removed");
+        cluster.agent.wait_for(&["destroyed the node's sockets connected to backends that left"], lb_tests::cluster::agent_timeout()).expect("the socket destroyed");
+        let failed = client.ask_connected();
+        assert!(failed.is_err(), "{who}: the socket to the removed backend was destroyed: {failed:?}");
+        client.connect(dns).expect("reconnect");
+        let (_, answer) = client.ask_connected().expect("an answer after reconnecting");
+        let took = changed.elapsed();
+        println!("{who}'s connected UDP socket: answer from {answer} {took:?} after its backend {first} left");
+        assert_ne!(answer, format!("You've hit {first}"), "{who}");
+        assert!(took < lb_tests::netns::scaled(Duration::from_secs(1)), "{who}: the client moved within a second: {took:?}");
+    }
 }
 
 /// Pods whose processes sit in child cgroups of --cgroup, as on a real

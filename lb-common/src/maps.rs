@@ -354,6 +354,11 @@ pub const DATAPATH_ANSWER_ECHO: u32 = 1;
 /// cluster IP to the node (kube-proxy's `--masquerade-all`). Without it,
 /// only sources outside `cluster_cidrs` are (when ranges are configured).
 pub const DATAPATH_MASQUERADE_ALL: u32 = 2;
+/// `DatapathConfig::flags`: the socket programs translate only the node's
+/// own sockets (`host_netns_cookie`'s namespace); pods' connections are
+/// translated per packet at tc, so they keep the cluster IP as their peer
+/// (what a service mesh's sidecar needs to see).
+pub const DATAPATH_SOCKET_LB_HOST_ONLY: u32 = 4;
 
 /// `DatapathConfig::kernel_fallbacks`: tc programs attached as a cls_bpf
 /// filter on a clsact qdisc, not with tcx links (Linux 6.6).

@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DATAPATH_SOCKET_LB_HOST_ONLY, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
@@ -70,10 +70,11 @@ fn read_config<T: Default>(read: impl FnOnce(&DatapathConfig) -> T) -> T {
     DATAPATH_CONFIG.get_ptr(0).map_or_else(T::default, |config| read(unsafe { &*config }))
 }
 
-/// The node's own network namespace cookie; 0 when unknown.
+/// The node's own network namespace cookie (0 when unknown), and whether
+/// the socket programs serve that namespace only.
 #[inline(always)]
-pub fn host_netns_cookie() -> u64 {
-    read_config(|config| config.host_netns_cookie)
+pub fn socket_scope() -> (u64, bool) {
+    read_config(|config| (config.host_netns_cookie, config.flags & DATAPATH_SOCKET_LB_HOST_ONLY != 0))
 }
 
 /// The node's address (the source of translated traffic); 0 when none is

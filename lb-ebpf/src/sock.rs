@@ -53,6 +53,14 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     let (ip, port, proto) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16, (*addr).protocol as u8) };
     let key = FrontendKey { ip, port, proto, _pad: 0 };
     let Some(fe) = service::frontend_by_key(&key) else { return ALLOW };
+    let (host, host_only) = service::socket_scope();
+    // SAFETY: a helper taking the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let of_the_node = host == 0 || netns == host;
+    if host_only && !of_the_node {
+        // A pod's socket, left to the per-packet translation at tc.
+        return ALLOW;
+    }
     // The node's processes connect from the node's address, which
     // loadBalancerSourceRanges may leave out (EPERM, as kube-proxy's
     // firewall drop fails such a connect).
@@ -64,7 +72,11 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     let fe = service::in_cluster_frontend(&fe, proto).unwrap_or(fe);
     // SAFETY: a helper taking the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let client = affinity_client(ctx);
+    // For sessionAffinity ClientIP the node's processes are one client,
+    // known by the node's address as their packets would show it; a socket
+    // of another network namespace (a pod whose processes sit in a child
+    // cgroup) is a client of its own, known by its namespace's cookie.
+    let client = if of_the_node { u64::from(service::node_address()) } else { netns | AFFINITY_CLIENT_NETNS };
     let picked = match call {
         Call::SendTo => socket_backend(SocketBackendKey { cookie, frontend_ip: ip, frontend_port: port, _pad: 0 }, &fe, client),
         Call::Connect => service::pick_backend_for(&fe, client),
@@ -95,18 +107,6 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
         (*addr).user_port = u32::from(backend.port);
     }
     ALLOW
-}
-
-/// Who the socket is for sessionAffinity ClientIP: the node's processes
-/// are one client, known by the node's address as their packets would show
-/// it; a socket of another network namespace (a pod whose processes sit in
-/// a child cgroup) is a client of its own, known by its namespace's cookie.
-#[inline(always)]
-fn affinity_client(ctx: &SockAddrContext) -> u64 {
-    let host = service::host_netns_cookie();
-    // SAFETY: a helper taking the program's own context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if host == 0 || netns == host { u64::from(service::node_address()) } else { netns | AFFINITY_CLIENT_NETNS }
 }
 
 /// The backend an unconnected UDP socket sends this frontend's datagrams

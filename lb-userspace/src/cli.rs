@@ -135,6 +135,15 @@ pub struct AgentArgs {
     #[arg(long)]
     pub answer_ping: bool,
 
+    /// Which sockets the socket programs translate at connect and send time:
+    /// `all` (default: the node's processes and every pod whose processes
+    /// sit under --cgroup, which then reach backends with no per-packet
+    /// translation) or `node` (the node's own only; pods are translated per
+    /// packet and keep seeing the cluster IP as their peer, as a service
+    /// mesh's sidecar needs; Linux 5.14).
+    #[arg(long, value_enum, default_value_t = SocketLbScope::All)]
+    pub socket_lb_scope: SocketLbScope,
+
     /// Translate the source of every connection to a cluster IP to the
     /// node's address (kube-proxy's --masquerade-all). Without it, only
     /// clients outside --cluster-cidr are (when it is given), as kube-proxy.
@@ -295,6 +304,15 @@ fn parse_conntrack_timeout(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(timeout)
+}
+
+/// `--socket-lb-scope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLbScope {
+    /// The node's processes and every pod under --cgroup.
+    All,
+    /// The node's own processes only.
+    Node,
 }
 
 /// A table size: from 1,024 up to 2^28 entries.

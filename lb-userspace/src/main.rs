@@ -13,7 +13,7 @@ use lb_common::{DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DatapathConfig, I
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
-    cli::{AgentArgs, PortRange, parse_port_range},
+    cli::{AgentArgs, PortRange, SocketLbScope, parse_port_range},
     datapath::Datapath,
     features::KernelFeatures,
     http::{self, Health},
@@ -182,16 +182,25 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     }
     lb_userspace::conntrack::spawn_collector(args.bpffs_dir.clone(), stats.conntrack.clone(), lb_userspace::conntrack::GcInterval::default())
         .context("starting the conntrack garbage collector")?;
+    let host_netns_cookie = lb_userspace::sockets::netns_cookie();
+    if args.socket_lb_scope == SocketLbScope::Node && host_netns_cookie.is_none() {
+        bail!(
+            "--socket-lb-scope node needs Linux 5.14 (SO_NETNS_COOKIE) to tell the node's sockets from pods'; \
+             on this kernel give --cgroup a cgroup that holds only the node's processes (e.g. /sys/fs/cgroup/system.slice) instead"
+        );
+    }
     datapath.maps.set_config(DatapathConfig {
         snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
-        flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 } | if args.masquerade_all { DATAPATH_MASQUERADE_ALL } else { 0 },
+        flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 }
+            | if args.masquerade_all { DATAPATH_MASQUERADE_ALL } else { 0 }
+            | if args.socket_lb_scope == SocketLbScope::Node { lb_common::DATAPATH_SOCKET_LB_HOST_ONLY } else { 0 },
         cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
         service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
         ct_lifetimes: args.conntrack_lifetimes(),
         kernel_fallbacks: datapath.features().fallbacks(),
-        host_netns_cookie: lb_userspace::sockets::netns_cookie().unwrap_or(0),
+        host_netns_cookie: host_netns_cookie.unwrap_or(0),
         ..DatapathConfig::default()
     })?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);

@@ -1367,6 +1367,30 @@ fn pods_in_child_cgroups_use_the_socket_path_with_affinity_per_pod() {
     }
 }
 
+/// `--socket-lb-scope node`: the socket programs leave pods' sockets alone
+/// (a pod's connection is translated per packet at tc, and the pod sees
+/// the cluster IP as its peer), and still translate the node's own.
+#[test]
+fn socket_lb_scope_node_leaves_pods_to_the_packet_path() {
+    let cluster = kubia_with_flags(lb_tests::cluster::Topology::new(3, ClientHook::Tc).expect("namespaces"), &[0, 1, 2], &["--socket-lb-scope", "node"]);
+    let maps = cluster.maps().expect("maps");
+    let new_flows = || maps.verdict_count(lb_common::Reason::ForwardNew).expect("counter");
+    let dns = SocketAddrV4::new(KUBIA_VIP, 53);
+    let pod_cgroup = cluster.cgroup.child("pod").expect("a pod cgroup");
+    let before = new_flows();
+    {
+        let mut pod = lb_tests::netns::UdpClientProcess::start(&pod_cgroup.dir, &cluster.pods[0].ns).expect("a pod process");
+        let (from, _) = pod.ask(dns).expect("the pod's answer");
+        assert_eq!(from, std::net::SocketAddr::V4(dns));
+    }
+    let after_pod = new_flows();
+    assert_eq!(after_pod, before + 1, "the pod's datagram was a new flow at tc");
+    let mut node = lb_tests::netns::UdpClientProcess::start(&cluster.cgroup.dir, &cluster.node).expect("a node process");
+    let (from, _) = node.ask(dns).expect("the node's answer");
+    assert_eq!(from, std::net::SocketAddr::V4(dns));
+    assert_eq!(new_flows(), after_pod, "the node's datagram was translated at the socket");
+}
+
 /// Strict reverse-path filtering on the node (as RHEL-family distributions
 /// ship it) would drop the replies translated at ingress, whose source is
 /// the service address: the agent makes it loose on the interfaces it

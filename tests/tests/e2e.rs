@@ -1372,7 +1372,18 @@ fn pods_in_child_cgroups_use_the_socket_path_with_affinity_per_pod() {
 /// the cluster IP as its peer), and still translate the node's own.
 #[test]
 fn socket_lb_scope_node_leaves_pods_to_the_packet_path() {
-    let cluster = kubia_with_flags(lb_tests::cluster::Topology::new(3, ClientHook::Tc).expect("namespaces"), &[0, 1, 2], &["--socket-lb-scope", "node"]);
+    let net = lb_tests::cluster::Topology::new(3, ClientHook::Tc).expect("namespaces");
+    if lb_userspace::sockets::netns_cookie().is_none() {
+        // Before Linux 5.14 the node's sockets cannot be told from pods':
+        // the agent says so and what to do instead.
+        let manifests = lb_tests::cluster::TempDir::new("manifests").expect("dir");
+        std::fs::write(manifests.0.join(MANIFEST_FILE), kubia_manifests(&ready(&[0]))).expect("manifest");
+        let source = vec!["--manifests".to_owned(), manifests.0.to_string_lossy().into_owned(), "--socket-lb-scope".into(), "node".into()];
+        let refused = Cluster::run_agent(net, source, Some(manifests)).err().expect("the agent refuses the scope");
+        assert!(format!("{refused:#}").contains("needs Linux 5.14"), "{refused:#}");
+        return;
+    }
+    let cluster = kubia_with_flags(net, &[0, 1, 2], &["--socket-lb-scope", "node"]);
     let maps = cluster.maps().expect("maps");
     let new_flows = || maps.verdict_count(lb_common::Reason::ForwardNew).expect("counter");
     let dns = SocketAddrV4::new(KUBIA_VIP, 53);

@@ -194,32 +194,79 @@ pub(crate) fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     run(Command::new(cargo).args(args).current_dir(root))
 }
 
-/// `cargo test --workspace`, echoing its output and closing with one line
-/// that totals every test binary's result.
+/// `cargo test --workspace --no-fail-fast` (a failing test binary does
+/// not keep the others from running), echoing its output and closing with
+/// each test binary's result and the totals.
 fn cargo_test(root: &Path) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(cargo)
-        .args(["test", "--workspace"])
+    // One stream, so that each "Running" line (cargo's stderr) comes
+    // before its binary's results (stdout).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" test --workspace --no-fail-fast 2>&1")
+        .arg(cargo)
         .current_dir(root)
         .stdout(Stdio::piped())
         .spawn()
         .context("starting cargo test")?;
     let stdout = child.stdout.take().context("cargo test's output")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut summary = TestSummary::default();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo test's output")?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            passed += count_before(result, "passed");
-            failed += count_before(result, "failed");
-        }
+        summary.read(&line);
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("tests: {passed} passed, {failed} failed");
+    println!("{}", summary.report());
     if !status.success() {
-        bail!("cargo test failed ({status})");
+        bail!("cargo test failed ({status}): {}", summary.failing().join(", "));
     }
     Ok(())
+}
+
+/// Each test binary's result, as `cargo test` prints them.
+#[derive(Debug, Default)]
+struct TestSummary {
+    /// (binary, its passed and failed counts once it reported).
+    binaries: Vec<(String, Option<(u64, u64)>)>,
+}
+
+impl TestSummary {
+    fn read(&mut self, line: &str) {
+        if let Some(running) = line.trim_start().strip_prefix("Running ") {
+            // "unittests src/lib.rs (target/debug/deps/lb_common-…)" or
+            // "tests/e2e.rs (target/debug/deps/e2e-…)": the path names it.
+            let binary = running.split(" (").next().unwrap_or(running).trim_start_matches("unittests ").to_owned();
+            let package = running.rsplit('/').next().and_then(|file| file.split('-').next()).unwrap_or_default();
+            self.binaries.push((format!("{package} {binary}"), None));
+        } else if let Some(result) = line.strip_prefix("test result: ")
+            && let Some((_, counts)) = self.binaries.last_mut()
+        {
+            *counts = Some((count_before(result, "passed"), count_before(result, "failed")));
+        }
+    }
+
+    /// The binaries that failed a test or did not report.
+    fn failing(&self) -> Vec<String> {
+        self.binaries.iter().filter(|(_, c)| c.is_none_or(|(_, failed)| failed > 0)).map(|(b, _)| b.clone()).collect()
+    }
+
+    fn report(&self) -> String {
+        let mut text = String::from("test binaries:\n");
+        let (mut passed, mut failed) = (0, 0);
+        for (binary, counts) in &self.binaries {
+            match counts {
+                Some((p, f)) => {
+                    passed += p;
+                    failed += f;
+                    text.push_str(&format!("  {binary}: {p} passed, {f} failed\n"));
+                }
+                None => text.push_str(&format!("  {binary}: did not finish\n")),
+            }
+        }
+        text.push_str(&format!("tests: {passed} passed, {failed} failed"));
+        text
+    }
 }
 
 /// The number labelled `label` in a libtest summary such as
@@ -241,4 +288,25 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
         bail!("{:?} failed ({status})", cmd.get_program());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_summary_names_each_binary_and_those_that_did_not_finish() {
+        let output = "     Running unittests src/lib.rs (target/debug/deps/lb_common-0123abcd)\n\
+                      test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.18s\n\
+                      \x20    Running tests/e2e.rs (target/debug/deps/e2e-4567ef01)\n\
+                      test result: FAILED. 40 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 80s\n\
+                      \x20    Running tests/packet.rs (target/debug/deps/packet-89ab2345)\n";
+        let mut summary = TestSummary::default();
+        output.lines().for_each(|line| summary.read(line));
+        assert_eq!(summary.failing(), ["e2e tests/e2e.rs", "packet tests/packet.rs"]);
+        let report = summary.report();
+        assert!(report.contains("lb_common src/lib.rs: 18 passed, 0 failed"), "{report}");
+        assert!(report.contains("packet tests/packet.rs: did not finish"), "{report}");
+        assert!(report.ends_with("tests: 58 passed, 2 failed"), "{report}");
+    }
 }

@@ -1706,3 +1706,95 @@ fn deleting_a_service_with_100000_flows_purges_them() {
     println!("deleting a service with 100,000 tracked flows: frontend gone after {frontend_gone:?}, its 200,000 conntrack entries after {purged:?}");
     assert_eq!(left, 0, "entries of the deleted service left");
 }
+
+/// Endpoint churn under load: kubia-1 stays ready while kubia-2 and
+/// kubia-3 in turn step through ready, terminating, gone, ready, not
+/// ready, one change every 100 ms, and a client keeps opening TCP
+/// connections and UDP exchanges (a new socket each) through the cluster
+/// IP. No request fails, and once an endpoint stops
+/// taking new connections (terminating, not ready or gone) none reaches it
+/// later than a second after the change; the longest such delay is
+/// printed. `LB_CHURN_SECONDS` sets the length (default 10).
+#[test]
+fn endpoint_churn_under_load_fails_no_request() {
+    use std::sync::{Arc, Mutex, atomic::AtomicBool};
+    type Answers = Arc<Mutex<Vec<(std::time::Instant, bool, Result<String, String>)>>>;
+    let seconds: u64 = std::env::var("LB_CHURN_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    let done = Arc::new(AtomicBool::new(false));
+    // (when the request began, whether it was a TCP connection, who
+    // answered, or the error).
+    let answers: Answers = Arc::default();
+    let ask_tcp = || connect_and_ask(kubia());
+    let ask_udp = || udp_ask(SocketAddrV4::new(KUBIA_VIP, 53));
+    let clients: Vec<_> = [(true, ask_tcp as fn() -> std::io::Result<String>), (false, ask_udp)]
+        .into_iter()
+        .map(|(tcp, ask)| {
+            let (done, answers) = (done.clone(), answers.clone());
+            cluster
+                .client
+                .spawn_thread(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        let opened = std::time::Instant::now();
+                        let answer = ask().map(|a| a.trim_start_matches("You've hit ").to_owned()).map_err(|e| e.to_string());
+                        answers.lock().expect("answers").push((opened, tcp, answer));
+                        if !tcp {
+                            // About a thousand exchanges a second: load, not a flood.
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                })
+                .expect("client")
+        })
+        .collect();
+    // Each churned pod's state: None is gone from the slice.
+    let cycle = [Some(PodState::Ready), Some(PodState::Terminating), None, Some(PodState::Ready), Some(PodState::NotReady)];
+    let mut position = [0usize, 0, 0];
+    // (when, pod, whether it takes new connections from then on).
+    let mut changes: Vec<(std::time::Instant, usize, bool)> = Vec::new();
+    let started = std::time::Instant::now();
+    let mut step = 0usize;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let churned = 1 + step % 2;
+        position[churned] = (position[churned] + 1) % cycle.len();
+        let mut pods = vec![(0, PodState::Ready)];
+        pods.extend([1, 2].into_iter().filter_map(|pod| cycle[position[pod]].map(|state| (pod, state))));
+        let at = cluster.write_manifest(MANIFEST_FILE, &kubia_manifests(&pods)).expect("manifest");
+        changes.push((at, churned, cycle[position[churned]] == Some(PodState::Ready)));
+        std::thread::sleep(Duration::from_millis(100));
+        step += 1;
+    }
+    done.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    let answers = answers.lock().expect("answers").clone();
+    let failed: Vec<_> = answers.iter().filter(|(_, _, a)| a.is_err()).collect();
+    // For each new TCP connection a churned pod answered: how long the pod
+    // had been out of service when the connection was opened. (A UDP
+    // exchange from a new socket can reuse a live flow's ports, and a live
+    // flow keeps a serving endpoint, as with kube-proxy's conntrack.)
+    let mut worst = Duration::ZERO;
+    for (opened, _, answer) in answers.iter().filter(|(_, tcp, _)| *tcp) {
+        let Ok(pod) = answer else { continue };
+        let Some(index) = (1..3).find(|&i| pod_name(i) == *pod) else { continue };
+        let before: Vec<_> = changes.iter().filter(|(at, p, _)| *p == index && at <= opened).collect();
+        if before.last().is_some_and(|(_, _, takes)| !takes) {
+            let out_since = before.iter().rev().take_while(|(_, _, takes)| !takes).last().map(|(at, _, _)| *at);
+            if let Some(out_since) = out_since {
+                worst = worst.max(opened.duration_since(out_since));
+            }
+        }
+    }
+    println!(
+        "endpoint churn for {seconds} s ({} changes): {} TCP connections and {} UDP exchanges, {} failed; \
+         the longest an endpoint out of service still got new connections: {worst:?}",
+        changes.len(),
+        answers.iter().filter(|(_, tcp, _)| *tcp).count(),
+        answers.iter().filter(|(_, tcp, _)| !tcp).count(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(answers.len() > 100, "the client kept asking: {}", answers.len());
+    assert!(worst < lb_tests::netns::scaled(Duration::from_secs(1)), "an endpoint out of service got new connections for {worst:?}");
+}

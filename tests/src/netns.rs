@@ -616,6 +616,16 @@ impl Agent {
         self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// The agent's resident memory (VmRSS), in kB.
+    pub fn resident_kb(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).context("reading the agent's status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in the agent's status")
+    }
+
     /// Stops the agent with SIGTERM, as the kubelet does, and checks that it
     /// exits cleanly within `timeout`.
     pub fn stop(&mut self, timeout: Duration) -> Result<()> {

@@ -1798,3 +1798,117 @@ fn endpoint_churn_under_load_fails_no_request() {
     assert!(answers.len() > 100, "the client kept asking: {}", answers.len());
     assert!(worst < lb_tests::netns::scaled(Duration::from_secs(1)), "an endpoint out of service got new connections for {worst:?}");
 }
+
+/// Soak: mixed traffic through a cluster IP and a node port while the agent
+/// is restarted every `LB_SOAK_RESTART_SECONDS` (default 10) and the
+/// manifest changes every second (kubia-3 between ready and terminating,
+/// so no connection has to move), for `LB_SOAK_SECONDS` (default 30;
+/// docs/reliability.md has a 10-minute run with restarts every 30 s).
+/// 0 broken established connections, 0 refused or failed new ones, and the
+/// agent's resident memory printed at the start and the end, the end under
+/// twice the start.
+#[test]
+fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize},
+    };
+    let seconds: u64 = std::env::var("LB_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let restart_every: u64 = std::env::var("LB_SOAK_RESTART_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let node_port = "apiVersion: v1\nkind: Service\nmetadata: {name: kubia-np, namespace: default}\nspec:\n  type: NodePort\n  \
+                     clusterIP: 10.96.0.90\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30500}]\n---\n\
+                     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kubia-np-1, namespace: default, labels: {kubernetes.io/service-name: kubia-np}}\n\
+                     addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"10.244.1.2\"]}, {addresses: [\"10.244.2.2\"]}]\n";
+    let mut cluster = Cluster::start_with(3, &[(MANIFEST_FILE, &kubia_manifests(&ready(&[0, 1, 2]))), ("np.yaml", node_port)], ClientHook::Tc).expect("cluster");
+    let rss_start = cluster.agent.resident_kb().expect("memory");
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicUsize::new(0));
+    // Held connections through the cluster IP, asked in turn all along.
+    let held = {
+        let (stop, requests) = (stop.clone(), requests.clone());
+        cluster
+            .client
+            .spawn_thread(move || {
+                let mut conns: Vec<(TcpStream, String, Option<String>)> = (0..10)
+                    .map(|_| {
+                        let mut conn = TcpStream::connect(kubia()).expect("connect");
+                        conn.set_read_timeout(Some(lb_tests::netns::scaled(Duration::from_secs(3)))).expect("timeout");
+                        let first = ask(&mut conn).expect("first answer");
+                        (conn, first, None)
+                    })
+                    .collect();
+                while !stop.load(Ordering::Relaxed) {
+                    for (conn, first, broken) in conns.iter_mut().filter(|c| c.2.is_none()) {
+                        match ask(conn) {
+                            Ok(answer) if answer == *first => {
+                                requests.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => *broken = Some(format!("was {first}, then {other:?}")),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                conns.into_iter().filter_map(|c| c.2).collect::<Vec<_>>()
+            })
+            .expect("held connections")
+    };
+    // New TCP connections to the cluster IP and the node port, and UDP
+    // exchanges to the cluster IP, in turn.
+    let fresh = {
+        let (stop, requests) = (stop.clone(), requests.clone());
+        cluster
+            .client
+            .spawn_thread(move || {
+                let node_port = SocketAddrV4::new(lb_tests::cluster::NODE_IP, 30500);
+                let mut failures = Vec::new();
+                let mut turn = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = match turn % 3 {
+                        0 => connect_and_ask(kubia()),
+                        1 => connect_and_ask(node_port),
+                        _ => udp_ask(SocketAddrV4::new(KUBIA_VIP, 53)),
+                    };
+                    match outcome {
+                        Ok(answer) if answer.starts_with("You've hit kubia-") => {
+                            requests.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.push(format!("request {turn}: {other:?}")),
+                    }
+                    turn += 1;
+                }
+                failures
+            })
+            .expect("new connections")
+    };
+    let started = std::time::Instant::now();
+    let mut restarts = 0;
+    let mut second = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        second += 1;
+        let mut pods = ready(&[0, 1, 2]);
+        if second % 2 == 1 {
+            pods[2].1 = PodState::Terminating;
+        }
+        cluster.write_manifest(MANIFEST_FILE, &kubia_manifests(&pods)).expect("manifest");
+        if second.is_multiple_of(restart_every) {
+            cluster.restart_agent().expect("restart");
+            restarts += 1;
+        }
+        let next = started + Duration::from_secs(second);
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
+    let rss_end = cluster.agent.resident_kb().expect("memory");
+    stop.store(true, Ordering::Relaxed);
+    let broken = held.join().expect("held connections");
+    let failures = fresh.join().expect("new connections");
+    println!(
+        "soak for {seconds} s: {} requests, {restarts} agent restarts, {second} manifest changes; {} held connections broken, {} new requests failed; agent resident memory {rss_start} kB at the start, {rss_end} kB at the end",
+        requests.load(Ordering::Relaxed),
+        broken.len(),
+        failures.len()
+    );
+    assert!(broken.is_empty(), "held connections broke: {broken:?}");
+    assert!(failures.is_empty(), "{} new requests failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(restarts >= 2, "the agent was restarted during the soak");
+    assert!(rss_end < 2 * rss_start, "agent memory grew from {rss_start} kB to {rss_end} kB");
+}

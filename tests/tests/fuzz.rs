@@ -266,10 +266,10 @@ fn mutate_object(rng: &mut Rng, value: &mut serde_json::Value) {
     }
 }
 
-/// Mutated Services and EndpointSlices, written as manifests beside a good
-/// service: reading and modelling them never panics, what cannot be read is
-/// skipped with a line naming it, and the good service is always programmed
-/// with its endpoint.
+/// Mutated Services, EndpointSlices, legacy Endpoints and Nodes, written as
+/// manifests beside a good service: reading and modelling them never
+/// panics, what cannot be read is skipped with a line naming it, and the
+/// good service is always programmed with its endpoint.
 #[test]
 fn fuzzed_objects_are_skipped_alone() {
     use serde_json::json;
@@ -286,6 +286,12 @@ fn fuzzed_objects_are_skipped_alone() {
         "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": ["10.244.1.9"], "conditions": {"ready": true, "serving": true, "terminating": false},
             "nodeName": "node-1", "zone": "a", "hints": {"forZones": [{"name": "a"}]}}]});
+    let endpoints = json!({"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "legacy", "namespace": "default"},
+        "subsets": [{"addresses": [{"ip": "10.244.1.7", "nodeName": "node-1"}], "notReadyAddresses": [{"ip": "10.244.1.8"}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}]});
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "a"}},
+        "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}});
     let good = "apiVersion: v1\nkind: Service\nmetadata: {name: good, namespace: default}\nspec:\n  clusterIP: 10.96.0.30\n  \
                 ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
                 metadata: {name: good-1, namespace: default, labels: {kubernetes.io/service-name: good}}\naddressType: IPv4\n\
@@ -294,22 +300,22 @@ fn fuzzed_objects_are_skipped_alone() {
     std::fs::write(dir.0.join("good.yaml"), good).expect("good manifest");
     let mut skipped_lines = 0;
     for case in 0..cases {
-        let (mut bad_service, mut bad_slice) = (service.clone(), slice.clone());
-        for _ in 0..=rng.below(3) {
-            let target = if rng.below(2) == 0 { &mut bad_service } else { &mut bad_slice };
-            mutate_object(&mut rng, target);
+        let mut objects = [service.clone(), slice.clone(), endpoints.clone(), node.clone()];
+        for _ in 0..=rng.below(4) {
+            let target = rng.below(objects.len());
+            mutate_object(&mut rng, &mut objects[target]);
         }
-        let text = format!("{}\n---\n{}\n", serde_yaml_ng::to_string(&bad_service).expect("yaml"), serde_yaml_ng::to_string(&bad_slice).expect("yaml"));
+        let text = objects.iter().map(|o| serde_yaml_ng::to_string(o).expect("yaml")).collect::<Vec<_>>().join("\n---\n");
         std::fs::write(dir.0.join("fuzz.yaml"), &text).expect("fuzzed manifest");
-        let update = lb_userspace::source::manifests::ManifestDir::new(dir.0.clone()).load().expect("the directory reads");
+        let update = lb_userspace::source::manifests::ManifestDir::for_node(dir.0.clone(), "node-1").load().expect("the directory reads");
         let computed = lb_userspace::model::kubernetes::desired_state(&update.objects, "node-1");
         let good_port = lb_userspace::model::ServicePortName::new("default", "good", "http");
         let endpoints = computed.state.services.get(&good_port).map(|p| p.endpoints.len());
         assert_eq!(endpoints, Some(1), "case {case} (LB_FUZZ_SEED={seed}): the good service must stay programmed\n{text}");
         for line in update.skipped.iter().chain(&computed.skipped) {
-            assert!(line.contains("fuzz") || line.contains("document"), "case {case}: a skip line names its object: {line}");
+            assert!(["fuzz", "legacy", "node-1", "document"].iter().any(|name| line.contains(name)), "case {case}: a skip line names its object: {line}");
         }
         skipped_lines += update.skipped.len() + computed.skipped.len();
     }
-    println!("{cases} fuzzed Service/EndpointSlice pairs (LB_FUZZ_SEED={seed}): {skipped_lines} skip lines, the good service programmed every time");
+    println!("{cases} fuzzed sets of a Service, an EndpointSlice, an Endpoints and a Node (LB_FUZZ_SEED={seed}): {skipped_lines} skip lines, the good service programmed every time");
 }

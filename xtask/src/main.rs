@@ -51,6 +51,24 @@ enum Cmd {
         #[arg(long, value_name = "VERSION", value_parser = clap::builder::PossibleValuesParser::new(kernel::KERNELS))]
         kernel: Option<String>,
     },
+    /// Set up, then run the adversarial checks in full form
+    /// (docs/reliability.md): packet and object fuzzing, endpoint churn
+    /// under load for a minute, and a ten-minute soak with agent restarts.
+    Fuzz {
+        /// Fuzzed packets (the test suite runs 200,000).
+        #[arg(long, default_value_t = 5_000_000)]
+        packets: u64,
+        /// Fuzzed object sets (the test suite runs 2,000).
+        #[arg(long, default_value_t = 50_000)]
+        objects: u64,
+        /// Seconds of endpoint churn (the test suite runs 10).
+        #[arg(long, default_value_t = 60)]
+        churn_seconds: u64,
+        /// Seconds of soak, with an agent restart every 30 (the test suite
+        /// runs 30, restarting every 10).
+        #[arg(long, default_value_t = 600)]
+        soak_seconds: u64,
+    },
 }
 
 /// Debian packages: the toolchain recipe of ../shared/toolchain.md and the
@@ -103,6 +121,26 @@ fn main() -> Result<()> {
             require_root("the benchmark loads eBPF programs")?;
             setup()?;
             matrix::bench_on_kernel(&root, &version)
+        }
+        Cmd::Fuzz { packets, objects, churn_seconds, soak_seconds } => {
+            require_root("the fuzzers and the soak load eBPF programs and create network namespaces")?;
+            setup()?;
+            cargo(&root, &["build", "-p", "lb-userspace"])?;
+            let mut fuzz = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            fuzz.args(["test", "-p", "lb-tests", "--test", "fuzz", "--", "--nocapture"])
+                .env("LB_FUZZ_CASES", packets.to_string())
+                .env("LB_FUZZ_OBJECTS", objects.to_string())
+                .current_dir(&root);
+            step(&format!("fuzzing: {packets} packets, {objects} object sets"));
+            run(&mut fuzz)?;
+            let mut long = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            long.args(["test", "-p", "lb-tests", "--test", "e2e", "--", "--nocapture", "--test-threads", "1", "endpoint_churn", "soak_with"])
+                .env("LB_CHURN_SECONDS", churn_seconds.to_string())
+                .env("LB_SOAK_SECONDS", soak_seconds.to_string())
+                .env("LB_SOAK_RESTART_SECONDS", "30")
+                .current_dir(&root);
+            step(&format!("endpoint churn for {churn_seconds} s, then a soak of {soak_seconds} s"));
+            run(&mut long)
         }
         Cmd::Bench { kernel: None } => {
             require_root("the benchmarks load eBPF programs")?;

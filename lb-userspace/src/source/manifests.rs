@@ -148,9 +148,14 @@ fn add_object(value: serde_yaml_ng::Value, place: &str, parsed: &mut Parsed) {
         .get("metadata")
         .and_then(|m| m.get("name"))
         .and_then(|n| n.as_str())
-        .unwrap_or("(no name)")
+        .unwrap_or_default()
         .to_owned();
     let label = format!("{place}: {kind} {name}");
+    let is_list = kind.ends_with("List");
+    if !is_list && matches!(kind.as_str(), "Service" | "EndpointSlice" | "Endpoints" | "Node") && name.is_empty() {
+        parsed.skipped.push(format!("{label} skipped: it has no metadata.name"));
+        return;
+    }
     let result = match (api_version.as_str(), kind.as_str()) {
         (_, "List" | "ServiceList" | "EndpointSliceList" | "EndpointsList" | "NodeList") => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {

@@ -1721,6 +1721,9 @@ fn endpoint_churn_under_load_fails_no_request() {
     type Answers = Arc<Mutex<Vec<(std::time::Instant, bool, Result<String, String>)>>>;
     let seconds: u64 = std::env::var("LB_CHURN_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
+    // Thousands of connections a second outrun the client's ephemeral
+    // ports while they sit in TIME_WAIT; reuse them, as busy clients do.
+    cluster.client.sysctl("net.ipv4.tcp_tw_reuse", "1").expect("sysctl");
     let done = Arc::new(AtomicBool::new(false));
     // (when the request began, whether it was a TCP connection, who
     // answered, or the error).

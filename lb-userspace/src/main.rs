@@ -17,7 +17,7 @@ use lb_userspace::{
     datapath::Datapath,
     features::KernelFeatures,
     http::{self, Health},
-    links::{self, LinkEvent},
+    iface_watch::{self, LinkEvent},
     metrics::{self, AgentStats, ServiceLabels},
     model::kubernetes::Model,
     source::{ChangeReceiver, Source, api::{self, ApiSource}, manifests},
@@ -339,7 +339,7 @@ async fn serve(
                     }
                     if let Some(tx) = link_events_tx.take().filter(|_| !args.iface_patterns.is_empty()) {
                         tokio::spawn(async move {
-                            if let Err(e) = links::watch(tx).await {
+                            if let Err(e) = iface_watch::watch(tx).await {
                                 error!("following interfaces: {e}");
                             }
                         });
@@ -383,7 +383,7 @@ fn loosen_reverse_path_filter(iface: &str) {
 fn follow_link(args: &AgentArgs, datapath: &mut Datapath, by_pattern: &mut HashSet<String>, event: LinkEvent) -> anyhow::Result<()> {
     match event {
         LinkEvent::Present(iface) => {
-            let wanted = args.iface_patterns.iter().any(|p| links::matches(p, &iface))
+            let wanted = args.iface_patterns.iter().any(|p| iface_watch::matches(p, &iface))
                 && !args.ifaces.contains(&iface)
                 && !args.xdp_ifaces.contains(&iface);
             if wanted && !by_pattern.contains(&iface) {

@@ -87,8 +87,9 @@ impl Entry {
 
     /// Moves the flow's state and expiry on for a packet just translated by
     /// this entry. Most packets change neither enough to write; a write
-    /// (every few seconds of a busy flow, or a state change) goes to both
-    /// of the flow's entries, restoring the other one if it is gone. A
+    /// (every few seconds of a busy flow, a state change, or any packet of
+    /// a pending connection) goes to both of the flow's entries, restoring
+    /// the other one if it is gone. A
     /// pending connection the backend answered moves to the confirmed
     /// table. Not while a borrow from `value` is in use.
     #[inline(always)]
@@ -97,7 +98,10 @@ impl Entry {
         let ct = unsafe { &mut *self.value };
         let flags = flags_after(ct.flow_flags, ct.direction == CT_REPLY, flow.tcp_flags);
         let expires = now.saturating_add(service::ct_lifetime(flow.tuple.proto, flags));
-        if flags == ct.flow_flags && !needs_refresh(ct.expires, expires) {
+        // A pending connection's packets (a retransmitted SYN) always go on
+        // to the partner check: a reply entry that the garbage collector or
+        // an eviction took is back before the backend's answer comes.
+        if self.table == Table::Confirmed && flags == ct.flow_flags && !needs_refresh(ct.expires, expires) {
             return;
         }
         ct.flow_flags = flags;

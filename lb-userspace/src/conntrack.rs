@@ -1,6 +1,7 @@
 //! The conntrack tables from user space: the datapath's clock, batched
-//! reads and deletions (BPF_MAP_LOOKUP_BATCH / BPF_MAP_DELETE_BATCH, a few
-//! syscalls for a whole table instead of one per entry), garbage
+//! reads and writes (BPF_MAP_LOOKUP_BATCH / BPF_MAP_UPDATE_BATCH, a few
+//! syscalls for a whole table instead of one per entry), deletions that
+//! leave alone an entry the datapath gave a new flow meanwhile, garbage
 //! collection of expired entries off the agent's runtime, and the figures
 //! by state that `/metrics` shows.
 use std::{
@@ -73,7 +74,6 @@ pub fn clock_from_timer_lists(first: &str, second: &str) -> Option<DatapathClock
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries asked for per batch syscall.
 const BATCH: usize = 8192;
@@ -146,29 +146,90 @@ pub fn read_all_raw<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>) -> s
     }
 }
 
-/// Deletes `keys` (those already gone are skipped), `BATCH` at a time;
-/// returns how many were deleted.
-pub fn delete_all<K: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> std::io::Result<usize> {
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_NOEXIST: u64 = 1;
+/// The kernel's ENOTSUPP, which reaches user space as is: this map type
+/// has no lookup-and-delete on this kernel (hash maps have it from 5.14).
+const ENOTSUPP: i32 = 524;
+
+/// `union bpf_attr`'s element member.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One element command on `fd`'s map for `key` (and `value`, read or
+/// written as the command says).
+fn elem_syscall<K, V>(cmd: libc::c_long, fd: BorrowedFd<'_>, key: &K, value: Option<&mut V>, flags: u64) -> std::io::Result<()> {
+    let value = value.map_or(0, |v| v as *mut V as u64);
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: key as *const K as u64, value, flags };
+    // SAFETY: the bpf syscall with an attribute block of the size given;
+    // `key` and `value` are plain data of the map's key and value sizes
+    // that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut attr, size_of::<ElemAttr>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Deletes those of `keys` whose entry is still `stale` when it goes;
+/// returns how many went.
+///
+/// The keys come from a read of the whole table, and the datapath may give
+/// a key to a new flow before its deletion (a source NAT port reused, a
+/// client reopening its tuple): deleting blindly would take the new flow's
+/// entry and leave the flow half translated. So each entry is taken out
+/// with its value (BPF_MAP_LOOKUP_AND_DELETE_ELEM) and put back at once
+/// when it turns out not to be stale, unless the datapath wrote the key
+/// again in between. Without that command (before Linux 5.14) the entry is
+/// read again just before its deletion, which leaves a window of one
+/// syscall.
+pub fn delete_if<V: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[ConntrackKey], stale: impl Fn(&ConntrackKey, &V) -> bool) -> std::io::Result<usize> {
     let mut deleted = 0;
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(BATCH)];
-        let mut attr = BatchAttr::new(fd, chunk.as_ptr(), 0, chunk.len());
-        match batch_syscall(BPF_MAP_DELETE_BATCH, &mut attr) {
-            Ok(()) => {
-                deleted += attr.count as usize;
-                rest = &rest[chunk.len()..];
+    let mut atomic = true;
+    for key in keys {
+        let mut value = V::zeroed();
+        if atomic {
+            match elem_syscall(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, key, Some(&mut value), 0) {
+                Ok(()) if stale(key, &value) => deleted += 1,
+                Ok(()) => match elem_syscall(BPF_MAP_UPDATE_ELEM, fd, key, Some(&mut value), BPF_NOEXIST) {
+                    // Written again by the datapath meanwhile: its entry is newer.
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e),
+                },
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(ENOTSUPP | libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    atomic = false;
+                    deleted += delete_if_still(fd, key, &stale)?;
+                }
+                Err(e) => return Err(e),
             }
-            // The kernel stops at the first key that is gone (collected by
-            // the datapath's own replacement, or evicted): skip it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                deleted += attr.count as usize;
-                rest = &rest[(attr.count as usize + 1).min(rest.len())..];
-            }
-            Err(e) => return Err(e),
+        } else {
+            deleted += delete_if_still(fd, key, &stale)?;
         }
     }
     Ok(deleted)
+}
+
+/// `key`'s entry read again and deleted if still `stale`: 1 if it went.
+fn delete_if_still<V: bytemuck::Pod>(fd: BorrowedFd<'_>, key: &ConntrackKey, stale: &impl Fn(&ConntrackKey, &V) -> bool) -> std::io::Result<usize> {
+    let mut value = V::zeroed();
+    match elem_syscall(BPF_MAP_LOOKUP_ELEM, fd, key, Some(&mut value), 0) {
+        Ok(()) if stale(key, &value) => match elem_syscall::<_, V>(BPF_MAP_DELETE_ELEM, fd, key, None, 0) {
+            Ok(()) => Ok(1),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+            Err(e) => Err(e),
+        },
+        Ok(()) => Ok(0),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes `entries`, `BATCH` at a time; returns how many were written
@@ -231,7 +292,7 @@ pub fn pin_thread_to_cpu(cpu: usize) -> std::io::Result<()> {
 /// many went.
 pub fn purge(fd: BorrowedFd<'_>, stale: impl Fn(&ConntrackKey, &ConntrackValue) -> bool) -> std::io::Result<usize> {
     let keys: Vec<ConntrackKey> = read_all(fd)?.into_iter().filter(|(k, v)| stale(k, v)).map(|(k, _)| k).collect();
-    delete_all(fd, &keys)
+    delete_if(fd, &keys, stale)
 }
 
 /// What one garbage collection pass found and did.
@@ -339,7 +400,8 @@ pub fn collect_tables(tables: &[Table<'_>], now: u32) -> Result<GcPass> {
             }
         }
         pass.tables.push((name, (entries.len() - expired.len()) as u64));
-        pass.deleted += delete_all(fd, &expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
+        let still_expired = |_: &ConntrackKey, value: &ConntrackValue| !is_alive(value.expires, now);
+        pass.deleted += delete_if(fd, &expired, still_expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
         let tcp = proto == IPPROTO_TCP;
         for (state, count) in STATE_NAMES.iter().zip(by_state) {
             // TCP states for the TCP tables, UDP states for the UDP one;

@@ -437,8 +437,6 @@ fn destroy_sockets_of_departed_backends(datapath: &Datapath, syncer: &Syncer) {
     }
 }
 
-/// Programs what changed in the source's objects; logs each skipped object
-/// once.
 /// What the agent takes from the source besides services: the node's
 /// addresses (no --node-ip given) and the service ranges (no
 /// --service-cidr given).
@@ -448,7 +446,8 @@ struct Follow {
     service_cidrs: bool,
 }
 
-/// `node`: this node's name, and what follows the source.
+/// Programs what changed in the source's objects; logs each skipped object
+/// once. `node`: this node's name, and what follows the source.
 fn sync(
     source: &mut Source,
     (node, follow): (&str, Follow),

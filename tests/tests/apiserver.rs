@@ -163,7 +163,9 @@ fn the_node_object_is_followed_for_its_addresses_and_its_drain() {
     while ask(MOVED_IP).is_err() && Instant::now() < deadline {}
     assert_eq!(ask(MOVED_IP).as_deref(), Ok("You've hit kubia-1"), "the node port follows the Node's InternalIP");
     assert_eq!(ask(NODE_IP), Err(std::io::ErrorKind::ConnectionRefused), "and left the old address to the node");
-    assert!(cluster.agent.log().contains("node addresses changed in the Node object"), "{}", cluster.agent.log());
+    // The agent logs before it programs, but its log reaches the test
+    // through a reader thread that may lag behind the datapath.
+    cluster.agent.wait_for(&["node addresses changed in the Node object"], agent_timeout()).expect("the change logged");
 
     let healthz = http_get_until(&cluster.node, "127.0.0.1:10256", "/healthz", "HTTP/1.1 200", agent_timeout());
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");

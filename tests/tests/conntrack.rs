@@ -3,9 +3,11 @@
 //! state lives, what a closed or expired flow's entries still translate and
 //! what they leave alone (a SYN on a closed tuple is a new connection, a
 //! direct connection from the backend's port is not the closed flow's), how
-//! a forward hit restores a missing reply entry, and how closed and expired
-//! flows give their source NAT ports back. Packets are built by etherparse
-//! and checked byte for byte; the entries are read from the maps. Every
+//! a forward hit (or a pending connection's retransmitted SYN) restores a
+//! missing reply entry, how closed and expired flows give their source NAT
+//! ports back, and how a garbage collection leaves alone the flows that
+//! took expired tuples while it ran. Packets are built by etherparse and
+//! checked byte for byte; the entries are read from the maps. Every
 //! test runs through both hooks, XDP and tc, each with a fresh datapath.
 //! Needs root.
 use std::collections::BTreeSet;
@@ -480,6 +482,18 @@ fn a_forward_hit_restores_its_reply_entry() {
             assert_eq!(entry(&fixture, &svc.reply_key(client)), None, "{name}: restoring rides on the refresh");
             expect_untouched(&fixture, hook, &format!("{name}: the backend's answer without a reply entry"), &svc.response(client));
         }
+
+        // A connection not answered yet: its retransmitted SYN puts a
+        // missing reply entry back at once, so the SYN-ACK that follows is
+        // translated.
+        let (client, name) = ("10.0.0.2:40002", format!("{hook:?} pending TCP"));
+        let syn = Frame::tcp_syn(client, WEB.frontend);
+        expect_pass(&fixture, hook, &format!("{name}: a SYN"), &syn, &syn.clone().with_dst(WEB.backend), Reason::ForwardNew);
+        remove(&mut fixture, &WEB.reply_key(client));
+        expect_pass(&fixture, hook, &format!("{name}: the SYN again"), &syn, &syn.clone().with_dst(WEB.backend), Reason::ForwardEstablished);
+        assert_flow(&fixture, &WEB.forward_key(client), &format!("{name}: restored"), "syn_sent", 0, 60);
+        let syn_ack = Frame::tcp_syn_ack(WEB.backend, client);
+        expect_pass(&fixture, hook, &format!("{name}: the SYN-ACK"), &syn_ack, &syn_ack.clone().with_src(WEB.frontend), Reason::ReplyTranslated);
     }
 }
 
@@ -608,6 +622,56 @@ fn closed_flows_free_their_source_nat_ports() {
         expire_translated(&mut fixture, web, &second, &reused);
         fill_ports(&fixture, hook, web, &clients(2));
         expect_no_port(&fixture, hook, web, "10.0.9.9:40000", "a fifth flow after the expired ports were reused");
+    }
+}
+
+/// The garbage collector reads a table, then deletes what it found
+/// expired. A flow that took one of those tuples in between (here new
+/// clients' flows, given the expired flows' source NAT ports, and for TCP
+/// answered, so back in the same table) keeps its entries through the
+/// deletion, and the backend's answers still reach its client; only the
+/// old flows' own entries go.
+#[test]
+fn a_collection_leaves_alone_the_flows_that_took_expired_tuples_meanwhile() {
+    use lb_common::lifecycle::is_alive;
+    use lb_userspace::{conntrack, maps::table_fd};
+    for hook in HOOKS {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let mut fixture = node_port_fixture();
+            let svc = node_port(proto);
+            let old = clients(0);
+            let ports = fill_ports(&fixture, hook, svc, &old);
+            expire_translated(&mut fixture, svc, &old, &ports);
+
+            let now = now_ticks();
+            let read: Vec<(&str, Vec<ConntrackKey>)> = fixture
+                .datapath
+                .maps
+                .conntrack
+                .tables()
+                .iter()
+                .map(|(name, _, table)| {
+                    let entries = conntrack::read_all(table_fd(table)).expect("the collector's read");
+                    (*name, entries.into_iter().filter(|(_, v)| !is_alive(v.expires, now)).map(|(k, _)| k).collect())
+                })
+                .collect();
+            assert_eq!(read.iter().map(|(_, keys)| keys.len()).sum::<usize>(), 8, "{hook:?} {}: both entries of the four flows read expired", svc.name());
+
+            let new = clients(1);
+            let reused = fill_ports(&fixture, hook, svc, &new);
+            let mut deleted = 0;
+            for (name, keys) in &read {
+                let table = fixture.datapath.maps.conntrack.named(name).expect("table");
+                deleted += conntrack::delete_if(table_fd(table), keys, |_, v: &ConntrackValue| !is_alive(v.expires, now)).expect("the collector's deletion");
+            }
+            assert_eq!(deleted, 4, "{hook:?} {}: the old flows' forward entries went, their reply tuples are the new flows'", svc.name());
+            for (client, port) in new.iter().zip(&reused) {
+                let what = format!("{hook:?} {}: the flow from {client} on port {port} after the collection", svc.name());
+                flow_entries(&fixture, &svc.forward_key(client), &what);
+                let answer = svc.response(&format!("192.168.0.1:{port}"));
+                expect_pass(&fixture, hook, &what, &answer, &answer.clone().with_src(svc.frontend).with_dst(client), Reason::ReplyTranslated);
+            }
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub fn remember(flow: &Flow) {
     let key = FragmentKey { src_ip: t.src_ip, dst_ip: t.dst_ip, id: flow.ip_id, proto: t.proto, _pad: 0 };
     // A datagram whose ports cannot be stored loses its later fragments, as
     // without this map.
-    let _best_effort = FRAGMENT_PORTS.insert(&key, &nat::ports_word(t.src_port, t.dst_port), 0);
+    let _best_effort = FRAGMENT_PORTS.insert(key, nat::ports_word(t.src_port, t.dst_port), 0);
 }
 
 /// Translates a later fragment as its first fragment was; `None` when its

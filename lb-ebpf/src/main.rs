@@ -33,8 +33,8 @@ use datapath::Action;
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let pkt = TcPacket::new(&ctx);
     match datapath::process(&pkt) {
-        Action::Pass => TC_ACT_OK as i32,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
         // Back out of the interface the packet came in on.
         // SAFETY: a plain helper call with scalar arguments.
         Action::Bounce => unsafe { bpf_redirect(pkt.ifindex(), 0) as i32 },

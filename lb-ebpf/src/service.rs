@@ -164,7 +164,7 @@ pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
     let key = BackendSlotKey { backend_set: fe.backend_set, slot };
     // SAFETY: copied out at once; sets are immutable once a frontend points
     // at them.
-    unsafe { BACKEND_SLOTS.get(&key).copied() }
+    unsafe { BACKEND_SLOTS.get(key).copied() }
 }
 
 /// The backend for a new connection of `client` (an `AffinityKey::client`):
@@ -184,7 +184,7 @@ fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(fe.affinity_seconds) * 1_000_000_000;
-    if let Some(entry) = SESSION_AFFINITY.get_ptr_mut(&key) {
+    if let Some(entry) = SESSION_AFFINITY.get_ptr_mut(key) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         let remembered = unsafe { *entry };
         if now.saturating_sub(remembered.last_used_ns) <= timeout_ns && takes_new_connections(fe.backend_set, remembered.backend) {
@@ -195,7 +195,7 @@ fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend
     }
     let backend = pick_backend(fe)?;
     // A client whose affinity cannot be stored still gets its backend.
-    let _best_effort = SESSION_AFFINITY.insert(&key, &AffinityValue { backend, last_used_ns: now }, 0);
+    let _best_effort = SESSION_AFFINITY.insert(key, AffinityValue { backend, last_used_ns: now }, 0);
     Some(backend)
 }
 

@@ -97,7 +97,7 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     let reverse = SocketRevNatValue { frontend_ip: ip, frontend_port: port, _pad: 0 };
     // Without the reverse entry a UDP reply would not be recognised: refuse
     // rather than half-translate.
-    if SOCKET_REVNAT.insert(&reverse_key, &reverse, 0).is_err() {
+    if SOCKET_REVNAT.insert(reverse_key, reverse, 0).is_err() {
         return REFUSE;
     }
     stats::count_service_connection(fe.service_id);
@@ -118,7 +118,7 @@ fn socket_backend(key: SocketBackendKey, fe: &FrontendValue, client: u64) -> Opt
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let lifetime_ns = u64::from(service::ct_lifetime(IPPROTO_UDP, 0)) << lifecycle::TICK_SHIFT;
-    if let Some(entry) = SOCKET_BACKENDS.get_ptr_mut(&key) {
+    if let Some(entry) = SOCKET_BACKENDS.get_ptr_mut(key) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         let remembered = unsafe { *entry };
         let current = service::current_backend_set(fe.service_id);
@@ -130,7 +130,7 @@ fn socket_backend(key: SocketBackendKey, fe: &FrontendValue, client: u64) -> Opt
     }
     let backend = service::pick_backend_for(fe, client)?;
     // A socket whose choice cannot be stored still gets its backend.
-    let _best_effort = SOCKET_BACKENDS.insert(&key, &AffinityValue { backend, last_used_ns: now }, 0);
+    let _best_effort = SOCKET_BACKENDS.insert(key, AffinityValue { backend, last_used_ns: now }, 0);
     Some(backend)
 }
 
@@ -144,7 +144,7 @@ pub fn restore_source(ctx: &SockAddrContext) -> i32 {
     // SAFETY: a helper taking the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SocketRevNatKey { cookie, backend_ip: ip, backend_port: port, _pad: 0 };
-    if let Some(frontend) = SOCKET_REVNAT.get_ptr(&key) {
+    if let Some(frontend) = SOCKET_REVNAT.get_ptr(key) {
         // SAFETY: a pointer from a successful lookup; recvmsg4 and
         // getpeername4 may write the address.
         unsafe {

@@ -11,6 +11,8 @@ use lb_common::{
     ServiceCounters, VipValue, MAX_SOURCE_RANGES, SourceRangeKey, MAX_SOCKET_BACKEND_ENTRIES, SocketBackendKey,
 };
 
+/// (address, port, protocol) → the frontend's service and its current
+/// backend set.
 #[btf_map]
 pub static SERVICE_FRONTENDS: HashMap<FrontendKey, FrontendValue, { MAX_FRONTENDS as usize }> =
     HashMap::new();
@@ -47,6 +49,8 @@ pub static SOCKET_BACKENDS: LruHashMap<SocketBackendKey, AffinityValue, { MAX_SO
 #[btf_map]
 pub static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();
 
+/// (backend set, slot) → backend. A set is written whole under a fresh id
+/// before a frontend points at it, so a reader never sees half of one.
 #[btf_map]
 pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend, { MAX_BACKEND_SLOTS as usize }> =
     HashMap::new();

@@ -1,0 +1,188 @@
+//! The node's datapath settings (`DATAPATH_CONFIG`), written by the agent at start.
+use bytemuck::{Pod, Zeroable};
+use core::net::Ipv4Addr;
+
+use crate::lifecycle::ConntrackLifetimes;
+
+/// The node's datapath settings: `DATAPATH_CONFIG`'s one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// The address external traffic (externalTrafficPolicy Cluster) and
+    /// hairpin traffic is translated to, network byte order; 0: no source
+    /// translation configured, such flows are dropped.
+    pub snat_ip: u32,
+    /// Source ports for translated flows, host byte order, inclusive. Above
+    /// Linux's default ephemeral range (32768-60999), so they do not collide
+    /// with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `DATAPATH_*` bits.
+    pub flags: u32,
+    /// The pod address ranges: sources in them are inside the cluster
+    /// (`FrontendValue::in_cluster_ip`).
+    pub cluster_cidrs: Ipv4Cidrs,
+    /// The service address ranges: a new connection to an address in them
+    /// that no service has is dropped (kube-proxy's "Drop traffic to
+    /// unallocated ClusterIPs").
+    pub service_cidrs: Ipv4Cidrs,
+    /// How long conntrack entries live without traffic, by state.
+    pub ct_lifetimes: ConntrackLifetimes,
+    /// `KERNEL_FALLBACK_*` bits: the older mechanisms the agent uses where
+    /// the kernel lacks a feature (or was told to), for inspection tools;
+    /// the datapath does not read it.
+    pub kernel_fallbacks: u32,
+    /// How the datapath reads the monotonic clock: from jiffies, which the
+    /// verifier inlines into one load.
+    pub clock: DatapathClock,
+    /// The node's own network namespace cookie (SO_NETNS_COOKIE, Linux
+    /// 5.14): sockets of other namespaces are clients of their own for
+    /// session affinity. 0 where unknown: every socket is the node's.
+    pub host_netns_cookie: u64,
+}
+const _: () = assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>() + 4 + size_of::<DatapathClock>() + 8);
+
+/// jiffies → monotonic clock ticks (`lifecycle`): `(jiffies -
+/// jiffies_base) * ns_per_jiffy >> TICK_SHIFT`, the kernel's tick
+/// counter turned into CLOCK_MONOTONIC time (to within one tick). Found by
+/// the agent, which knows the kernel's HZ; with `ns_per_jiffy` 0 the
+/// datapath reads the monotonic clock instead (`bpf_ktime_get_ns`, a
+/// helper call).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathClock {
+    /// jiffies when CLOCK_MONOTONIC read 0.
+    pub jiffies_base: u64,
+    /// 1e9 / HZ, rounded as the kernel's TICK_NSEC.
+    pub ns_per_jiffy: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DatapathClock>() == 16);
+
+impl DatapathClock {
+    /// The monotonic clock in ticks at `jiffies`.
+    #[inline(always)]
+    pub const fn ticks(&self, jiffies: u64) -> u32 {
+        ((jiffies.wrapping_sub(self.jiffies_base).wrapping_mul(self.ns_per_jiffy as u64)) >> crate::lifecycle::TICK_SHIFT) as u32
+    }
+}
+
+/// `DatapathConfig::flags`: answer ICMP echo requests to cluster IPs.
+pub const DATAPATH_ANSWER_ECHO: u32 = 1;
+/// `DatapathConfig::flags`: translate the source of every new flow to a
+/// cluster IP to the node (kube-proxy's `--masquerade-all`). Without it,
+/// only sources outside `cluster_cidrs` are (when ranges are configured).
+pub const DATAPATH_MASQUERADE_ALL: u32 = 2;
+/// `DatapathConfig::flags`: the socket programs translate only the node's
+/// own sockets (`host_netns_cookie`'s namespace); pods' connections are
+/// translated per packet at tc, so they keep the cluster IP as their peer
+/// (what a service mesh's sidecar needs to see).
+pub const DATAPATH_SOCKET_LB_HOST_ONLY: u32 = 4;
+
+/// `DatapathConfig::kernel_fallbacks`: tc programs attached as a cls_bpf
+/// filter on a clsact qdisc, not with tcx links (Linux 6.6).
+pub const KERNEL_FALLBACK_TC_NETLINK: u32 = 1;
+/// A refused connect fails with EPERM, not ECONNREFUSED: no
+/// `bpf_set_retval` (Linux 5.18).
+pub const KERNEL_FALLBACK_CONNECT_EPERM: u32 = 1 << 1;
+/// The socket programs could not be loaded: the node's own processes do
+/// not reach services.
+pub const KERNEL_FALLBACK_NO_SOCKET_LB: u32 = 1 << 2;
+
+/// How many address ranges an `Ipv4Cidrs` holds.
+pub const MAX_CIDRS: usize = 4;
+
+/// An IPv4 address range, network byte order: `ip & mask == network`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Ipv4Cidr {
+    pub network: u32,
+    pub mask: u32,
+}
+const _: () = assert!(size_of::<Ipv4Cidr>() == 8);
+
+impl Ipv4Cidr {
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Self {
+        let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
+        Self { network: (u32::from(network) & mask).to_be(), mask: mask.to_be() }
+    }
+
+    #[inline(always)]
+    pub const fn contains(&self, ip_be: u32) -> bool {
+        ip_be & self.mask == self.network
+    }
+}
+
+/// As written: `10.96.0.0/12`.
+impl core::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let network = Ipv4Addr::from(u32::from_be(self.network));
+        write!(f, "{network}/{}", u32::from_be(self.mask).count_ones())
+    }
+}
+
+/// Up to `MAX_CIDRS` address ranges: the first `count` are used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Ipv4Cidrs {
+    pub count: u32,
+    pub ranges: [Ipv4Cidr; MAX_CIDRS],
+}
+const _: () = assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
+
+impl Ipv4Cidrs {
+    /// The ranges, at most `MAX_CIDRS` of them (the caller checks).
+    pub fn new(ranges: impl IntoIterator<Item = Ipv4Cidr>) -> Self {
+        let mut cidrs = Self::default();
+        for (slot, range) in cidrs.ranges.iter_mut().zip(ranges) {
+            *slot = range;
+            cidrs.count += 1;
+        }
+        cidrs
+    }
+
+    /// Whether `ip` (network byte order) is in one of the ranges.
+    #[inline(always)]
+    pub fn contains(&self, ip: u32) -> bool {
+        let mut i = 0;
+        // A counted loop the verifier can bound.
+        while i < MAX_CIDRS {
+            if (i as u32) < self.count && self.ranges[i].contains(ip) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
+user_pod!(DatapathConfig, DatapathClock);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ip_be;
+
+    #[test]
+    fn address_ranges_contain_what_their_prefix_covers() {
+        let ip = |a: [u8; 4]| ip_be(a.into());
+        let pods = Ipv4Cidrs::new([Ipv4Cidr::new([10, 244, 0, 0].into(), 16), Ipv4Cidr::new([192, 168, 7, 9].into(), 32)]);
+        let cases = [
+            ("first address of a range", pods, [10, 244, 0, 0], true),
+            ("last address of a range", pods, [10, 244, 255, 255], true),
+            ("just past a range", pods, [10, 245, 0, 0], false),
+            ("a /32 holds its one address", pods, [192, 168, 7, 9], true),
+            ("a /32 holds nothing else", pods, [192, 168, 7, 8], false),
+            ("no ranges hold nothing", Ipv4Cidrs::default(), [0, 0, 0, 0], false),
+            ("/0 holds everything", Ipv4Cidrs::new([Ipv4Cidr::new([0, 0, 0, 0].into(), 0)]), [203, 0, 113, 1], true),
+            ("bits past the prefix are ignored", Ipv4Cidrs::new([Ipv4Cidr::new([10, 96, 3, 4].into(), 16)]), [10, 96, 200, 1], true),
+            ("entries past the count are unused", Ipv4Cidrs { count: 0, ..pods }, [10, 244, 1, 1], false),
+        ];
+        for (rule, cidrs, address, expected) in cases {
+            assert_eq!(cidrs.contains(ip(address)), expected, "{rule}");
+        }
+    }
+}

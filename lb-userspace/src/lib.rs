@@ -1,7 +1,7 @@
 //! The node agent's library: loading and attaching the datapath, the
 //! desired service state and its source, and the syncer that keeps the BPF
-//! maps equal to it. `lb-agent` (main.rs) wires them together; the tests and
-//! benchmarks drive the same pieces.
+//! maps equal to it. `lb-agent` (main.rs, its loop in agent.rs) wires them
+//! together; the tests and benchmarks drive the same pieces.
 pub mod cli;
 pub mod conntrack;
 pub mod datapath;

@@ -1824,6 +1824,9 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
                      apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kubia-np-1, namespace: default, labels: {kubernetes.io/service-name: kubia-np}}\n\
                      addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"10.244.1.2\"]}, {addresses: [\"10.244.2.2\"]}]\n";
     let mut cluster = Cluster::start_with(3, &[(MANIFEST_FILE, &kubia_manifests(&ready(&[0, 1, 2]))), ("np.yaml", node_port)], ClientHook::Tc).expect("cluster");
+    // A busy client reuses its ports in TIME_WAIT: over ten minutes the
+    // new connections would outrun its ephemeral range otherwise.
+    cluster.client.sysctl("net.ipv4.tcp_tw_reuse", "1").expect("sysctl");
     let rss_start = cluster.agent.resident_kb().expect("memory");
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(AtomicUsize::new(0));
@@ -1856,6 +1859,8 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
             })
             .expect("held connections")
     };
+    let soak_start = std::time::Instant::now();
+    let soak_start_wall = std::time::SystemTime::now();
     // New TCP connections to the cluster IP and the node port, and UDP
     // exchanges to the cluster IP, in turn.
     let fresh = {
@@ -1864,10 +1869,11 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
             .client
             .spawn_thread(move || {
                 let node_port = SocketAddrV4::new(lb_tests::cluster::NODE_IP, 30500);
-                // (through the node port, what failed).
-                let mut failures: Vec<(bool, String)> = Vec::new();
+                // (through the node port, when, what failed).
+                let mut failures: Vec<(bool, Duration, String)> = Vec::new();
                 let mut turn = 0usize;
                 while !stop.load(Ordering::Relaxed) {
+                    let asked_at = soak_start.elapsed();
                     let outcome = match turn % 3 {
                         0 => connect_and_ask(kubia()),
                         1 => connect_and_ask(node_port),
@@ -1877,7 +1883,7 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
                         Ok(answer) if answer.starts_with("You've hit kubia-") => {
                             requests.fetch_add(1, Ordering::Relaxed);
                         }
-                        other => failures.push((turn % 3 == 1, format!("request {turn}: {other:?}"))),
+                        other => failures.push((turn % 3 == 1, asked_at, format!("request {turn}: {other:?}"))),
                     }
                     turn += 1;
                 }
@@ -1885,8 +1891,10 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
             })
             .expect("new connections")
     };
-    let started = std::time::Instant::now();
+    let started = soak_start;
     let mut restarts = 0;
+    // When each restart stopped the old agent and had the new one ready.
+    let mut restart_times: Vec<(Duration, Duration)> = Vec::new();
     let mut second = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
         second += 1;
@@ -1896,7 +1904,8 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
         }
         cluster.write_manifest(MANIFEST_FILE, &kubia_manifests(&pods)).expect("manifest");
         if second.is_multiple_of(restart_every) {
-            cluster.restart_agent().expect("restart");
+            let restart = cluster.restart_agent().expect("restart");
+            restart_times.push((restart.stopped - started, restart.ready - started));
             restarts += 1;
         }
         let next = started + Duration::from_secs(second);
@@ -1906,7 +1915,16 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
     stop.store(true, Ordering::Relaxed);
     let broken = held.join().expect("held connections");
     let (turns, failures) = fresh.join().expect("new connections");
-    let (node_port_failures, other_failures): (Vec<_>, Vec<_>) = failures.into_iter().partition(|(node_port, _)| *node_port);
+    // Each failure with its time and where it fell against the restarts.
+    for (node_port, at, what) in &failures {
+        let last = restart_times.iter().rev().find(|(stopped, _)| stopped <= at);
+        let since = last.map(|(stopped, ready)| format!("{:?} after restart stop, {:?} after ready", *at - *stopped, at.saturating_sub(*ready)));
+        let wall = (soak_start_wall + *at).duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let kind = if *node_port { "node port" } else { "cluster IP" };
+        let since = since.unwrap_or_else(|| "before any restart".into());
+        println!("failed, asked at {at:?} (unix {:.3}, {kind}): {what}; {since}", wall.as_secs_f64());
+    }
+    let (node_port_failures, other_failures): (Vec<_>, Vec<_>) = failures.into_iter().map(|(node_port, _, what)| (node_port, what)).partition(|(node_port, _)| *node_port);
     println!(
         "soak for {seconds} s: {} requests, {restarts} agent restarts, {second} manifest changes; {} held connections broken, \
          {} new requests failed through the node port and {} otherwise; agent resident memory {rss_start} kB at the start, {rss_end} kB at the end",

@@ -1,5 +1,6 @@
 //! Builds the eBPF datapath (`lb-ebpf`, target bpfel-unknown-none) and puts
-//! the object in OUT_DIR for `include_bytes_aligned!`.
+//! its objects in OUT_DIR for `include_bytes_aligned!`: the datapath
+//! (`lb-ebpf.o`) and the benchmark's empty program (`lb-bench-floor.o`).
 //!
 //! Two routes, picked by what the machine has:
 //! - Debian's rustc with its prebuilt BPF `core` (`/usr/lib/rustlib/
@@ -7,7 +8,9 @@
 //!   `cargo xtask setup` installs it;
 //! - a rustup nightly with `rust-src`, building `core` with `-Z build-std`.
 //!
-//! `LB_EBPF_OBJECT=/path/to/object` uses a prebuilt object instead.
+//! `LB_EBPF_OBJECT=/path/to/object` uses a prebuilt object instead (and the
+//! `lb-bench-floor` object beside it, if there is one: only the benchmark
+//! needs it).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -21,11 +24,16 @@ const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.parent().expect("lb-userspace sits in the workspace");
-    let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("lb-ebpf.o");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
+    let (out, floor_out) = (out_dir.join("lb-ebpf.o"), out_dir.join("lb-bench-floor.o"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     if let Ok(prebuilt) = env::var("LB_EBPF_OBJECT") {
         println!("cargo:rerun-if-changed={prebuilt}");
         std::fs::copy(&prebuilt, &out).unwrap_or_else(|e| panic!("LB_EBPF_OBJECT={prebuilt}: {e}"));
+        // Empty when absent: the benchmark then says what is missing.
+        let floor = Path::new(&prebuilt).with_file_name("lb-bench-floor");
+        let floor_bytes = std::fs::read(&floor).unwrap_or_default();
+        std::fs::write(&floor_out, floor_bytes).unwrap_or_else(|e| panic!("writing {}: {e}", floor_out.display()));
         return;
     }
     for watched in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-ebpf/Cargo.lock", "lb-ebpf/.cargo", "lb-common/src", "lb-common/Cargo.toml"] {
@@ -38,8 +46,10 @@ fn main() {
         .env("CARGO_TARGET_DIR", &target_dir);
     let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(status.success(), "building the eBPF datapath failed ({status}); see the errors above");
-    let object = target_dir.join("bpfel-unknown-none/release/lb-ebpf");
-    std::fs::copy(&object, &out).unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+    for (name, to) in [("lb-ebpf", &out), ("lb-bench-floor", &floor_out)] {
+        let object = target_dir.join("bpfel-unknown-none/release").join(name);
+        std::fs::copy(&object, to).unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+    }
 }
 
 /// A cargo command for the BPF target, clean of the variables the outer

@@ -75,12 +75,6 @@ pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::restore_source(&ctx)
 }
 
-/// The benchmark floor: an XDP program that does nothing at all.
-#[xdp]
-pub fn lb_xdp_floor(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

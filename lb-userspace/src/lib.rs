@@ -23,3 +23,7 @@ pub use error::Error;
 
 /// The compiled eBPF object (built by build.rs from lb-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// The benchmark's empty XDP program (`PROG_XDP_FLOOR`), an object of its
+/// own: only `cargo xtask bench` loads it.
+pub static BENCH_FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-floor.o"));

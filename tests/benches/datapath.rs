@@ -13,7 +13,7 @@
 //! same way.
 use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{ConntrackKey, IPPROTO_TCP, Reason};
 use lb_tests::{
@@ -77,9 +77,8 @@ struct Repeated<'a> {
 /// machine hits both sides of a ratio alike. Checks that every repeat did
 /// its work: the packet is unchanged (so the next repeat takes the same
 /// path) and the case's verdict counter grew by exactly `REPEAT`.
-fn measure_repeated(fx: &Fixture, cases: &[Repeated]) -> Result<Vec<Row>> {
+fn measure_repeated(fx: &Fixture, floor: &Xdp, cases: &[Repeated]) -> Result<Vec<Row>> {
     let program = fx.datapath.xdp_program()?;
-    let floor = fx.datapath.xdp_floor_program()?;
     let mut ns = vec![Vec::new(); cases.len() + 1];
     let mut ratios = vec![Vec::new(); cases.len() + 1];
     for _ in 0..ROUNDS {
@@ -125,11 +124,11 @@ fn flow_keys(frame: &Frame) -> [ConntrackKey; 2] {
 /// New connections, one run at a time with the flow deleted in between;
 /// returns the median time, the median floor timed the same way, and the
 /// proof.
-fn measure_new(fx: &mut Fixture, syn: &Frame) -> Result<(f64, f64, String)> {
+fn measure_new(fx: &mut Fixture, floor: &Xdp, syn: &Frame) -> Result<(f64, f64, String)> {
     let input = syn.bytes();
     let keys = flow_keys(syn);
     let before = fx.reason_totals()[Reason::ForwardNew as usize];
-    let (mut lb, mut floor) = (Vec::with_capacity(SINGLE_RUNS), Vec::with_capacity(SINGLE_RUNS));
+    let (mut lb, mut floor_ns) = (Vec::with_capacity(SINGLE_RUNS), Vec::with_capacity(SINGLE_RUNS));
     for _ in 0..SINGLE_RUNS {
         for key in &keys {
             // Pending after a SYN; confirmed for the warm-up flow the first
@@ -139,17 +138,17 @@ fn measure_new(fx: &mut Fixture, syn: &Frame) -> Result<(f64, f64, String)> {
                 conntrack.named_mut(name).ok_or_else(|| anyhow::anyhow!("no table {name}"))?.remove(key)?;
             }
         }
-        floor.push(run(fx.datapath.xdp_floor_program()?, &input, 1)?.0.as_nanos() as f64);
+        floor_ns.push(run(floor, &input, 1)?.0.as_nanos() as f64);
         let (per_run, output, _) = run(fx.datapath.xdp_program()?, &input, 1)?;
         ensure!(output == input, "new connection: unexpected output");
         lb.push(per_run.as_nanos() as f64);
     }
     let counted = fx.reason_totals()[Reason::ForwardNew as usize] - before;
     ensure!(counted == SINGLE_RUNS as u64, "new connection: {counted} of {SINGLE_RUNS} runs counted as forward_new");
-    Ok((median(lb), median(floor), format!("forward_new +1 x{SINGLE_RUNS}")))
+    Ok((median(lb), median(floor_ns), format!("forward_new +1 x{SINGLE_RUNS}")))
 }
 
-fn bench_scale(services: u32) -> Result<Vec<Row>> {
+fn bench_scale(services: u32, floor: &Xdp) -> Result<Vec<Row>> {
     eprintln!("==> {services} services: programming and warming the conntrack table");
     let mut fx = fixture(services);
     // One established flow per service (SYN, then the SYN-ACK that
@@ -171,6 +170,7 @@ fn bench_scale(services: u32) -> Result<Vec<Row>> {
     eprintln!("==> {services} services: {ROUNDS} rounds of {REPEAT} repeats per case");
     let mut rows = measure_repeated(
         &fx,
+        floor,
         &[
             Repeated { case: "non-service pass-through", input: &pass, reason: Reason::PassNotService },
             Repeated { case: "established-flow forward", input: &established, reason: Reason::ForwardEstablished },
@@ -181,16 +181,28 @@ fn bench_scale(services: u32) -> Result<Vec<Row>> {
     eprintln!("==> {services} services: new connections ({SINGLE_RUNS} single runs)");
     let new_target = vip(services / 2);
     let syn = Frame::tcp_syn(CLIENT, &format!("{new_target}:80"));
-    let (ns, single_floor, proof) = measure_new(&mut fx, &syn)?;
+    let (ns, single_floor, proof) = measure_new(&mut fx, floor, &syn)?;
     rows.push(Row { case: "empty XDP program, single run", ns: single_floor, ratio: 1.0, proof: "-".into() });
     rows.push(Row { case: "new connection, single run", ns, ratio: ns / single_floor, proof });
     Ok(rows)
 }
 
+/// The empty XDP program, loaded from its own object (no agent loads it).
+fn load_floor() -> Result<aya::Ebpf> {
+    let object = lb_userspace::BENCH_FLOOR_OBJECT;
+    ensure!(!object.is_empty(), "no benchmark floor object: lb-userspace was built from LB_EBPF_OBJECT without an lb-bench-floor object beside it");
+    let mut ebpf = aya::Ebpf::load(object).context("loading the benchmark floor object")?;
+    let floor: &mut Xdp = ebpf.program_mut(lb_common::PROG_XDP_FLOOR).context("no floor program in its object")?.try_into()?;
+    floor.load().context("loading the floor program")?;
+    Ok(ebpf)
+}
+
 fn main() -> Result<()> {
+    let floor_object = load_floor()?;
+    let floor: &Xdp = floor_object.program(lb_common::PROG_XDP_FLOOR).context("no floor program")?.try_into()?;
     let mut table = Vec::new();
     for services in [1, 10_000] {
-        for row in bench_scale(services)? {
+        for row in bench_scale(services, floor)? {
             table.push((services, row));
         }
     }

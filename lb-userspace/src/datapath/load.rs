@@ -5,7 +5,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
-use lb_common::{GLOBAL_SOCK_SET_RETVAL, PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR};
+use lb_common::{GLOBAL_SOCK_SET_RETVAL, PROG_TC_INGRESS, PROG_XDP};
 use tracing::warn;
 
 use super::{Datapath, SOCK_PROGRAMS, host::ensure_bpffs, pins::LINKS_DIR, program_mut};
@@ -79,10 +79,8 @@ impl Datapath {
     fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>, mut features: KernelFeatures) -> Result<Self> {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_INGRESS)?;
         tc.load().map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
-        for name in [PROG_XDP, PROG_XDP_FLOOR] {
-            let xdp: &mut Xdp = program_mut(&mut ebpf, name)?;
-            xdp.load().map_err(|source| Error::Program { name, source })?;
-        }
+        let xdp: &mut Xdp = program_mut(&mut ebpf, PROG_XDP)?;
+        xdp.load().map_err(|source| Error::Program { name: PROG_XDP, source })?;
         for name in SOCK_PROGRAMS {
             let sock: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             if let Err(e) = sock.load() {

@@ -15,7 +15,7 @@ use aya::{
     programs::{SchedClassifier, Xdp, cgroup_sock_addr::CgroupSockAddrLinkId},
 };
 use aya_log::EbpfLogger;
-use lb_common::{PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_INGRESS, PROG_XDP, PROG_XDP_FLOOR};
+use lb_common::{PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4, PROG_TC_INGRESS, PROG_XDP};
 
 pub use host::{accept_local_sources, cgroup2_root, ensure_bpffs, loosen_reverse_path_filter, mount_bpffs};
 pub use pins::remove_pinned;
@@ -74,11 +74,6 @@ impl Datapath {
 
     pub fn xdp_program(&self) -> Result<&Xdp> {
         program(&self.ebpf, PROG_XDP)
-    }
-
-    /// The do-nothing XDP program the benchmarks measure against.
-    pub fn xdp_floor_program(&self) -> Result<&Xdp> {
-        program(&self.ebpf, PROG_XDP_FLOOR)
     }
 }
 

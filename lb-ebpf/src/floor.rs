@@ -1,0 +1,19 @@
+//! The benchmark floor, an object of its own so that no agent loads it: an
+//! XDP program that does nothing at all, which `cargo xtask bench` times
+//! beside the datapath.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+#[xdp]
+pub fn lb_xdp_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Nothing here can panic; the verifier would reject a program that could.
+    loop {}
+}

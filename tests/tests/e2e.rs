@@ -1807,8 +1807,7 @@ fn endpoint_churn_under_load_fails_no_request() {
 /// manifest changes every second (kubia-3 between ready and terminating,
 /// so no connection has to move), for `LB_SOAK_SECONDS` (default 30;
 /// docs/reliability.md has a 10-minute run with restarts every 30 s).
-/// 0 broken established connections, 0 refused or failed new ones (but
-/// for a known rare loss of source-translated ones, bounded), and the
+/// 0 broken established connections, 0 refused or failed new ones, and the
 /// agent's resident memory printed at the start and the end, the end under
 /// twice the start.
 #[test]
@@ -1934,18 +1933,11 @@ fn soak_with_restarts_and_manifest_changes_breaks_nothing() {
         other_failures.len()
     );
     assert!(broken.is_empty(), "held connections broke: {broken:?}");
-    assert!(other_failures.is_empty(), "{} new requests failed: {:?}", other_failures.len(), &other_failures[..other_failures.len().min(5)]);
-    // A known defect (issue 16, docs/reliability.md): about 1 in 100,000
-    // source-translated new connections, mostly around a restart, gets no
-    // answer. Bounded here, not hidden: every one is printed, and more than
-    // one per restart or per 20,000 node port connections fails the test.
-    let node_port_requests = turns / 3;
-    assert!(
-        node_port_failures.len() <= (node_port_requests / 20_000).max(restarts),
-        "{} of {node_port_requests} node port requests failed: {:?}",
-        node_port_failures.len(),
-        &node_port_failures[..node_port_failures.len().min(5)]
-    );
+    // Every failure counts, through the node port as elsewhere: the
+    // source-translated connections the garbage collector used to break
+    // (about 1 in 100,000, docs/reliability.md) are fixed.
+    let failed: Vec<&String> = node_port_failures.iter().chain(&other_failures).map(|(_, what)| what).collect();
+    assert!(failed.is_empty(), "{} of {turns} new requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
     assert!(restarts >= 2, "the agent was restarted during the soak");
     assert!(rss_end < 2 * rss_start, "agent memory grew from {rss_start} kB to {rss_end} kB");
 }

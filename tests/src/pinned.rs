@@ -30,6 +30,11 @@ impl PinnedMaps {
         self.0.backends(&frontend).map(|backends| backends.iter().map(|b| *b.ip()).collect())
     }
 
+    /// The names of the programmed service ports (`namespace/name:port`).
+    pub fn service_names(&self) -> Result<BTreeSet<String>> {
+        Ok(inspect::services(&self.0)?.into_iter().map(|s| s.name).collect())
+    }
+
     /// Polls until the frontend's backends are `expected` (`None`: until the
     /// frontend is gone); returns how long it took from `since`.
     pub fn wait_for(&self, frontend: FrontendKey, expected: Option<&BTreeSet<Ipv4Addr>>, since: Instant, timeout: Duration) -> Result<Duration> {

@@ -354,6 +354,9 @@ fn service_ports(
     (here, node_ips): (Here<'_>, &[Ipv4Addr]),
     notes: &mut Vec<String>,
 ) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    // Another proxy's service. The API source never holds one (the API
+    // server leaves them out, see `source::api::proxied_selector`); this is
+    // for the manifests source, which has no server-side selection.
     let labels = service.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
         return Ok(Vec::new());
@@ -363,7 +366,9 @@ fn service_ports(
         return Ok(Vec::new());
     }
     let Some(cluster_ip) = ipv4_cluster_ip(spec)? else {
-        // Headless, or IPv6 only: nothing for this IPv4 datapath.
+        // Headless, or IPv6 only: nothing for this IPv4 datapath. Headless
+        // Services come from the API too (no label marks them, only their
+        // slices), so this check stays for both sources.
         return Ok(Vec::new());
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");

@@ -290,7 +290,7 @@ impl TestSummary {
     fn read(&mut self, line: &str) {
         if let Some(running) = line.trim_start().strip_prefix("Running ") {
             // "unittests src/lib.rs (target/debug/deps/lb_common-…)" or
-            // "tests/e2e.rs (target/debug/deps/e2e-…)": the path names it.
+            // "tests/e2e/main.rs (target/debug/deps/e2e-…)": the path names it.
             let binary = running.split(" (").next().unwrap_or(running).trim_start_matches("unittests ").to_owned();
             let package = running.rsplit('/').next().and_then(|file| file.split('-').next()).unwrap_or_default();
             self.binaries.push((format!("{package} {binary}"), None));
@@ -353,12 +353,12 @@ mod tests {
     fn test_summary_names_each_binary_and_those_that_did_not_finish() {
         let output = "     Running unittests src/lib.rs (target/debug/deps/lb_common-0123abcd)\n\
                       test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.18s\n\
-                      \x20    Running tests/e2e.rs (target/debug/deps/e2e-4567ef01)\n\
+                      \x20    Running tests/e2e/main.rs (target/debug/deps/e2e-4567ef01)\n\
                       test result: FAILED. 40 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 80s\n\
                       \x20    Running tests/packet.rs (target/debug/deps/packet-89ab2345)\n";
         let mut summary = TestSummary::default();
         output.lines().for_each(|line| summary.read(line));
-        assert_eq!(summary.failing(), ["e2e tests/e2e.rs", "packet tests/packet.rs"]);
+        assert_eq!(summary.failing(), ["e2e tests/e2e/main.rs", "packet tests/packet.rs"]);
         let report = summary.report();
         assert!(report.contains("lb_common src/lib.rs: 18 passed, 0 failed"), "{report}");
         assert!(report.contains("packet tests/packet.rs: did not finish"), "{report}");

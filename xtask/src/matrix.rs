@@ -1,6 +1,6 @@
 //! `cargo xtask test --kernel VERSION`: the kernel-facing tests (packet,
 //! end-to-end, the demo) run inside a virtual machine booting another
-//! kernel (`kernel.rs`), on binaries built here. The host's build is used
+//! kernel (`kernel/`), on binaries built here. The host's build is used
 //! unchanged: the guest sees this machine's files.
 use std::{
     collections::BTreeMap,
@@ -20,7 +20,9 @@ const KERNEL_TESTS: [&str; 8] = ["packet", "conntrack", "upgrade", "e2e", "two_n
 /// What `--quick` runs: every packet-level test, and the end-to-end tests
 /// that cover each hook, the attach and restart path and socket-level
 /// balancing, and do not measure time (a virtual machine without hardware
-/// virtualisation is several times slower).
+/// virtualisation is several times slower). The guest passes the names with
+/// `--exact`, so each is a test's full path in its binary, module included
+/// (`tests/tests/e2e/cluster_ip.rs` holds `cluster_ip::…`).
 const QUICK: [(&str, &[&str]); 4] = [
     ("packet", &[]),
     ("conntrack", &[]),
@@ -28,13 +30,13 @@ const QUICK: [(&str, &[&str]); 4] = [
     (
         "e2e",
         &[
-            "new_tcp_connections_reach_all_three_backends",
-            "udp_request_and_response_through_the_vip",
-            "service_without_endpoints_is_refused_at_once",
-            "xdp_on_the_client_interface_balances_tcp_and_udp",
-            "node_ports_follow_the_external_traffic_policy",
-            "agent_restart_under_load_breaks_and_refuses_no_connection",
-            "cleanup_detaches_the_programs_a_stopped_agent_left",
+            "cluster_ip::new_tcp_connections_reach_all_three_backends",
+            "cluster_ip::udp_request_and_response_through_the_vip",
+            "refusals::service_without_endpoints_is_refused_at_once",
+            "cluster_ip::xdp_on_the_client_interface_balances_tcp_and_udp",
+            "node_port::node_ports_follow_the_external_traffic_policy",
+            "restart::agent_restart_under_load_breaks_and_refuses_no_connection",
+            "restart::cleanup_detaches_the_programs_a_stopped_agent_left",
         ],
     ),
 ];
@@ -226,6 +228,21 @@ mod tests {
         let died = "test result: ok. 10 passed; 0 failed;\nxtask-ran packet 0\n";
         assert!(!summarize(died).all_ran_and_passed(), "the demo never reported");
         assert!(!summarize("").all_ran_and_passed(), "nothing ran");
+    }
+
+    #[test]
+    fn quick_names_are_full_paths_of_existing_tests() {
+        // `--exact` matches a test's whole path: a test moved to another
+        // module, or a name without its module, would select nothing.
+        let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests");
+        for (binary, names) in QUICK {
+            for name in names {
+                let (module, function) = name.rsplit_once("::").expect("a module path");
+                let file = tests.join(binary).join(format!("{}.rs", module.replace("::", "/")));
+                let source = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{name}: {}: {e}", file.display()));
+                assert!(source.contains(&format!("#[test]\nfn {function}() {{")), "{name}: no such test in {}", file.display());
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Builds the eBPF datapath (`lb-ebpf`, target bpfel-unknown-none) and puts
-//! its objects in OUT_DIR for `include_bytes_aligned!`: the datapath
-//! (`lb-ebpf.o`) and the benchmark's empty program (`lb-bench-floor.o`).
+//! Builds the eBPF datapath (`lb-ebpf`) for the agent to embed.
+//!
+//! Its objects, for target bpfel-unknown-none, go to OUT_DIR for
+//! `include_bytes_aligned!`: the datapath (`lb-ebpf.o`) and the benchmark's
+//! empty program (`lb-bench-floor.o`).
 //!
 //! Two routes, picked by what the machine has:
 //! - Debian's rustc with its prebuilt BPF `core` (`/usr/lib/rustlib/

@@ -1,6 +1,8 @@
-//! Types shared by the eBPF datapath (`lb-ebpf`) and user space
-//! (`lb-userspace`): map keys and values, verdict reasons, and the pure
-//! packet math (checksums, reply packets) that both sides rely on.
+//! Types and pure functions that the eBPF datapath and user space share.
+//!
+//! Map keys and values, verdict reasons, and the pure packet math (checksums,
+//! reply packets) that both sides rely on: the eBPF datapath (`lb-ebpf`) and
+//! user space (`lb-userspace`).
 //!
 //! Every map type is `#[repr(C)]`, has explicit `_pad` fields, derives
 //! bytemuck's `Pod` (which rejects hidden padding) and carries a

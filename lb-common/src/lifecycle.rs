@@ -1,8 +1,9 @@
-//! A conntrack entry's life: what a packet's TCP flags do to its flow's
-//! state, how long a flow in each state lives without traffic, and when a
-//! flow counts as over. Pure functions, used unchanged by the datapath (on
-//! every translated packet) and by the agent (garbage collection, `lbctl`),
-//! in the manner of Linux conntrack and Cilium.
+//! The rules of a conntrack entry's life, shared by the datapath and the agent.
+//!
+//! What a packet's TCP flags do to its flow's state, how long a flow in each
+//! state lives without traffic, and when a flow counts as over. Pure functions,
+//! used unchanged by the datapath (on every translated packet) and by the agent
+//! (garbage collection, `lbctl`), in the manner of Linux conntrack and Cilium.
 //!
 //! Time is the kernel's monotonic clock (CLOCK_MONOTONIC, which
 //! `bpf_ktime_get_coarse_ns` reads coarsely) in ticks of 2^30 ns (about

@@ -1,9 +1,10 @@
-//! The packets the datapath sends back when it rejects a connection, as
-//! kube-proxy does for a service without endpoints: a TCP reset (RFC 9293
-//! §3.10.7.1) or an ICMP port unreachable (RFC 792, RFC 1812 §4.3.2.3).
-//! Pure functions from the fields of the offending packet to the reply's
-//! bytes, Ethernet header included, so they are testable on the host and
-//! need nothing but a copy on the fast path.
+//! Building the packets the datapath sends back when it rejects a connection.
+//!
+//! As kube-proxy does for a service without endpoints, the reply is a TCP reset
+//! (RFC 9293 §3.10.7.1) or an ICMP port unreachable (RFC 792, RFC 1812
+//! §4.3.2.3). Pure functions from the fields of the offending packet to the
+//! reply's bytes, Ethernet header included, so they are testable on the host
+//! and need nothing but a copy on the fast path.
 use crate::checksum;
 
 pub const ETH_HLEN: usize = 14;

@@ -1,5 +1,6 @@
-//! Why the datapath did what it did to a packet: one reason per packet,
-//! counted in `VERDICT_COUNTERS` at the reason's index.
+//! Verdict reasons: why the datapath did what it did to a packet.
+//!
+//! One reason per packet, counted in `VERDICT_COUNTERS` at the reason's index.
 
 /// Every packet the programs see is counted under exactly one reason.
 #[repr(u32)]

@@ -1,8 +1,9 @@
-//! Connection tracking: one LRU entry per direction of a translated flow,
-//! keyed by the 5-tuple as it appears on the wire in that direction, so
-//! both the forward packet and the reply find their translation with one
-//! lookup. TCP and UDP flows have a table each (`CONNTRACK_TCP`,
-//! `CONNTRACK_UDP`).
+//! Connection tracking: a flow's translation, kept for its later packets and its replies.
+//!
+//! One LRU entry per direction of a translated flow, keyed by the 5-tuple as it
+//! appears on the wire in that direction, so both the forward packet and the
+//! reply find their translation with one lookup. TCP and UDP flows have a table
+//! each (`CONNTRACK_TCP`, `CONNTRACK_UDP`).
 //!
 //! Each entry carries its flow's state and expiry (`lifecycle`): an expired
 //! entry is a miss, a closed flow's tuple opens a new connection, and the

@@ -1,5 +1,7 @@
-//! The two hooks behind one interface: what differs between an XDP buffer
-//! and an skb is how the L4 checksum is updated and how a packet is resized.
+//! The `Packet` interface over both hooks, so the datapath is written once for XDP and tc.
+//!
+//! What differs between an XDP buffer and an skb is how the L4 checksum is
+//! updated and how a packet is resized.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::generated::{

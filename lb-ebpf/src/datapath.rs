@@ -1,5 +1,7 @@
-//! The decision for one packet, shared by both hooks: established flow,
-//! reply, new connection, reject, or not ours.
+//! The decision for one packet, shared by both hooks.
+//!
+//! A packet belongs to an established flow, is a reply, opens a new connection,
+//! is rejected, or is not ours.
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
     CT_REPLY, ConntrackValue, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SNAT, Reason, VIP_CLUSTER_IP,

@@ -1,6 +1,7 @@
-//! The benchmark floor, an object of its own so that no agent loads it: an
-//! XDP program that does nothing at all, which `cargo xtask bench` times
-//! beside the datapath.
+//! The benchmark floor: an XDP program that does nothing at all.
+//!
+//! An object of its own, so that no agent loads it; `cargo xtask bench` times
+//! it beside the datapath.
 #![no_std]
 #![no_main]
 

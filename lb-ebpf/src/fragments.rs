@@ -1,10 +1,11 @@
-//! IP fragments of tracked flows. Only a datagram's first fragment carries
-//! the TCP/UDP header, so its ports are remembered (`FRAGMENT_PORTS`, keyed
-//! by the addresses, IP id and protocol all fragments share) and the later
-//! fragments find the flow's conntrack entry through them: their addresses
-//! are translated like the first fragment's. A later fragment that arrives
-//! before its first is not known: left to the kernel, or dropped when it
-//! is addressed to a cluster IP.
+//! IP fragments of tracked flows: every fragment translated, not only the first.
+//!
+//! Only a datagram's first fragment carries the TCP/UDP header, so its ports
+//! are remembered (`FRAGMENT_PORTS`, keyed by the addresses, IP id and protocol
+//! all fragments share) and the later fragments find the flow's conntrack entry
+//! through them: their addresses are translated like the first fragment's. A
+//! later fragment that arrives before its first is not known: left to the
+//! kernel, or dropped when it is addressed to a cluster IP.
 use lb_common::{CT_REPLY, FragmentKey, Reason};
 
 use crate::{

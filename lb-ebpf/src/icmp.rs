@@ -1,3 +1,5 @@
+//! Translating back ICMP errors about translated flows, so clients match them to their sockets.
+//!
 //! ICMP errors about translated flows (RFC 792, RFC 1812 §4.3.2.6 and
 //! 5.2.7.1): a router's "fragmentation needed" for a packet sent to a
 //! backend, or a backend's "port unreachable", quotes the packet as it left

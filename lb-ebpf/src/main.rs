@@ -1,7 +1,9 @@
-//! The service load balancer's datapath: thin entry points for the tc (tcx)
-//! and XDP hooks over one packet-processing routine (`datapath::process`),
-//! and the cgroup socket hooks for the node's own processes (`sock`).
-//! See docs/architecture.md for which hook serves which traffic.
+//! The service load balancer's datapath: the eBPF programs' entry points.
+//!
+//! Thin entry points for the tc (tcx) and XDP hooks over one packet-processing
+//! routine (`datapath::process`), and the cgroup socket hooks for the node's
+//! own processes (`sock`). See docs/architecture.md for which hook serves which
+//! traffic.
 #![no_std]
 #![no_main]
 

@@ -1,5 +1,6 @@
-//! The BPF maps, declared with BTF so that bpftool prints their keys and
-//! values field by field. Layouts and names live in lb-common.
+//! The BPF maps, declared with BTF so that bpftool prints their keys and values field by field.
+//!
+//! Layouts and names live in lb-common.
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},

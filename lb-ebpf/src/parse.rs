@@ -1,5 +1,6 @@
-//! Parsing Ethernet + IPv4 + TCP/UDP headers, with every length the
-//! packet claims checked against the bytes it has.
+//! What a packet is, read from its Ethernet, IPv4 and TCP/UDP headers.
+//!
+//! Every length the packet claims is checked against the bytes it has.
 use lb_common::{
     ConntrackKey, FragmentKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     reply::{ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TCP_HLEN, UDP_HLEN},

@@ -1,5 +1,7 @@
-//! Rejecting a connection as kube-proxy does: the packet is turned into a
-//! TCP reset or ICMP port unreachable and sent back where it came from.
+//! Rejecting a connection as kube-proxy does.
+//!
+//! The packet is turned into a TCP reset or ICMP port unreachable and sent back
+//! where it came from.
 use lb_common::{
     IPPROTO_TCP,
     reply::{

@@ -1,5 +1,7 @@
-//! Service lookups: frontends, service addresses, backend choice and the
-//! check that a backend still serves its service.
+//! Service lookups: which frontend a packet is for and which backend serves it.
+//!
+//! Lookups of frontends and service addresses, backend choice, and the check
+//! that a backend still serves its service.
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},

@@ -1,8 +1,10 @@
-//! Socket-level load balancing for the node's own processes (hostNetwork
-//! pods, the kubelet): their packets to a service never pass an ingress
-//! hook, so the destination is translated when the socket connects (TCP,
-//! connected UDP) or sends (unconnected UDP), and translated back where the
-//! application reads the peer (received datagrams, getpeername).
+//! Socket-level load balancing for the node's own processes.
+//!
+//! Packets from the node's own processes (hostNetwork pods, the kubelet) to a
+//! service never pass an ingress hook, so the destination is translated when
+//! the socket connects (TCP, connected UDP) or sends (unconnected UDP), and
+//! translated back where the application reads the peer (received datagrams,
+//! getpeername).
 use aya_ebpf::{
     EbpfContext, Global,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},

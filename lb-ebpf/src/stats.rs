@@ -1,4 +1,6 @@
-//! Counting: every packet under one verdict reason, and service traffic per
+//! The datapath's counters: verdict reasons per packet and traffic per service.
+//!
+//! Every packet is counted under one verdict reason, and service traffic per
 //! service. Per-CPU slots, so plain adds need no atomics.
 use lb_common::Reason;
 

@@ -1,9 +1,10 @@
-//! The conntrack tables from user space: the datapath's clock, batched
-//! reads and writes (BPF_MAP_LOOKUP_BATCH / BPF_MAP_UPDATE_BATCH, a few
-//! syscalls for a whole table instead of one per entry), deletions that
-//! leave alone an entry the datapath gave a new flow meanwhile, garbage
-//! collection of expired entries off the agent's runtime, and the figures
-//! by state that `/metrics` shows.
+//! The conntrack tables from user space: batched access, safe deletion and garbage collection.
+//!
+//! The datapath's clock, batched reads and writes (BPF_MAP_LOOKUP_BATCH /
+//! BPF_MAP_UPDATE_BATCH, a few syscalls for a whole table instead of one per
+//! entry), deletions that leave alone an entry the datapath gave a new flow
+//! meanwhile, garbage collection of expired entries off the agent's runtime,
+//! and the figures by state that `/metrics` shows.
 use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},

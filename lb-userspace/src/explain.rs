@@ -1,6 +1,8 @@
-//! `lbctl explain`: what the datapath would do with one packet, found by
-//! running the real XDP program (BPF_PROG_TEST_RUN) on a copy of the live
-//! service maps, so the agent's maps and counters are left untouched.
+//! `lbctl explain`: what the datapath would do with one packet.
+//!
+//! The answer is found by running the real XDP program (BPF_PROG_TEST_RUN) on a
+//! copy of the live service maps, so the agent's maps and counters are left
+//! untouched.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};

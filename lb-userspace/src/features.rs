@@ -1,7 +1,8 @@
-//! The kernel features the agent uses beyond its floor (Linux 5.10): each
-//! probed on the running kernel at start, each with an older mechanism used
-//! where the kernel lacks it or where `--disable-kernel-feature` says so (so
-//! the older paths can be tested on any kernel).
+//! The kernel features the agent uses beyond its floor (Linux 5.10), and their fallbacks.
+//!
+//! Each is probed on the running kernel at start, and each has an older
+//! mechanism used where the kernel lacks it or where `--disable-kernel-feature`
+//! says so (so the older paths can be tested on any kernel).
 use aya::{
     programs::{ProgramType, SchedClassifier, TcAttachType},
     sys::{BpfHelper, is_helper_supported},

@@ -1,11 +1,12 @@
-//! The agent's HTTP endpoints, where kube-proxy serves them: `/healthz`
-//! answers 200 once the datapath is attached and programmed from a complete
-//! view of the services (503 before, for a readiness probe), `/livez` 200
-//! while the agent runs (for a liveness probe), both on --healthz-addr
-//! (10256); `/metrics` the Prometheus metrics on --metrics-addr (10249).
-//! Each healthCheckNodePort of a LoadBalancer service with
-//! externalTrafficPolicy Local gets a listener of its own, answering as
-//! kube-proxy does: 200 with the count of local endpoints, 503 when none.
+//! The agent's HTTP endpoints, served where kube-proxy serves them.
+//!
+//! `/healthz` answers 200 once the datapath is attached and programmed from a
+//! complete view of the services (503 before, for a readiness probe), `/livez`
+//! 200 while the agent runs (for a liveness probe), both on --healthz-addr
+//! (10256); `/metrics` the Prometheus metrics on --metrics-addr (10249). Each
+//! healthCheckNodePort of a LoadBalancer service with externalTrafficPolicy
+//! Local gets a listener of its own, answering as kube-proxy does: 200 with the
+//! count of local endpoints, 503 when none.
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,

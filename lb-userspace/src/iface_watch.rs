@@ -1,7 +1,9 @@
-//! Interfaces by name pattern: the node's links matching `--iface-pattern`
-//! (a CNI's pod veths such as `veth*`, `cali*`, `cni*`), found by an initial
-//! dump and then followed through netlink link events, so interfaces created
-//! after the agent started are attached too and removed ones let go.
+//! Interfaces by name pattern: the links the datapath is attached to, followed as they come and go.
+//!
+//! The node's links matching `--iface-pattern` (a CNI's pod veths such as
+//! `veth*`, `cali*`, `cni*`) are found by an initial dump and then followed
+//! through netlink link events, so interfaces created after the agent started
+//! are attached too and removed ones let go.
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{

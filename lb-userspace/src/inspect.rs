@@ -1,6 +1,7 @@
-//! Reading a running agent's pinned maps for `lbctl`: services with their
-//! frontends and backends, conntrack entries, counters. Read-only: nothing
-//! here writes a map.
+//! Reading a running agent's pinned maps for `lbctl`.
+//!
+//! Services with their frontends and backends, conntrack entries, counters.
+//! Read-only: nothing here writes a map.
 use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};

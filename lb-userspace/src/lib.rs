@@ -1,7 +1,8 @@
-//! The node agent's library: loading and attaching the datapath, the
-//! desired service state and its source, and the syncer that keeps the BPF
-//! maps equal to it. `lb-agent` (main.rs, its loop in agent.rs) wires them
-//! together; the tests and benchmarks drive the same pieces.
+//! The node agent's library, one set of pieces for `lb-agent`, `lbctl`, the tests and benchmarks.
+//!
+//! Loading and attaching the datapath, the desired service state and its
+//! source, and the syncer that keeps the BPF maps equal to it. `lb-agent`
+//! (main.rs, its loop in agent.rs) wires them together.
 pub mod cli;
 pub mod conntrack;
 pub mod datapath;

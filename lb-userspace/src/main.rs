@@ -1,6 +1,7 @@
-//! lb-agent: loads the datapath, programs it from the Kubernetes API or a
-//! manifest directory, attaches it, and keeps it in sync until SIGINT or
-//! SIGTERM.
+//! lb-agent: the node's service load balancer, in place of kube-proxy.
+//!
+//! It loads the datapath, programs it from the Kubernetes API or a manifest
+//! directory, attaches it, and keeps it in sync until SIGINT or SIGTERM.
 mod agent;
 
 use std::{net::Ipv4Addr, process::ExitCode, sync::Arc};

@@ -1,5 +1,6 @@
-//! Typed handles on the datapath's maps, and the map writes the syncer
-//! issues through `sync::MapWriter`.
+//! Typed handles on the datapath's maps, for the agent's reads and the syncer's writes.
+//!
+//! The syncer issues its map writes through `sync::MapWriter`.
 use std::{collections::BTreeSet, path::Path};
 
 use aya::{

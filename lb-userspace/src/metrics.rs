@@ -1,7 +1,8 @@
-//! Prometheus metrics, encoded with prometheus-client. The datapath's
-//! counters live in per-CPU BPF maps; they are read (from the pins) at
-//! scrape time by `DatapathCollector`, so a scrape always shows the kernel's
-//! current figures and the fast path does no extra work for it.
+//! The agent's Prometheus metrics, encoded with prometheus-client.
+//!
+//! The datapath's counters live in per-CPU BPF maps; they are read (from the
+//! pins) at scrape time by `DatapathCollector`, so a scrape always shows the
+//! kernel's current figures and the fast path does no extra work for it.
 use std::{
     collections::BTreeMap,
     path::PathBuf,

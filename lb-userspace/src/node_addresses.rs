@@ -1,9 +1,10 @@
-//! This node's own IPv4 addresses, where node ports answer when no
-//! `--node-ip` is given and no Node object says otherwise (the manifests
-//! source): every address of an interface that is up, except loopback and
-//! link-local ones, as kube-proxy's iptables mode answers on all local
-//! addresses. The first (the source of translated traffic) is the one of
-//! the interface holding the default route.
+//! This node's own IPv4 addresses, where node ports answer unless told otherwise.
+//!
+//! Used when no `--node-ip` is given and no Node object says otherwise (the
+//! manifests source): every address of an interface that is up, except loopback
+//! and link-local ones, as kube-proxy's iptables mode answers on all local
+//! addresses. The first (the source of translated traffic) is the one of the
+//! interface holding the default route.
 use std::net::Ipv4Addr;
 
 /// The node's addresses, the default route's interface first; the

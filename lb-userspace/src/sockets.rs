@@ -1,15 +1,16 @@
-//! The node's own sockets that the socket programs sent to a backend which
-//! has since left its service. Their cookies are the ones `SOCKET_REVNAT`
-//! remembers; sock_diag finds them (a dump of the node's IPv4 TCP and
-//! connected UDP sockets) and destroys them (SOCK_DESTROY, Linux 4.5 with
-//! CONFIG_INET_DIAG_DESTROY, which distribution kernels enable). Their
-//! applications then see ECONNABORTED and reconnect at once, to a backend
-//! that serves, instead of sending into one that is gone: a connected UDP
-//! socket would otherwise blackhole until it reconnects by itself, the
-//! socket-level load balancers' best-known failure (Cilium #12859).
-//! Pods' sockets (their processes in child cgroups of the socket programs'
-//! cgroup) live in the pods' network namespaces: each namespace any
-//! process is in is visited, from a thread that joins it (setns).
+//! Destroying the node's own sockets that went to a backend which has since left its service.
+//!
+//! The socket programs sent them there, so their cookies are the ones
+//! `SOCKET_REVNAT` remembers; sock_diag finds them (a dump of the node's IPv4
+//! TCP and connected UDP sockets) and destroys them (SOCK_DESTROY, Linux 4.5
+//! with CONFIG_INET_DIAG_DESTROY, which distribution kernels enable). Their
+//! applications then see ECONNABORTED and reconnect at once, to a backend that
+//! serves, instead of sending into one that is gone: a connected UDP socket
+//! would otherwise blackhole until it reconnects by itself, the socket-level
+//! load balancers' best-known failure (Cilium #12859). Pods' sockets (their
+//! processes in child cgroups of the socket programs' cgroup) live in the pods'
+//! network namespaces: each namespace any process is in is visited, from a
+//! thread that joins it (setns).
 use std::{
     collections::HashSet,
     io,

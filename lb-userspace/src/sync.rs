@@ -1,6 +1,8 @@
-//! The syncer: diffs the desired state against what it has programmed and
-//! writes only the difference, in an order that never lets the datapath see
-//! a half-written backend set.
+//! The syncer: keeps the BPF maps equal to the desired state.
+//!
+//! It diffs the desired state against what it has programmed and writes only
+//! the difference, in an order that never lets the datapath see a half-written
+//! backend set.
 //!
 //! A service port whose endpoints change gets a whole new backend set (slots
 //! and memberships) under a fresh id; its frontends and its entry in

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: nanoseconds per packet through the XDP program,
-//! measured in the kernel by BPF_PROG_TEST_RUN, side by side with an empty
-//! XDP program (the floor), at 1 and at 10,000 services.
+//! `cargo xtask bench`, datapath: nanoseconds per packet through the XDP program.
+//!
+//! Measured in the kernel by BPF_PROG_TEST_RUN, side by side with an empty XDP
+//! program (the floor), at 1 and at 10,000 services.
 //!
 //! BPF_PROG_TEST_RUN does not reset the packet between repeats, so a DNAT
 //! would turn every repeat after the first into non-service traffic. The

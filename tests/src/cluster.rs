@@ -1,6 +1,8 @@
-//! A small "cluster" in network namespaces: a client, a node running the
-//! real `lb-agent` on a directory of manifests, and pods behind the node,
-//! each running an `EchoServer` (HTTP on 8080, UDP on 5353) named after it.
+//! A small "cluster" in network namespaces, for the end-to-end tests and the demo.
+//!
+//! A client, a node running the real `lb-agent` on a directory of manifests,
+//! and pods behind the node, each running an `EchoServer` (HTTP on 8080, UDP on
+//! 5353) named after it.
 //!
 //! ```text
 //!  client 10.201.0.2 ──veth── c0 10.201.0.1 [node: lb-agent --manifests DIR]

@@ -1,5 +1,6 @@
-//! A loaded datapath with services programmed through the real syncer, and
-//! BPF_PROG_TEST_RUN on either hook.
+//! A loaded datapath to run packets through, with services programmed by the real syncer.
+//!
+//! Packets go through either hook by BPF_PROG_TEST_RUN.
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};

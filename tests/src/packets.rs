@@ -1,5 +1,7 @@
-//! Test packets built with etherparse, whose lengths and checksums are
-//! computed independently of the datapath's own code.
+//! Test packets, inputs and expected outputs, built with etherparse.
+//!
+//! Their lengths and checksums are computed independently of the datapath's own
+//! code.
 use std::net::SocketAddrV4;
 
 use etherparse::{

@@ -1,5 +1,7 @@
-//! Waiting on a running agent's pinned maps (through lbctl's reader) for a
-//! change to be applied, and measuring how long that took.
+//! Waiting on a running agent's pinned maps until a change is applied.
+//!
+//! The maps are read through lbctl's reader, and how long the change took is
+//! measured.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,

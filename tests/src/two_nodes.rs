@@ -1,7 +1,8 @@
-//! Two nodes in network namespaces, each running its own `lb-agent` (its
-//! own bpf filesystem) on one shared manifest directory, with pods behind
-//! each node and routes between the nodes for pod traffic, as a CNI sets
-//! them; an external client on the nodes' LAN.
+//! Two nodes in network namespaces, for tests of traffic that crosses nodes.
+//!
+//! Each runs its own `lb-agent` (its own bpf filesystem) on one shared manifest
+//! directory, with pods behind each node and routes between the nodes for pod
+//! traffic, as a CNI sets them; an external client sits on the nodes' LAN.
 //!
 //! ```text
 //!                       lan (bridge) 192.168.50.0/24

@@ -1,9 +1,11 @@
-//! The agent against a fake Kubernetes API server speaking the real HTTP
-//! list/watch protocol to kube-rs (the one fake these tests allow): it waits
-//! for complete lists, follows adds, changes and deletes of Services and
-//! EndpointSlices, resumes after a dropped watch, re-lists after 410 Gone,
-//! and keeps serving the last known state through an API outage. Needs
-//! root: the agent and the server run in a node namespace of the test's own.
+//! The agent's Kubernetes API source, tested against a fake API server.
+//!
+//! The fake speaks the real HTTP list/watch protocol to kube-rs (the one fake
+//! these tests allow). The agent waits for complete lists, follows adds,
+//! changes and deletes of Services and EndpointSlices, resumes after a dropped
+//! watch, re-lists after 410 Gone, and keeps serving the last known state
+//! through an API outage. Needs root: the agent and the server run in a node
+//! namespace of the test's own.
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},

@@ -1,6 +1,8 @@
+//! Checks of the deploy/ manifests, so that mistakes fail here and not at `kubectl apply`.
+//!
 //! Every manifest under deploy/ parses into its typed Kubernetes object (a
-//! misspelt field fails here, not at `kubectl apply`), the DaemonSet is what
-//! a kube-proxy replacement needs, and the RBAC only reads.
+//! misspelt field fails here), the DaemonSet is what a kube-proxy replacement
+//! needs, and the RBAC only reads.
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::{

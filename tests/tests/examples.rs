@@ -1,6 +1,7 @@
-//! The manifests under deploy/examples/ (what the demo runs) are read by the
-//! agent's own loader without a skipped object, and program what the seeds
-//! describe.
+//! The example manifests that the demo runs, checked against the agent's own loader.
+//!
+//! Those under deploy/examples/ are read without a skipped object, and program
+//! what the seeds describe.
 use std::{collections::BTreeMap, path::PathBuf};
 
 use lb_tests::cluster::{NODE_IP, kubia_manifests, ready};

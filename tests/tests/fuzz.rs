@@ -1,8 +1,9 @@
-//! Packet fuzzing through BPF_PROG_TEST_RUN on both hooks, with live
-//! service maps (services with and without endpoints, a node address for
-//! source NAT, pod and service ranges): random frames and mutations of
-//! valid ones (bit flips, random bytes, truncation, extension, random
-//! lengths, header lengths, flags and protocols). Properties checked on
+//! Packet fuzzing through BPF_PROG_TEST_RUN on both hooks.
+//!
+//! With live service maps (services with and without endpoints, a node address
+//! for source NAT, pod and service ranges), the cases are random frames and
+//! mutations of valid ones (bit flips, random bytes, truncation, extension,
+//! random lengths, header lengths, flags and protocols). Properties checked on
 //! every case:
 //! - the verdict is one the program defines (the fixture refuses others);
 //! - a packet passed as not the datapath's (not a service, not IPv4,

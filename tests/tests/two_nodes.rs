@@ -1,6 +1,8 @@
-//! End-to-end on two nodes (tests/src/two_nodes.rs): each node runs its own
-//! lb-agent, pods run behind both, and an external client on the LAN
-//! reaches the nodes. Real TCP and UDP clients and servers. Needs root.
+//! End-to-end tests on two nodes (tests/src/two_nodes.rs).
+//!
+//! Each node runs its own lb-agent, pods run behind both, and an external
+//! client on the LAN reaches the nodes. Real TCP and UDP clients and servers.
+//! Needs root.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddrV4},

@@ -1,9 +1,10 @@
-//! Upgrades across conntrack layouts and sizes: an agent that finds pinned
-//! conntrack tables of the layout before flow state and expiry (28-byte
-//! values), or of another size, migrates every flow into the new tables,
-//! and the datapath goes on translating them as established flows; a
-//! table of a layout it does not know is replaced by an empty one. Each
-//! test pins only under a bpf filesystem of its own, unmounted on drop
+//! Upgrades across conntrack layouts and sizes: flows migrate into the new tables.
+//!
+//! An agent that finds pinned conntrack tables of the layout before flow state
+//! and expiry (28-byte values), or of another size, migrates every flow into
+//! the new tables, and the datapath goes on translating them as established
+//! flows; a table of a layout it does not know is replaced by an empty one.
+//! Each test pins only under a bpf filesystem of its own, unmounted on drop
 //! (also when the test fails). Needs root.
 use std::{
     collections::HashMap,

@@ -1,5 +1,7 @@
-//! `cargo xtask`: one command for each job, each installing what it needs
-//! first (idempotently, and quickly when everything is there).
+//! `cargo xtask`: one command for each of the project's jobs.
+//!
+//! Each installs what it needs first (idempotently, and quickly when everything
+//! is there).
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},

@@ -1,7 +1,8 @@
-//! `cargo xtask test --kernel VERSION`: the kernel-facing tests (packet,
-//! end-to-end, the demo) run inside a virtual machine booting another
-//! kernel (`kernel/`), on binaries built here. The host's build is used
-//! unchanged: the guest sees this machine's files.
+//! `cargo xtask test --kernel VERSION`: testing on a kernel other than the host's.
+//!
+//! The kernel-facing tests (packet, end-to-end, the demo) run inside a virtual
+//! machine booting that kernel (`kernel/`), on binaries built here. The host's
+//! build is used unchanged: the guest sees this machine's files.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

@@ -1,8 +1,9 @@
-//! What the EndpointSlices say about a service's endpoints (address, the
-//! port each slice port gives it, node, zone, conditions, topology hints),
-//! and the one place that picks the endpoints a traffic policy uses on this
-//! node: kube-proxy's `CategorizeEndpoints` with its topology rules
-//! (pkg/proxy/topology.go).
+//! A service's endpoints, and the one place that picks which of them serve on this node.
+//!
+//! What the EndpointSlices say about a service's endpoints (address, the port
+//! each slice port gives it, node, zone, conditions, topology hints), and the
+//! pick of the endpoints a traffic policy uses on this node: kube-proxy's
+//! `CategorizeEndpoints` with its topology rules (pkg/proxy/topology.go).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,

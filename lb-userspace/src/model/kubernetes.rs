@@ -1,5 +1,7 @@
-//! From Kubernetes objects to the desired state, with kube-proxy's rules
-//! (pkg/proxy: servicechangetracker, endpointslicecache, topology):
+//! From Kubernetes objects to the desired state, with kube-proxy's rules.
+//!
+//! The rules are those of kube-proxy's pkg/proxy (servicechangetracker,
+//! endpointslicecache, topology):
 //!
 //! - Services of type ExternalName, headless services (`clusterIP: None`)
 //!   and services labelled `service.kubernetes.io/service-proxy-name` (owned

@@ -1,7 +1,7 @@
-//! The desired datapath state: which frontends exist and which endpoints
-//! serve them, per service port. `kubernetes::desired_state` computes it from
-//! Services and EndpointSlices with kube-proxy's rules; the syncer programs
-//! it.
+//! The desired datapath state: per service port, its frontends and the endpoints serving them.
+//!
+//! `kubernetes::desired_state` computes it from Services and EndpointSlices
+//! with kube-proxy's rules; the syncer programs it.
 pub mod endpoints;
 pub mod kubernetes;
 use std::{

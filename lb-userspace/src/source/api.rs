@@ -1,11 +1,13 @@
-//! The Kubernetes API as the source of truth: kube-rs reflectors over the
-//! Services and discovery.k8s.io/v1 EndpointSlices this proxy is for (the
-//! API server leaves out the others, with kube-proxy's label selector).
-//! Objects are cached without what the agent never reads. Nothing is
-//! signalled before both initial lists are complete. Watch errors (a
-//! dropped connection, 410 Gone) make the watcher re-list, with backoff
-//! while the API server is unreachable; the reflector stores keep the last
-//! complete state meanwhile, so the datapath keeps serving it.
+//! The Kubernetes API as the source of truth.
+//!
+//! It is read through kube-rs reflectors over the Services and
+//! discovery.k8s.io/v1 EndpointSlices this proxy is for (the API server leaves
+//! out the others, with kube-proxy's label selector). Objects are cached
+//! without what the agent never reads. Nothing is signalled before both initial
+//! lists are complete. Watch errors (a dropped connection, 410 Gone) make the
+//! watcher re-list, with backoff while the API server is unreachable; the
+//! reflector stores keep the last complete state meanwhile, so the datapath
+//! keeps serving it.
 use std::{future::Future, time::Instant};
 
 use futures::{FutureExt, StreamExt, stream};

@@ -1,12 +1,13 @@
-//! A directory of Kubernetes manifests as the source of truth: every
-//! `*.yaml`, `*.yml` and `*.json` file in it, each holding one or more
-//! documents (`---`-separated, or a `List` as `kubectl get -o yaml` writes
+//! A directory of Kubernetes manifests as the source of truth.
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file in it is read, each holding one or
+//! more documents (`---`-separated, or a `List` as `kubectl get -o yaml` writes
 //! it) of Service, discovery.k8s.io/v1 EndpointSlice and legacy v1 Endpoints
-//! objects, and Nodes (the one named like this node gives its zone, and
-//! its addresses where no --node-ip is given, as in a cluster). Other kinds
-//! (Pods, Deployments, ...) are ignored. Endpoints are turned into
-//! EndpointSlices as Kubernetes' mirroring controller does. The directory
-//! is watched, and re-read whole on every change.
+//! objects, and Nodes (the one named like this node gives its zone, and its
+//! addresses where no --node-ip is given, as in a cluster). Other kinds (Pods,
+//! Deployments, ...) are ignored. Endpoints are turned into EndpointSlices as
+//! Kubernetes' mirroring controller does. The directory is watched, and re-read
+//! whole on every change.
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt,

@@ -1,7 +1,9 @@
-//! Sources of truth: the Kubernetes API (`api`) or a directory of manifests
-//! (`manifests`). A source's background task signals on a watch channel
-//! when it noticed a change; the agent then takes a snapshot of the
-//! objects, once per sync however many changes came in between.
+//! Sources of truth: where the agent learns the services and endpoints to program.
+//!
+//! Either the Kubernetes API (`api`) or a directory of manifests (`manifests`).
+//! A source's background task signals on a watch channel when it noticed a
+//! change; the agent then takes a snapshot of the objects, once per sync
+//! however many changes came in between.
 pub mod api;
 pub mod manifests;
 

@@ -1,7 +1,8 @@
-//! Adopting what a previous agent programmed: the syncer's bookkeeping is
-//! rebuilt from the pinned maps, so that a restarted agent's first sync
-//! writes only what changed while it was away, and established flows keep
-//! their backend sets.
+//! Adopting what a previous agent programmed, so a restarted agent rewrites only what changed.
+//!
+//! The syncer's bookkeeping is rebuilt from the pinned maps, so that a
+//! restarted agent's first sync writes only what changed while it was away, and
+//! established flows keep their backend sets.
 //!
 //! A service port is adopted when its pieces agree: a name, a current
 //! backend set, frontends pointing at that set, and a complete set. Pieces

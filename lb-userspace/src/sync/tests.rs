@@ -1,6 +1,8 @@
-//! The syncer's tests: each change programmed exactly and in a safe order
-//! (against an in-memory model of the maps that checks the ordering
-//! guarantees), adoption after a restart, capacity, shared frontends.
+//! The syncer's tests: what it writes, in what order, and what it adopts.
+//!
+//! Each change programmed exactly and in a safe order (against an in-memory
+//! model of the maps that checks the ordering guarantees), adoption after a
+//! restart, capacity, shared frontends.
 use std::collections::HashMap;
 
 use super::*;

@@ -1,6 +1,7 @@
-//! The fake API server's HTTP side: one connection's requests, lists (in
-//! pages) and watches (a chunked stream of event lines), and the Status
-//! bodies of its errors.
+//! The fake API server's HTTP side: serving one connection's requests.
+//!
+//! Lists (in pages) and watches (a chunked stream of event lines), and the
+//! Status bodies of its errors.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},

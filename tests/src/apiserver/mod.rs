@@ -1,19 +1,20 @@
-//! A fake Kubernetes API server, the one fake these tests allow: it speaks
-//! the real HTTP list/watch protocol to kube-rs for Services and
+//! A fake Kubernetes API server for the agent's API source, the one fake these tests allow.
+//!
+//! It speaks the real HTTP list/watch protocol to kube-rs for Services and
 //! discovery.k8s.io/v1 EndpointSlices (and Nodes and ServiceCIDRs). Lists
 //! answer with the current objects and resourceVersion, in pages when asked
 //! (`limit` and `continue`, as kube-rs does by default); watches stream JSON
 //! lines (ADDED, MODIFIED, DELETED, BOOKMARK) over a chunked response,
 //! replaying what happened since the requested resourceVersion; a
-//! resourceVersion or continue token older than the last compaction gets
-//! the 410 Gone that makes a client re-list. Lists and watches honour a
+//! resourceVersion or continue token older than the last compaction gets the
+//! 410 Gone that makes a client re-list. Lists and watches honour a
 //! `labelSelector` (`key`, `!key`, `key=value`, `key==value`, `key!=value`;
-//! set-based forms answer 400) and a `fieldSelector` on `metadata.name`
-//! (others answer 400, as an API server does for a field it cannot select
-//! on); as in the API server's watch cache, an object that comes to match a
-//! watch's selection is sent as ADDED, and one that stops matching as
-//! DELETED. The test drives it: apply and delete objects, drop every watch,
-//! expire resourceVersions, hold a list, or go down entirely (an outage).
+//! set-based forms answer 400) and a `fieldSelector` on `metadata.name` (others
+//! answer 400, as an API server does for a field it cannot select on); as in
+//! the API server's watch cache, an object that comes to match a watch's
+//! selection is sent as ADDED, and one that stops matching as DELETED. The test
+//! drives it: apply and delete objects, drop every watch, expire
+//! resourceVersions, hold a list, or go down entirely (an outage).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::TcpListener,

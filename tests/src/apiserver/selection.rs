@@ -1,5 +1,6 @@
-//! What a list or watch of the fake API server selects (`labelSelector`,
-//! `fieldSelector` on the name), and the watch event a change makes for it.
+//! What a list or watch of the fake API server selects, and the watch event a change makes.
+//!
+//! Selections are by `labelSelector` and by `fieldSelector` on the name.
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde_json::{Value, json};

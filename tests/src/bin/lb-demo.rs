@@ -1,8 +1,10 @@
-//! The demo behind `cargo xtask demo`: the seeds' kubia service (ClusterIP
-//! 10.96.0.10, port 80 → targetPort 8080, three pods), its NodePort
-//! (30123) and LoadBalancer variants, from the manifests in deploy/examples/, in network namespaces on this machine, with the real
-//! lb-agent doing the load balancing and real curl requests. No cluster
-//! needed. Everything it creates is removed when it ends.
+//! The demo behind `cargo xtask demo`: the real lb-agent serving kubia on this machine.
+//!
+//! The seeds' kubia service (ClusterIP 10.96.0.10, port 80 → targetPort 8080,
+//! three pods), its NodePort (30123) and LoadBalancer variants, from the
+//! manifests in deploy/examples/, run in network namespaces on this machine,
+//! with the real lb-agent doing the load balancing and real curl requests. No
+//! cluster needed. Everything it creates is removed when it ends.
 use std::{net::SocketAddrV4, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};

@@ -1,7 +1,8 @@
-//! A UDP client that runs as a process of its own, so that a test can put
-//! it in a cgroup where the node's socket programs apply (a test's threads
-//! cannot join one). One socket at a time; one command per line on stdin,
-//! one answer line on stdout:
+//! A UDP client in a process of its own, for tests of the socket programs.
+//!
+//! A test puts it in a cgroup where the node's socket programs apply (a test's
+//! threads cannot join one). One socket at a time; one command per line on
+//! stdin, one answer line on stdout:
 //! - `send IP:PORT`: "query" there from the unconnected socket it started
 //!   with; prints `FROM ANSWER` for the reply;
 //! - `connect IP:PORT`: a new socket, connected there; prints `connected`;

@@ -1,8 +1,10 @@
-//! Test hosts in network namespaces: uniquely named namespaces joined by
-//! veth pairs, servers and clients on threads that entered a namespace,
-//! the real `lb-agent` running in the node namespace with its maps pinned
-//! in a bpf filesystem of the test's own. Everything is removed on drop,
-//! also when a test fails. Traffic only goes between these namespaces.
+//! Test hosts in network namespaces, for end-to-end tests on one machine.
+//!
+//! Uniquely named namespaces joined by veth pairs, servers and clients on
+//! threads that entered a namespace, the real `lb-agent` running in the node
+//! namespace with its maps pinned in a bpf filesystem of the test's own.
+//! Everything is removed on drop, also when a test fails. Traffic only goes
+//! between these namespaces.
 //!
 //! `agent` runs the agent and its bpf filesystem, `cgroup` holds the test's
 //! cgroup and a UDP client process in it, `server` the pods' echo server and

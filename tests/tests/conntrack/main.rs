@@ -1,15 +1,15 @@
-//! A conntrack entry's life, through BPF_PROG_TEST_RUN: what a flow's
-//! packets do to the state and expiry of both of its entries, how long each
-//! state lives, what a closed or expired flow's entries still translate and
-//! what they leave alone (a SYN on a closed tuple is a new connection, a
-//! direct connection from the backend's port is not the closed flow's), how
-//! a forward hit (or a pending connection's retransmitted SYN) restores a
-//! missing reply entry, how closed and expired flows give their source NAT
-//! ports back, and how a garbage collection leaves alone the flows that
-//! took expired tuples while it ran. Packets are built by etherparse and
-//! checked byte for byte; the entries are read from the maps. Every
-//! test runs through both hooks, XDP and tc, each with a fresh datapath.
-//! Needs root.
+//! A conntrack entry's life, tested through BPF_PROG_TEST_RUN.
+//!
+//! What a flow's packets do to the state and expiry of both of its entries, how
+//! long each state lives, what a closed or expired flow's entries still
+//! translate and what they leave alone (a SYN on a closed tuple is a new
+//! connection, a direct connection from the backend's port is not the closed
+//! flow's), how a forward hit (or a pending connection's retransmitted SYN)
+//! restores a missing reply entry, how closed and expired flows give their
+//! source NAT ports back, and how a garbage collection leaves alone the flows
+//! that took expired tuples while it ran. Packets are built by etherparse and
+//! checked byte for byte; the entries are read from the maps. Every test runs
+//! through both hooks, XDP and tc, each with a fresh datapath. Needs root.
 //!
 //! The tests are grouped by concern, one module each; the flows, packets and
 //! checks below are shared by them.

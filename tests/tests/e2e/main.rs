@@ -1,8 +1,10 @@
-//! End-to-end: real TCP (HTTP) and UDP clients and servers in veth network
-//! namespaces, with the real `lb-agent` in the node namespace reading a
-//! directory of manifests. Needs root. Each test builds its own uniquely
-//! named namespaces, bpf filesystem and manifest directory, and removes
-//! them when it ends, passing or failing.
+//! End-to-end tests: the real agent between real clients and servers.
+//!
+//! Real TCP (HTTP) and UDP clients and servers in veth network namespaces, with
+//! the real `lb-agent` in the node namespace reading a directory of manifests.
+//! Needs root. Each test builds its own uniquely named namespaces, bpf
+//! filesystem and manifest directory, and removes them when it ends, passing or
+//! failing.
 //!
 //! The tests are grouped by feature, one module each; the helpers below are
 //! shared by several of them.

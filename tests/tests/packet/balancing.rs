@@ -1,7 +1,8 @@
-//! Balancing and conntrack, each test on a fixture of its own (it
-//! reprograms the services or fills a table): established flows keep their
-//! backend, new ones spread, session affinity, and UDP churn beside an idle
-//! TCP connection.
+//! Packet cases on balancing and conntrack that need a fixture of their own.
+//!
+//! Each reprograms the services or fills a table: established flows keep their
+//! backend, new ones spread, session affinity, and UDP churn beside an idle TCP
+//! connection.
 use std::collections::BTreeSet;
 
 use aya::programs::{TestRun, TestRunOptions};

@@ -1,5 +1,6 @@
-//! The services the packet cases run against, the fixtures shared by the
-//! cases, and the packets that build the flows a case needs.
+//! The services and shared fixtures the packet cases run against.
+//!
+//! The packets that build the flows a case needs are here too.
 use lb_common::{DATAPATH_ANSWER_ECHO, DatapathConfig, Ipv4Cidr, Ipv4Cidrs, SNAT_PORT_MAX, SNAT_PORT_MIN, ip_be};
 use lb_tests::{
     fixture::{Fixture, desired, service},

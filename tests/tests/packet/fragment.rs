@@ -1,5 +1,7 @@
-//! IP fragments: the first, which carries the ports, follows its flow; a
-//! later one to a service whose first was never seen cannot be placed.
+//! Packet cases for IP fragments.
+//!
+//! The first, which carries the ports, follows its flow; a later one to a
+//! service whose first was never seen cannot be placed.
 use lb_common::Reason;
 use lb_tests::{
     fixture::Verdict::{Drop, Pass},

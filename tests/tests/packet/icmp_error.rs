@@ -1,5 +1,6 @@
-//! ICMP errors about a tracked flow are translated like the flow's packets
-//! (their outer addresses and the packet they quote); others pass.
+//! ICMP errors about a tracked flow are translated like the flow's packets; others pass.
+//!
+//! Both their outer addresses and the packet they quote are translated.
 use etherparse::{Icmpv4Type, Ipv4Header, icmpv4::DestUnreachableHeader};
 use lb_common::Reason;
 use lb_tests::{fixture::Verdict::Pass, packets::Frame};

@@ -1,10 +1,11 @@
-//! Byte-exact datapath tests through BPF_PROG_TEST_RUN, in the shape of
-//! kube-proxy's packet-flow tests: each case is an input packet, the
-//! expected verdict, the expected output bytes (built by etherparse, so
-//! addresses, ports and checksums are checked independently of our code),
-//! the verdict reason it must be counted under and how the counters of the
-//! services it touches move. Every case runs through both hooks, XDP and tc.
-//! Needs root.
+//! Byte-exact datapath tests through BPF_PROG_TEST_RUN.
+//!
+//! In the shape of kube-proxy's packet-flow tests, each case is an input
+//! packet, the expected verdict, the expected output bytes (built by
+//! etherparse, so addresses, ports and checksums are checked independently of
+//! our code), the verdict reason it must be counted under and how the counters
+//! of the services it touches move. Every case runs through both hooks, XDP and
+//! tc. Needs root.
 //!
 //! Each case is its own `#[test]` (`cargo test --test packet -- --exact
 //! translate::established_tcp_flow_keeps_its_backend` runs one alone) and

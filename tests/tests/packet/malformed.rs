@@ -1,5 +1,6 @@
-//! Malformed input: dropped when it is addressed to a service (it cannot be
-//! translated safely), left to the kernel otherwise.
+//! Malformed input: dropped when addressed to a service, left to the kernel otherwise.
+//!
+//! Malformed input addressed to a service cannot be translated safely.
 use lb_common::Reason;
 use lb_tests::{
     fixture::Verdict::{Drop, Pass},

@@ -1,8 +1,9 @@
-//! A node's external services: node ports under either
-//! externalTrafficPolicy, hairpin, load balancer IPs, pings to cluster IPs,
-//! clients outside the pod range and unallocated cluster IPs. Client ports
-//! in the source NAT range (61000-65535) are kept when free, which makes
-//! the source-translated outputs exact.
+//! Packet cases for a node's external services and clients outside the pod range.
+//!
+//! Node ports under either externalTrafficPolicy, hairpin, load balancer IPs,
+//! pings to cluster IPs, clients outside the pod range and unallocated cluster
+//! IPs. Client ports in the source NAT range (61000-65535) are kept when free,
+//! which makes the source-translated outputs exact.
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use lb_common::Reason;
 use lb_tests::{

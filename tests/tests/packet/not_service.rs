@@ -1,5 +1,6 @@
-//! Traffic that is not the datapath's passes unchanged: other addresses,
-//! ARP, IPv6, ICMP that is not an error about a flow.
+//! Traffic that is not the datapath's passes unchanged.
+//!
+//! Other addresses, ARP, IPv6, ICMP that is not an error about a flow.
 use lb_common::Reason;
 use lb_tests::{
     fixture::Verdict::Pass,

@@ -1,6 +1,8 @@
-//! Rejects: a service without endpoints, or a service address's unknown
-//! port, is answered with a TCP reset or ICMP port unreachable; what cannot
-//! be answered is dropped.
+//! Rejects: a TCP reset or ICMP port unreachable where no backend can answer.
+//!
+//! A service without endpoints, or a service address's unknown port, is
+//! answered with a TCP reset or ICMP port unreachable; what cannot be answered
+//! is dropped.
 use lb_common::Reason;
 use lb_tests::{
     fixture::Verdict::{Bounce, Drop},

@@ -1,6 +1,7 @@
-//! Source NAT and the settings around it, each test on a fixture of its
-//! own (it holds flows whose ports must collide, or changes the
-//! configuration): reply clashes, port collisions, no node address,
+//! Source NAT and the settings around it, each test on a fixture of its own.
+//!
+//! Each fixture holds flows whose ports must collide, or has its configuration
+//! changed. The cases: reply clashes, port collisions, no node address,
 //! loadBalancerSourceRanges and --masquerade-all.
 use lb_common::{Reason, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_tests::{

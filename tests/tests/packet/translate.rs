@@ -1,6 +1,8 @@
-//! Cluster IP translation: new TCP and UDP flows go to the backend, their
-//! later packets follow, replies come back from the service; with IP
-//! options, padding and UDP without checksum.
+//! Cluster IP translation: flows to the backend, replies back from the service.
+//!
+//! New TCP and UDP flows go to the backend, their later packets follow, replies
+//! come back from the service; with IP options, padding and UDP without
+//! checksum.
 use lb_common::Reason;
 use lb_tests::{fixture::Verdict::Pass, packets::Frame};
 

@@ -1,6 +1,7 @@
-//! Debian's own kernels in a throwaway QEMU VM, so the datapath is tested on
-//! the oldest kernels the agent supports and not only on whatever the host
-//! runs.
+//! Debian's own kernels in a throwaway QEMU VM, for testing beyond the host's kernel.
+//!
+//! The datapath is tested on the oldest kernels the agent supports and not only
+//! on whatever the host runs.
 //!
 //! The VM is started by virtme-ng (`vng`): it boots a kernel with the host's
 //! root filesystem shared read-only over 9p, so the test binaries that cargo

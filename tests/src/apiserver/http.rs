@@ -172,7 +172,8 @@ pub(super) fn list(conn: &mut TcpStream, shared: &Arc<(Mutex<State>, Condvar)>, 
         Some((_, namespace, name)) if more => format!("{list_rv}/{namespace}/{name}"),
         _ => String::new(),
     };
-    let (api_version, list_kind) = kind.list_header();
+    let (api_version, object_kind) = kind.api_version_kind();
+    let list_kind = format!("{object_kind}List");
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if !continue_token.is_empty() {
         metadata["continue"] = json!(continue_token);

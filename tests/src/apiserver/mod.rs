@@ -70,15 +70,6 @@ impl Kind {
         matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
-    fn list_header(self) -> (&'static str, &'static str) {
-        match self {
-            Kind::Service => ("v1", "ServiceList"),
-            Kind::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
-            Kind::Node => ("v1", "NodeList"),
-            Kind::ServiceCidr => ("networking.k8s.io/v1", "ServiceCIDRList"),
-        }
-    }
-
     fn api_version_kind(self) -> (&'static str, &'static str) {
         match self {
             Kind::Service => ("v1", "Service"),

@@ -189,15 +189,15 @@ fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend
     if let Some(entry) = SESSION_AFFINITY.get_ptr_mut(key) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         let remembered = unsafe { *entry };
-        if now.saturating_sub(remembered.last_used_ns) <= timeout_ns && takes_new_connections(fe.backend_set, remembered.backend) {
-            // SAFETY: as above; one aligned u64 store.
-            unsafe { (*entry).last_used_ns = now };
+        if now.saturating_sub(remembered.last_used_ns()) <= timeout_ns && takes_new_connections(fe.backend_set, remembered.backend) {
+            // SAFETY: as above; the entry rewritten in place.
+            unsafe { *entry = AffinityValue::new(remembered.backend, now) };
             return Some(remembered.backend);
         }
     }
     let backend = pick_backend(fe)?;
     // A client whose affinity cannot be stored still gets its backend.
-    let _best_effort = SESSION_AFFINITY.insert(key, AffinityValue { backend, last_used_ns: now }, 0);
+    let _best_effort = SESSION_AFFINITY.insert(key, AffinityValue::new(backend, now), 0);
     Some(backend)
 }
 

@@ -124,15 +124,15 @@ fn socket_backend(key: SocketBackendKey, fe: &FrontendValue, client: u64) -> Opt
         // SAFETY: a pointer from a successful lookup, valid for this run.
         let remembered = unsafe { *entry };
         let current = service::current_backend_set(fe.service_id);
-        if now.saturating_sub(remembered.last_used_ns) <= lifetime_ns && service::is_member(current, remembered.backend) {
-            // SAFETY: as above; one aligned u64 store.
-            unsafe { (*entry).last_used_ns = now };
+        if now.saturating_sub(remembered.last_used_ns()) <= lifetime_ns && service::is_member(current, remembered.backend) {
+            // SAFETY: as above; the entry rewritten in place.
+            unsafe { *entry = AffinityValue::new(remembered.backend, now) };
             return Some(remembered.backend);
         }
     }
     let backend = service::pick_backend_for(fe, client)?;
     // A socket whose choice cannot be stored still gets its backend.
-    let _best_effort = SOCKET_BACKENDS.insert(key, AffinityValue { backend, last_used_ns: now }, 0);
+    let _best_effort = SOCKET_BACKENDS.insert(key, AffinityValue::new(backend, now), 0);
     Some(backend)
 }
 

@@ -1,7 +1,8 @@
 //! The node's datapath settings (`DATAPATH_CONFIG`), written by the agent at start.
 use bytemuck::{Pod, Zeroable};
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
+use super::{IpAddress, Ipv6};
 use crate::lifecycle::ConntrackLifetimes;
 
 /// The node's datapath settings: `DATAPATH_CONFIG`'s one entry.
@@ -89,27 +90,60 @@ pub const KERNEL_FALLBACK_CONNECT_EPERM: u32 = 1 << 1;
 /// not reach services.
 pub const KERNEL_FALLBACK_NO_SOCKET_LB: u32 = 1 << 2;
 
-/// How many address ranges an `Ipv4Cidrs` holds.
-pub const MAX_CIDRS: usize = 4;
-
-/// An IPv4 address range, network byte order: `ip & mask == network`.
+/// The node's IPv6 settings: `DATAPATH_CONFIG_V6`'s one entry. What both
+/// families share (ports, flags, lifetimes, the clock) is in
+/// `DatapathConfig`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Ipv4Cidr {
-    pub network: u32,
-    pub mask: u32,
+pub struct DatapathConfigV6 {
+    /// As `DatapathConfig::snat_ip`, for IPv6 flows; all zero: none.
+    pub snat_ip: Ipv6,
+    /// As `DatapathConfig::cluster_cidrs`.
+    pub cluster_cidrs: Ipv6Cidrs,
+    /// As `DatapathConfig::service_cidrs`.
+    pub service_cidrs: Ipv6Cidrs,
 }
-const _: () = assert!(size_of::<Ipv4Cidr>() == 8);
+const _: () = assert!(size_of::<DatapathConfigV6>() == 16 + 2 * size_of::<Ipv6Cidrs>());
 
-impl Ipv4Cidr {
+/// How many address ranges a `Cidrs` holds.
+pub const MAX_CIDRS: usize = 4;
+
+/// An address range, network byte order: `ip & mask == network`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Zeroable)]
+pub struct Cidr<A = u32> {
+    pub network: A,
+    pub mask: A,
+}
+pub type Ipv4Cidr = Cidr<u32>;
+pub type Ipv6Cidr = Cidr<Ipv6>;
+
+impl Cidr<u32> {
     pub fn new(network: Ipv4Addr, prefix_len: u8) -> Self {
         let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
         Self { network: (u32::from(network) & mask).to_be(), mask: mask.to_be() }
     }
+}
 
+impl Cidr<Ipv6> {
+    pub fn new(network: Ipv6Addr, prefix_len: u8) -> Self {
+        let mask = if prefix_len == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix_len.min(128))) };
+        Self { network: Ipv6::new((u128::from(network) & mask).into()), mask: Ipv6::new(mask.into()) }
+    }
+}
+
+impl<A: IpAddress> Cidr<A> {
     #[inline(always)]
-    pub const fn contains(&self, ip_be: u32) -> bool {
-        ip_be & self.mask == self.network
+    pub fn contains(&self, ip: A) -> bool {
+        ip.masked(self.mask) == self.network
+    }
+}
+
+/// As written: `fd00:10:96::/108`.
+impl core::fmt::Display for Ipv6Cidr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let bits: u32 = self.mask.0.iter().map(|w| w.count_ones()).sum();
+        write!(f, "{}/{bits}", self.network.addr())
     }
 }
 
@@ -123,16 +157,23 @@ impl core::fmt::Display for Ipv4Cidr {
 
 /// Up to `MAX_CIDRS` address ranges: the first `count` are used.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Ipv4Cidrs {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct Cidrs<A = u32> {
     pub count: u32,
-    pub ranges: [Ipv4Cidr; MAX_CIDRS],
+    pub ranges: [Cidr<A>; MAX_CIDRS],
 }
-const _: () = assert!(size_of::<Ipv4Cidrs>() == 4 + 8 * MAX_CIDRS);
+pub type Ipv4Cidrs = Cidrs<u32>;
+pub type Ipv6Cidrs = Cidrs<Ipv6>;
 
-impl Ipv4Cidrs {
+impl<A: IpAddress + Default> Default for Cidrs<A> {
+    fn default() -> Self {
+        Self { count: 0, ranges: [Cidr::default(); MAX_CIDRS] }
+    }
+}
+
+impl<A: IpAddress + Default> Cidrs<A> {
     /// The ranges, at most `MAX_CIDRS` of them (the caller checks).
-    pub fn new(ranges: impl IntoIterator<Item = Ipv4Cidr>) -> Self {
+    pub fn new(ranges: impl IntoIterator<Item = Cidr<A>>) -> Self {
         let mut cidrs = Self::default();
         for (slot, range) in cidrs.ranges.iter_mut().zip(ranges) {
             *slot = range;
@@ -143,7 +184,7 @@ impl Ipv4Cidrs {
 
     /// Whether `ip` (network byte order) is in one of the ranges.
     #[inline(always)]
-    pub fn contains(&self, ip: u32) -> bool {
+    pub fn contains(&self, ip: A) -> bool {
         let mut i = 0;
         // A counted loop the verifier can bound.
         while i < MAX_CIDRS {
@@ -159,7 +200,12 @@ impl Ipv4Cidrs {
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
-user_pod!(DatapathConfig, DatapathClock);
+pod_for_both_families! {
+    Cidr: 8, 32;
+    Cidrs: 4 + 8 * MAX_CIDRS, 4 + 32 * MAX_CIDRS;
+}
+
+user_pod!(DatapathConfig, DatapathConfigV6, DatapathClock);
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
 //! Conntrack entries: a flow direction's wire 5-tuple and the translation its packets get.
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 use core::net::SocketAddrV4;
 
-use super::{Backend, ip_be};
+use super::{Backend, IpAddress, ip_be};
 use crate::checksum;
 
 /// `ConntrackValue::direction`: the client → service direction, translated
@@ -12,14 +12,15 @@ pub const CT_FORWARD: u8 = 1;
 /// back to the service address.
 pub const CT_REPLY: u8 = 2;
 
-/// A packet's 5-tuple as seen on the wire at the hook.
+/// A packet's 5-tuple as seen on the wire at the hook; `A` is the family's
+/// address (`u32` for IPv4, `Ipv6`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct ConntrackKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct ConntrackKey<A = u32> {
     /// Network byte order.
-    pub src_ip: u32,
+    pub src_ip: A,
     /// Network byte order.
-    pub dst_ip: u32,
+    pub dst_ip: A,
     /// Network byte order.
     pub src_port: u16,
     /// Network byte order.
@@ -30,7 +31,6 @@ pub struct ConntrackKey {
     pub _pad: u8,
     pub _pad2: u16,
 }
-const _: () = assert!(size_of::<ConntrackKey>() == 16);
 const _: () = assert!(align_of::<ConntrackKey>() == 4);
 
 /// What to do with a packet whose 5-tuple matches the key: the addresses
@@ -38,21 +38,21 @@ const _: () = assert!(align_of::<ConntrackKey>() == 4);
 /// checksums, worked out once when the flow is recorded so that every
 /// later packet only copies and adds.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct ConntrackValue {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct ConntrackValue<A = u32> {
     /// The source after translation: unchanged, the service frontend
     /// (`CT_REPLY`), or the node's address (`CT_FORWARD` with source NAT).
-    /// Network byte order; the two addresses in IPv4 header order.
-    pub src_ip: u32,
+    /// Network byte order; the two addresses in IP header order.
+    pub src_ip: A,
     /// The destination after translation: the backend (`CT_FORWARD`), or
     /// the client again (`CT_REPLY` with source NAT). Network byte order.
-    pub dst_ip: u32,
+    pub dst_ip: A,
     /// Network byte order; the two ports in TCP/UDP header order.
     pub src_port: u16,
     /// Network byte order.
     pub dst_port: u16,
-    /// What the address rewrite adds to the IPv4 header checksum and,
-    /// through the pseudo-header, to the TCP/UDP checksum (folded one's
+    /// What the address rewrite adds to the IPv4 header checksum (IPv6 has
+    /// none) and, through the pseudo-header, to the TCP/UDP checksum (folded one's
     /// complement, see `checksum`).
     pub addr_csum_delta: u16,
     /// What the port rewrite adds to the TCP/UDP checksum.
@@ -74,12 +74,11 @@ pub struct ConntrackValue {
     /// agent's garbage collection deletes it.
     pub expires: u32,
 }
-const _: () = assert!(size_of::<ConntrackValue>() == 32);
 
 /// An address and port, network byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub ip: u32,
+pub struct Endpoint<A = u32> {
+    pub ip: A,
     pub port: u16,
 }
 
@@ -88,16 +87,24 @@ impl ConntrackKey {
     pub const fn new(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Self {
         Self { src_ip: ip_be(*src.ip()), dst_ip: ip_be(*dst.ip()), src_port: src.port().to_be(), dst_port: dst.port().to_be(), proto, _pad: 0, _pad2: 0 }
     }
+}
+
+impl<A: IpAddress> ConntrackKey<A> {
+    /// The key of a packet from `src` to `dst`, network byte order.
+    #[inline(always)]
+    pub const fn of(src: Endpoint<A>, dst: Endpoint<A>, proto: u8) -> Self {
+        Self { src_ip: src.ip, dst_ip: dst.ip, src_port: src.port, dst_port: dst.port, proto, _pad: 0, _pad2: 0 }
+    }
 
     /// Where the packet comes from.
     #[inline(always)]
-    pub const fn source(&self) -> Endpoint {
+    pub const fn source(&self) -> Endpoint<A> {
         Endpoint { ip: self.src_ip, port: self.src_port }
     }
 
     /// Where the packet goes.
     #[inline(always)]
-    pub const fn destination(&self) -> Endpoint {
+    pub const fn destination(&self) -> Endpoint<A> {
         Endpoint { ip: self.dst_ip, port: self.dst_port }
     }
 }
@@ -108,26 +115,26 @@ impl From<SocketAddrV4> for Endpoint {
     }
 }
 
-impl From<Backend> for Endpoint {
+impl<A> From<Backend<A>> for Endpoint<A> {
     #[inline(always)]
-    fn from(backend: Backend) -> Self {
+    fn from(backend: Backend<A>) -> Self {
         Endpoint { ip: backend.ip, port: backend.port }
     }
 }
 
-impl From<Endpoint> for Backend {
+impl<A> From<Endpoint<A>> for Backend<A> {
     #[inline(always)]
-    fn from(endpoint: Endpoint) -> Self {
+    fn from(endpoint: Endpoint<A>) -> Self {
         Backend { ip: endpoint.ip, port: endpoint.port, _pad: 0 }
     }
 }
 
-impl ConntrackValue {
+impl<A: IpAddress> ConntrackValue<A> {
     /// The entry that rewrites packets of `key` to come from `src` and go
     /// to `dst`, with the checksum changes that rewrite makes.
     #[inline(always)]
-    pub const fn translating(key: &ConntrackKey, src: Endpoint, dst: Endpoint, service_id: u32, backend_set: u32, direction: u8) -> Self {
-        let addr_csum_delta = checksum::fold(checksum::delta_u32(key.src_ip, src.ip) + checksum::delta_u32(key.dst_ip, dst.ip));
+    pub fn translating(key: &ConntrackKey<A>, src: Endpoint<A>, dst: Endpoint<A>, service_id: u32, backend_set: u32, direction: u8) -> Self {
+        let addr_csum_delta = checksum::fold(key.src_ip.csum_delta(src.ip) + key.dst_ip.csum_delta(dst.ip));
         let port_csum_delta = checksum::fold(checksum::delta_u16(key.src_port, src.port) + checksum::delta_u16(key.dst_port, dst.port));
         ConntrackValue {
             src_ip: src.ip,
@@ -148,14 +155,14 @@ impl ConntrackValue {
     /// The conntrack key of the flow's other direction: the packets that
     /// answer this entry's translated ones.
     #[inline(always)]
-    pub const fn partner_key(&self, proto: u8) -> ConntrackKey {
+    pub const fn partner_key(&self, proto: u8) -> ConntrackKey<A> {
         ConntrackKey { src_ip: self.dst_ip, dst_ip: self.src_ip, src_port: self.dst_port, dst_port: self.src_port, proto, _pad: 0, _pad2: 0 }
     }
 
     /// The entry of the flow's other direction, for an entry of `key`: its
     /// packets leave as the reverse of `key`.
     #[inline(always)]
-    pub const fn partner(&self, key: &ConntrackKey) -> ConntrackValue {
+    pub fn partner(&self, key: &ConntrackKey<A>) -> ConntrackValue<A> {
         let direction = if self.direction == CT_REPLY { CT_FORWARD } else { CT_REPLY };
         let mut partner = Self::translating(&self.partner_key(key.proto), key.destination(), key.source(), self.service_id, 0, direction);
         partner.flow_flags = self.flow_flags;
@@ -166,26 +173,29 @@ impl ConntrackValue {
     /// Whether `other`, found under this entry's `partner_key`, is this
     /// flow's other direction (and not another flow's that took the tuple).
     #[inline(always)]
-    pub const fn pairs_with(&self, key: &ConntrackKey, other: &ConntrackValue) -> bool {
+    pub fn pairs_with(&self, key: &ConntrackKey<A>, other: &ConntrackValue<A>) -> bool {
         other.src_ip == key.dst_ip && other.dst_ip == key.src_ip && other.src_port == key.dst_port && other.dst_port == key.src_port
     }
 
     /// Where a packet of this entry's flow goes after translation (the
     /// backend, for `CT_FORWARD`).
     #[inline(always)]
-    pub const fn destination(&self) -> Endpoint {
+    pub const fn destination(&self) -> Endpoint<A> {
         Endpoint { ip: self.dst_ip, port: self.dst_port }
     }
 
     /// Where a packet of this entry's flow seems to come from after
     /// translation (the service frontend, for `CT_REPLY`).
     #[inline(always)]
-    pub const fn source(&self) -> Endpoint {
+    pub const fn source(&self) -> Endpoint<A> {
         Endpoint { ip: self.src_ip, port: self.src_port }
     }
 }
 
-user_pod!(ConntrackKey, ConntrackValue);
+pod_for_both_families! {
+    ConntrackKey: 16, 40;
+    ConntrackValue: 32, 56;
+}
 
 #[cfg(test)]
 mod tests {

@@ -53,6 +53,10 @@
 //!   conntrack lifetimes, the clock).
 //! - `SERVICE_NAMES`: service id → name, for inspection tools; created and
 //!   written by the agent, never read by the datapath.
+//!
+//! IPv6 has twins of the maps that hold addresses (`*_V6`, the same generic
+//! types over `Ipv6`) and `DATAPATH_CONFIG_V6` for the node's IPv6
+//! settings; the rest serve both families.
 use core::net::Ipv4Addr;
 
 /// Implements `aya::Pod`, which user space's map handles require, for map
@@ -71,12 +75,34 @@ macro_rules! user_pod {
     };
 }
 
+/// Implements `bytemuck::Pod` (and `aya::Pod` in user space) for the IPv4
+/// and IPv6 versions of a map type generic over its address. The derive
+/// cannot check a generic struct for padding, so each version's size is
+/// asserted against the sum of its fields' sizes (`$v4`, `$v6` bytes):
+/// with no padding, any bit pattern is a valid value.
+macro_rules! pod_for_both_families {
+    ($($ty:ident: $v4:expr, $v6:expr;)+) => {
+        $(
+            const _: () = assert!(size_of::<$ty<u32>>() == $v4, "IPv4 layout has padding or changed");
+            const _: () = assert!(size_of::<$ty<$crate::Ipv6>>() == $v6, "IPv6 layout has padding or changed");
+            // SAFETY: `#[repr(C)]`, every field `Pod`, and the sizes above
+            // equal the sums of the field sizes: no padding bytes.
+            unsafe impl bytemuck::Pod for $ty<u32> {}
+            // SAFETY: as above.
+            unsafe impl bytemuck::Pod for $ty<$crate::Ipv6> {}
+            user_pod!($ty<u32>, $ty<$crate::Ipv6>);
+        )+
+    };
+}
+
+mod address;
 mod config;
 mod conntrack;
 mod fragments;
 mod service;
 mod socket;
 
+pub use address::*;
 pub use config::*;
 pub use conntrack::*;
 pub use fragments::*;
@@ -106,6 +132,25 @@ pub const MAP_LB_SOURCE_RANGES: &str = "LB_SOURCE_RANGES";
 pub const MAP_SOCKET_REVNAT: &str = "SOCKET_REVNAT";
 pub const MAP_SOCKET_BACKENDS: &str = "SOCKET_BACKENDS";
 pub const MAP_SERVICE_NAMES: &str = "SERVICE_NAMES";
+
+/// The IPv6 twins of the maps keyed or valued by an address: the same
+/// types over `Ipv6`, the same meaning. Service ids and backend set ids are
+/// one space over both families (a dual-stack service's two families are
+/// two services to the datapath, as to kube-proxy's two proxiers), so
+/// `SERVICE_BACKEND_SETS`, the counters and `SERVICE_NAMES` serve both.
+pub const MAP_SERVICE_FRONTENDS_V6: &str = "SERVICE_FRONTENDS_V6";
+pub const MAP_SERVICE_VIPS_V6: &str = "SERVICE_VIPS_V6";
+pub const MAP_BACKEND_SLOTS_V6: &str = "BACKEND_SLOTS_V6";
+pub const MAP_BACKEND_SET_MEMBERS_V6: &str = "BACKEND_SET_MEMBERS_V6";
+pub const MAP_CONNTRACK_TCP_V6: &str = "CONNTRACK_TCP_V6";
+pub const MAP_CONNTRACK_UDP_V6: &str = "CONNTRACK_UDP_V6";
+pub const MAP_CONNTRACK_TCP_PENDING_V6: &str = "CONNTRACK_TCP_PENDING_V6";
+/// The IPv6 conntrack tables, with the protocol each holds.
+pub const CONNTRACK_MAPS_V6: [(&str, u8); 3] =
+    [(MAP_CONNTRACK_TCP_V6, IPPROTO_TCP), (MAP_CONNTRACK_UDP_V6, IPPROTO_UDP), (MAP_CONNTRACK_TCP_PENDING_V6, IPPROTO_TCP)];
+pub const MAP_SESSION_AFFINITY_V6: &str = "SESSION_AFFINITY_V6";
+pub const MAP_LB_SOURCE_RANGES_V6: &str = "LB_SOURCE_RANGES_V6";
+pub const MAP_DATAPATH_CONFIG_V6: &str = "DATAPATH_CONFIG_V6";
 
 /// Program names, as the `#[classifier]`/`#[xdp]` functions are called.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";
@@ -144,6 +189,7 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// An IPv4 address in network byte order, as stored in the maps.
 #[inline(always)]

@@ -2,20 +2,19 @@
 use bytemuck::{Pod, Zeroable};
 use core::net::Ipv4Addr;
 
-use super::ip_be;
+use super::{Ipv6, ip_be};
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FrontendKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct FrontendKey<A = u32> {
     /// Network byte order.
-    pub ip: u32,
+    pub ip: A,
     /// Network byte order.
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<FrontendKey>() == 8);
 
 impl FrontendKey {
     pub const fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Self {
@@ -25,8 +24,8 @@ impl FrontendKey {
 
 /// Which service a frontend belongs to and the backend set it uses now.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct FrontendValue {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct FrontendValue<A = u32> {
     /// Index into `SERVICE_BACKEND_SETS` and `SERVICE_COUNTERS`; part of the
     /// keys of `LB_SOURCE_RANGES` and `SESSION_AFFINITY`.
     pub service_id: u32,
@@ -47,11 +46,10 @@ pub struct FrontendValue {
     /// IP frontend, this address and port (network byte order), as
     /// kube-proxy sends "pod traffic for external destinations" to the
     /// cluster policy. 0: everyone is served by this frontend.
-    pub in_cluster_ip: u32,
+    pub in_cluster_ip: A,
     pub in_cluster_port: u16,
     pub _pad: u16,
 }
-const _: () = assert!(size_of::<FrontendValue>() == 28);
 
 /// `FrontendValue::flags`: with no backends, drop instead of rejecting
 /// (kube-proxy's behaviour for internalTrafficPolicy Local without a local
@@ -71,33 +69,40 @@ pub const FRONTEND_SOURCE_RANGES: u32 = 4;
 /// length is 32 (the whole id) plus the range's; a lookup's is 64, so the
 /// longest match is within the service's own ranges.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct SourceRangeKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct SourceRangeKey<A = u32> {
     pub service_id: u32,
-    pub ip: u32,
+    pub ip: A,
 }
-const _: () = assert!(size_of::<SourceRangeKey>() == 8);
 
 impl SourceRangeKey {
-    /// The LPM trie prefix length of a range of `range_len` bits.
+    /// The LPM trie prefix length of a range of `range_len` bits (either
+    /// family: the service id comes first).
     pub const fn prefix_len(range_len: u8) -> u32 {
         32 + range_len as u32
     }
 }
 
-/// A client of a service with session affinity.
+/// A client of a service with session affinity. `C` is `u64` for IPv4 and
+/// `Ipv6` for IPv6.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct AffinityKey {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct AffinityKey<C = u64> {
     /// The client: its address (network byte order) for packets and the
     /// node's own processes; for a socket of another network namespace (a
     /// pod in a child cgroup of the socket programs'), that namespace's
-    /// cookie with `AFFINITY_CLIENT_NETNS` set.
-    pub client: u64,
+    /// cookie with `AFFINITY_CLIENT_NETNS` set (IPv4).
+    pub client: C,
     pub service_id: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<AffinityKey>() == 16);
+const _: () = assert!(size_of::<AffinityKey>() == 16 && size_of::<AffinityKey<Ipv6>>() == 24);
+// SAFETY: `#[repr(C)]`, every field `Pod`, and the sizes asserted above are
+// the sums of the fields': no padding.
+unsafe impl Pod for AffinityKey<u64> {}
+// SAFETY: as above.
+unsafe impl Pod for AffinityKey<Ipv6> {}
+user_pod!(AffinityKey<u64>, AffinityKey<Ipv6>);
 
 /// `AffinityKey::client` of a network namespace's sockets, not an address.
 pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
@@ -105,12 +110,26 @@ pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
 /// The backend a client's connections stick to, and when it last opened
 /// one (`bpf_ktime_get_ns`, monotonic).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct AffinityValue {
-    pub backend: Backend,
-    pub last_used_ns: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
+pub struct AffinityValue<A = u32> {
+    pub backend: Backend<A>,
+    /// The time as two native-order halves, low first: the bytes of a
+    /// `u64`, without its 8-byte alignment, which would pad the IPv6
+    /// version (a 20-byte backend).
+    pub last_used_ns: [u32; 2],
 }
-const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+impl<A> AffinityValue<A> {
+    #[inline(always)]
+    pub const fn new(backend: Backend<A>, last_used_ns: u64) -> Self {
+        Self { backend, last_used_ns: [last_used_ns as u32, (last_used_ns >> 32) as u32] }
+    }
+
+    #[inline(always)]
+    pub const fn last_used_ns(&self) -> u64 {
+        self.last_used_ns[0] as u64 | (self.last_used_ns[1] as u64) << 32
+    }
+}
 
 /// A service address: how many frontends it has, and `VIP_*` bits.
 #[repr(C)]
@@ -137,15 +156,14 @@ const _: () = assert!(size_of::<BackendSlotKey>() == 8);
 
 /// A backend endpoint: the address and target port traffic is sent to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct Backend {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
+pub struct Backend<A = u32> {
     /// Network byte order.
-    pub ip: u32,
+    pub ip: A,
     /// Network byte order.
     pub port: u16,
     pub _pad: u16,
 }
-const _: () = assert!(size_of::<Backend>() == 8);
 
 impl Backend {
     pub const fn new(ip: Ipv4Addr, port: u16) -> Self {
@@ -155,12 +173,11 @@ impl Backend {
 
 /// A backend's membership in a backend set; the value is its slot.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct BackendSetMemberKey {
-    pub backend: Backend,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
+pub struct BackendSetMemberKey<A = u32> {
+    pub backend: Backend<A>,
     pub backend_set: u32,
 }
-const _: () = assert!(size_of::<BackendSetMemberKey>() == 12);
 
 /// `BACKEND_SET_MEMBERS` value of a draining endpoint: a member for its
 /// established flows, not in any slot.
@@ -236,4 +253,13 @@ impl core::ops::Add for ServiceCounters {
     }
 }
 
-user_pod!(FrontendKey, FrontendValue, SourceRangeKey, AffinityKey, AffinityValue, VipValue, BackendSlotKey, Backend, BackendSetMemberKey, ServiceCounters, ServiceName);
+pod_for_both_families! {
+    FrontendKey: 8, 20;
+    FrontendValue: 28, 40;
+    SourceRangeKey: 8, 20;
+    AffinityValue: 16, 28;
+    Backend: 8, 20;
+    BackendSetMemberKey: 12, 24;
+}
+
+user_pod!(VipValue, BackendSlotKey, ServiceCounters, ServiceName);

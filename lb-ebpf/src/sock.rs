@@ -96,7 +96,7 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
         return REFUSE;
     };
     let reverse_key = SocketRevNatKey { cookie, backend_ip: backend.ip, backend_port: backend.port, _pad: 0 };
-    let reverse = SocketRevNatValue { frontend_ip: ip, frontend_port: port, _pad: 0 };
+    let reverse = SocketRevNatValue { frontend_ip: ip, frontend_port: port, proto, _pad: 0 };
     // Without the reverse entry a UDP reply would not be recognised: refuse
     // rather than half-translate.
     if SOCKET_REVNAT.insert(reverse_key, reverse, 0).is_err() {

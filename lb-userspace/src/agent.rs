@@ -287,7 +287,9 @@ impl<'a> Agent<'a> {
     fn destroy_sockets_of_departed_backends(&self) {
         let entries: Vec<_> = self.datapath.maps.socket_revnat.iter().filter_map(Result::ok).collect();
         let stale =
-            lb_userspace::sockets::stale_cookies(entries, |frontend, backend| self.syncer.socket_backend_serves(frontend, backend));
+            lb_userspace::sockets::stale_cookies(entries, |frontend, protocol, backend| {
+                self.syncer.socket_backend_serves(frontend, protocol, backend)
+            });
         match lb_userspace::sockets::destroy_everywhere(&stale) {
             Ok(0) => {}
             Ok(destroyed) => info!(destroyed, "destroyed the node's sockets connected to backends that left their service"),

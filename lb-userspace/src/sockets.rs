@@ -20,20 +20,21 @@ use std::{
 
 use lb_common::{SocketRevNatKey, SocketRevNatValue, ip_from_be};
 
-use crate::model::Endpoint;
+use crate::model::{Endpoint, Protocol};
 
 /// The cookies of sockets whose backend no longer serves their frontend,
-/// as `serves((frontend ip, port), backend)` says.
+/// as `serves((frontend ip, port), protocol, backend)` says (`protocol`
+/// `None` for an entry that did not record it: either).
 pub fn stale_cookies(
     entries: impl IntoIterator<Item = (SocketRevNatKey, SocketRevNatValue)>,
-    serves: impl Fn((std::net::Ipv4Addr, u16), Endpoint) -> bool,
+    serves: impl Fn((std::net::Ipv4Addr, u16), Option<Protocol>, Endpoint) -> bool,
 ) -> HashSet<u64> {
     entries
         .into_iter()
         .filter(|(key, value)| {
             let frontend = (ip_from_be(value.frontend_ip), u16::from_be(value.frontend_port));
             let backend = Endpoint { ip: ip_from_be(key.backend_ip), port: u16::from_be(key.backend_port) };
-            !serves(frontend, backend)
+            !serves(frontend, Protocol::from_number(value.proto), backend)
         })
         .map(|(key, _)| key.cookie)
         .collect()
@@ -99,12 +100,21 @@ struct Message {
 
 /// Destroys the IPv4 TCP sockets (all but listeners) and connected UDP
 /// sockets whose cookie is in `cookies`, in every network namespace a
-/// process is in (socket cookies are unique across them); returns how many.
+/// process is in (socket cookies are unique across them); returns how many,
+/// or the last error of a destroy the kernel refused (after trying them
+/// all): without CONFIG_INET_DIAG_DESTROY, EOPNOTSUPP.
 pub fn destroy_everywhere(cookies: &HashSet<u64>) -> io::Result<usize> {
     if cookies.is_empty() {
         return Ok(0);
     }
-    let mut destroyed = destroy(cookies)?;
+    let mut refused = None;
+    let mut destroyed = match destroy(cookies) {
+        Ok(n) => n,
+        Err(e) => {
+            refused = Some(e);
+            0
+        }
+    };
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
     let mut seen = HashSet::new();
     for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
@@ -116,45 +126,56 @@ pub fn destroy_everywhere(cookies: &HashSet<u64>) -> io::Result<usize> {
         // setns changes the calling thread only: a thread of its own.
         let cookies = cookies.clone();
         let visit = std::thread::spawn(move || -> io::Result<usize> {
-            let ns = std::fs::File::open(&path)?;
+            // A process gone meanwhile has nothing to destroy.
+            let Ok(ns) = std::fs::File::open(&path) else { return Ok(0) };
             // SAFETY: setns on a namespace file we hold open, for this
             // thread only.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
+                return Ok(0);
             }
             destroy(&cookies)
         });
-        // A process gone meanwhile, or a namespace without diag support,
-        // has nothing to destroy.
-        destroyed += visit.join().ok().and_then(Result::ok).unwrap_or(0);
+        match visit.join() {
+            Ok(Ok(n)) => destroyed += n,
+            Ok(Err(e)) => refused = Some(e),
+            Err(_) => {}
+        }
     }
-    Ok(destroyed)
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(destroyed),
+    }
 }
 
 /// Destroys this thread's namespace's IPv4 TCP sockets (all but listeners)
-/// and connected UDP sockets whose cookie is in `cookies`; returns how many.
+/// and connected UDP sockets whose cookie is in `cookies`; returns how many,
+/// or the last error of a destroy the kernel refused, after trying them all.
 fn destroy(cookies: &HashSet<u64>) -> io::Result<usize> {
     if cookies.is_empty() {
         return Ok(0);
     }
     let mut destroyed = 0;
+    let mut refused = None;
     for (protocol, states) in [(libc::IPPROTO_TCP as u8, !(1u32 << TCP_LISTEN)), (libc::IPPROTO_UDP as u8, 1 << TCP_ESTABLISHED)] {
         let found = dump(protocol, states)?;
         for id in found.into_iter().filter(|id| cookies.contains(&(u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32))) {
-            // A socket closed meanwhile is not an error.
-            if request(&Message {
+            match request(&Message {
                 kind: SOCK_DESTROY,
                 flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
                 request: DiagRequest { family: libc::AF_INET as u8, protocol, states: u32::MAX, id, ..DiagRequest::default() },
                 ..Message::default()
-            })
-            .is_ok()
-            {
-                destroyed += 1;
+            }) {
+                Ok(()) => destroyed += 1,
+                // A socket closed meanwhile is not an error.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => refused = Some(e),
             }
         }
     }
-    Ok(destroyed)
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(destroyed),
+    }
 }
 
 fn socket() -> io::Result<OwnedFd> {
@@ -238,17 +259,28 @@ mod tests {
 
     #[test]
     fn stale_sockets_are_those_whose_backend_left_the_frontend() {
-        let entry = |cookie, backend: [u8; 4]| {
+        let entry = |cookie, backend: [u8; 4], proto: u8| {
             (
                 SocketRevNatKey { cookie, backend_ip: lb_common::ip_be(backend.into()), backend_port: 8080u16.to_be(), _pad: 0 },
-                SocketRevNatValue { frontend_ip: lb_common::ip_be([10, 96, 0, 10].into()), frontend_port: 53u16.to_be(), _pad: 0 },
+                SocketRevNatValue { frontend_ip: lb_common::ip_be([10, 96, 0, 10].into()), frontend_port: 53u16.to_be(), proto, _pad: 0 },
             )
         };
-        let serving = Endpoint { ip: [10, 244, 1, 2].into(), port: 8080 };
-        let stale = stale_cookies([entry(1, [10, 244, 1, 2]), entry(2, [10, 244, 2, 2])], |frontend, backend| {
-            frontend == ([10, 96, 0, 10].into(), 53) && backend == serving
-        });
-        assert_eq!(stale, HashSet::from([2]), "only the socket whose backend left");
+        // Backend .2 serves port 53 over TCP only (draining: UDP left it).
+        let serves = |frontend, protocol: Option<Protocol>, backend: Endpoint| {
+            frontend == ([10, 96, 0, 10].into(), 53)
+                && (backend.ip.octets() == [10, 244, 1, 1] || backend.ip.octets() == [10, 244, 1, 2] && protocol != Some(Protocol::Udp))
+        };
+        let cases = [
+            ("a backend that serves", entry(1, [10, 244, 1, 1], lb_common::IPPROTO_UDP), false),
+            ("a backend that left", entry(2, [10, 244, 2, 2], lb_common::IPPROTO_TCP), true),
+            ("a UDP socket whose backend serves the TCP port only", entry(3, [10, 244, 1, 2], lb_common::IPPROTO_UDP), true),
+            ("a TCP socket whose backend serves the TCP port", entry(4, [10, 244, 1, 2], lb_common::IPPROTO_TCP), false),
+            ("an entry without its protocol: either", entry(5, [10, 244, 1, 2], 0), false),
+        ];
+        for (rule, entry, stale) in cases {
+            let cookie = entry.0.cookie;
+            assert_eq!(stale_cookies([entry], serves).contains(&cookie), stale, "{rule}");
+        }
     }
 
     #[test]

@@ -224,17 +224,22 @@ impl Syncer {
         self.programmed.keys()
     }
 
-    /// Whether `backend` still serves the frontend `ip`:`port` (either
-    /// protocol) for a socket the socket programs translated: a member of
-    /// its service port's set, draining included, where an
-    /// externalTrafficPolicy Local address sends the node to its cluster IP
-    /// frontend as the socket programs do. False once the frontend is gone.
-    pub fn socket_backend_serves(&self, (ip, port): (Ipv4Addr, u16), backend: Endpoint) -> bool {
+    /// Whether `backend` still serves the frontend `ip`:`port` over
+    /// `protocol` (`None`: either) for a socket the socket programs
+    /// translated: a member of its service port's set, draining included
+    /// (which only TCP ports keep), where an externalTrafficPolicy Local
+    /// address sends the node to its cluster IP frontend as the socket
+    /// programs do. False once the frontend is gone.
+    pub fn socket_backend_serves(&self, (ip, port): (Ipv4Addr, u16), protocol: Option<Protocol>, backend: Endpoint) -> bool {
         let programmed_at = |ip: Ipv4Addr, port: u16, protocol: Protocol| {
             let name = self.frontend_owner.get(&Frontend { ip, port, protocol })?;
             self.programmed.get(name)
         };
-        [Protocol::Tcp, Protocol::Udp].into_iter().any(|protocol| {
+        let protocols = match protocol {
+            Some(protocol) => vec![protocol],
+            None => vec![Protocol::Tcp, Protocol::Udp],
+        };
+        protocols.into_iter().any(|protocol| {
             let Some(mut p) = programmed_at(ip, port, protocol) else { return false };
             if let Some((cluster_ip, cluster_port)) = p.backends.in_cluster_via
                 && let Some(in_cluster) = programmed_at(cluster_ip, cluster_port, protocol)

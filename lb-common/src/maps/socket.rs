@@ -38,7 +38,13 @@ pub struct SocketRevNatValue {
     pub frontend_ip: u32,
     /// Network byte order.
     pub frontend_port: u16,
-    pub _pad: u16,
+    /// The socket's protocol (`IPPROTO_TCP` or `IPPROTO_UDP`): a port
+    /// served over both is two frontends, whose endpoints differ (a TCP
+    /// port keeps draining endpoints for its established connections, a
+    /// UDP port does not). 0 in entries written before it was recorded
+    /// (the byte was padding): either protocol.
+    pub proto: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(size_of::<SocketRevNatValue>() == 8);
 

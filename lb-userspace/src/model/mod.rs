@@ -62,6 +62,15 @@ impl Protocol {
             Protocol::Udp => IPPROTO_UDP,
         }
     }
+
+    /// The protocol with IP protocol number `number`, if it is one of ours.
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
 }
 
 /// An address, port and protocol that clients connect to.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, FrontendKey, FrontendValue, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND_SET,
+    FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, FrontendKey, FrontendValue, NO_BACKEND_SET,
     ServiceName, SourceRangeKey, ip_from_be,
 };
 
@@ -191,10 +191,6 @@ fn endpoint(backend: Backend) -> Endpoint {
 }
 
 fn frontend(key: &FrontendKey) -> Option<Frontend> {
-    let protocol = match key.proto {
-        IPPROTO_TCP => Protocol::Tcp,
-        IPPROTO_UDP => Protocol::Udp,
-        _ => return None,
-    };
+    let protocol = Protocol::from_number(key.proto)?;
     Some(Frontend { ip: ip_from_be(key.ip), port: u16::from_be(key.port), protocol })
 }

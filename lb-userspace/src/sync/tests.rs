@@ -247,6 +247,42 @@ fn draining_endpoints_are_members_without_a_slot() {
     assert_eq!(frontend.backend_count, 1);
 }
 
+/// A port served over TCP and UDP (cluster DNS) is two service ports: a
+/// socket's backend is judged by its own protocol's, where a TCP port
+/// keeps a not-ready endpoint draining and the UDP port has let it go.
+#[test]
+fn a_socket_backend_is_judged_by_its_own_protocols_port() {
+    let mut syncer = Syncer::new();
+    let mut maps = FakeMaps::default();
+    let endpoint = |last: u8| Endpoint { ip: [10, 244, 0, last].into(), port: 5353 };
+    let dns = |protocol: Protocol, draining: &[u8]| ServicePort {
+        frontends: [Frontend { ip: [10, 96, 0, 10].into(), port: 53, protocol }].into(),
+        endpoints: [endpoint(1)].into(),
+        draining: draining.iter().map(|&last| endpoint(last)).collect(),
+        ..ServicePort::default()
+    };
+    let desired = DesiredState {
+        services: [
+            (ServicePortName::new("kube-system", "dns", "dns-tcp"), dns(Protocol::Tcp, &[2])),
+            (ServicePortName::new("kube-system", "dns", "dns"), dns(Protocol::Udp, &[])),
+        ]
+        .into(),
+    };
+    syncer.apply(&desired, &mut maps).expect("apply");
+    let frontend = ([10, 96, 0, 10].into(), 53);
+    let cases = [
+        ("a serving endpoint, UDP", Some(Protocol::Udp), endpoint(1), true),
+        ("a serving endpoint, TCP", Some(Protocol::Tcp), endpoint(1), true),
+        ("a not-ready endpoint keeps a TCP socket", Some(Protocol::Tcp), endpoint(2), true),
+        ("a not-ready endpoint loses a UDP socket", Some(Protocol::Udp), endpoint(2), false),
+        ("an entry without its protocol: either port", None, endpoint(2), true),
+        ("an endpoint in neither", None, endpoint(3), false),
+    ];
+    for (rule, protocol, backend, serves) in cases {
+        assert_eq!(syncer.socket_backend_serves(frontend, protocol, backend), serves, "{rule}");
+    }
+}
+
 #[test]
 fn drop_when_empty_becomes_a_frontend_flag() {
     let mut syncer = Syncer::new();

@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DATAPATH_SOCKET_LB_HOST_ONLY, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DATAPATH_SOCKET_LB_HOST_ONLY, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
@@ -87,17 +87,10 @@ pub fn node_address() -> u32 {
 }
 
 /// Whether a new flow from `src_ip` to a cluster IP gets the node as its
-/// source, as kube-proxy masquerades it: always with `--masquerade-all`,
-/// else when pod ranges are configured and `src_ip` is in none of them (a
-/// client outside the cluster, or the node, so that the reply from an
-/// endpoint on another node comes back through this one). Never without a
-/// node address to translate to.
+/// source (`DatapathConfig::masquerades_cluster_ip_client`).
 #[inline(always)]
 pub fn masquerades_cluster_ip_client(src_ip: u32) -> bool {
-    read_config(|config| {
-        config.snat_ip != 0
-            && (config.flags & DATAPATH_MASQUERADE_ALL != 0 || (config.cluster_cidrs.count != 0 && !config.cluster_cidrs.contains(src_ip)))
-    })
+    read_config(|config| config.masquerades_cluster_ip_client(src_ip))
 }
 
 /// Whether `ip` is in one of the configured pod address ranges.

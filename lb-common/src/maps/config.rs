@@ -43,6 +43,20 @@ pub struct DatapathConfig {
 }
 const _: () = assert!(size_of::<DatapathConfig>() == 12 + 2 * size_of::<Ipv4Cidrs>() + size_of::<ConntrackLifetimes>() + 4 + size_of::<DatapathClock>() + 8);
 
+impl DatapathConfig {
+    /// Whether a new flow from `src_ip` to a cluster IP gets the node as
+    /// its source, as kube-proxy masquerades it: always with
+    /// `--masquerade-all`, else when pod ranges are configured and `src_ip`
+    /// is in none of them (a client outside the cluster, or the node, so
+    /// that the reply from an endpoint on another node comes back through
+    /// this one). Never without a node address to translate to.
+    #[inline(always)]
+    pub fn masquerades_cluster_ip_client(&self, src_ip: u32) -> bool {
+        self.snat_ip != 0
+            && (self.flags & DATAPATH_MASQUERADE_ALL != 0 || (self.cluster_cidrs.count != 0 && !self.cluster_cidrs.contains(src_ip)))
+    }
+}
+
 /// jiffies → monotonic clock ticks (`lifecycle`): `(jiffies -
 /// jiffies_base) * ns_per_jiffy >> TICK_SHIFT`, the kernel's tick
 /// counter turned into CLOCK_MONOTONIC time (to within one tick). Found by
@@ -211,6 +225,30 @@ user_pod!(DatapathConfig, DatapathConfigV6, DatapathClock);
 mod tests {
     use super::*;
     use crate::ip_be;
+
+    #[test]
+    fn cluster_ip_clients_are_masqueraded_as_kube_proxy_does() {
+        let ip = |a: [u8; 4]| ip_be(a.into());
+        let pods = Ipv4Cidrs::new([Ipv4Cidr::new([10, 244, 0, 0].into(), 16)]);
+        let node = DatapathConfig { snat_ip: ip([10, 201, 0, 1]), cluster_cidrs: pods, ..DatapathConfig::default() };
+        let cases = [
+            ("a pod keeps its address", node, [10, 244, 3, 7], false),
+            ("a client outside --cluster-cidr is masqueraded", node, [192, 168, 1, 9], true),
+            ("the node itself is masqueraded", node, [10, 201, 0, 1], true),
+            ("without --cluster-cidr nobody is", DatapathConfig { cluster_cidrs: Ipv4Cidrs::default(), ..node }, [192, 168, 1, 9], false),
+            ("--masquerade-all takes pods too", DatapathConfig { flags: DATAPATH_MASQUERADE_ALL, ..node }, [10, 244, 3, 7], true),
+            (
+                "--masquerade-all without --cluster-cidr takes everyone",
+                DatapathConfig { flags: DATAPATH_MASQUERADE_ALL, cluster_cidrs: Ipv4Cidrs::default(), ..node },
+                [10, 244, 3, 7],
+                true,
+            ),
+            ("never without a node address", DatapathConfig { snat_ip: 0, flags: DATAPATH_MASQUERADE_ALL, ..node }, [192, 168, 1, 9], false),
+        ];
+        for (rule, config, client, masqueraded) in cases {
+            assert_eq!(config.masquerades_cluster_ip_client(ip(client)), masqueraded, "{rule}");
+        }
+    }
 
     #[test]
     fn address_ranges_contain_what_their_prefix_covers() {

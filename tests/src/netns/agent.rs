@@ -98,6 +98,21 @@ impl Agent {
         }
     }
 
+    /// Waits for the log line of a sync that changed the maps (added,
+    /// updated or removed service ports), past those that found nothing to
+    /// do; returns it. The agent logs it once the whole sync is done, the
+    /// destruction of the sockets whose backend left included.
+    pub fn wait_for_applied_sync(&self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.wait_for(&["synced"], deadline.saturating_duration_since(Instant::now()))?;
+            let count = |field: &str| line.split_whitespace().find_map(|w| w.strip_prefix(field)?.parse::<u64>().ok()).unwrap_or(0);
+            if count("added=") + count("updated=") + count("removed=") > 0 {
+                return Ok(line);
+            }
+        }
+    }
+
     pub fn log(&self) -> String {
         self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
     }

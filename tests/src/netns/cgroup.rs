@@ -84,7 +84,8 @@ fn run_in_cgroup(dir: &Path, ns: &Netns, script: &str) -> Result<String> {
 }
 
 /// `lb-test-udp-client` running in a cgroup and namespace: one unconnected
-/// UDP socket of a process the socket programs see.
+/// UDP socket of a process the socket programs see (and a connected one, and
+/// a held TCP connection, on demand).
 pub struct UdpClientProcess {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
@@ -126,6 +127,21 @@ impl UdpClientProcess {
     /// and the answer.
     pub fn ask_connected(&mut self) -> Result<(SocketAddr, String)> {
         let line = self.command("ask")?;
+        answer(&line)
+    }
+
+    /// A new TCP connection of the process to `to` (its previous one
+    /// closed), held open, and an HTTP GET on it: the peer as the
+    /// application sees it (getpeername), and the answer.
+    pub fn tcp_connect(&mut self, to: SocketAddrV4) -> Result<(SocketAddr, String)> {
+        let line = self.command(&format!("tcp {to}"))?;
+        answer(&line)
+    }
+
+    /// One more HTTP GET on the held TCP connection: the peer and the
+    /// answer, or the error the application saw (`error KIND`).
+    pub fn tcp_ask(&mut self) -> Result<(SocketAddr, String)> {
+        let line = self.command("tcp-ask")?;
         answer(&line)
     }
 

@@ -3,7 +3,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use lb_common::{
-    Ipv4Cidr, MAX_BACKEND_SLOTS, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_PENDING_ENTRIES, MAX_VIPS, SNAT_PORT_MAX,
+    Ipv4Cidr, MAX_BACKEND_SLOTS, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_PENDING_ENTRIES, MAX_SERVICES, MAX_VIPS, SNAT_PORT_MAX,
     SNAT_PORT_MIN,
 };
 
@@ -128,6 +128,13 @@ pub struct AgentArgs {
     /// --backend-slots-max.
     #[arg(long, value_name = "ENTRIES", default_value_t = MAX_VIPS, value_parser = parse_table_size)]
     pub service_addresses_max: u32,
+
+    /// Service ports (each port of each service, and its external side
+    /// apart): the entries of SERVICE_BACKEND_SETS, SERVICE_COUNTERS (per
+    /// CPU, 32 bytes each) and SERVICE_NAMES. Beyond it, as
+    /// --backend-slots-max.
+    #[arg(long, value_name = "ENTRIES", default_value_t = MAX_SERVICES, value_parser = parse_table_size)]
+    pub service_ports_max: u32,
 
     /// Answer ICMP echo requests (ping) to cluster IPs from the datapath, so
     /// that "can I ping my service?" gets a yes. Off by default, as with
@@ -381,6 +388,7 @@ impl AgentArgs {
                 backend_slots: self.backend_slots_max,
                 frontends: self.frontends_max,
                 addresses: self.service_addresses_max,
+                service_ports: self.service_ports_max,
                 ..crate::sync::Limits::default()
             },
             ct_lifetimes: self.conntrack_lifetimes(),

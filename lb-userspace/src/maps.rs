@@ -113,7 +113,7 @@ impl DatapathMaps {
     /// Moves the maps out of a loaded object (after its programs are loaded:
     /// they hold their own references to the maps), and creates the ones
     /// the agent keeps itself, pinned under `pin_dir` if given.
-    pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
+    pub fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>, service_ports: u32) -> Result<Self> {
         Ok(Self {
             frontends: take(ebpf, MAP_SERVICE_FRONTENDS)?,
             service_vips: take(ebpf, MAP_SERVICE_VIPS)?,
@@ -130,7 +130,7 @@ impl DatapathMaps {
             datapath_config: take(ebpf, MAP_DATAPATH_CONFIG)?,
             source_ranges: take(ebpf, MAP_LB_SOURCE_RANGES)?,
             socket_revnat: take(ebpf, MAP_SOCKET_REVNAT)?,
-            service_names: service_names(pin_dir)?,
+            service_names: service_names(pin_dir, service_ports)?,
         })
     }
 
@@ -301,22 +301,23 @@ pub fn table_fd(table: &ConntrackTable) -> std::os::fd::BorrowedFd<'_> {
 
 /// `SERVICE_NAMES`: the pinned one of a previous run if `pin_dir` has it,
 /// else created empty (and pinned, then used through its pin).
-fn service_names(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, ServiceName>> {
+fn service_names(pin_dir: Option<&Path>, service_ports: u32) -> Result<HashMap<MapData, u32, ServiceName>> {
     let open = |map: MapData| HashMap::try_from(Map::HashMap(map)).map_err(map_err(MAP_SERVICE_NAMES));
+    let definition = service_names_definition(service_ports);
     let Some(dir) = pin_dir else {
-        return open(MapData::create(service_names_definition(), MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?);
+        return open(MapData::create(definition, MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?);
     };
     let path = dir.join(MAP_SERVICE_NAMES);
     if !path.exists() {
-        let created = MapData::create(service_names_definition(), MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?;
+        let created = MapData::create(definition, MAP_SERVICE_NAMES, None).map_err(map_err(MAP_SERVICE_NAMES))?;
         created.pin(&path).map_err(|e| Error::Pin { path: path.clone(), reason: e.to_string() })?;
     }
     open(MapData::from_pin(&path).map_err(map_err(MAP_SERVICE_NAMES))?)
 }
 
-fn service_names_definition() -> aya_obj::Map {
+fn service_names_definition(service_ports: u32) -> aya_obj::Map {
     let hash = aya::maps::MapType::Hash as u32;
-    aya_obj::Map::new_from_params(hash, 4, size_of::<ServiceName>() as u32, MAX_SERVICES, BPF_F_NO_PREALLOC)
+    aya_obj::Map::new_from_params(hash, 4, size_of::<ServiceName>() as u32, service_ports, BPF_F_NO_PREALLOC)
 }
 
 /// A map's shape: what must agree for a pinned map to be taken over.
@@ -391,6 +392,7 @@ impl MapSettings {
             MAP_SERVICE_FRONTENDS => Some(self.limits.frontends),
             MAP_SERVICE_VIPS => Some(self.limits.addresses),
             MAP_BACKEND_SLOTS | MAP_BACKEND_SET_MEMBERS => Some(self.limits.backend_slots),
+            MAP_SERVICE_BACKEND_SETS | MAP_SERVICE_COUNTERS | MAP_SERVICE_NAMES => Some(self.limits.service_ports),
             _ => None,
         }
     }
@@ -405,7 +407,7 @@ pub fn check_pins(dir: &Path, settings: &MapSettings) -> Result<PinnedState> {
     let wanted = object_maps()
         .iter()
         .map(|name| object.maps.get(name).map(|m| (name.as_str(), Layout::of(m))).ok_or(Error::Missing(name.as_str())))
-        .chain([Ok((MAP_SERVICE_NAMES, Layout::of(&service_names_definition())))]);
+        .chain([Ok((MAP_SERVICE_NAMES, Layout::of(&service_names_definition(MAX_SERVICES))))]);
     for entry in wanted {
         let (name, mut layout) = entry?;
         if let Some(max_entries) = settings.max_entries(name) {

@@ -330,7 +330,7 @@ impl Syncer {
         let new_ranges = backends.source_ranges.iter().filter(|r| current.is_none_or(|p| !p.backends.source_ranges.contains(r))).count();
         let ids_used = self.next_id - self.free_ids.len() as u32;
         let needs = [
-            (u32::from(current.is_none()), ids_used, self.limits.service_ports, "service ports", "the object's SERVICE_COUNTERS size"),
+            (u32::from(current.is_none()), ids_used, self.limits.service_ports, "service ports", "--service-ports-max"),
             (new_frontends.len() as u32, self.used.frontends, self.limits.frontends, "frontends", "--frontends-max"),
             (new_addresses.len() as u32, self.frontends_per_vip.len() as u32, self.limits.addresses, "service addresses", "--service-addresses-max"),
             (slots as u32, self.used.slots, self.limits.backend_slots, "backend slots", "--backend-slots-max"),

@@ -27,7 +27,7 @@ impl Datapath {
         let features = KernelFeatures::probe(&[]);
         let mut loader = loader(&features);
         let ebpf = loader.override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
-        let mut datapath = Self::load_with(ebpf, None, features)?;
+        let mut datapath = Self::load_with(ebpf, None, lb_common::MAX_SERVICES, features)?;
         // The default settings (conntrack lifetimes among them), as a
         // freshly started agent writes before anything is attached.
         datapath.maps.set_config(lb_common::DatapathConfig::default())?;
@@ -63,7 +63,7 @@ impl Datapath {
         }
         let links_dir = dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir).map_err(|e| Error::Pin { path: links_dir.clone(), reason: e.to_string() })?;
-        let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir), features)?;
+        let datapath = Self::load_with(loader.load(EBPF_OBJECT)?, Some(dir), settings.limits.service_ports, features)?;
         for (name, entries) in &mut pinned.migrated {
             let table = datapath.maps.conntrack.named(name).ok_or(Error::Missing(name))?;
             let written = crate::conntrack::write_all_spread(maps::table_fd(table), entries)
@@ -76,7 +76,7 @@ impl Datapath {
     /// Loads the programs one by one: the packet programs must load, the
     /// socket programs may not (a kernel without one of their hooks), and
     /// then the socket-level balancing is off.
-    fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>, mut features: KernelFeatures) -> Result<Self> {
+    fn load_with(mut ebpf: Ebpf, pin_dir: Option<&Path>, service_ports: u32, mut features: KernelFeatures) -> Result<Self> {
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, PROG_TC_INGRESS)?;
         tc.load().map_err(|source| Error::Program { name: PROG_TC_INGRESS, source })?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, PROG_XDP)?;
@@ -89,7 +89,7 @@ impl Datapath {
                 break;
             }
         }
-        let maps = DatapathMaps::take(&mut ebpf, pin_dir)?;
+        let maps = DatapathMaps::take(&mut ebpf, pin_dir, service_ports)?;
         Ok(Self { ebpf, maps, links_dir: None, attached: HashMap::new(), sock_links: Vec::new(), features })
     }
 }

@@ -479,7 +479,7 @@ fn service_ports_that_do_not_fit_are_left_out_and_the_others_programmed() {
             Limits { service_ports: 2, ..Limits::default() },
             vec![state(&[("a", sized_service(1, 1)), ("b", sized_service(2, 1)), ("c", sized_service(3, 1))])],
             vec![("a", 1), ("b", 1)],
-            vec![("c", "service ports: needs 1, 0 of 2 free (the object's SERVICE_COUNTERS size)")],
+            vec![("c", "service ports: needs 1, 0 of 2 free (--service-ports-max)")],
         ),
     ];
     for (rule, limits, states, programmed, over) in cases {

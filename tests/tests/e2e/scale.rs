@@ -69,6 +69,33 @@ fn thirty_thousand_services_over_a_smaller_slot_limit_keep_the_agent_serving() {
     assert!(maps.backends(last_fitting).is_none(), "removed");
 }
 
+/// --service-ports-max sizes the tables indexed by service port: 2,000
+/// services on a node sized for 1,024 service ports keep the agent serving
+/// the ones that fit, and name the others.
+#[test]
+fn service_ports_beyond_the_service_ports_limit_are_named_and_the_rest_served() {
+    const SERVICES: u32 = 2_000;
+    const SERVICE_PORTS: u32 = 1_024;
+    let cluster = kubia_with_flags(
+        lb_tests::cluster::Topology::new(3, ClientHook::Tc).expect("topology"),
+        &[0, 1, 2],
+        &["--service-ports-max", &SERVICE_PORTS.to_string()],
+    );
+    for name in [lb_common::MAP_SERVICE_COUNTERS, lb_common::MAP_SERVICE_BACKEND_SETS, lb_common::MAP_SERVICE_NAMES] {
+        let info = aya::maps::MapInfo::from_pin(cluster.bpffs.dir.join(name)).expect("a pinned map");
+        assert_eq!(info.max_entries(), SERVICE_PORTS, "{name} is sized by --service-ports-max");
+    }
+    cluster.write_manifest("scale.yaml", &scale_manifests(SERVICES, 1)).expect("manifest");
+    // The kubia manifests hold 4 service ports (kubia and no-endpoints,
+    // two ports each), programmed first.
+    let over = SERVICES - (SERVICE_PORTS - 4);
+    cluster.agent.wait_for(&[&format!("over_capacity={over}")], lb_tests::netns::scaled(Duration::from_secs(120))).expect("the scale sync");
+    let log = cluster.agent.log();
+    assert_eq!(log.matches("not programmed: service ports").count(), over as usize, "one line per service port left out");
+    assert!(log.contains("(--service-ports-max)"), "the line names the flag to raise");
+    assert!(connect_and_ask_from_client(&cluster).is_ok_and(|a| a.starts_with("You've hit kubia-")), "kubia is still served");
+}
+
 /// Writes `flows` established flows of `service_id` (two entries each) into
 /// the pinned table `name`, spread over every CPU (each CPU's LRU list
 /// holds only its share of the table).

@@ -19,11 +19,12 @@ pub enum Reason {
     RejectNoBackend = 4,
     /// For a service address on a port it does not serve: rejected likewise.
     RejectUnknownPort = 5,
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): passed unchanged.
-    PassNotIpv4 = 6,
-    /// IPv4 not addressed to a service, and not a reply: passed unchanged.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed unchanged.
+    PassNotIp = 6,
+    /// IP not addressed to a service, and not a reply (ICMPv6, neighbour
+    /// discovery included, is left to the kernel): passed unchanged.
     PassNotService = 7,
-    /// Malformed IPv4 not addressed to a service: passed unchanged, for the
+    /// Malformed IPv4 or IPv6 not addressed to a service: passed unchanged, for the
     /// kernel to judge.
     PassMalformed = 8,
     /// Malformed (truncated headers, bad header or total length) and
@@ -75,7 +76,7 @@ impl Reason {
         Reason::ReplyTranslated,
         Reason::RejectNoBackend,
         Reason::RejectUnknownPort,
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassNotService,
         Reason::PassMalformed,
         Reason::DropMalformed,
@@ -100,7 +101,7 @@ impl Reason {
             Reason::ReplyTranslated => "reply_translated",
             Reason::RejectNoBackend => "reject_no_backend",
             Reason::RejectUnknownPort => "reject_unknown_port",
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
             Reason::PassNotService => "pass_not_service",
             Reason::PassMalformed => "pass_malformed",
             Reason::DropMalformed => "drop_malformed",

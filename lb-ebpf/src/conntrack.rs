@@ -24,8 +24,10 @@ use lb_common::{
     lifecycle::{FLOW_SEEN_REPLY, TCP_ACK, TCP_RST, TCP_SYN, flags_after, initial_flags, is_alive, is_closed, needs_refresh, opens_connection, ticks_from_ns},
 };
 
+pub use crate::family::Table;
 use crate::{
-    maps::{CONNTRACK_TCP, CONNTRACK_TCP_PENDING, CONNTRACK_UDP, SNAT_PORT_CURSOR},
+    family::{Family, MapFull},
+    maps::SNAT_PORT_CURSOR,
     parse::Flow,
     service,
 };
@@ -41,26 +43,17 @@ pub fn now() -> u32 {
     service::clock_ticks(jiffies).unwrap_or_else(|| ticks_from_ns(unsafe { bpf_ktime_get_ns() }))
 }
 
-/// Which table an entry is in.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    /// `CONNTRACK_TCP` or `CONNTRACK_UDP`, by protocol.
-    Confirmed,
-    /// `CONNTRACK_TCP_PENDING`.
-    Pending,
-}
-
 /// A conntrack entry found for a packet.
-pub struct Entry {
-    value: *mut ConntrackValue,
+pub struct Entry<A> {
+    value: *mut ConntrackValue<A>,
     table: Table,
 }
 
-impl Entry {
+impl<A: Family> Entry<A> {
     /// The entry in the map, read in place: the fast path reads only the
     /// fields it needs, when it needs them.
     #[inline(always)]
-    pub fn value(&self) -> &ConntrackValue {
+    pub fn value(&self) -> &ConntrackValue<A> {
         // SAFETY: the pointer came from a successful lookup and stays valid
         // for this program run; the writes through it (`remember_backend_set`,
         // `track`) are made after the last use of this borrow.
@@ -94,7 +87,7 @@ impl Entry {
     /// pending connection the backend answered moves to the confirmed
     /// table. Not while a borrow from `value` is in use.
     #[inline(always)]
-    pub fn track(&self, flow: &Flow, now: u32) {
+    pub fn track(&self, flow: &Flow<A>, now: u32) {
         // SAFETY: as above; the fields are read, then written, here only.
         let ct = unsafe { &mut *self.value };
         let flags = flags_after(ct.flow_flags, ct.direction == CT_REPLY, flow.tcp_flags);
@@ -113,7 +106,7 @@ impl Entry {
             return;
         }
         let partner_key = ct.partner_key(key.proto);
-        match lookup_in(&partner_key, self.table) {
+        match A::ct_lookup(self.table, &partner_key) {
             Some(partner) => {
                 // SAFETY: a pointer from a successful lookup, valid for this
                 // run; two plain stores.
@@ -137,9 +130,9 @@ impl Entry {
 /// Moves a pending connection that the backend just answered, both of its
 /// entries (`ct` is `key`'s, already updated), to the confirmed table.
 #[inline(always)]
-fn confirm(key: &ConntrackKey, ct: &ConntrackValue) {
+fn confirm<A: Family>(key: &ConntrackKey<A>, ct: &ConntrackValue<A>) {
     let partner_key = ct.partner_key(key.proto);
-    let partner = match lookup_in(&partner_key, Table::Pending) {
+    let partner = match A::ct_lookup(Table::Pending, &partner_key) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         Some(held) if ct.pairs_with(key, unsafe { &*held }) => {
             // SAFETY: as above.
@@ -162,60 +155,42 @@ fn confirm(key: &ConntrackKey, ct: &ConntrackValue) {
 /// packets that can belong to a pending connection (`tcp_flags` with SYN
 /// or RST), in the pending table.
 #[inline(always)]
-pub fn lookup(tuple: &ConntrackKey, tcp_flags: u8) -> Option<Entry> {
-    if let Some(value) = lookup_in(tuple, Table::Confirmed) {
+pub fn lookup<A: Family>(tuple: &ConntrackKey<A>, tcp_flags: u8) -> Option<Entry<A>> {
+    if let Some(value) = A::ct_lookup(Table::Confirmed, tuple) {
         return Some(Entry { value, table: Table::Confirmed });
     }
     if tuple.proto != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_RST) == 0 {
         return None;
     }
-    lookup_in(tuple, Table::Pending).map(|value| Entry { value, table: Table::Pending })
+    A::ct_lookup(Table::Pending, tuple).map(|value| Entry { value, table: Table::Pending })
 }
 
 /// The entry for `tuple` in any table (for ICMP errors, which carry no
 /// flags of their own).
 #[inline(always)]
-pub fn lookup_any(tuple: &ConntrackKey) -> Option<Entry> {
+pub fn lookup_any<A: Family>(tuple: &ConntrackKey<A>) -> Option<Entry<A>> {
     lookup(tuple, TCP_SYN)
-}
-
-/// `tuple`'s entry in one table.
-#[inline(always)]
-fn lookup_in(tuple: &ConntrackKey, table: Table) -> Option<*mut ConntrackValue> {
-    // One call site per map: the verifier inlines a lookup only where the
-    // map is known.
-    match table {
-        Table::Pending => CONNTRACK_TCP_PENDING.get_ptr_mut(tuple),
-        Table::Confirmed if tuple.proto == IPPROTO_TCP => CONNTRACK_TCP.get_ptr_mut(tuple),
-        Table::Confirmed => CONNTRACK_UDP.get_ptr_mut(tuple),
-    }
 }
 
 /// Stores `value` for `key` in `table` (`flags`: 0, or BPF_NOEXIST to fail
 /// when the key is held).
 #[inline(always)]
-fn insert(key: &ConntrackKey, value: &ConntrackValue, flags: u32, table: Table) -> Result<(), RecordError> {
-    let flags = u64::from(flags);
-    let stored = match table {
-        Table::Pending => CONNTRACK_TCP_PENDING.insert(key, value, flags),
-        Table::Confirmed if key.proto == IPPROTO_TCP => CONNTRACK_TCP.insert(key, value, flags),
-        Table::Confirmed => CONNTRACK_UDP.insert(key, value, flags),
-    };
-    stored.map_err(|_| RecordError::Full)
+fn insert<A: Family>(key: &ConntrackKey<A>, value: &ConntrackValue<A>, flags: u32, table: Table) -> Result<(), RecordError> {
+    A::ct_insert(table, key, value, u64::from(flags)).map_err(|MapFull| RecordError::Full)
 }
 
 /// Deletes `key` from `table`, if it is there.
 #[inline(always)]
-fn remove(key: &ConntrackKey, table: Table) {
-    let _already_gone = match table {
-        Table::Pending => CONNTRACK_TCP_PENDING.remove(key),
-        Table::Confirmed if key.proto == IPPROTO_TCP => CONNTRACK_TCP.remove(key),
-        Table::Confirmed => CONNTRACK_UDP.remove(key),
-    };
+fn remove<A: Family>(key: &ConntrackKey<A>, table: Table) {
+    A::ct_remove(table, key);
 }
 
 /// Why a flow could not be recorded.
 pub enum RecordError {
+    /// The backend's replies to this flow would carry the tuple of another
+    /// live flow's (the same client port reaching the same backend through
+    /// another frontend): to be recorded with its source port translated.
+    Clash,
     /// The map refused an entry.
     Full,
     /// Source translation was needed (external traffic, hairpin, or a
@@ -246,7 +221,7 @@ pub struct Start {
 impl Start {
     /// For the flow's first packet `flow`, seen at `now`.
     #[inline(always)]
-    pub fn of(flow: &Flow, now: u32) -> Self {
+    pub fn of<A>(flow: &Flow<A>, now: u32) -> Self {
         let flow_flags = initial_flags(flow.tcp_flags);
         let opening = flow.tuple.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN;
         Self {
@@ -257,17 +232,27 @@ impl Start {
     }
 
     #[inline(always)]
-    fn stamp(self, mut value: ConntrackValue) -> ConntrackValue {
+    fn stamp<A>(self, value: &mut ConntrackValue<A>) {
         value.flow_flags = self.flow_flags;
         value.expires = self.expires;
-        value
     }
+}
+
+/// Where a new flow goes: its service and backend, the backend set it was
+/// picked from, and its start, at `now`.
+#[derive(Clone, Copy)]
+pub struct Placement<A: Family> {
+    pub service_id: u32,
+    pub backend: Backend<A>,
+    pub backend_set: u32,
+    pub start: Start,
+    pub now: u32,
 }
 
 /// Whether a held entry's tuple may be taken by a new flow: the flow it
 /// belongs to is over (closed or expired).
 #[inline(always)]
-fn is_over(held: &ConntrackValue, now: u32) -> bool {
+fn is_over<A>(held: &ConntrackValue<A>, now: u32) -> bool {
     !is_alive(held.expires, now) || is_closed(held.flow_flags)
 }
 
@@ -275,10 +260,10 @@ fn is_over(held: &ConntrackValue, now: u32) -> bool {
 /// (in either TCP table); a closed or expired flow's entry is taken over,
 /// and removed from the other table.
 #[inline(always)]
-fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32, table: Table) -> Result<(), RecordError> {
+fn claim<A: Family>(key: &ConntrackKey<A>, value: &ConntrackValue<A>, now: u32, table: Table) -> Result<(), RecordError> {
     if key.proto == IPPROTO_TCP {
         let other = if table == Table::Pending { Table::Confirmed } else { Table::Pending };
-        if let Some(held) = lookup_in(key, other) {
+        if let Some(held) = A::ct_lookup(other, key) {
             // SAFETY: a pointer from a successful lookup, read at once.
             if !is_over(unsafe { &*held }, now) {
                 return Err(RecordError::NoSnatPort);
@@ -289,7 +274,7 @@ fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32, table: Table) -> 
     if insert(key, value, BPF_NOEXIST, table).is_ok() {
         return Ok(());
     }
-    match lookup_in(key, table) {
+    match A::ct_lookup(table, key) {
         // SAFETY: as above.
         Some(held) if !is_over(unsafe { &*held }, now) => Err(RecordError::NoSnatPort),
         // Over, or evicted since the insert failed: written over.
@@ -303,48 +288,45 @@ fn claim(key: &ConntrackKey, value: &ConntrackValue, now: u32, table: Table) -> 
 ///
 /// When the same client port already reaches the same backend through
 /// another frontend, the replies of the two flows would carry the same
-/// 5-tuple: this flow's source port is then translated (the address kept,
-/// a port from the source NAT range), as Linux conntrack resolves such a
-/// clash.
+/// 5-tuple: `RecordError::Clash`, and the caller records the flow with its
+/// source port translated (the address kept, a port from the source NAT
+/// range), as Linux conntrack resolves such a clash.
 #[inline(always)]
-pub fn record(tuple: &ConntrackKey, service_id: u32, backend: Backend, backend_set: u32, mut start: Start, now: u32) -> Result<ConntrackValue, RecordError> {
+pub fn record<A: Family>(tuple: &ConntrackKey<A>, placed: &Placement<A>) -> Result<&'static ConntrackValue<A>, RecordError> {
+    let scratch = A::scratch().ok_or(RecordError::Full)?;
+    let mut table = placed.start.table;
     let client = tuple.source();
-    let reply_tuple = reply_key(tuple, backend, client);
-    let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
+    scratch.reply_key = reply_key(tuple, placed.backend, client);
+    scratch.reply = reply_value(&scratch.reply_key, tuple, placed.service_id);
+    placed.start.stamp(&mut scratch.reply);
     // The reply entry goes first: once the forward entry exists, packets can
     // reach the backend, and its answer must already be translatable.
-    if claim(&reply_tuple, &reply, now, start.table).is_err() {
-        let held = lookup_any(&reply_tuple);
-        if held.as_ref().is_some_and(|held| held.value().source() != reply.source()) {
-            return record_with_snat(tuple, service_id, backend, backend_set, start, now, client.ip);
+    if claim(&scratch.reply_key, &scratch.reply, placed.now, table).is_err() {
+        let held = lookup_any(&scratch.reply_key);
+        if held.as_ref().is_some_and(|held| held.value().source() != scratch.reply.source()) {
+            return Err(RecordError::Clash);
         }
         // This flow's own live reply entry, its forward entry evicted: the
         // flow is written again where that entry is.
         if let Some(held) = held {
-            start.table = held.table;
+            table = held.table;
         }
-        insert(&reply_tuple, &reply, 0, start.table)?;
+        insert(&scratch.reply_key, &scratch.reply, 0, table)?;
     }
-    let forward = start.stamp(forward_value(tuple, client, service_id, backend, backend_set));
-    insert(tuple, &forward, 0, start.table)?;
-    Ok(forward)
+    scratch.forward = forward_value(tuple, client, placed.service_id, placed.backend, placed.backend_set);
+    placed.start.stamp(&mut scratch.forward);
+    insert(tuple, &scratch.forward, 0, table)?;
+    Ok(&scratch.forward)
 }
 
 /// As `record`, with the flow's source translated to `snat_ip` and a source
 /// port of the configured range that no live flow to the same backend uses
 /// (the client's own port when it is in the range and free).
 #[inline(always)]
-pub fn record_with_snat(
-    tuple: &ConntrackKey,
-    service_id: u32,
-    backend: Backend,
-    backend_set: u32,
-    start: Start,
-    now: u32,
-    snat_ip: u32,
-) -> Result<ConntrackValue, RecordError> {
+pub fn record_with_snat<A: Family>(tuple: &ConntrackKey<A>, placed: &Placement<A>, snat_ip: A) -> Result<&'static ConntrackValue<A>, RecordError> {
+    let Placement { backend, now, .. } = *placed;
     let (min, max) = service::snat_port_range();
-    if snat_ip == 0 || min == 0 || max < min {
+    if snat_ip.is_unspecified() || min == 0 || max < min {
         return Err(RecordError::NoSnatPort);
     }
     let span = u32::from(max - min) + 1;
@@ -375,22 +357,25 @@ pub fn record_with_snat(
     unsafe { *cursor = if found.is_some() { first.wrapping_add(attempt + 1) } else { bpf_get_prandom_u32() } };
     let port = found.ok_or(RecordError::NoSnatPort)?;
     let node = Endpoint { ip: snat_ip, port: port.to_be() };
-    let reply_tuple = reply_key(tuple, backend, node);
-    let reply = start.stamp(reply_value(&reply_tuple, tuple, service_id));
+    let scratch = A::scratch().ok_or(RecordError::Full)?;
+    scratch.reply_key = reply_key(tuple, backend, node);
+    scratch.reply = reply_value(&scratch.reply_key, tuple, placed.service_id);
+    placed.start.stamp(&mut scratch.reply);
     // BPF_NOEXIST: a port another CPU took for a flow to this backend a
     // moment ago is not taken again.
-    claim(&reply_tuple, &reply, now, start.table)?;
-    let forward = start.stamp(forward_value(tuple, node, service_id, backend, backend_set));
-    insert(tuple, &forward, 0, start.table)?;
-    Ok(forward)
+    claim(&scratch.reply_key, &scratch.reply, now, placed.start.table)?;
+    scratch.forward = forward_value(tuple, node, placed.service_id, backend, placed.backend_set);
+    placed.start.stamp(&mut scratch.forward);
+    insert(tuple, &scratch.forward, 0, placed.start.table)?;
+    Ok(&scratch.forward)
 }
 
 /// Whether no live flow holds `key` in any table.
 #[inline(always)]
-fn is_free(key: &ConntrackKey, now: u32) -> bool {
+fn is_free<A: Family>(key: &ConntrackKey<A>, now: u32) -> bool {
     // SAFETY: pointers from successful lookups, read at once.
-    let held = |entry: Option<*mut ConntrackValue>| entry.is_some_and(|held| !is_over(unsafe { &*held }, now));
-    !held(lookup_in(key, Table::Confirmed)) && (key.proto != IPPROTO_TCP || !held(lookup_in(key, Table::Pending)))
+    let held = |entry: Option<*mut ConntrackValue<A>>| entry.is_some_and(|held| !is_over(unsafe { &*held }, now));
+    !held(A::ct_lookup(Table::Confirmed, key)) && (key.proto != IPPROTO_TCP || !held(A::ct_lookup(Table::Pending, key)))
 }
 
 /// When a flow is placed afresh over an entry that is still stored (its
@@ -399,12 +384,12 @@ fn is_free(key: &ConntrackKey, now: u32) -> bool {
 /// translates a later direct connection's packets, and the new flow's
 /// entries (perhaps in the other table) are the only ones for its tuple.
 #[inline(always)]
-pub fn forget(tuple: &ConntrackKey, old: Entry) {
+pub fn forget<A: Family>(tuple: &ConntrackKey<A>, old: Entry<A>) {
     let table = old.table;
     let old = old.value();
     let partner_key = old.partner_key(tuple.proto);
     // SAFETY: a pointer from a successful lookup, read at once.
-    if lookup_in(&partner_key, table).is_some_and(|partner| old.pairs_with(tuple, unsafe { &*partner })) {
+    if A::ct_lookup(table, &partner_key).is_some_and(|partner| old.pairs_with(tuple, unsafe { &*partner })) {
         remove(&partner_key, table);
     }
     remove(tuple, table);
@@ -413,19 +398,19 @@ pub fn forget(tuple: &ConntrackKey, old: Entry) {
 /// The key of the backend's replies, sent to `to` (the client, or the
 /// node's address when the source was translated).
 #[inline(always)]
-fn reply_key(tuple: &ConntrackKey, backend: Backend, to: Endpoint) -> ConntrackKey {
-    ConntrackKey { src_ip: backend.ip, dst_ip: to.ip, src_port: backend.port, dst_port: to.port, proto: tuple.proto, _pad: 0, _pad2: 0 }
+fn reply_key<A: Family>(tuple: &ConntrackKey<A>, backend: Backend<A>, to: Endpoint<A>) -> ConntrackKey<A> {
+    ConntrackKey::of(backend.into(), to, tuple.proto)
 }
 
 /// Replies come from the frontend again and go to the client.
 #[inline(always)]
-fn reply_value(reply_tuple: &ConntrackKey, tuple: &ConntrackKey, service_id: u32) -> ConntrackValue {
+fn reply_value<A: Family>(reply_tuple: &ConntrackKey<A>, tuple: &ConntrackKey<A>, service_id: u32) -> ConntrackValue<A> {
     ConntrackValue::translating(reply_tuple, tuple.destination(), tuple.source(), service_id, 0, CT_REPLY)
 }
 
 /// Requests come from `source` (the client, or the node with source NAT)
 /// and go to the backend.
 #[inline(always)]
-fn forward_value(tuple: &ConntrackKey, source: Endpoint, service_id: u32, backend: Backend, backend_set: u32) -> ConntrackValue {
+fn forward_value<A: Family>(tuple: &ConntrackKey<A>, source: Endpoint<A>, service_id: u32, backend: Backend<A>, backend_set: u32) -> ConntrackValue<A> {
     ConntrackValue::translating(tuple, source, backend.into(), service_id, backend_set, CT_FORWARD)
 }

@@ -17,6 +17,9 @@ pub struct HelperFailed;
 pub trait Packet {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    /// `data()` and `data_end()` read afresh from the context, where LLVM
+    /// may not reuse an earlier read (see `ptr_at_reloaded`).
+    fn bounds_reloaded(&self) -> (usize, usize);
     /// The whole packet's length, linear or not.
     fn len(&self) -> usize;
 
@@ -25,13 +28,26 @@ pub trait Packet {
     fn pull_headers(&self, len: u32);
 
     /// Adds to the L4 checksum at `check_off` what the translation `to`
-    /// changed in the addresses (covered through the pseudo-header) and in
+    /// (of either family) changed in the addresses (covered through the pseudo-header) and in
     /// the ports. UDP's "no checksum" zero is kept as it is.
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed>;
+    fn update_l4_checksum<A>(&self, check_off: usize, udp: bool, to: &ConntrackValue<A>) -> Result<(), HelperFailed>;
 
     /// Makes the packet exactly `len` bytes long. The content afterwards is
     /// unspecified: the caller rewrites all of it.
     fn set_len(&self, len: usize) -> Result<(), HelperFailed>;
+}
+
+/// As `ptr_at`, with the packet's bounds read afresh: in a loop LLVM keeps
+/// `data_end` in a register across iterations and compares against a
+/// zero-extended copy of it, which the verifier no longer knows as the
+/// packet's end, and then refuses the access.
+#[inline(always)]
+pub fn ptr_at_reloaded<P: Packet, T>(pkt: &P, offset: usize) -> Option<*mut T> {
+    let (start, end) = pkt.bounds_reloaded();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
 }
 
 /// A bounds-checked pointer to a `T` at `offset` bytes into the packet.
@@ -66,6 +82,14 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
+    fn bounds_reloaded(&self) -> (usize, usize) {
+        let md = self.ctx.ctx;
+        // SAFETY: the program's own context; volatile so that each call
+        // loads the fields again.
+        unsafe { ((&raw const (*md).data).read_volatile() as usize, (&raw const (*md).data_end).read_volatile() as usize) }
+    }
+
+    #[inline(always)]
     fn len(&self) -> usize {
         self.data_end() - self.data()
     }
@@ -78,7 +102,7 @@ impl Packet for XdpPacket<'_> {
     /// XDP sees packets as they came off the wire, with complete checksums,
     /// so the RFC 1624 update is done here directly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed> {
+    fn update_l4_checksum<A>(&self, check_off: usize, udp: bool, to: &ConntrackValue<A>) -> Result<(), HelperFailed> {
         let check_ptr = ptr_at::<_, u16>(self, check_off).ok_or(HelperFailed)?;
         // SAFETY: bounds-checked just above; read_unaligned because the L4
         // header follows a 14-byte Ethernet header.
@@ -142,6 +166,14 @@ impl Packet for TcPacket<'_> {
     }
 
     #[inline(always)]
+    fn bounds_reloaded(&self) -> (usize, usize) {
+        let skb = self.ctx.skb.skb;
+        // SAFETY: the program's own context; volatile so that each call
+        // loads the fields again.
+        unsafe { ((&raw const (*skb).data).read_volatile() as usize, (&raw const (*skb).data_end).read_volatile() as usize) }
+    }
+
+    #[inline(always)]
     fn len(&self) -> usize {
         self.ctx.len() as usize
     }
@@ -161,7 +193,7 @@ impl Packet for TcPacket<'_> {
     /// sender with offload) or a device-computed one (CHECKSUM_COMPLETE):
     /// only the kernel's helper updates each kind correctly.
     #[inline(always)]
-    fn update_l4_checksum(&self, check_off: usize, udp: bool, to: &ConntrackValue) -> Result<(), HelperFailed> {
+    fn update_l4_checksum<A>(&self, check_off: usize, udp: bool, to: &ConntrackValue<A>) -> Result<(), HelperFailed> {
         let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
         // Field size 0: `to` is a delta to add (from must be 0). The address
         // delta goes with BPF_F_PSEUDO_HDR, which a partial checksum takes

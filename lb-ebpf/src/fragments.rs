@@ -11,6 +11,7 @@ use lb_common::{CT_REPLY, FragmentKey, Reason};
 use crate::{
     conntrack,
     context::Packet,
+    family::Family,
     maps::FRAGMENT_PORTS,
     nat,
     parse::{self, Flow, Fragment},
@@ -39,7 +40,7 @@ pub fn translate<P: Packet>(pkt: &P, fragment: &Fragment) -> Option<Reason> {
         return None;
     }
     let ct = entry.value();
-    nat::rewrite_addresses(pkt, ct).ok()?;
-    stats::count_service_packet(ct.service_id, fragment.ip_len, false);
+    Family::rewrite_addresses(pkt, ct).ok()?;
+    stats::count_service_packet(ct.service_id, u32::from(fragment.ip_len), false);
     Some(if ct.direction == CT_REPLY { Reason::ReplyTranslated } else { Reason::ForwardEstablished })
 }

@@ -10,6 +10,7 @@
 mod conntrack;
 mod context;
 mod datapath;
+mod family;
 mod fragments;
 mod icmp;
 mod maps;
@@ -31,7 +32,10 @@ use context::{TcPacket, XdpPacket};
 use datapath::Action;
 
 /// tc ingress: service traffic from pods and from the node's interfaces.
+/// Inlined into the entry point the macro wraps it in: a BPF call there
+/// would cost every packet and stack the frames.
 #[classifier]
+#[inline(always)]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let pkt = TcPacket::new(&ctx);
     match datapath::process(&pkt) {
@@ -45,6 +49,7 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
 
 /// XDP: the same processing, before the kernel allocates an skb.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match datapath::process(&XdpPacket::new(&ctx)) {
         Action::Pass => xdp_action::XDP_PASS,

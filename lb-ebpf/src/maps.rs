@@ -6,10 +6,12 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
+use crate::family::NewFlowScratch;
 use lb_common::{
     AffinityKey, AffinityValue, MAX_AFFINITY_ENTRIES, MAX_SOCKET_REVNAT_ENTRIES, SocketRevNatKey, SocketRevNatValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig, FrontendKey, FrontendValue,
     MAX_BACKEND_SLOTS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES, MAX_FRAGMENT_ENTRIES, FragmentKey, MAX_FRONTENDS, MAX_SERVICES, MAX_VIPS, Reason,
     ServiceCounters, VipValue, MAX_SOURCE_RANGES, SourceRangeKey, MAX_SOCKET_BACKEND_ENTRIES, SocketBackendKey,
+    DatapathConfigV6, Ipv6,
 };
 
 /// (address, port, protocol) → the frontend's service and its current
@@ -97,6 +99,41 @@ pub static FRAGMENT_PORTS: LruHashMap<FragmentKey, u32, { MAX_FRAGMENT_ENTRIES a
 /// handed out in turn, so the port reused is the one longest unused.
 #[btf_map]
 pub static SNAT_PORT_CURSOR: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// The IPv6 twins of the maps above that hold addresses: the same types
+/// over `Ipv6`, the same meaning (lb-common's maps module).
+#[btf_map]
+pub static SERVICE_FRONTENDS_V6: HashMap<FrontendKey<Ipv6>, FrontendValue<Ipv6>, { MAX_FRONTENDS as usize }> =
+    HashMap::new();
+#[btf_map]
+pub static SERVICE_VIPS_V6: HashMap<Ipv6, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+#[btf_map]
+pub static BACKEND_SLOTS_V6: HashMap<BackendSlotKey, Backend<Ipv6>, { MAX_BACKEND_SLOTS as usize }> = HashMap::new();
+#[btf_map]
+pub static BACKEND_SET_MEMBERS_V6: HashMap<BackendSetMemberKey<Ipv6>, u32, { MAX_BACKEND_SLOTS as usize }> =
+    HashMap::new();
+#[btf_map]
+pub static SESSION_AFFINITY_V6: LruHashMap<AffinityKey<Ipv6>, AffinityValue<Ipv6>, { MAX_AFFINITY_ENTRIES as usize }> =
+    LruHashMap::new();
+#[btf_map]
+pub static LB_SOURCE_RANGES_V6: LpmTrie<SourceRangeKey<[u32; 4]>, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+#[btf_map]
+pub static DATAPATH_CONFIG_V6: Array<DatapathConfigV6, 1> = Array::new();
+
+type ConntrackTableV6<const ENTRIES: usize = { MAX_CONNTRACK_ENTRIES as usize }> =
+    LruHashMap<ConntrackKey<Ipv6>, ConntrackValue<Ipv6>, ENTRIES, { BPF_F_NO_COMMON_LRU as usize }>;
+#[btf_map]
+pub static CONNTRACK_TCP_V6: ConntrackTableV6 = ConntrackTableV6::new();
+#[btf_map]
+pub static CONNTRACK_UDP_V6: ConntrackTableV6 = ConntrackTableV6::new();
+#[btf_map]
+pub static CONNTRACK_TCP_PENDING_V6: ConntrackTableV6<{ MAX_PENDING_ENTRIES as usize }> = ConntrackTableV6::new();
+
+/// Each CPU's room for building a new flow's entries (`NewFlowScratch`).
+#[btf_map]
+pub static NEW_FLOW_SCRATCH: PerCpuArray<NewFlowScratch<u32>, 1> = PerCpuArray::new();
+#[btf_map]
+pub static NEW_FLOW_SCRATCH_V6: PerCpuArray<NewFlowScratch<Ipv6>, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =

@@ -36,7 +36,7 @@ pub fn reject<P: Packet>(pkt: &P, flow: &Flow) -> Result<(), RejectError> {
         let reply = tcp_reset(&tcp_segment(pkt, flow)?).ok_or(RejectError::Unanswerable)?;
         write_reply(pkt, &reply)
     } else {
-        if flow.has_ip_options {
+        if flow.has_ip_options() {
             return Err(RejectError::Unanswerable);
         }
         let headers = ptr_at::<_, [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN]>(pkt, 0)
@@ -72,7 +72,7 @@ fn tcp_segment<P: Packet>(pkt: &P, flow: &Flow) -> Result<TcpSegment, RejectErro
         seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
         ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
         flags: tcp[13],
-        payload_len: u32::from(flow.ip_len).saturating_sub(headers_len),
+        payload_len: flow.ip_len.saturating_sub(headers_len),
         ..TcpSegment::default()
     };
     seg.eth_dst.copy_from_slice(&eth[0..6]);

@@ -2,44 +2,30 @@
 //!
 //! Lookups of frontends and service addresses, backend choice, and the check
 //! that a backend still serves its service.
-use aya_ebpf::{
-    btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-};
+use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityKey, AffinityValue, DATAPATH_ANSWER_ECHO, DATAPATH_SOCKET_LB_HOST_ONLY, FRONTEND_SOURCE_RANGES, SourceRangeKey, DRAINING_SLOT, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DatapathConfig, FrontendKey,
+    AffinityKey, AffinityValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DATAPATH_ANSWER_ECHO,
+    DATAPATH_MASQUERADE_ALL, DATAPATH_SOCKET_LB_HOST_ONLY, DRAINING_SLOT, DatapathConfig, FRONTEND_SOURCE_RANGES, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
-use crate::maps::{
-    BACKEND_SET_MEMBERS, BACKEND_SLOTS, DATAPATH_CONFIG, LB_SOURCE_RANGES, SERVICE_BACKEND_SETS, SERVICE_FRONTENDS,
-    SERVICE_VIPS, SESSION_AFFINITY,
+use crate::{
+    family::Family,
+    maps::{DATAPATH_CONFIG, SERVICE_BACKEND_SETS},
 };
 
 /// The frontend a packet is addressed to, if any.
 #[inline(always)]
-pub fn frontend(tuple: &ConntrackKey) -> Option<FrontendValue> {
-    frontend_by_key(&FrontendKey { ip: tuple.dst_ip, port: tuple.dst_port, proto: tuple.proto, _pad: 0 })
-}
-
-/// The frontend `key`, if it exists.
-#[inline(always)]
-pub fn frontend_by_key(key: &FrontendKey) -> Option<FrontendValue> {
-    // SAFETY: the value is copied out at once; user space replaces entries
-    // whole, so the copy is of one version.
-    unsafe { SERVICE_FRONTENDS.get(key).copied() }
+pub fn frontend<A: Family>(tuple: &ConntrackKey<A>) -> Option<FrontendValue<A>> {
+    A::frontend(&FrontendKey { ip: tuple.dst_ip, port: tuple.dst_port, proto: tuple.proto, _pad: 0, _pad_v6: Default::default() })
 }
 
 /// Whether a new connection from `src_ip` may reach `fe`: always, unless it
 /// is a load balancer IP with `loadBalancerSourceRanges` and the source is
 /// in none of them.
 #[inline(always)]
-pub fn source_allowed(fe: &FrontendValue, src_ip: u32) -> bool {
-    if fe.flags & FRONTEND_SOURCE_RANGES == 0 {
-        return true;
-    }
-    let key = Key::new(SourceRangeKey::prefix_len(32), SourceRangeKey { service_id: fe.service_id, ip: src_ip });
-    LB_SOURCE_RANGES.get(&key).is_some()
+pub fn source_allowed<A: Family>(fe: &FrontendValue<A>, src_ip: A) -> bool {
+    fe.flags & FRONTEND_SOURCE_RANGES == 0 || A::in_source_ranges(fe.service_id, src_ip)
 }
 
 /// The frontend that serves the client of `tuple`: the one it addressed,
@@ -47,8 +33,8 @@ pub fn source_allowed(fe: &FrontendValue, src_ip: u32) -> bool {
 /// Local service, the service's cluster IP frontend (the Local policy's
 /// node-local endpoints are for clients from outside the cluster).
 #[inline(always)]
-pub fn serving_frontend(fe: FrontendValue, tuple: &ConntrackKey) -> FrontendValue {
-    if fe.in_cluster_ip == 0 || !is_cluster_source(tuple.src_ip) {
+pub fn serving_frontend<A: Family>(fe: FrontendValue<A>, tuple: &ConntrackKey<A>) -> FrontendValue<A> {
+    if fe.in_cluster_ip.is_unspecified() || !A::is_cluster_source(tuple.src_ip) {
         return fe;
     }
     in_cluster_frontend(&fe, tuple.proto).unwrap_or(fe)
@@ -57,11 +43,11 @@ pub fn serving_frontend(fe: FrontendValue, tuple: &ConntrackKey) -> FrontendValu
 /// The cluster IP frontend that serves `fe`'s clients from inside the
 /// cluster, when `fe` names one.
 #[inline(always)]
-pub fn in_cluster_frontend(fe: &FrontendValue, proto: u8) -> Option<FrontendValue> {
-    if fe.in_cluster_ip == 0 {
+pub fn in_cluster_frontend<A: Family>(fe: &FrontendValue<A>, proto: u8) -> Option<FrontendValue<A>> {
+    if fe.in_cluster_ip.is_unspecified() {
         return None;
     }
-    frontend_by_key(&FrontendKey { ip: fe.in_cluster_ip, port: fe.in_cluster_port, proto, _pad: 0 })
+    A::frontend(&FrontendKey { ip: fe.in_cluster_ip, port: fe.in_cluster_port, proto, _pad: 0, _pad_v6: Default::default() })
 }
 
 /// What `read` finds in the node's settings, read in place (no copy of the
@@ -79,31 +65,18 @@ pub fn socket_scope() -> (u64, bool) {
     read_config(|config| (config.host_netns_cookie, config.flags & DATAPATH_SOCKET_LB_HOST_ONLY != 0))
 }
 
-/// The node's address (the source of translated traffic); 0 when none is
-/// configured.
-#[inline(always)]
-pub fn node_address() -> u32 {
-    read_config(|config| config.snat_ip)
-}
-
 /// Whether a new flow from `src_ip` to a cluster IP gets the node as its
-/// source (`DatapathConfig::masquerades_cluster_ip_client`).
+/// source (`Family::masquerades`), `--masquerade-all` included.
 #[inline(always)]
-pub fn masquerades_cluster_ip_client(src_ip: u32) -> bool {
-    read_config(|config| config.masquerades_cluster_ip_client(src_ip))
-}
-
-/// Whether `ip` is in one of the configured pod address ranges.
-#[inline(always)]
-fn is_cluster_source(ip: u32) -> bool {
-    read_config(|config| config.cluster_cidrs.contains(ip))
+pub fn masquerades_cluster_ip_client<A: Family>(src_ip: A) -> bool {
+    A::masquerades(src_ip, read_config(|config| config.flags & DATAPATH_MASQUERADE_ALL != 0))
 }
 
 /// Whether `ip`, which no service has, is in one of the configured service
 /// address ranges: a cluster IP not (or no longer) allocated.
 #[inline(always)]
-pub fn is_unallocated_cluster_ip(ip: u32) -> bool {
-    read_config(|config| config.service_cidrs.contains(ip))
+pub fn is_unallocated_cluster_ip<A: Family>(ip: A) -> bool {
+    A::is_service_range(ip)
 }
 
 /// Whether an echo request to `ip` is answered: a cluster IP, with
@@ -115,15 +88,14 @@ pub fn answers_echo(ip: u32) -> bool {
 
 /// The service address `ip`, if it is one.
 #[inline(always)]
-pub fn vip(ip: u32) -> Option<VipValue> {
-    // SAFETY: copied out at once.
-    SERVICE_VIPS.get_ptr(ip).map(|v| unsafe { *v })
+pub fn vip<A: Family>(ip: A) -> Option<VipValue> {
+    A::vip(ip)
 }
 
 /// Whether `ip` is a cluster IP: nothing but the services answer there.
 #[inline(always)]
-pub fn is_cluster_ip(ip: u32) -> bool {
-    vip(ip).is_some_and(|v| v.flags & VIP_CLUSTER_IP != 0)
+pub fn is_cluster_ip<A: Family>(ip: A) -> bool {
+    A::vip(ip).is_some_and(|v| v.flags & VIP_CLUSTER_IP != 0)
 }
 
 /// The source ports of translated flows, host byte order, inclusive;
@@ -150,22 +122,19 @@ pub fn ct_lifetime(proto: u8, flow_flags: u8) -> u32 {
 /// A backend picked uniformly at random among the frontend's current set,
 /// or `None` when the set is empty.
 #[inline(always)]
-pub fn pick_backend(fe: &FrontendValue) -> Option<Backend> {
+pub fn pick_backend<A: Family>(fe: &FrontendValue<A>) -> Option<Backend<A>> {
     if fe.backend_count == 0 {
         return None;
     }
     // SAFETY: a helper call without arguments.
     let slot = unsafe { bpf_get_prandom_u32() } % fe.backend_count;
-    let key = BackendSlotKey { backend_set: fe.backend_set, slot };
-    // SAFETY: copied out at once; sets are immutable once a frontend points
-    // at them.
-    unsafe { BACKEND_SLOTS.get(key).copied() }
+    A::backend_slot(BackendSlotKey { backend_set: fe.backend_set, slot })
 }
 
 /// The backend for a new connection of `client` (an `AffinityKey::client`):
 /// with session affinity as `pick_backend_with_affinity`, else at random.
 #[inline(always)]
-pub fn pick_backend_for(fe: &FrontendValue, client: u64) -> Option<Backend> {
+pub fn pick_backend_for<A: Family>(fe: &FrontendValue<A>, client: A::Client) -> Option<Backend<A>> {
     if fe.affinity_seconds != 0 { pick_backend_with_affinity(fe, client) } else { pick_backend(fe) }
 }
 
@@ -174,12 +143,12 @@ pub fn pick_backend_for(fe: &FrontendValue, client: u64) -> Option<Backend> {
 /// affinity's timeout ago and the backend still takes new connections;
 /// else a random one, remembered for the next.
 #[inline(always)]
-fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend> {
+fn pick_backend_with_affinity<A: Family>(fe: &FrontendValue<A>, client: A::Client) -> Option<Backend<A>> {
     let key = AffinityKey { client, service_id: fe.service_id, _pad: 0 };
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(fe.affinity_seconds) * 1_000_000_000;
-    if let Some(entry) = SESSION_AFFINITY.get_ptr_mut(key) {
+    if let Some(entry) = A::affinity(&key) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         let remembered = unsafe { *entry };
         if now.saturating_sub(remembered.last_used_ns()) <= timeout_ns && takes_new_connections(fe.backend_set, remembered.backend) {
@@ -189,19 +158,14 @@ fn pick_backend_with_affinity(fe: &FrontendValue, client: u64) -> Option<Backend
         }
     }
     let backend = pick_backend(fe)?;
-    // A client whose affinity cannot be stored still gets its backend.
-    let _best_effort = SESSION_AFFINITY.insert(key, AffinityValue::new(backend, now), 0);
+    A::remember_affinity(&key, &AffinityValue::new(backend, now));
     Some(backend)
 }
 
 /// Whether `backend` has a slot in `backend_set` (a member, not draining).
 #[inline(always)]
-fn takes_new_connections(backend_set: u32, backend: Backend) -> bool {
-    match BACKEND_SET_MEMBERS.get_ptr(BackendSetMemberKey { backend_set, backend }) {
-        // SAFETY: a pointer into a map value, read at once.
-        Some(slot) => (unsafe { *slot }) != DRAINING_SLOT,
-        None => false,
-    }
+fn takes_new_connections<A: Family>(backend_set: u32, backend: Backend<A>) -> bool {
+    A::member_slot(BackendSetMemberKey::new(backend_set, backend)).is_some_and(|slot| slot != DRAINING_SLOT)
 }
 
 /// The service's current backend set (an array read, no hashing).
@@ -217,6 +181,6 @@ pub fn current_backend_set(service_id: u32) -> u32 {
 
 /// Whether `backend` belongs to `backend_set`.
 #[inline(always)]
-pub fn is_member(backend_set: u32, backend: Backend) -> bool {
-    BACKEND_SET_MEMBERS.get_ptr(BackendSetMemberKey { backend_set, backend }).is_some()
+pub fn is_member<A: Family>(backend_set: u32, backend: Backend<A>) -> bool {
+    A::member_slot(BackendSetMemberKey::new(backend_set, backend)).is_some()
 }

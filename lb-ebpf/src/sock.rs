@@ -17,6 +17,7 @@ use lb_common::{
 };
 
 use crate::{
+    family::Family,
     maps::{SOCKET_BACKENDS, SOCKET_REVNAT},
     service, stats,
 };
@@ -53,8 +54,8 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     // plain field reads. user_port holds the port in network byte order in
     // its low 16 bits.
     let (ip, port, proto) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16, (*addr).protocol as u8) };
-    let key = FrontendKey { ip, port, proto, _pad: 0 };
-    let Some(fe) = service::frontend_by_key(&key) else { return ALLOW };
+    let key = FrontendKey { ip, port, proto, _pad: 0, _pad_v6: () };
+    let Some(fe) = Family::frontend(&key) else { return ALLOW };
     let (host, host_only) = service::socket_scope();
     // SAFETY: a helper taking the program's own context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -66,7 +67,8 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     // The node's processes connect from the node's address, which
     // loadBalancerSourceRanges may leave out (EPERM, as kube-proxy's
     // firewall drop fails such a connect).
-    if !service::source_allowed(&fe, service::node_address()) {
+    let node = <u32 as Family>::node_address();
+    if !service::source_allowed(&fe, node) {
         return REFUSE;
     }
     // The node is inside the cluster: an externalTrafficPolicy Local
@@ -78,7 +80,7 @@ pub fn translate_destination(ctx: &SockAddrContext, call: Call) -> i32 {
     // known by the node's address as their packets would show it; a socket
     // of another network namespace (a pod whose processes sit in a child
     // cgroup) is a client of its own, known by its namespace's cookie.
-    let client = if of_the_node { u64::from(service::node_address()) } else { netns | AFFINITY_CLIENT_NETNS };
+    let client = if of_the_node { u64::from(node) } else { netns | AFFINITY_CLIENT_NETNS };
     let picked = match call {
         Call::SendTo => socket_backend(SocketBackendKey { cookie, frontend_ip: ip, frontend_port: port, _pad: 0 }, &fe, client),
         Call::Connect => service::pick_backend_for(&fe, client),

@@ -17,7 +17,7 @@ pub fn count_reason(reason: Reason) {
 /// One translated packet of `ip_len` bytes for the service; `new_flow` when
 /// it was assigned a backend.
 #[inline(always)]
-pub fn count_service_packet(service_id: u32, ip_len: u16, new_flow: bool) {
+pub fn count_service_packet(service_id: u32, ip_len: u32, new_flow: bool) {
     if let Some(counters) = SERVICE_COUNTERS.get_ptr_mut(service_id) {
         // SAFETY: a per-CPU slot, written only by this CPU.
         unsafe {

@@ -17,7 +17,8 @@ use lb_common::{
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
     MAP_DATAPATH_CONFIG, MAP_LB_SOURCE_RANGES, MAP_SOCKET_REVNAT, SocketRevNatKey, SocketRevNatValue, SourceRangeKey, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
-    lifecycle::ConntrackLifetimes,
+    lifecycle::ConntrackLifetimes, DatapathConfigV6, Ipv6, MAP_BACKEND_SET_MEMBERS_V6, MAP_BACKEND_SLOTS_V6, MAP_CONNTRACK_TCP_V6,
+    MAP_CONNTRACK_UDP_V6, MAP_DATAPATH_CONFIG_V6, MAP_SERVICE_FRONTENDS_V6, MAP_SERVICE_VIPS_V6,
 };
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
@@ -58,6 +59,20 @@ pub struct DatapathMaps {
     pub socket_revnat: HashMap<MapData, SocketRevNatKey, SocketRevNatValue>,
     /// Not in the object: created by the agent, for inspection tools.
     pub service_names: HashMap<MapData, u32, ServiceName>,
+    pub ipv6: Ipv6Maps,
+}
+
+/// The IPv6 twins of the service and conntrack maps (lb-common's maps
+/// module); service ids and backend sets share `SERVICE_BACKEND_SETS` and
+/// the counters with IPv4.
+pub struct Ipv6Maps {
+    pub frontends: HashMap<MapData, FrontendKey<Ipv6>, FrontendValue<Ipv6>>,
+    pub service_vips: HashMap<MapData, Ipv6, VipValue>,
+    pub backend_slots: HashMap<MapData, BackendSlotKey, Backend<Ipv6>>,
+    pub backend_set_members: HashMap<MapData, BackendSetMemberKey<Ipv6>, u32>,
+    pub datapath_config: Array<MapData, DatapathConfigV6>,
+    pub conntrack_tcp: HashMap<MapData, ConntrackKey<Ipv6>, ConntrackValue<Ipv6>>,
+    pub conntrack_udp: HashMap<MapData, ConntrackKey<Ipv6>, ConntrackValue<Ipv6>>,
 }
 
 /// The conntrack tables: the confirmed flows of each protocol, and TCP
@@ -131,6 +146,15 @@ impl DatapathMaps {
             source_ranges: take(ebpf, MAP_LB_SOURCE_RANGES)?,
             socket_revnat: take(ebpf, MAP_SOCKET_REVNAT)?,
             service_names: service_names(pin_dir, service_ports)?,
+            ipv6: Ipv6Maps {
+                frontends: take(ebpf, MAP_SERVICE_FRONTENDS_V6)?,
+                service_vips: take(ebpf, MAP_SERVICE_VIPS_V6)?,
+                backend_slots: take(ebpf, MAP_BACKEND_SLOTS_V6)?,
+                backend_set_members: take(ebpf, MAP_BACKEND_SET_MEMBERS_V6)?,
+                datapath_config: take(ebpf, MAP_DATAPATH_CONFIG_V6)?,
+                conntrack_tcp: take(ebpf, MAP_CONNTRACK_TCP_V6)?,
+                conntrack_udp: take(ebpf, MAP_CONNTRACK_UDP_V6)?,
+            },
         })
     }
 
@@ -356,6 +380,9 @@ pub struct PinnedState {
     pub migrated: Vec<(&'static str, Vec<(ConntrackKey, ConntrackValue)>)>,
 }
 
+/// Entries of each IPv6 table while the agent programs no IPv6 service.
+const IPV6_IDLE_ENTRIES: u32 = 1024;
+
 /// What the agent asks of the maps it creates.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSettings {
@@ -393,6 +420,10 @@ impl MapSettings {
             MAP_SERVICE_VIPS => Some(self.limits.addresses),
             MAP_BACKEND_SLOTS | MAP_BACKEND_SET_MEMBERS => Some(self.limits.backend_slots),
             MAP_SERVICE_BACKEND_SETS | MAP_SERVICE_COUNTERS | MAP_SERVICE_NAMES => Some(self.limits.service_ports),
+            // The agent programs no IPv6 service yet (issue 14): the IPv6
+            // tables are kept at their smallest rather than costing every
+            // node their preallocated size.
+            name if lb_common::IPV6_MAPS.contains(&name) && name != lb_common::MAP_DATAPATH_CONFIG_V6 => Some(IPV6_IDLE_ENTRIES),
             _ => None,
         }
     }
@@ -515,7 +546,9 @@ mod object_map_tests {
             MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP, MAP_DATAPATH_CONFIG,
             MAP_FRAGMENT_PORTS, MAP_LB_SOURCE_RANGES, MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_VIPS,
             MAP_SESSION_AFFINITY, MAP_SNAT_PORT_CURSOR, MAP_SOCKET_BACKENDS, MAP_SOCKET_REVNAT, MAP_VERDICT_COUNTERS,
+            lb_common::MAP_NEW_FLOW_SCRATCH, lb_common::MAP_NEW_FLOW_SCRATCH_V6,
         ];
+        named.extend(lb_common::IPV6_MAPS);
         named.sort_unstable();
         assert_eq!(super::object_maps(), named);
     }

@@ -539,14 +539,16 @@ fn frontend_value(service_id: u32, set: u32, backends: &BackendSet, frontend: &F
             | if backends.snat { FRONTEND_SNAT } else { 0 }
             | if backends.source_ranged.contains(&frontend.ip) { FRONTEND_SOURCE_RANGES } else { 0 },
         affinity_seconds: backends.affinity_seconds,
+        _pad_v6: (),
         in_cluster_ip: backends.in_cluster_via.map_or(0, |(ip, _)| ip_be(ip)),
         in_cluster_port: backends.in_cluster_via.map_or(0, |(_, port)| port.to_be()),
         _pad: 0,
+        _pad_v6_end: (),
     }
 }
 
 fn member(backend_set: u32, endpoint: &Endpoint) -> BackendSetMemberKey {
-    BackendSetMemberKey { backend_set, backend: backend(endpoint) }
+    BackendSetMemberKey::new(backend_set, backend(endpoint))
 }
 
 fn backend(endpoint: &Endpoint) -> Backend {

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`, datapath: nanoseconds per packet through the XDP program.
 //!
 //! Measured in the kernel by BPF_PROG_TEST_RUN, side by side with an empty XDP
-//! program (the floor), at 1 and at 10,000 services.
+//! program (the floor), at 1 and at 10,000 services, and an IPv6 service's
+//! established flow and reply beside them.
 //!
 //! BPF_PROG_TEST_RUN does not reset the packet between repeats, so a DNAT
 //! would turn every repeat after the first into non-service traffic. The
@@ -20,6 +21,7 @@ use lb_common::{ConntrackKey, IPPROTO_TCP, Reason};
 use lb_tests::{
     fixture::{Fixture, desired},
     packets::Frame,
+    packets6::Frame6,
 };
 use lb_userspace::model::{Endpoint, Frontend, Protocol, ServicePort, ServicePortName};
 
@@ -27,6 +29,10 @@ const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 11;
 const SINGLE_RUNS: usize = 20_000;
 const CLIENT: &str = "10.0.0.2:40000";
+const CLIENT6: &str = "[fd00:10::2]:40000";
+const VIP6: &str = "[fd00:96::1]:80";
+/// The IPv6 service's id and backend set, far above the IPv4 services'.
+const IPV6_SERVICE_ID: u32 = 60_000;
 
 fn vip(index: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + index + 1)
@@ -163,6 +169,18 @@ fn bench_scale(services: u32, floor: &Xdp) -> Result<Vec<Row>> {
             }
         }
     }
+    // One IPv6 service beside them, its own address its backend too, with
+    // an established flow: the IPv6 path's cost next to the IPv4 one's.
+    let vip6 = lb_tests::packets6::addr6(VIP6);
+    fx.program_ipv6_frontend(IPV6_SERVICE_ID, vip6, IPPROTO_TCP, &[vip6], 0);
+    for packet in [Frame6::tcp_syn(CLIENT6, VIP6), Frame6::tcp_syn_ack(VIP6, CLIENT6)] {
+        let out = fx.run(lb_tests::fixture::Hook::Xdp, &packet.bytes());
+        if out.output != packet.bytes() {
+            bail!("warm-up flow to the IPv6 service was not translated in place");
+        }
+    }
+    let established6 = Frame6::tcp_data(CLIENT6, VIP6, b"payload").bytes();
+    let reply6 = Frame6::tcp_data(VIP6, CLIENT6, b"payload").bytes();
     let target = vip(services - 1);
     let pass = Frame::tcp_data(CLIENT, "10.0.0.3:80", b"payload").bytes();
     let established = Frame::tcp_data(CLIENT, &format!("{target}:80"), b"payload").bytes();
@@ -176,6 +194,8 @@ fn bench_scale(services: u32, floor: &Xdp) -> Result<Vec<Row>> {
             Repeated { case: "non-service pass-through", input: &pass, reason: Reason::PassNotService },
             Repeated { case: "established-flow forward", input: &established, reason: Reason::ForwardEstablished },
             Repeated { case: "reply reverse-NAT", input: &reply, reason: Reason::ReplyTranslated },
+            Repeated { case: "IPv6 established-flow forward", input: &established6, reason: Reason::ForwardEstablished },
+            Repeated { case: "IPv6 reply reverse-NAT", input: &reply6, reason: Reason::ReplyTranslated },
         ],
     )?;
 
@@ -214,7 +234,7 @@ fn main() -> Result<()> {
     }
     let ratio_of = |services: u32, case: &str| table.iter().find(|(s, r)| *s == services && r.case == case).map(|(_, r)| r.ratio).unwrap_or(f64::NAN);
     println!("\ngrowth from 1 to 10,000 services (ratio to the floor at 10,000 / at 1):");
-    for case in ["non-service pass-through", "established-flow forward", "reply reverse-NAT", "new connection, single run"] {
+    for case in ["non-service pass-through", "established-flow forward", "reply reverse-NAT", "IPv6 established-flow forward", "IPv6 reply reverse-NAT", "new connection, single run"] {
         println!("  {case}: {:.2}x", ratio_of(10_000, case) / ratio_of(1, case));
     }
     Ok(())

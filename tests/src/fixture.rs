@@ -1,10 +1,12 @@
 //! A loaded datapath to run packets through, with services programmed by the real syncer.
 //!
 //! Packets go through either hook by BPF_PROG_TEST_RUN.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV6};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::Reason;
+use lb_common::{
+    Backend, BackendSetMemberKey, BackendSlotKey, FRONTEND_SNAT, FrontendKey, FrontendValue, Ipv6, Reason, VIP_CLUSTER_IP, VipValue,
+};
 use lb_userspace::{
     datapath::Datapath,
     model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
@@ -58,6 +60,40 @@ impl Fixture {
 
     pub fn program(&mut self, desired: &DesiredState) {
         self.syncer.apply(desired, &mut self.datapath.maps).expect("programming the maps");
+    }
+
+    /// An IPv6 frontend `address`:`port` of service `id` (below the ids the
+    /// syncer hands out to this fixture's IPv4 services, which start at 0:
+    /// give ids from the top), whose backend set, also `id`, holds
+    /// `backends`: written into the IPv6 maps directly, as the agent's
+    /// syncer does not program IPv6 services yet. `flags` are
+    /// `FRONTEND_*`; without `FRONTEND_SNAT` the address is a cluster IP.
+    pub fn program_ipv6_frontend(&mut self, id: u32, frontend: SocketAddrV6, proto: u8, backends: &[SocketAddrV6], flags: u32) {
+        let v6 = &mut self.datapath.maps.ipv6;
+        for (slot, backend) in backends.iter().enumerate() {
+            let backend = Backend { ip: Ipv6::new(*backend.ip()), port: backend.port().to_be(), _pad: 0, _pad_v6: 0 };
+            v6.backend_slots.insert(BackendSlotKey { backend_set: id, slot: slot as u32 }, backend, 0).expect("an IPv6 backend slot");
+            v6.backend_set_members.insert(BackendSetMemberKey::new(id, backend), slot as u32, 0).expect("an IPv6 set member");
+        }
+        self.datapath.maps.service_backend_sets.set(id, id, 0).expect("the service's backend set");
+        let ip = Ipv6::new(*frontend.ip());
+        let key = FrontendKey { ip, port: frontend.port().to_be(), proto, _pad: 0, _pad_v6: 0 };
+        let value = FrontendValue {
+            service_id: id,
+            backend_set: id,
+            backend_count: backends.len() as u32,
+            flags,
+            affinity_seconds: 0,
+            _pad_v6: 0,
+            in_cluster_ip: Ipv6::default(),
+            in_cluster_port: 0,
+            _pad: 0,
+            _pad_v6_end: 0,
+        };
+        v6.frontends.insert(key, value, 0).expect("an IPv6 frontend");
+        let frontends = v6.service_vips.get(&ip, 0).map_or(0, |v| v.frontends);
+        let vip = VipValue { frontends: frontends + 1, flags: if flags & FRONTEND_SNAT == 0 { VIP_CLUSTER_IP } else { 0 } };
+        v6.service_vips.insert(ip, vip, 0).expect("an IPv6 service address");
     }
 
     /// Runs one packet through the hook's program once.

@@ -4,5 +4,6 @@ pub mod cluster;
 pub mod fixture;
 pub mod netns;
 pub mod packets;
+pub mod packets6;
 pub mod pinned;
 pub mod two_nodes;

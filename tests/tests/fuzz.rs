@@ -163,7 +163,7 @@ fn fuzzed_packets_keep_the_datapaths_promises() {
     let mut rng = Rng(seed);
     let fixture = fixture();
     let seeds = seeds();
-    let unchanged_reasons = [Reason::PassNotService, Reason::PassNotIpv4, Reason::PassMalformed];
+    let unchanged_reasons = [Reason::PassNotService, Reason::PassNotIp, Reason::PassMalformed];
     let translated_reasons = [Reason::ForwardNew, Reason::ForwardEstablished, Reason::ForwardRescheduled, Reason::ReplyTranslated];
     let (mut ran, mut translated, mut checked) = (0usize, 0usize, 0usize);
     let mut by_reason = [0u64; Reason::COUNT as usize];

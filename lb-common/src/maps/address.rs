@@ -12,6 +12,10 @@ use crate::checksum;
 /// An IP address as the maps hold it: network byte order, exactly as in the
 /// packet headers.
 pub trait IpAddress: Copy + Eq + Pod + core::fmt::Debug {
+    /// What a map struct adds after a field to keep its IPv6 version free
+    /// of hidden padding (see `Ipv6`): nothing for IPv4, 4 bytes for IPv6.
+    type Pad: Copy + Eq + Ord + core::hash::Hash + Default + core::fmt::Debug + Pod;
+
     /// The all-zero address: "none configured" in the maps.
     const UNSPECIFIED: Self;
 
@@ -30,6 +34,7 @@ pub trait IpAddress: Copy + Eq + Pod + core::fmt::Debug {
 }
 
 impl IpAddress for u32 {
+    type Pad = ();
     const UNSPECIFIED: Self = 0;
 
     #[inline(always)]
@@ -45,10 +50,17 @@ impl IpAddress for u32 {
 
 /// An IPv6 address in network byte order, as four 32-bit words read from
 /// the header with native loads (four compares, four stores).
-#[repr(transparent)]
+///
+/// 8-aligned: the datapath is built with misaligned memory access allowed,
+/// so LLVM merges neighbouring 4-byte stack accesses into 8-byte ones, and
+/// the verifier refuses those at offsets that are not 8-aligned. Every
+/// struct holding an `Ipv6` is therefore 8-aligned, and pads itself with
+/// `IpAddress::Pad` where its IPv6 version would otherwise have hidden
+/// padding.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Ipv6(pub [u32; 4]);
-const _: () = assert!(size_of::<Ipv6>() == 16 && align_of::<Ipv6>() == 4);
+const _: () = assert!(size_of::<Ipv6>() == 16 && align_of::<Ipv6>() == 8);
 
 impl Ipv6 {
     pub fn new(addr: Ipv6Addr) -> Self {
@@ -60,6 +72,8 @@ impl Ipv6 {
         Ipv6Addr::from(bytes)
     }
 }
+
+user_pod!(Ipv6);
 
 impl From<Ipv6Addr> for Ipv6 {
     fn from(addr: Ipv6Addr) -> Self {
@@ -74,6 +88,7 @@ impl From<Ipv6> for Ipv6Addr {
 }
 
 impl IpAddress for Ipv6 {
+    type Pad = u32;
     const UNSPECIFIED: Self = Ipv6([0; 4]);
 
     /// IPv6 has no header checksum: the delta is for the TCP/UDP checksum,

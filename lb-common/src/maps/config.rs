@@ -172,8 +172,12 @@ impl core::fmt::Display for Ipv4Cidr {
 /// Up to `MAX_CIDRS` address ranges: the first `count` are used.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
-pub struct Cidrs<A = u32> {
+pub struct Cidrs<A = u32>
+where
+    A: IpAddress,
+{
     pub count: u32,
+    pub _pad_v6: A::Pad,
     pub ranges: [Cidr<A>; MAX_CIDRS],
 }
 pub type Ipv4Cidrs = Cidrs<u32>;
@@ -181,7 +185,7 @@ pub type Ipv6Cidrs = Cidrs<Ipv6>;
 
 impl<A: IpAddress + Default> Default for Cidrs<A> {
     fn default() -> Self {
-        Self { count: 0, ranges: [Cidr::default(); MAX_CIDRS] }
+        Self { count: 0, _pad_v6: A::Pad::default(), ranges: [Cidr::default(); MAX_CIDRS] }
     }
 }
 
@@ -216,7 +220,7 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 
 pod_for_both_families! {
     Cidr: 8, 32;
-    Cidrs: 4 + 8 * MAX_CIDRS, 4 + 32 * MAX_CIDRS;
+    Cidrs: 4 + 8 * MAX_CIDRS, 8 + 32 * MAX_CIDRS;
 }
 
 user_pod!(DatapathConfig, DatapathConfigV6, DatapathClock);

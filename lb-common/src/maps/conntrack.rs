@@ -115,17 +115,17 @@ impl From<SocketAddrV4> for Endpoint {
     }
 }
 
-impl<A> From<Backend<A>> for Endpoint<A> {
+impl<A: IpAddress> From<Backend<A>> for Endpoint<A> {
     #[inline(always)]
     fn from(backend: Backend<A>) -> Self {
         Endpoint { ip: backend.ip, port: backend.port }
     }
 }
 
-impl<A> From<Endpoint<A>> for Backend<A> {
+impl<A: IpAddress> From<Endpoint<A>> for Backend<A> {
     #[inline(always)]
     fn from(endpoint: Endpoint<A>) -> Self {
-        Backend { ip: endpoint.ip, port: endpoint.port, _pad: 0 }
+        Backend { ip: endpoint.ip, port: endpoint.port, _pad: 0, _pad_v6: A::Pad::default() }
     }
 }
 

@@ -151,6 +151,23 @@ pub const CONNTRACK_MAPS_V6: [(&str, u8); 3] =
 pub const MAP_SESSION_AFFINITY_V6: &str = "SESSION_AFFINITY_V6";
 pub const MAP_LB_SOURCE_RANGES_V6: &str = "LB_SOURCE_RANGES_V6";
 pub const MAP_DATAPATH_CONFIG_V6: &str = "DATAPATH_CONFIG_V6";
+/// Every map of the IPv6 twins.
+pub const IPV6_MAPS: [&str; 10] = [
+    MAP_SERVICE_FRONTENDS_V6,
+    MAP_SERVICE_VIPS_V6,
+    MAP_BACKEND_SLOTS_V6,
+    MAP_BACKEND_SET_MEMBERS_V6,
+    MAP_CONNTRACK_TCP_V6,
+    MAP_CONNTRACK_UDP_V6,
+    MAP_CONNTRACK_TCP_PENDING_V6,
+    MAP_SESSION_AFFINITY_V6,
+    MAP_LB_SOURCE_RANGES_V6,
+    MAP_DATAPATH_CONFIG_V6,
+];
+/// Each CPU's room for building a new flow's entries, per family: no
+/// state outlives a program run.
+pub const MAP_NEW_FLOW_SCRATCH: &str = "NEW_FLOW_SCRATCH";
+pub const MAP_NEW_FLOW_SCRATCH_V6: &str = "NEW_FLOW_SCRATCH_V6";
 
 /// Program names, as the `#[classifier]`/`#[xdp]` functions are called.
 pub const PROG_TC_INGRESS: &str = "lb_tc_ingress";

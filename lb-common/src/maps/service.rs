@@ -2,30 +2,37 @@
 use bytemuck::{Pod, Zeroable};
 use core::net::Ipv4Addr;
 
-use super::{Ipv6, ip_be};
+use super::{IpAddress, Ipv6, ip_be};
 
 /// A service frontend: the address, port and protocol clients connect to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
-pub struct FrontendKey<A = u32> {
+pub struct FrontendKey<A = u32>
+where
+    A: IpAddress,
+{
     /// Network byte order.
     pub ip: A,
     /// Network byte order.
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+    pub _pad_v6: A::Pad,
 }
 
 impl FrontendKey {
     pub const fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Self {
-        Self { ip: ip_be(ip), port: port.to_be(), proto, _pad: 0 }
+        Self { ip: ip_be(ip), port: port.to_be(), proto, _pad: 0, _pad_v6: () }
     }
 }
 
 /// Which service a frontend belongs to and the backend set it uses now.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
-pub struct FrontendValue<A = u32> {
+pub struct FrontendValue<A = u32>
+where
+    A: IpAddress,
+{
     /// Index into `SERVICE_BACKEND_SETS` and `SERVICE_COUNTERS`; part of the
     /// keys of `LB_SOURCE_RANGES` and `SESSION_AFFINITY`.
     pub service_id: u32,
@@ -46,9 +53,11 @@ pub struct FrontendValue<A = u32> {
     /// IP frontend, this address and port (network byte order), as
     /// kube-proxy sends "pod traffic for external destinations" to the
     /// cluster policy. 0: everyone is served by this frontend.
+    pub _pad_v6: A::Pad,
     pub in_cluster_ip: A,
     pub in_cluster_port: u16,
     pub _pad: u16,
+    pub _pad_v6_end: A::Pad,
 }
 
 /// `FrontendValue::flags`: with no backends, drop instead of rejecting
@@ -111,7 +120,10 @@ pub const AFFINITY_CLIENT_NETNS: u64 = 1 << 63;
 /// one (`bpf_ktime_get_ns`, monotonic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Zeroable)]
-pub struct AffinityValue<A = u32> {
+pub struct AffinityValue<A = u32>
+where
+    A: IpAddress,
+{
     pub backend: Backend<A>,
     /// The time as two native-order halves, low first: the bytes of a
     /// `u64`, without its 8-byte alignment, which would pad the IPv6
@@ -119,7 +131,7 @@ pub struct AffinityValue<A = u32> {
     pub last_used_ns: [u32; 2],
 }
 
-impl<A> AffinityValue<A> {
+impl<A: IpAddress> AffinityValue<A> {
     #[inline(always)]
     pub const fn new(backend: Backend<A>, last_used_ns: u64) -> Self {
         Self { backend, last_used_ns: [last_used_ns as u32, (last_used_ns >> 32) as u32] }
@@ -157,26 +169,41 @@ const _: () = assert!(size_of::<BackendSlotKey>() == 8);
 /// A backend endpoint: the address and target port traffic is sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Zeroable)]
-pub struct Backend<A = u32> {
+pub struct Backend<A = u32>
+where
+    A: IpAddress,
+{
     /// Network byte order.
     pub ip: A,
     /// Network byte order.
     pub port: u16,
     pub _pad: u16,
+    pub _pad_v6: A::Pad,
 }
 
 impl Backend {
     pub const fn new(ip: Ipv4Addr, port: u16) -> Self {
-        Self { ip: ip_be(ip), port: port.to_be(), _pad: 0 }
+        Self { ip: ip_be(ip), port: port.to_be(), _pad: 0, _pad_v6: () }
     }
 }
 
 /// A backend's membership in a backend set; the value is its slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Zeroable)]
-pub struct BackendSetMemberKey<A = u32> {
+pub struct BackendSetMemberKey<A = u32>
+where
+    A: IpAddress,
+{
     pub backend: Backend<A>,
     pub backend_set: u32,
+    pub _pad_v6: A::Pad,
+}
+
+impl<A: IpAddress> BackendSetMemberKey<A> {
+    #[inline(always)]
+    pub fn new(backend_set: u32, backend: Backend<A>) -> Self {
+        Self { backend, backend_set, _pad_v6: A::Pad::default() }
+    }
 }
 
 /// `BACKEND_SET_MEMBERS` value of a draining endpoint: a member for its
@@ -254,12 +281,21 @@ impl core::ops::Add for ServiceCounters {
 }
 
 pod_for_both_families! {
-    FrontendKey: 8, 20;
-    FrontendValue: 28, 40;
-    SourceRangeKey: 8, 20;
-    AffinityValue: 16, 28;
-    Backend: 8, 20;
-    BackendSetMemberKey: 12, 24;
+    FrontendKey: 8, 24;
+    FrontendValue: 28, 48;
+    AffinityValue: 16, 32;
+    Backend: 8, 24;
+    BackendSetMemberKey: 12, 32;
 }
+
+// An LPM trie key's data follows its 4-byte prefix length directly, so the
+// IPv6 source range key holds the address as plain words, 4-aligned.
+const _: () = assert!(size_of::<SourceRangeKey>() == 8 && size_of::<SourceRangeKey<[u32; 4]>>() == 20);
+// SAFETY: `#[repr(C)]`, every field `Pod`, and the sizes asserted above are
+// the sums of the fields': no padding.
+unsafe impl Pod for SourceRangeKey<u32> {}
+// SAFETY: as above.
+unsafe impl Pod for SourceRangeKey<[u32; 4]> {}
+user_pod!(SourceRangeKey<u32>, SourceRangeKey<[u32; 4]>);
 
 user_pod!(VipValue, BackendSlotKey, ServiceCounters, ServiceName);

@@ -145,7 +145,7 @@ fn adoptable(
     let mut endpoints = Vec::new();
     for slot in 0..first.backend_count {
         let backend = *found.slots.get(&BackendSlotKey { backend_set: set, slot })?;
-        if found.members.get(&BackendSetMemberKey { backend_set: set, backend }) != Some(&slot) {
+        if found.members.get(&BackendSetMemberKey::new(set, backend)) != Some(&slot) {
             return None;
         }
         endpoints.push(endpoint(backend));

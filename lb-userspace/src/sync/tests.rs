@@ -47,7 +47,7 @@ impl FakeMaps {
         for slot in 0..count {
             let b = self.slots.get(&BackendSlotKey { backend_set: set, slot });
             let b = b.unwrap_or_else(|| panic!("set {set} is missing slot {slot}"));
-            assert_eq!(self.members.get(&BackendSetMemberKey { backend_set: set, backend: *b }), Some(&slot));
+            assert_eq!(self.members.get(&BackendSetMemberKey::new(set, *b)), Some(&slot));
         }
     }
 }
@@ -226,8 +226,8 @@ fn an_endpoint_in_two_services_is_independent_in_each() {
     syncer.apply(&only_b, &mut maps).expect("apply");
     let set_of = |n: &str| maps.service_sets[&syncer.service_id(&name(n)).expect("programmed")];
     let ep = Backend::new([10, 244, 0, 7].into(), 8080);
-    assert!(maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("b"), backend: ep }));
-    assert!(!maps.members.contains_key(&BackendSetMemberKey { backend_set: set_of("a"), backend: ep }));
+    assert!(maps.members.contains_key(&BackendSetMemberKey::new(set_of("b"), ep)));
+    assert!(!maps.members.contains_key(&BackendSetMemberKey::new(set_of("a"), ep)));
 }
 
 #[test]
@@ -240,7 +240,7 @@ fn draining_endpoints_are_members_without_a_slot() {
     syncer.apply(&desired, &mut maps).expect("apply");
     assert_maps_equal(&maps, &syncer, &desired);
     let set = maps.service_sets[&syncer.service_id(&name("a")).expect("programmed")];
-    let draining = BackendSetMemberKey { backend_set: set, backend: Backend::new([10, 244, 0, 2].into(), 8080) };
+    let draining = BackendSetMemberKey::new(set, Backend::new([10, 244, 0, 2].into(), 8080));
     assert_eq!(maps.members.get(&draining), Some(&DRAINING_SLOT));
     assert_eq!(maps.slots.len(), 1, "only the serving endpoint has a slot");
     let frontend = maps.frontends.values().next().expect("frontend");
@@ -385,7 +385,7 @@ fn pieces_of_no_adoptable_service_are_deleted() {
     maps.service_sets.insert(7, 40);
     maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
     maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
-    let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, in_cluster_ip: 0, in_cluster_port: 0, _pad: 0 };
+    let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, _pad_v6: (), in_cluster_ip: 0, in_cluster_port: 0, _pad: 0, _pad_v6_end: () };
     maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
     let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
     assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });

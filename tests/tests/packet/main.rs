@@ -28,6 +28,7 @@ mod balancing;
 mod fixtures;
 mod fragment;
 mod icmp_error;
+mod ipv6;
 mod kube_proxy_flows;
 mod malformed;
 mod node;
@@ -241,7 +242,7 @@ fn client_ports(case: &Case) -> BTreeSet<u16> {
 #[test]
 fn cases_share_no_flow() {
     let cluster = [translate::cases(), reject::cases(), not_service::cases(), icmp_error::cases(), malformed::cases(), fragment::cases()];
-    for (fixture, cases) in [("cluster", cluster.into_iter().flatten().collect()), ("node", node::cases()), ("kube-proxy", kube_proxy_flows::cases())] {
+    for (fixture, cases) in [("cluster", cluster.into_iter().flatten().collect()), ("node", node::cases()), ("kube-proxy", kube_proxy_flows::cases()), ("ipv6", ipv6::cases())] {
         let mut owner: BTreeMap<u16, &str> = BTreeMap::new();
         for (name, case) in cases {
             for port in client_ports(&case) {

@@ -23,13 +23,14 @@ packet_cases! { CLUSTER;
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
         arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10]);
-        case(arp, Pass, Unchanged, Reason::PassNotIpv4)
+        case(arp, Pass, Unchanged, Reason::PassNotIp)
     };
-    /// IPv6: unchanged.
-    ipv6_is_unchanged => {
+    /// IPv6 claiming no payload (a jumbogram's zero length, or a cut
+    /// header): unchanged, left to the kernel.
+    ipv6_without_a_payload_is_unchanged => {
         let mut ipv6 = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd, 0x60];
         ipv6.resize(14 + 40, 0);
-        case(ipv6, Pass, Unchanged, Reason::PassNotIpv4)
+        case(ipv6, Pass, Unchanged, Reason::PassMalformed)
     };
     /// ICMP (not an error) to a service address: unchanged.
     icmp_to_a_service_address_is_unchanged => {

@@ -26,6 +26,14 @@ impl Datapath {
     pub fn load() -> Result<Self> {
         let features = KernelFeatures::probe(&[]);
         let mut loader = loader(&features);
+        // The agent's default sizes: the IPv6 tables at their idle size, so
+        // that the many scratch copies of a test run fit a small machine.
+        let settings = MapSettings::default();
+        for name in object_maps() {
+            if let Some(max_entries) = settings.max_entries(name) {
+                loader.map_max_entries(name, max_entries);
+            }
+        }
         let ebpf = loader.override_global(aya_log::LEVEL, &EBPF_LOG_OFF, true).load(EBPF_OBJECT)?;
         let mut datapath = Self::load_with(ebpf, None, lb_common::MAX_SERVICES, features)?;
         // The default settings (conntrack lifetimes among them), as a

@@ -7,7 +7,7 @@ use core::net::{IpAddr, Ipv4Addr};
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DatapathConfig,
+    AffinityKey, AffinityValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, ConntrackValue, DATAPATH_MASQUERADE_ALL, DatapathConfig,
     DatapathConfigV6, FrontendKey, FrontendValue, IPPROTO_TCP, IpAddress, Ipv6, SourceRangeKey, VipValue, checksum,
     reply::ETH_HLEN,
 };
@@ -80,12 +80,8 @@ pub trait Family: IpAddress {
     /// Whether `ip` is in the configured pod ranges.
     fn is_cluster_source(ip: Self) -> bool;
     /// Whether a new flow from `src` to a cluster IP gets the node as its
-    /// source, as kube-proxy masquerades it: always with `masquerade_all`,
-    /// else when pod ranges are configured and `src` is in none of them (a
-    /// client outside the cluster, or the node, so that the reply from an
-    /// endpoint on another node comes back through this one). Never
-    /// without a node address to translate to.
-    fn masquerades(src: Self, masquerade_all: bool) -> bool;
+    /// source (`DatapathConfig::masquerades_cluster_ip_client`).
+    fn masquerades(src: Self) -> bool;
     /// Whether `ip` is in the configured service ranges.
     fn is_service_range(ip: Self) -> bool;
 
@@ -214,8 +210,7 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn masquerades(src: u32, _masquerade_all: bool) -> bool {
-        // The flag is in this same entry, which the rule reads itself.
+    fn masquerades(src: u32) -> bool {
         read_settings!(DATAPATH_CONFIG, |config: &DatapathConfig| config.masquerades_cluster_ip_client(src))
     }
 
@@ -353,9 +348,9 @@ impl Family for Ipv6 {
     }
 
     #[inline(always)]
-    fn masquerades(src: Ipv6, masquerade_all: bool) -> bool {
-        read_settings!(DATAPATH_CONFIG_V6, |config: &DatapathConfigV6| !config.snat_ip.is_unspecified()
-            && (masquerade_all || (config.cluster_cidrs.count != 0 && !config.cluster_cidrs.contains(src))))
+    fn masquerades(src: Ipv6) -> bool {
+        let masquerade_all = read_settings!(DATAPATH_CONFIG, |config: &DatapathConfig| config.flags & DATAPATH_MASQUERADE_ALL != 0);
+        read_settings!(DATAPATH_CONFIG_V6, |config: &DatapathConfigV6| config.masquerades_cluster_ip_client(src, masquerade_all))
     }
 
     #[inline(always)]

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, BackendSetMemberKey, BackendSlotKey, ConntrackKey, DATAPATH_ANSWER_ECHO,
-    DATAPATH_MASQUERADE_ALL, DATAPATH_SOCKET_LB_HOST_ONLY, DRAINING_SLOT, DatapathConfig, FRONTEND_SOURCE_RANGES, FrontendKey,
+    DATAPATH_SOCKET_LB_HOST_ONLY, DRAINING_SLOT, DatapathConfig, FRONTEND_SOURCE_RANGES, FrontendKey,
     FrontendValue, NO_BACKEND_SET, VIP_CLUSTER_IP, VipValue, lifecycle,
 };
 
@@ -69,7 +69,7 @@ pub fn socket_scope() -> (u64, bool) {
 /// source (`Family::masquerades`), `--masquerade-all` included.
 #[inline(always)]
 pub fn masquerades_cluster_ip_client<A: Family>(src_ip: A) -> bool {
-    A::masquerades(src_ip, read_config(|config| config.flags & DATAPATH_MASQUERADE_ALL != 0))
+    A::masquerades(src_ip)
 }
 
 /// Whether `ip`, which no service has, is in one of the configured service

@@ -52,9 +52,25 @@ impl DatapathConfig {
     /// this one). Never without a node address to translate to.
     #[inline(always)]
     pub fn masquerades_cluster_ip_client(&self, src_ip: u32) -> bool {
-        self.snat_ip != 0
-            && (self.flags & DATAPATH_MASQUERADE_ALL != 0 || (self.cluster_cidrs.count != 0 && !self.cluster_cidrs.contains(src_ip)))
+        masquerades(self.snat_ip, &self.cluster_cidrs, self.flags & DATAPATH_MASQUERADE_ALL != 0, src_ip)
     }
+}
+
+impl DatapathConfigV6 {
+    /// As `DatapathConfig::masquerades_cluster_ip_client`, for an IPv6
+    /// client; `masquerade_all` is `DatapathConfig`'s flag, which both
+    /// families share.
+    #[inline(always)]
+    pub fn masquerades_cluster_ip_client(&self, src_ip: Ipv6, masquerade_all: bool) -> bool {
+        masquerades(self.snat_ip, &self.cluster_cidrs, masquerade_all, src_ip)
+    }
+}
+
+/// kube-proxy's masquerade rule for a client of a cluster IP, in either
+/// family (`DatapathConfig::masquerades_cluster_ip_client`).
+#[inline(always)]
+fn masquerades<A: IpAddress + Default>(snat_ip: A, cluster_cidrs: &Cidrs<A>, masquerade_all: bool, src_ip: A) -> bool {
+    !snat_ip.is_unspecified() && (masquerade_all || (cluster_cidrs.count != 0 && !cluster_cidrs.contains(src_ip)))
 }
 
 /// jiffies → monotonic clock ticks (`lifecycle`): `(jiffies -
@@ -251,6 +267,21 @@ mod tests {
         ];
         for (rule, config, client, masqueraded) in cases {
             assert_eq!(config.masquerades_cluster_ip_client(ip(client)), masqueraded, "{rule}");
+        }
+        let ip6 = |a: &str| Ipv6::new(a.parse().expect("an IPv6 address"));
+        let node6 = DatapathConfigV6 {
+            snat_ip: ip6("fd00:1::1"),
+            cluster_cidrs: Ipv6Cidrs::new([Ipv6Cidr::new("fd00:244::".parse().expect("a range"), 48)]),
+            ..DatapathConfigV6::default()
+        };
+        let cases6 = [
+            ("IPv6: a pod keeps its address", node6, "fd00:244:0:3::7", false, false),
+            ("IPv6: a client outside --cluster-cidr is masqueraded", node6, "2001:db8::9", false, true),
+            ("IPv6: --masquerade-all takes pods too", node6, "fd00:244:0:3::7", true, true),
+            ("IPv6: never without a node address", DatapathConfigV6 { snat_ip: Ipv6::UNSPECIFIED, ..node6 }, "2001:db8::9", true, false),
+        ];
+        for (rule, config, client, masquerade_all, masqueraded) in cases6 {
+            assert_eq!(config.masquerades_cluster_ip_client(ip6(client), masquerade_all), masqueraded, "{rule}");
         }
     }
 

@@ -18,6 +18,60 @@ pub enum L4 {
     Udp(UdpHeader),
 }
 
+/// The TCP and UDP headers of the test packets, for both families.
+impl L4 {
+    /// A client's SYN.
+    pub fn tcp_syn(src_port: u16, dst_port: u16) -> Self {
+        let mut tcp = TcpHeader::new(src_port, dst_port, 1000, 64240);
+        tcp.syn = true;
+        L4::Tcp(tcp)
+    }
+
+    /// A backend's SYN-ACK answering `tcp_syn`.
+    pub fn tcp_syn_ack(src_port: u16, dst_port: u16) -> Self {
+        let mut tcp = TcpHeader::new(src_port, dst_port, 5000, 64240);
+        tcp.syn = true;
+        tcp.ack = true;
+        tcp.acknowledgment_number = 1001;
+        L4::Tcp(tcp)
+    }
+
+    /// A segment with ACK (and PSH when `has_payload`).
+    pub fn tcp_data(src_port: u16, dst_port: u16, has_payload: bool) -> Self {
+        let mut tcp = TcpHeader::new(src_port, dst_port, 1001, 64240);
+        tcp.ack = true;
+        tcp.acknowledgment_number = 5001;
+        tcp.psh = has_payload;
+        L4::Tcp(tcp)
+    }
+
+    pub fn udp(src_port: u16, dst_port: u16) -> Self {
+        L4::Udp(UdpHeader { source_port: src_port, destination_port: dst_port, length: 0, checksum: 0 })
+    }
+
+    pub fn set_src_port(&mut self, port: u16) {
+        match self {
+            L4::Tcp(t) => t.source_port = port,
+            L4::Udp(u) => u.source_port = port,
+        }
+    }
+
+    pub fn set_dst_port(&mut self, port: u16) {
+        match self {
+            L4::Tcp(t) => t.destination_port = port,
+            L4::Udp(u) => u.destination_port = port,
+        }
+    }
+
+    /// The IP protocol number of the header.
+    pub fn protocol(&self) -> IpNumber {
+        match self {
+            L4::Tcp(_) => IpNumber::TCP,
+            L4::Udp(_) => IpNumber::UDP,
+        }
+    }
+}
+
 /// An Ethernet + IPv4 + TCP/UDP frame, serialised with fresh lengths and
 /// checksums by `bytes()`.
 #[derive(Clone, Debug)]
@@ -29,8 +83,8 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn new(src: SocketAddrV4, dst: SocketAddrV4, proto: IpNumber, l4: L4, payload: &[u8]) -> Self {
-        let mut ip = Ipv4Header::new(0, 64, proto, src.ip().octets(), dst.ip().octets())
+    fn new(src: SocketAddrV4, dst: SocketAddrV4, l4: L4, payload: &[u8]) -> Self {
+        let mut ip = Ipv4Header::new(0, 64, l4.protocol(), src.ip().octets(), dst.ip().octets())
             .expect("zero payload length is valid");
         ip.identification = 0x1234;
         Self {
@@ -44,9 +98,7 @@ impl Frame {
     /// A TCP SYN from `src` to `dst`.
     pub fn tcp_syn(src: &str, dst: &str) -> Self {
         let (src, dst) = (addr(src), addr(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1000, 64240);
-        tcp.syn = true;
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+        Self::new(src, dst, L4::tcp_syn(src.port(), dst.port()), &[])
     }
 
     /// The frame as IP fragments of at most `chunk` payload bytes each (a
@@ -78,46 +130,31 @@ impl Frame {
     /// A backend's SYN-ACK from `src` to `dst`: what confirms a connection.
     pub fn tcp_syn_ack(src: &str, dst: &str) -> Self {
         let (src, dst) = (addr(src), addr(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 5000, 64240);
-        tcp.syn = true;
-        tcp.ack = true;
-        tcp.acknowledgment_number = 1001;
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+        Self::new(src, dst, L4::tcp_syn_ack(src.port(), dst.port()), &[])
     }
 
     /// A TCP segment with ACK (and PSH when there is data).
     pub fn tcp_data(src: &str, dst: &str, payload: &[u8]) -> Self {
         let (src, dst) = (addr(src), addr(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1001, 64240);
-        tcp.ack = true;
-        tcp.acknowledgment_number = 5001;
-        tcp.psh = !payload.is_empty();
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), payload)
+        Self::new(src, dst, L4::tcp_data(src.port(), dst.port(), !payload.is_empty()), payload)
     }
 
     pub fn udp(src: &str, dst: &str, payload: &[u8]) -> Self {
         let (src, dst) = (addr(src), addr(dst));
-        let udp = UdpHeader { source_port: src.port(), destination_port: dst.port(), length: 0, checksum: 0 };
-        Self::new(src, dst, IpNumber::UDP, L4::Udp(udp), payload)
+        Self::new(src, dst, L4::udp(src.port(), dst.port()), payload)
     }
 
     pub fn with_src(mut self, src: &str) -> Self {
         let src = addr(src);
         self.ip.source = src.ip().octets();
-        match &mut self.l4 {
-            L4::Tcp(t) => t.source_port = src.port(),
-            L4::Udp(u) => u.source_port = src.port(),
-        }
+        self.l4.set_src_port(src.port());
         self
     }
 
     pub fn with_dst(mut self, dst: &str) -> Self {
         let dst = addr(dst);
         self.ip.destination = dst.ip().octets();
-        match &mut self.l4 {
-            L4::Tcp(t) => t.destination_port = dst.port(),
-            L4::Udp(u) => u.destination_port = dst.port(),
-        }
+        self.l4.set_dst_port(dst.port());
         self
     }
 

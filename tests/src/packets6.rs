@@ -4,7 +4,7 @@
 //! pseudo-header) are computed independently of the datapath's own code.
 use std::net::SocketAddrV6;
 
-use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv6FlowLabel, Ipv6Header, UdpHeader};
 
 use crate::packets::{CLIENT_MAC, L4, NODE_MAC};
 
@@ -22,12 +22,12 @@ pub struct Frame6 {
 }
 
 impl Frame6 {
-    fn new(src: SocketAddrV6, dst: SocketAddrV6, proto: IpNumber, l4: L4, payload: &[u8]) -> Self {
+    fn new(src: SocketAddrV6, dst: SocketAddrV6, l4: L4, payload: &[u8]) -> Self {
         let ip = Ipv6Header {
             traffic_class: 0,
             flow_label: Ipv6FlowLabel::ZERO,
             payload_length: 0,
-            next_header: proto,
+            next_header: l4.protocol(),
             hop_limit: 64,
             source: src.ip().octets(),
             destination: dst.ip().octets(),
@@ -44,78 +44,53 @@ impl Frame6 {
     /// A TCP SYN from `src` to `dst` (`[address]:port`).
     pub fn tcp_syn(src: &str, dst: &str) -> Self {
         let (src, dst) = (addr6(src), addr6(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1000, 64240);
-        tcp.syn = true;
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+        Self::new(src, dst, L4::tcp_syn(src.port(), dst.port()), &[])
     }
 
     /// A backend's SYN-ACK from `src` to `dst`.
     pub fn tcp_syn_ack(src: &str, dst: &str) -> Self {
         let (src, dst) = (addr6(src), addr6(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 5000, 64240);
-        tcp.syn = true;
-        tcp.ack = true;
-        tcp.acknowledgment_number = 1001;
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), &[])
+        Self::new(src, dst, L4::tcp_syn_ack(src.port(), dst.port()), &[])
     }
 
     /// A TCP segment with ACK (and PSH when there is data).
     pub fn tcp_data(src: &str, dst: &str, payload: &[u8]) -> Self {
         let (src, dst) = (addr6(src), addr6(dst));
-        let mut tcp = TcpHeader::new(src.port(), dst.port(), 1001, 64240);
-        tcp.ack = true;
-        tcp.acknowledgment_number = 5001;
-        tcp.psh = !payload.is_empty();
-        Self::new(src, dst, IpNumber::TCP, L4::Tcp(tcp), payload)
+        Self::new(src, dst, L4::tcp_data(src.port(), dst.port(), !payload.is_empty()), payload)
     }
 
     pub fn udp(src: &str, dst: &str, payload: &[u8]) -> Self {
         let (src, dst) = (addr6(src), addr6(dst));
-        let udp = UdpHeader { source_port: src.port(), destination_port: dst.port(), length: 0, checksum: 0 };
-        Self::new(src, dst, IpNumber::UDP, L4::Udp(udp), payload)
+        Self::new(src, dst, L4::udp(src.port(), dst.port()), payload)
     }
 
     pub fn with_src(mut self, src: &str) -> Self {
         let src = addr6(src);
         self.ip.source = src.ip().octets();
-        match &mut self.l4 {
-            L4::Tcp(t) => t.source_port = src.port(),
-            L4::Udp(u) => u.source_port = src.port(),
-        }
+        self.l4.set_src_port(src.port());
         self
     }
 
     pub fn with_dst(mut self, dst: &str) -> Self {
         let dst = addr6(dst);
         self.ip.destination = dst.ip().octets();
-        match &mut self.l4 {
-            L4::Tcp(t) => t.destination_port = dst.port(),
-            L4::Udp(u) => u.destination_port = dst.port(),
-        }
+        self.l4.set_dst_port(dst.port());
         self
     }
 
     /// With a Destination Options header (8 bytes: a PadN option) before
     /// the TCP/UDP header.
     pub fn with_destination_options(mut self) -> Self {
-        let l4 = match self.l4 {
-            L4::Tcp(_) => IpNumber::TCP,
-            L4::Udp(_) => IpNumber::UDP,
-        };
-        self.extensions = Some((IpNumber::IPV6_DESTINATION_OPTIONS, vec![l4.0, 0, 1, 4, 0, 0, 0, 0]));
+        self.extensions = Some((IpNumber::IPV6_DESTINATION_OPTIONS, vec![self.l4.protocol().0, 0, 1, 4, 0, 0, 0, 0]));
         self
     }
 
     /// With a Fragment header before the TCP/UDP header: fragment `offset`
     /// (in 8-byte units), more fragments to come or not, identification 7.
     pub fn with_fragment_header(mut self, offset: u16, more: bool) -> Self {
-        let l4 = match self.l4 {
-            L4::Tcp(_) => IpNumber::TCP,
-            L4::Udp(_) => IpNumber::UDP,
-        };
         let offset_flags = (offset << 3) | u16::from(more);
         let [hi, lo] = offset_flags.to_be_bytes();
-        self.extensions = Some((IpNumber::IPV6_FRAGMENTATION_HEADER, vec![l4.0, 0, hi, lo, 0, 0, 0, 7]));
+        self.extensions = Some((IpNumber::IPV6_FRAGMENTATION_HEADER, vec![self.l4.protocol().0, 0, hi, lo, 0, 0, 0, 7]));
         self
     }
 

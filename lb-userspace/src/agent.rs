@@ -4,15 +4,15 @@
 //! by pattern, and the metrics are kept up to date as it goes.
 use std::{
     collections::{BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
 use anyhow::{Context, bail};
-use lb_common::{Ipv4Cidrs, KERNEL_FALLBACK_NO_SOCKET_LB};
+use lb_common::KERNEL_FALLBACK_NO_SOCKET_LB;
 use lb_userspace::{
-    cli::AgentArgs,
+    cli::{AgentArgs, IpCidr},
     datapath::Datapath,
     http::{Health, HealthCheckServers},
     iface_watch::{self, LinkEvent},
@@ -64,7 +64,7 @@ pub struct RunningSource {
 /// The node the agent runs on: its name and its addresses.
 pub struct ThisNode {
     pub name: String,
-    pub ips: Vec<Ipv4Addr>,
+    pub ips: Vec<IpAddr>,
 }
 
 /// Where the agent reports its progress: health checks and metrics.
@@ -209,7 +209,7 @@ impl<'a> Agent<'a> {
         self.health.set_draining(node_state.draining);
         if self.args.node_ips.is_empty() && !node_state.addresses.is_empty() && node_state.addresses != self.model.node_ips() {
             info!(node, addresses = ?node_state.addresses, "node addresses changed in the Node object");
-            self.datapath.maps.set_snat_ip(lb_common::ip_be(node_state.addresses[0]))?;
+            self.datapath.maps.set_snat_ips(&node_state.addresses)?;
             self.model.set_node_ips(node_state.addresses.clone());
         }
         if node_state.zone.as_deref() != self.model.zone() {
@@ -221,14 +221,15 @@ impl<'a> Agent<'a> {
 
     /// Takes the service ranges of the ServiceCIDR objects (no
     /// --service-cidr given); logs them when they changed.
-    fn follow_service_cidrs(&mut self, ranges: &[lb_common::Ipv4Cidr]) -> anyhow::Result<()> {
-        if !self.datapath.maps.set_service_cidrs(Ipv4Cidrs::new(ranges.iter().copied().take(lb_common::MAX_CIDRS)))? {
+    fn follow_service_cidrs(&mut self, ranges: &[IpCidr]) -> anyhow::Result<()> {
+        if !self.datapath.maps.set_service_cidrs(ranges)? {
             return Ok(());
         }
         let shown: Vec<String> = ranges.iter().map(ToString::to_string).collect();
         info!(ranges = ?shown, "service ranges from the ServiceCIDR objects");
-        if ranges.len() > lb_common::MAX_CIDRS {
-            warn!("more ServiceCIDR ranges than the datapath holds: the first {} are used", lb_common::MAX_CIDRS);
+        let (v4, v6) = IpCidr::counts(ranges);
+        if v4.max(v6) > lb_common::MAX_CIDRS {
+            warn!("more ServiceCIDR ranges than the datapath holds: the first {} of each family are used", lb_common::MAX_CIDRS);
         }
         Ok(())
     }

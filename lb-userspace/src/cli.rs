@@ -1,9 +1,13 @@
 //! The `lb-agent` command line.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::Parser;
 use lb_common::{
-    Ipv4Cidr, MAX_BACKEND_SLOTS, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_PENDING_ENTRIES, MAX_SERVICES, MAX_VIPS, SNAT_PORT_MAX,
+    Ipv4Cidr, Ipv4Cidrs, Ipv6Cidr, Ipv6Cidrs, MAX_BACKEND_SLOTS, MAX_CIDRS, MAX_CONNTRACK_ENTRIES, MAX_FRONTENDS, MAX_PENDING_ENTRIES, MAX_SERVICES, MAX_VIPS, SNAT_PORT_MAX,
     SNAT_PORT_MIN,
 };
 
@@ -34,9 +38,10 @@ pub struct AgentArgs {
     /// is the source of translated external and hairpin traffic (so replies
     /// come back through this node). Repeatable. Default with the
     /// Kubernetes API: the Node object's InternalIP, then ExternalIP,
-    /// addresses.
-    #[arg(long = "node-ip", value_name = "IPV4")]
-    pub node_ips: Vec<std::net::Ipv4Addr>,
+    /// addresses. IPv4 or IPv6: the first of each family is that family's
+    /// source; an IPv6 address also gives the IPv6 tables their full size.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<std::net::IpAddr>,
 
     /// The source ports of translated external and hairpin traffic, as
     /// MIN-MAX: at most one flow per port to each backend ip:port at a time.
@@ -48,17 +53,19 @@ pub struct AgentArgs {
     /// The pods' address range, as ADDRESS/PREFIX (kube-proxy's
     /// --cluster-cidr): pods reaching an external address of a service with
     /// externalTrafficPolicy Local are served by all its endpoints, as
-    /// through its cluster IP, not only by this node's. Repeatable, up to 4.
-    /// Without it, pods are served like clients from outside.
+    /// through its cluster IP, not only by this node's. Repeatable, up to 4
+    /// per family (IPv4 or IPv6, e.g. fd00:10:244::/56). Without it, pods
+    /// are served like clients from outside.
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_parser = parse_cidr)]
-    pub cluster_cidrs: Vec<Ipv4Cidr>,
+    pub cluster_cidrs: Vec<IpCidr>,
 
     /// The service (cluster IP) address range, as ADDRESS/PREFIX (the API
     /// server's --service-cluster-ip-range): a new connection to an address
     /// in it that no service has is dropped, as kube-proxy's nftables mode
-    /// does, instead of being routed on. Repeatable, up to 4.
+    /// does, instead of being routed on. Repeatable, up to 4 per family
+    /// (IPv4 or IPv6).
     #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_cidr)]
-    pub service_cidrs: Vec<Ipv4Cidr>,
+    pub service_cidrs: Vec<IpCidr>,
 
     /// How long a TCP flow whose backend has not answered yet (a SYN sent)
     /// is kept without traffic, e.g. 60s, 2m, 1h30m.
@@ -256,15 +263,63 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
 }
 
 /// "ADDRESS/PREFIX", the address with no bits set beyond the prefix.
-pub fn parse_cidr(text: &str) -> Result<Ipv4Cidr, String> {
-    let (address, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16"))?;
-    let network: Ipv4Addr = address.parse().map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
-    let prefix_len: u8 = prefix.parse().ok().filter(|&p| p <= 32).ok_or_else(|| format!("{text:?}: the prefix length {prefix:?} is not 0-32"))?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
-    if u32::from(network) & !mask != 0 {
-        return Err(format!("{text:?}: the address has bits set beyond the prefix (the range starts at {}/{prefix_len})", Ipv4Addr::from(u32::from(network) & mask)));
+pub fn parse_cidr(text: &str) -> Result<IpCidr, String> {
+    let (address, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?}: expected ADDRESS/PREFIX, e.g. 10.244.0.0/16 or fd00:10:244::/56"))?;
+    let network: IpAddr = address.parse().map_err(|_| format!("{text:?}: {address:?} is not an IP address"))?;
+    let bits: u8 = if network.is_ipv4() { 32 } else { 128 };
+    let prefix_len: u8 = prefix.parse().ok().filter(|&p| p <= bits).ok_or_else(|| format!("{text:?}: the prefix length {prefix:?} is not 0-{bits}"))?;
+    Ok(match network {
+        IpAddr::V4(network) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+            if u32::from(network) & !mask != 0 {
+                return Err(format!("{text:?}: the address has bits set beyond the prefix (the range starts at {}/{prefix_len})", Ipv4Addr::from(u32::from(network) & mask)));
+            }
+            IpCidr::V4(Ipv4Cidr::new(network, prefix_len))
+        }
+        IpAddr::V6(network) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+            if u128::from(network) & !mask != 0 {
+                return Err(format!("{text:?}: the address has bits set beyond the prefix (the range starts at {}/{prefix_len})", Ipv6Addr::from(u128::from(network) & mask)));
+            }
+            IpCidr::V6(Ipv6Cidr::new(network, prefix_len))
+        }
+    })
+}
+
+/// An address range of either family (`--cluster-cidr`, `--service-cidr`,
+/// ServiceCIDR objects).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpCidr {
+    V4(Ipv4Cidr),
+    V6(Ipv6Cidr),
+}
+
+impl std::fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IpCidr::V4(range) => range.fmt(f),
+            IpCidr::V6(range) => range.fmt(f),
+        }
     }
-    Ok(Ipv4Cidr::new(network, prefix_len))
+}
+
+impl IpCidr {
+    /// The IPv4 ones of `ranges`, the first `MAX_CIDRS`, as the datapath
+    /// holds them.
+    pub fn ipv4(ranges: &[IpCidr]) -> Ipv4Cidrs {
+        Ipv4Cidrs::new(ranges.iter().filter_map(|r| if let IpCidr::V4(r) = r { Some(*r) } else { None }).take(MAX_CIDRS))
+    }
+
+    /// The IPv6 ones, as `ipv4`.
+    pub fn ipv6(ranges: &[IpCidr]) -> Ipv6Cidrs {
+        Ipv6Cidrs::new(ranges.iter().filter_map(|r| if let IpCidr::V6(r) = r { Some(*r) } else { None }).take(MAX_CIDRS))
+    }
+
+    /// How many of `ranges` are IPv4 and IPv6.
+    pub fn counts(ranges: &[IpCidr]) -> (usize, usize) {
+        let v4 = ranges.iter().filter(|r| matches!(r, IpCidr::V4(_))).count();
+        (v4, ranges.len() - v4)
+    }
 }
 
 /// The shortest conntrack timeout: longer than the ~4.3 s (`REFRESH_TICKS`)
@@ -350,8 +405,11 @@ impl AgentArgs {
             return Err("no interface to attach to: give at least one --iface NAME, --iface-pattern GLOB or --xdp-iface NAME".into());
         }
         for (flag, ranges) in [("--cluster-cidr", &self.cluster_cidrs), ("--service-cidr", &self.service_cidrs)] {
-            if ranges.len() > MAX_CIDRS {
-                return Err(format!("{} {flag} ranges given; at most {MAX_CIDRS} are supported", ranges.len()));
+            let (v4, v6) = IpCidr::counts(ranges);
+            for (count, family) in [(v4, "IPv4"), (v6, "IPv6")] {
+                if count > MAX_CIDRS {
+                    return Err(format!("{count} {family} {flag} ranges given; at most {MAX_CIDRS} per family are supported"));
+                }
             }
         }
         if let Some(both) = self.ifaces.iter().find(|i| self.xdp_ifaces.contains(i)) {
@@ -389,10 +447,17 @@ impl AgentArgs {
                 frontends: self.frontends_max,
                 addresses: self.service_addresses_max,
                 service_ports: self.service_ports_max,
+                ipv6: self.serves_ipv6(),
                 ..crate::sync::Limits::default()
             },
             ct_lifetimes: self.conntrack_lifetimes(),
         }
+    }
+
+    /// Whether the flags give this node IPv6 (an IPv6 node address or
+    /// range), so that its IPv6 tables get their full size.
+    pub fn serves_ipv6(&self) -> bool {
+        self.node_ips.iter().any(IpAddr::is_ipv6) || self.cluster_cidrs.iter().chain(&self.service_cidrs).any(|r| matches!(r, IpCidr::V6(_)))
     }
 
     pub fn min_sync_interval(&self) -> Duration {
@@ -412,7 +477,7 @@ mod tests {
 
     #[test]
     fn wrong_flags_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 18] = [
+        let cases: [(&[&str], &str); 22] = [
             (&["--iface", "eth0", "--conntrack-udp-timeout", "2s"], "at least 6s"),
             (&["--iface", "eth0", "--conntrack-tcp-max", "100"], "from 1024 to 268435456"),
             (&["--iface", "eth0", "--conntrack-udp-max", "many"], "expected a number of entries"),
@@ -434,6 +499,13 @@ mod tests {
                 "at most 4",
             ),
             (&["--iface", "eth0", "--service-cidr", "10.96.0.0/12x"], "prefix length \"12x\" is not 0-32"),
+            (&["--iface", "eth0", "--service-cidr", "fd00:10:96::/129"], "prefix length \"129\" is not 0-128"),
+            (&["--iface", "eth0", "--cluster-cidr", "fd00:10:244::1/56"], "range starts at fd00:10:244::/56"),
+            (&["--iface", "eth0", "--node-ip", "fd00::1::2"], "invalid value"),
+            (
+                &["--iface", "eth0", "--manifests", "/", "--cluster-cidr", "fd01::/64", "--cluster-cidr", "fd02::/64", "--cluster-cidr", "fd03::/64", "--cluster-cidr", "fd04::/64", "--cluster-cidr", "fd05::/64"],
+                "5 IPv6 --cluster-cidr ranges given; at most 4 per family",
+            ),
         ];
         for (args, expected) in cases {
             let error = parse(args).err().unwrap_or_default();
@@ -478,11 +550,19 @@ mod tests {
     }
 
     #[test]
-    fn cluster_cidrs_parse_with_their_prefix() {
-        let args = parse(&["--iface", "eth0", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "0.0.0.0/0"]).expect("valid");
-        let expected = [Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16), Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0)];
-        assert!(expected[0].contains(lb_common::ip_be(Ipv4Addr::new(10, 244, 255, 1))) && expected[1].contains(u32::MAX));
-        assert_eq!(args.cluster_cidrs, expected);
+    fn cluster_cidrs_parse_with_their_prefix_in_both_families() {
+        let args = parse(&["--iface", "eth0", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "0.0.0.0/0", "--cluster-cidr", "fd00:10:244::/56"])
+            .expect("valid");
+        let v4 = [Ipv4Cidr::new(Ipv4Addr::new(10, 244, 0, 0), 16), Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, 0)];
+        assert!(v4[0].contains(lb_common::ip_be(Ipv4Addr::new(10, 244, 255, 1))) && v4[1].contains(u32::MAX));
+        let v6 = Ipv6Cidr::new("fd00:10:244::".parse().expect("address"), 56);
+        assert!(v6.contains(lb_common::Ipv6::new("fd00:10:244:ff::9".parse().expect("address"))));
+        assert_eq!(args.cluster_cidrs, [IpCidr::V4(v4[0]), IpCidr::V4(v4[1]), IpCidr::V6(v6)]);
+        assert_eq!(IpCidr::ipv4(&args.cluster_cidrs), Ipv4Cidrs::new(v4), "the IPv4 ones for DATAPATH_CONFIG");
+        assert_eq!(IpCidr::ipv6(&args.cluster_cidrs), Ipv6Cidrs::new([v6]), "the IPv6 one for DATAPATH_CONFIG_V6");
+        assert!(args.serves_ipv6(), "an IPv6 range gives the IPv6 tables their full size");
+        assert!(!parse(&["--iface", "eth0", "--node-ip", "10.0.0.1"]).expect("valid").serves_ipv6());
+        assert!(parse(&["--iface", "eth0", "--node-ip", "fd00::1"]).expect("valid").serves_ipv6());
     }
 
     #[test]

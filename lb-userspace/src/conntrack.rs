@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
-    CONNTRACK_MAPS, ConntrackKey, ConntrackValue, DatapathClock, IPPROTO_TCP,
+    CONNTRACK_MAPS, CONNTRACK_MAPS_V6, ConntrackKey, ConntrackValue, DatapathClock, IPPROTO_TCP, IpAddress, Ipv6,
     lifecycle::{STATE_NAMES, is_alive, state_name, ticks_from_ns},
 };
 use tracing::{debug, info, warn};
@@ -190,7 +190,7 @@ fn elem_syscall<K, V>(cmd: libc::c_long, fd: BorrowedFd<'_>, key: &K, value: Opt
 /// again in between. Without that command (before Linux 5.14) the entry is
 /// read again just before its deletion, which leaves a window of one
 /// syscall.
-pub fn delete_if<V: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[ConntrackKey], stale: impl Fn(&ConntrackKey, &V) -> bool) -> std::io::Result<usize> {
+pub fn delete_if<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[K], stale: impl Fn(&K, &V) -> bool) -> std::io::Result<usize> {
     let mut deleted = 0;
     let mut atomic = true;
     for key in keys {
@@ -219,7 +219,7 @@ pub fn delete_if<V: bytemuck::Pod>(fd: BorrowedFd<'_>, keys: &[ConntrackKey], st
 }
 
 /// `key`'s entry read again and deleted if still `stale`: 1 if it went.
-fn delete_if_still<V: bytemuck::Pod>(fd: BorrowedFd<'_>, key: &ConntrackKey, stale: &impl Fn(&ConntrackKey, &V) -> bool) -> std::io::Result<usize> {
+fn delete_if_still<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, key: &K, stale: &impl Fn(&K, &V) -> bool) -> std::io::Result<usize> {
     let mut value = V::zeroed();
     match elem_syscall(BPF_MAP_LOOKUP_ELEM, fd, key, Some(&mut value), 0) {
         Ok(()) if stale(key, &value) => match elem_syscall::<_, V>(BPF_MAP_DELETE_ELEM, fd, key, None, 0) {
@@ -291,8 +291,8 @@ pub fn pin_thread_to_cpu(cpu: usize) -> std::io::Result<()> {
 
 /// Deletes every entry of the table for which `stale` holds; returns how
 /// many went.
-pub fn purge(fd: BorrowedFd<'_>, stale: impl Fn(&ConntrackKey, &ConntrackValue) -> bool) -> std::io::Result<usize> {
-    let keys: Vec<ConntrackKey> = read_all(fd)?.into_iter().filter(|(k, v)| stale(k, v)).map(|(k, _)| k).collect();
+pub fn purge<K: bytemuck::Pod, V: bytemuck::Pod>(fd: BorrowedFd<'_>, stale: impl Fn(&K, &V) -> bool) -> std::io::Result<usize> {
+    let keys: Vec<K> = read_all_raw::<K, V>(fd)?.into_iter().filter(|(k, v)| stale(k, v)).map(|(k, _)| k).collect();
     delete_if(fd, &keys, stale)
 }
 
@@ -366,17 +366,25 @@ pub struct Table<'a> {
     pub proto: u8,
     pub fd: BorrowedFd<'a>,
     pub capacity: u32,
+    /// An IPv6 table (keys and values over `Ipv6`).
+    pub ipv6: bool,
+}
+
+/// Both families' conntrack tables: (name, protocol, IPv6).
+fn all_tables() -> impl Iterator<Item = (&'static str, u8, bool)> {
+    CONNTRACK_MAPS.into_iter().map(|(name, proto)| (name, proto, false)).chain(CONNTRACK_MAPS_V6.into_iter().map(|(name, proto)| (name, proto, true)))
 }
 
 /// One pass over the tables pinned under `dir`: deletes the entries expired
 /// at `now` and counts the others by state.
 pub fn collect(dir: &Path, now: u32) -> Result<GcPass> {
     let mut maps = Vec::new();
-    for (name, proto) in CONNTRACK_MAPS {
+    for (name, proto, ipv6) in all_tables() {
         let capacity = MapInfo::from_pin(dir.join(name)).map(|info| info.max_entries()).unwrap_or(u32::MAX);
-        maps.push((name, proto, open_pinned(dir, name)?, capacity));
+        maps.push((name, proto, open_pinned(dir, name)?, capacity, ipv6));
     }
-    let tables: Vec<Table<'_>> = maps.iter().map(|(name, proto, map, capacity)| Table { name, proto: *proto, fd: map.fd().as_fd(), capacity: *capacity }).collect();
+    let tables: Vec<Table<'_>> =
+        maps.iter().map(|&(name, proto, ref map, capacity, ipv6)| Table { name, proto, fd: map.fd().as_fd(), capacity, ipv6 }).collect();
     collect_tables(&tables, now)
 }
 
@@ -384,25 +392,11 @@ pub fn collect(dir: &Path, now: u32) -> Result<GcPass> {
 pub fn collect_tables(tables: &[Table<'_>], now: u32) -> Result<GcPass> {
     let started = Instant::now();
     let mut pass = GcPass::default();
-    for &Table { name, proto, fd, capacity } in tables {
-        let entries = read_all(fd).map_err(|source| Error::Io { what: format!("reading {name}"), source })?;
-        pass.fill = pass.fill.max(entries.len() as f64 / f64::from(capacity.max(1)));
+    for table in tables {
+        let (name, proto) = (table.name, table.proto);
+        let (by_state, live) = if table.ipv6 { collect_table::<Ipv6>(table, now, &mut pass)? } else { collect_table::<u32>(table, now, &mut pass)? };
+        pass.tables.push((name, live));
         let protocol = if proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-        let mut by_state = [0u64; STATE_NAMES.len()];
-        let mut expired = Vec::new();
-        for (key, value) in &entries {
-            if is_alive(value.expires, now) {
-                let state = state_name(proto, value.flow_flags);
-                if let Some(i) = STATE_NAMES.iter().position(|s| *s == state) {
-                    by_state[i] += 1;
-                }
-            } else {
-                expired.push(*key);
-            }
-        }
-        pass.tables.push((name, (entries.len() - expired.len()) as u64));
-        let still_expired = |_: &ConntrackKey, value: &ConntrackValue| !is_alive(value.expires, now);
-        pass.deleted += delete_if(fd, &expired, still_expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
         let tcp = proto == IPPROTO_TCP;
         for (state, count) in STATE_NAMES.iter().zip(by_state) {
             // TCP states for the TCP tables, UDP states for the UDP one;
@@ -420,6 +414,33 @@ pub fn collect_tables(tables: &[Table<'_>], now: u32) -> Result<GcPass> {
     Ok(pass)
 }
 
+/// One table's pass: deletes its expired entries (counted in `pass`);
+/// returns its live entries by state (`STATE_NAMES`) and in all.
+fn collect_table<A: IpAddress>(table: &Table<'_>, now: u32, pass: &mut GcPass) -> Result<([u64; STATE_NAMES.len()], u64)>
+where
+    ConntrackKey<A>: bytemuck::Pod,
+    ConntrackValue<A>: bytemuck::Pod,
+{
+    let Table { name, proto, fd, capacity, .. } = *table;
+    let entries = read_all_raw::<ConntrackKey<A>, ConntrackValue<A>>(fd).map_err(|source| Error::Io { what: format!("reading {name}"), source })?;
+    pass.fill = pass.fill.max(entries.len() as f64 / f64::from(capacity.max(1)));
+    let mut by_state = [0u64; STATE_NAMES.len()];
+    let mut expired = Vec::new();
+    for (key, value) in &entries {
+        if is_alive(value.expires, now) {
+            let state = state_name(proto, value.flow_flags);
+            if let Some(i) = STATE_NAMES.iter().position(|s| *s == state) {
+                by_state[i] += 1;
+            }
+        } else {
+            expired.push(*key);
+        }
+    }
+    let still_expired = |_: &ConntrackKey<A>, value: &ConntrackValue<A>| !is_alive(value.expires, now);
+    pass.deleted += delete_if(fd, &expired, still_expired).map_err(|source| Error::Io { what: format!("deleting from {name}"), source })? as u64;
+    Ok((by_state, (entries.len() - expired.len()) as u64))
+}
+
 fn open_pinned(dir: &Path, name: &'static str) -> Result<MapData> {
     MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
 }
@@ -429,9 +450,8 @@ fn open_pinned(dir: &Path, name: &'static str) -> Result<MapData> {
 /// the flows it recorded fill its share.
 pub fn capacities(dir: &Path) -> Vec<TableCapacity> {
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
-    CONNTRACK_MAPS
-        .into_iter()
-        .filter_map(|(name, _)| {
+    all_tables()
+        .filter_map(|(name, _, _)| {
             let info = MapInfo::from_pin(dir.join(name)).ok()?;
             Some(TableCapacity { table: name, total: info.max_entries(), per_cpu: info.max_entries() / cpus })
         })

@@ -2,7 +2,11 @@
 //!
 //! Services with their frontends and backends, conntrack entries, counters.
 //! Read-only: nothing here writes a map.
-use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
@@ -10,14 +14,23 @@ use lb_common::{
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
     MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
+    ConntrackKey, ConntrackValue, Ipv6, MAP_BACKEND_SLOTS_V6, MAP_CONNTRACK_TCP_PENDING_V6, MAP_CONNTRACK_TCP_V6, MAP_CONNTRACK_UDP_V6,
+    MAP_SERVICE_FRONTENDS_V6,
 };
 use lb_common::lifecycle::{is_alive, secs_from_ticks, state_name};
 use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
-    maps::{ConntrackMaps, service_totals, verdict_totals},
+    maps::{ConntrackMaps, FamilyAddress, service_totals, verdict_totals},
 };
+
+/// The IPv6 twins `lbctl` reads.
+pub(crate) struct Ipv6PinnedMaps {
+    frontends: HashMap<MapData, FrontendKey<Ipv6>, FrontendValue<Ipv6>>,
+    slots: HashMap<MapData, BackendSlotKey, Backend<Ipv6>>,
+    conntrack: [crate::maps::ConntrackTableV6; 3],
+}
 
 /// Handles on the pinned maps of one agent.
 pub struct PinnedMaps {
@@ -31,6 +44,7 @@ pub struct PinnedMaps {
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     verdicts: PerCpuArray<MapData, u64>,
     pub(crate) config: Array<MapData, DatapathConfig>,
+    ipv6: Ipv6PinnedMaps,
 }
 
 fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T> {
@@ -59,6 +73,15 @@ impl PinnedMaps {
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?,
             verdicts: open(dir, MAP_VERDICT_COUNTERS, Map::PerCpuArray)?,
             config: open(dir, MAP_DATAPATH_CONFIG, Map::Array)?,
+            ipv6: Ipv6PinnedMaps {
+                frontends: open(dir, MAP_SERVICE_FRONTENDS_V6, Map::HashMap)?,
+                slots: open(dir, MAP_BACKEND_SLOTS_V6, Map::HashMap)?,
+                conntrack: [
+                    open(dir, MAP_CONNTRACK_TCP_V6, Map::LruHashMap)?,
+                    open(dir, MAP_CONNTRACK_UDP_V6, Map::LruHashMap)?,
+                    open(dir, MAP_CONNTRACK_TCP_PENDING_V6, Map::LruHashMap)?,
+                ],
+            },
         })
     }
 
@@ -103,16 +126,51 @@ fn protocol(proto: u8) -> &'static str {
     }
 }
 
-fn endpoint(ip: u32, port: u16) -> String {
-    SocketAddrV4::new(ip_from_be(ip), u16::from_be(port)).to_string()
+/// `ip:port` (`[ip]:port` for IPv6) of network-order fields.
+fn endpoint<A: FamilyAddress>(ip: A, port: u16) -> String {
+    SocketAddr::new(ip.ip(), u16::from_be(port)).to_string()
+}
+
+/// The backends of a frontend's current set, of its family's slots.
+fn set_backends<A: FamilyAddress>(slots: &HashMap<MapData, BackendSlotKey, Backend<A>>, value: &FrontendValue<A>) -> Vec<String>
+where
+    Backend<A>: aya::Pod,
+{
+    (0..value.backend_count)
+        .filter_map(|slot| slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
+        .map(|b| endpoint(b.ip, b.port))
+        .collect()
 }
 
 pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
     let mut by_id: BTreeMap<u32, ServiceView> = BTreeMap::new();
-    for entry in maps.frontends.iter() {
-        let (key, value) = entry.map_err(|source| Error::Map { name: MAP_SERVICE_FRONTENDS, source })?;
+    family_services(maps, &maps.frontends, &maps.slots, MAP_SERVICE_FRONTENDS, &mut by_id)?;
+    family_services(maps, &maps.ipv6.frontends, &maps.ipv6.slots, MAP_SERVICE_FRONTENDS_V6, &mut by_id)?;
+    let mut views: Vec<ServiceView> = by_id.into_values().collect();
+    for view in &mut views {
+        view.frontends.sort();
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(views)
+}
+
+/// The service ports of one family's frontends, into `by_id`.
+fn family_services<A: FamilyAddress>(
+    maps: &PinnedMaps,
+    frontends: &HashMap<MapData, FrontendKey<A>, FrontendValue<A>>,
+    slots: &HashMap<MapData, BackendSlotKey, Backend<A>>,
+    name: &'static str,
+    by_id: &mut BTreeMap<u32, ServiceView>,
+) -> Result<()>
+where
+    FrontendKey<A>: aya::Pod,
+    FrontendValue<A>: aya::Pod,
+    Backend<A>: aya::Pod,
+{
+    for entry in frontends.iter() {
+        let (key, value) = entry.map_err(|source| Error::Map { name, source })?;
         let view = by_id.entry(value.service_id).or_insert_with(|| {
-            let backends = maps.set_backends(&value).iter().map(ToString::to_string).collect();
+            let backends = set_backends(slots, &value);
             let counters = service_totals(&maps.service_counters, value.service_id).unwrap_or_default();
             ServiceView {
                 id: value.service_id,
@@ -127,12 +185,7 @@ pub fn services(maps: &PinnedMaps) -> Result<Vec<ServiceView>> {
         });
         view.frontends.push(format!("{}/{}", endpoint(key.ip, key.port), protocol(key.proto)));
     }
-    let mut views: Vec<ServiceView> = by_id.into_values().collect();
-    for view in &mut views {
-        view.frontends.sort();
-    }
-    views.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(views)
+    Ok(())
 }
 
 /// One direction of a tracked flow.
@@ -161,19 +214,10 @@ pub struct FlowView {
 pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView>> {
     let mut flows = Vec::new();
     let now = crate::conntrack::now_ticks();
-    for entry in maps.conntrack.tables().into_iter().flat_map(|(_, _, table)| table.iter()) {
-        let Ok((key, value)) = entry else { continue }; // evicted while we walked
-        let flow = FlowView {
-            service: maps.name(value.service_id),
-            protocol: protocol(key.proto),
-            direction: if value.direction == CT_FORWARD { "forward" } else { "reply" },
-            source: endpoint(key.src_ip, key.src_port),
-            destination: endpoint(key.dst_ip, key.dst_port),
-            translated_source: endpoint(value.src_ip, value.src_port),
-            translated_destination: endpoint(value.dst_ip, value.dst_port),
-            state: if is_alive(value.expires, now) { state_name(key.proto, value.flow_flags) } else { "expired" },
-            expires_in_seconds: secs_from_ticks(value.expires.saturating_sub(now)),
-        };
+    let ipv4 = maps.conntrack.tables().into_iter().flat_map(|(_, _, table)| table.iter()).flatten().map(|(k, v)| flow_view(maps, &k, &v, now));
+    let ipv6 = maps.ipv6.conntrack.iter().flat_map(|table| table.iter()).flatten().map(|(k, v)| flow_view(maps, &k, &v, now));
+    // Entries evicted while the tables were walked are left out.
+    for flow in ipv4.chain(ipv6) {
         let shown = filter.is_none_or(|f| {
             [&flow.service, &flow.source, &flow.destination, &flow.translated_source, &flow.translated_destination].iter().any(|s| s.contains(f))
         });
@@ -183,6 +227,20 @@ pub fn conntrack(maps: &PinnedMaps, filter: Option<&str>) -> Result<Vec<FlowView
     }
     flows.sort_by(|a, b| (&a.service, &a.source, a.direction).cmp(&(&b.service, &b.source, b.direction)));
     Ok(flows)
+}
+
+fn flow_view<A: FamilyAddress>(maps: &PinnedMaps, key: &ConntrackKey<A>, value: &ConntrackValue<A>, now: u32) -> FlowView {
+    FlowView {
+        service: maps.name(value.service_id),
+        protocol: protocol(key.proto),
+        direction: if value.direction == CT_FORWARD { "forward" } else { "reply" },
+        source: endpoint(key.src_ip, key.src_port),
+        destination: endpoint(key.dst_ip, key.dst_port),
+        translated_source: endpoint(value.src_ip, value.src_port),
+        translated_destination: endpoint(value.dst_ip, value.dst_port),
+        state: if is_alive(value.expires, now) { state_name(key.proto, value.flow_flags) } else { "expired" },
+        expires_in_seconds: secs_from_ticks(value.expires.saturating_sub(now)),
+    }
 }
 
 /// Packets per verdict reason, summed over CPUs.

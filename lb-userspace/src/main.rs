@@ -4,11 +4,12 @@
 //! directory, attaches it, and keeps it in sync until SIGINT or SIGTERM.
 mod agent;
 
-use std::{net::Ipv4Addr, process::ExitCode, sync::Arc};
+use std::{net::IpAddr, process::ExitCode, sync::Arc};
 
 use agent::{Agent, Reporting, RunningSource, Shutdown, ThisNode};
 use anyhow::{Context, bail};
-use lb_common::{DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DatapathConfig, Ipv4Cidrs};
+use lb_common::{DATAPATH_ANSWER_ECHO, DATAPATH_MASQUERADE_ALL, DatapathConfig, DatapathConfigV6};
+use lb_userspace::cli::IpCidr;
 use clap::Parser;
 use kube::{Client, Config, config::{KubeConfigOptions, Kubeconfig}};
 use lb_userspace::{
@@ -98,7 +99,10 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     }
 
     let features = KernelFeatures::probe(&args.disable_kernel_feature);
-    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level, &args.map_settings(), features)?;
+    let mut settings = args.map_settings();
+    // A node with an IPv6 address serves IPv6: its IPv6 tables at full size.
+    settings.limits.ipv6 |= node_ips.iter().any(IpAddr::is_ipv6);
+    let (mut datapath, pinned) = Datapath::load_pinned(&args.bpffs_dir, ebpf_log_level, &settings, features)?;
     datapath.features().log();
     let logger = datapath.take_logger()?;
     tokio::spawn(async move {
@@ -116,7 +120,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
     lb_userspace::conntrack::spawn_collector(args.bpffs_dir.clone(), stats.conntrack.clone(), lb_userspace::conntrack::GcInterval::default())
         .context("starting the conntrack garbage collector")?;
     configure_datapath(args, &mut datapath, &node_ips)?;
-    let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps, args.map_settings().limits)?;
+    let (syncer, adopted) = Syncer::adopt(&datapath.maps.read_programmed()?, &mut datapath.maps, settings.limits)?;
     info!(maps = pinned.adopted.len(), services = adopted.adopted, discarded = adopted.discarded, "adopted the pinned datapath");
     let this_node = ThisNode { name: node, ips: node_ips };
     let agent = Agent::new(args, this_node, (datapath, syncer), Reporting { health, stats });
@@ -125,7 +129,7 @@ async fn run(args: &AgentArgs, ebpf_log_level: Option<aya_log::Level>) -> anyhow
 
 /// Writes the datapath's settings from the command line and this node's
 /// addresses, and warns of what on the node would get in their way.
-fn configure_datapath(args: &AgentArgs, datapath: &mut Datapath, node_ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+fn configure_datapath(args: &AgentArgs, datapath: &mut Datapath, node_ips: &[IpAddr]) -> anyhow::Result<()> {
     let host_netns_cookie = lb_userspace::sockets::netns_cookie();
     if args.socket_lb_scope == SocketLbScope::Node && host_netns_cookie.is_none() {
         bail!(
@@ -134,19 +138,24 @@ fn configure_datapath(args: &AgentArgs, datapath: &mut Datapath, node_ips: &[Ipv
         );
     }
     datapath.maps.set_config(DatapathConfig {
-        snat_ip: node_ips.first().map_or(0, |&ip| lb_common::ip_be(ip)),
         snat_port_min: args.snat_port_range.min,
         snat_port_max: args.snat_port_range.max,
         flags: if args.answer_ping { DATAPATH_ANSWER_ECHO } else { 0 }
             | if args.masquerade_all { DATAPATH_MASQUERADE_ALL } else { 0 }
             | if args.socket_lb_scope == SocketLbScope::Node { lb_common::DATAPATH_SOCKET_LB_HOST_ONLY } else { 0 },
-        cluster_cidrs: Ipv4Cidrs::new(args.cluster_cidrs.iter().copied()),
-        service_cidrs: Ipv4Cidrs::new(args.service_cidrs.iter().copied()),
+        cluster_cidrs: IpCidr::ipv4(&args.cluster_cidrs),
+        service_cidrs: IpCidr::ipv4(&args.service_cidrs),
         ct_lifetimes: args.conntrack_lifetimes(),
         kernel_fallbacks: datapath.features().fallbacks(),
         host_netns_cookie: host_netns_cookie.unwrap_or(0),
         ..DatapathConfig::default()
     })?;
+    datapath.maps.set_config_v6(DatapathConfigV6 {
+        cluster_cidrs: IpCidr::ipv6(&args.cluster_cidrs),
+        service_cidrs: IpCidr::ipv6(&args.service_cidrs),
+        ..DatapathConfigV6::default()
+    })?;
+    datapath.maps.set_snat_ips(node_ips)?;
     warn_if_ephemeral_ports_overlap(args.snat_port_range);
     if !node_ips.is_empty()
         && let Err(e) = lb_userspace::datapath::accept_local_sources()
@@ -164,7 +173,7 @@ fn configure_datapath(args: &AgentArgs, datapath: &mut Datapath, node_ips: &[Ipv
 
 /// Starts following the source (--manifests, else the Kubernetes API),
 /// and takes this node's addresses from it where no --node-ip gave them.
-async fn start_source(args: &AgentArgs, node: &str, node_ips: &mut Vec<Ipv4Addr>) -> anyhow::Result<RunningSource> {
+async fn start_source(args: &AgentArgs, node: &str, node_ips: &mut Vec<IpAddr>) -> anyhow::Result<RunningSource> {
     let (changes_tx, changes) = watch::channel(None);
     let (source, source_task): (Source, JoinHandle<anyhow::Result<()>>) = match &args.manifests {
         Some(dir) => {

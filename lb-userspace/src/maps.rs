@@ -18,8 +18,10 @@ use lb_common::{
     MAP_SERVICE_NAMES, MAP_VERDICT_COUNTERS, MAX_SERVICES, NO_BACKEND_SET, Reason, ServiceCounters,
     MAP_DATAPATH_CONFIG, MAP_LB_SOURCE_RANGES, MAP_SOCKET_REVNAT, SocketRevNatKey, SocketRevNatValue, SourceRangeKey, ServiceName, VipValue, CONNTRACK_MAPS, MAX_CONNTRACK_ENTRIES, MAX_PENDING_ENTRIES,
     lifecycle::ConntrackLifetimes, DatapathConfigV6, Ipv6, MAP_BACKEND_SET_MEMBERS_V6, MAP_BACKEND_SLOTS_V6, MAP_CONNTRACK_TCP_V6,
-    MAP_CONNTRACK_UDP_V6, MAP_DATAPATH_CONFIG_V6, MAP_SERVICE_FRONTENDS_V6, MAP_SERVICE_VIPS_V6,
+    MAP_CONNTRACK_UDP_V6, MAP_DATAPATH_CONFIG_V6, MAP_SERVICE_FRONTENDS_V6, MAP_SERVICE_VIPS_V6, MAP_LB_SOURCE_RANGES_V6,
+    MAP_CONNTRACK_TCP_PENDING_V6, IpAddress, ip_be, ip_from_be,
 };
+use std::net::IpAddr;
 
 /// BPF_F_NO_PREALLOC: entries are allocated as written, not up front.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -27,7 +29,8 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 use crate::{
     conntrack,
     error::{Error, Result},
-    sync::{Limits, MapWriter, ProgrammedMaps},
+    model::{Endpoint, Frontend, IpFamily, Protocol},
+    sync::{FrontendEntry, IPV6_IDLE_ENTRIES, Limits, MapWriter, ProgrammedMaps},
 };
 
 /// The maps the eBPF object declares with BTF (`#[btf_map]` in lb-ebpf's
@@ -70,9 +73,22 @@ pub struct Ipv6Maps {
     pub service_vips: HashMap<MapData, Ipv6, VipValue>,
     pub backend_slots: HashMap<MapData, BackendSlotKey, Backend<Ipv6>>,
     pub backend_set_members: HashMap<MapData, BackendSetMemberKey<Ipv6>, u32>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey<[u32; 4]>, u8>,
     pub datapath_config: Array<MapData, DatapathConfigV6>,
-    pub conntrack_tcp: HashMap<MapData, ConntrackKey<Ipv6>, ConntrackValue<Ipv6>>,
-    pub conntrack_udp: HashMap<MapData, ConntrackKey<Ipv6>, ConntrackValue<Ipv6>>,
+    pub conntrack_tcp: ConntrackTableV6,
+    pub conntrack_udp: ConntrackTableV6,
+    pub conntrack_tcp_pending: ConntrackTableV6,
+}
+
+/// One IPv6 conntrack table.
+pub type ConntrackTableV6 = HashMap<MapData, ConntrackKey<Ipv6>, ConntrackValue<Ipv6>>;
+
+impl Ipv6Maps {
+    /// Every conntrack table with its name, as `CONNTRACK_MAPS_V6` lists
+    /// them.
+    pub fn conntrack_tables(&self) -> [(&'static str, &ConntrackTableV6); 3] {
+        [(MAP_CONNTRACK_TCP_V6, &self.conntrack_tcp), (MAP_CONNTRACK_UDP_V6, &self.conntrack_udp), (MAP_CONNTRACK_TCP_PENDING_V6, &self.conntrack_tcp_pending)]
+    }
 }
 
 /// The conntrack tables: the confirmed flows of each protocol, and TCP
@@ -151,9 +167,11 @@ impl DatapathMaps {
                 service_vips: take(ebpf, MAP_SERVICE_VIPS_V6)?,
                 backend_slots: take(ebpf, MAP_BACKEND_SLOTS_V6)?,
                 backend_set_members: take(ebpf, MAP_BACKEND_SET_MEMBERS_V6)?,
+                source_ranges: take(ebpf, MAP_LB_SOURCE_RANGES_V6)?,
                 datapath_config: take(ebpf, MAP_DATAPATH_CONFIG_V6)?,
                 conntrack_tcp: take(ebpf, MAP_CONNTRACK_TCP_V6)?,
                 conntrack_udp: take(ebpf, MAP_CONNTRACK_UDP_V6)?,
+                conntrack_tcp_pending: take(ebpf, MAP_CONNTRACK_TCP_PENDING_V6)?,
             },
         })
     }
@@ -165,21 +183,39 @@ impl DatapathMaps {
         self.datapath_config.set(0, DatapathConfig { clock, ..config }, 0).map_err(map_err(MAP_DATAPATH_CONFIG))
     }
 
-    /// Makes `ip` (network byte order) the source of translated traffic,
-    /// the other settings kept.
-    pub fn set_snat_ip(&mut self, ip: u32) -> Result<()> {
-        self.edit_config(|config| config.snat_ip = ip)
+    /// Makes the first address of each family in `node_ips` the source of
+    /// that family's translated traffic (none: unset), the other settings
+    /// kept.
+    pub fn set_snat_ips(&mut self, node_ips: &[IpAddr]) -> Result<()> {
+        let first = |family| node_ips.iter().copied().find(|&ip| IpFamily::of(ip) == family);
+        self.edit_config(|config| config.snat_ip = first(IpFamily::V4).map_or(0, u32::from_ip))?;
+        self.edit_config_v6(|config| config.snat_ip = first(IpFamily::V6).map_or(Ipv6::UNSPECIFIED, Ipv6::from_ip))
     }
 
-    /// Makes `ranges` the service address ranges (unallocated addresses in
-    /// them are dropped); returns whether they changed.
-    pub fn set_service_cidrs(&mut self, ranges: lb_common::Ipv4Cidrs) -> Result<bool> {
+    /// Makes `ranges` the service address ranges of both families
+    /// (unallocated addresses in them are dropped); returns whether they
+    /// changed.
+    pub fn set_service_cidrs(&mut self, ranges: &[crate::cli::IpCidr]) -> Result<bool> {
+        let (v4, v6) = (crate::cli::IpCidr::ipv4(ranges), crate::cli::IpCidr::ipv6(ranges));
         let config = self.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG))?;
-        if config.service_cidrs == ranges {
+        let config_v6 = self.ipv6.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG_V6))?;
+        if config.service_cidrs == v4 && config_v6.service_cidrs == v6 {
             return Ok(false);
         }
-        self.set_config(DatapathConfig { service_cidrs: ranges, ..config })?;
+        self.set_config(DatapathConfig { service_cidrs: v4, ..config })?;
+        self.set_config_v6(DatapathConfigV6 { service_cidrs: v6, ..config_v6 })?;
         Ok(true)
+    }
+
+    /// Writes the node's IPv6 settings.
+    pub fn set_config_v6(&mut self, config: DatapathConfigV6) -> Result<()> {
+        self.ipv6.datapath_config.set(0, config, 0).map_err(map_err(MAP_DATAPATH_CONFIG_V6))
+    }
+
+    fn edit_config_v6(&mut self, edit: impl FnOnce(&mut DatapathConfigV6)) -> Result<()> {
+        let mut config = self.ipv6.datapath_config.get(&0, 0).map_err(map_err(MAP_DATAPATH_CONFIG_V6))?;
+        edit(&mut config);
+        self.set_config_v6(config)
     }
 
     fn edit_config(&mut self, edit: impl FnOnce(&mut DatapathConfig)) -> Result<()> {
@@ -202,14 +238,23 @@ impl DatapathMaps {
                 found.service_sets.insert(id, set);
             }
         }
-        found.frontends = self.frontends.iter().collect::<Result<_, _>>().map_err(map_err(MAP_SERVICE_FRONTENDS))?;
-        found.vips = self.service_vips.keys().collect::<Result<_, _>>().map_err(map_err(MAP_SERVICE_VIPS))?;
-        found.slots = self.backend_slots.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SLOTS))?;
-        found.members = self.backend_set_members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_BACKEND_SET_MEMBERS))?;
+        let v6 = &self.ipv6;
+        read_frontends(&self.frontends, MAP_SERVICE_FRONTENDS, &mut found)?;
+        read_frontends(&v6.frontends, MAP_SERVICE_FRONTENDS_V6, &mut found)?;
+        read_vips(&self.service_vips, MAP_SERVICE_VIPS, &mut found)?;
+        read_vips(&v6.service_vips, MAP_SERVICE_VIPS_V6, &mut found)?;
+        read_set_entries(&self.backend_slots, &self.backend_set_members, [MAP_BACKEND_SLOTS, MAP_BACKEND_SET_MEMBERS], &mut found)?;
+        read_set_entries(&v6.backend_slots, &v6.backend_set_members, [MAP_BACKEND_SLOTS_V6, MAP_BACKEND_SET_MEMBERS_V6], &mut found)?;
         for entry in self.source_ranges.iter() {
             let (key, _) = entry.map_err(map_err(MAP_LB_SOURCE_RANGES))?;
             // The prefix covers the service id (32 bits) and the range.
-            found.source_ranges.push((key.data(), key.prefix_len().saturating_sub(32) as u8));
+            let data = key.data();
+            found.source_ranges.push((data.service_id, (IpAddr::V4(ip_from_be(data.ip)), key.prefix_len().saturating_sub(32) as u8)));
+        }
+        for entry in v6.source_ranges.iter() {
+            let (key, _) = entry.map_err(map_err(MAP_LB_SOURCE_RANGES_V6))?;
+            let data = key.data();
+            found.source_ranges.push((data.service_id, (Ipv6(data.ip).ip(), key.prefix_len().saturating_sub(32) as u8)));
         }
         Ok(found)
     }
@@ -243,40 +288,66 @@ pub fn service_totals(map: &PerCpuArray<MapData, ServiceCounters>, service_id: u
 }
 
 impl MapWriter for DatapathMaps {
-    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
-        self.backend_slots.insert(key, backend, 0).map_err(map_err(MAP_BACKEND_SLOTS))
+    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()> {
+        match IpFamily::of(backend.ip) {
+            IpFamily::V4 => self.backend_slots.insert(key, to_backend(backend), 0).map_err(map_err(MAP_BACKEND_SLOTS)),
+            IpFamily::V6 => self.ipv6.backend_slots.insert(key, to_backend(backend), 0).map_err(map_err(MAP_BACKEND_SLOTS_V6)),
+        }
     }
 
-    fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()> {
-        ignore_missing(self.backend_slots.remove(&key)).map_err(map_err(MAP_BACKEND_SLOTS))
+    fn remove_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()> {
+        match IpFamily::of(backend.ip) {
+            IpFamily::V4 => ignore_missing(self.backend_slots.remove(&key)).map_err(map_err(MAP_BACKEND_SLOTS)),
+            IpFamily::V6 => ignore_missing(self.ipv6.backend_slots.remove(&key)).map_err(map_err(MAP_BACKEND_SLOTS_V6)),
+        }
     }
 
-    fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()> {
-        self.backend_set_members.insert(key, slot, 0).map_err(map_err(MAP_BACKEND_SET_MEMBERS))
+    fn put_set_member(&mut self, backend_set: u32, backend: Endpoint, slot: u32) -> Result<()> {
+        match IpFamily::of(backend.ip) {
+            IpFamily::V4 => self.backend_set_members.insert(member(backend_set, backend), slot, 0).map_err(map_err(MAP_BACKEND_SET_MEMBERS)),
+            IpFamily::V6 => self.ipv6.backend_set_members.insert(member(backend_set, backend), slot, 0).map_err(map_err(MAP_BACKEND_SET_MEMBERS_V6)),
+        }
     }
 
-    fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()> {
-        ignore_missing(self.backend_set_members.remove(&key)).map_err(map_err(MAP_BACKEND_SET_MEMBERS))
+    fn remove_set_member(&mut self, backend_set: u32, backend: Endpoint) -> Result<()> {
+        match IpFamily::of(backend.ip) {
+            IpFamily::V4 => ignore_missing(self.backend_set_members.remove(&member(backend_set, backend))).map_err(map_err(MAP_BACKEND_SET_MEMBERS)),
+            IpFamily::V6 => {
+                ignore_missing(self.ipv6.backend_set_members.remove(&member(backend_set, backend))).map_err(map_err(MAP_BACKEND_SET_MEMBERS_V6))
+            }
+        }
     }
 
     fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()> {
         self.service_backend_sets.set(service_id, backend_set, 0).map_err(map_err(MAP_SERVICE_BACKEND_SETS))
     }
 
-    fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
-        self.frontends.insert(key, value, 0).map_err(map_err(MAP_SERVICE_FRONTENDS))
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendEntry) -> Result<()> {
+        match IpFamily::of(frontend.ip) {
+            IpFamily::V4 => self.frontends.insert(frontend_key(frontend), frontend_value(value), 0).map_err(map_err(MAP_SERVICE_FRONTENDS)),
+            IpFamily::V6 => self.ipv6.frontends.insert(frontend_key(frontend), frontend_value(value), 0).map_err(map_err(MAP_SERVICE_FRONTENDS_V6)),
+        }
     }
 
-    fn remove_frontend(&mut self, key: FrontendKey) -> Result<()> {
-        ignore_missing(self.frontends.remove(&key)).map_err(map_err(MAP_SERVICE_FRONTENDS))
+    fn remove_frontend(&mut self, frontend: Frontend) -> Result<()> {
+        match IpFamily::of(frontend.ip) {
+            IpFamily::V4 => ignore_missing(self.frontends.remove(&frontend_key(frontend))).map_err(map_err(MAP_SERVICE_FRONTENDS)),
+            IpFamily::V6 => ignore_missing(self.ipv6.frontends.remove(&frontend_key(frontend))).map_err(map_err(MAP_SERVICE_FRONTENDS_V6)),
+        }
     }
 
-    fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()> {
-        self.service_vips.insert(ip, vip, 0).map_err(map_err(MAP_SERVICE_VIPS))
+    fn put_service_vip(&mut self, ip: IpAddr, vip: VipValue) -> Result<()> {
+        match IpFamily::of(ip) {
+            IpFamily::V4 => self.service_vips.insert(u32::from_ip(ip), vip, 0).map_err(map_err(MAP_SERVICE_VIPS)),
+            IpFamily::V6 => self.ipv6.service_vips.insert(Ipv6::from_ip(ip), vip, 0).map_err(map_err(MAP_SERVICE_VIPS_V6)),
+        }
     }
 
-    fn remove_service_vip(&mut self, ip: u32) -> Result<()> {
-        ignore_missing(self.service_vips.remove(&ip)).map_err(map_err(MAP_SERVICE_VIPS))
+    fn remove_service_vip(&mut self, ip: IpAddr) -> Result<()> {
+        match IpFamily::of(ip) {
+            IpFamily::V4 => ignore_missing(self.service_vips.remove(&u32::from_ip(ip))).map_err(map_err(MAP_SERVICE_VIPS)),
+            IpFamily::V6 => ignore_missing(self.ipv6.service_vips.remove(&Ipv6::from_ip(ip))).map_err(map_err(MAP_SERVICE_VIPS_V6)),
+        }
     }
 
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()> {
@@ -294,14 +365,32 @@ impl MapWriter for DatapathMaps {
         ignore_missing(self.service_names.remove(&service_id)).map_err(map_err(MAP_SERVICE_NAMES))
     }
 
-    fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
-        let key = Key::new(SourceRangeKey::prefix_len(range_len), key);
-        self.source_ranges.insert(&key, 1, 0).map_err(map_err(MAP_LB_SOURCE_RANGES))
+    fn put_source_range(&mut self, service_id: u32, (ip, len): (IpAddr, u8)) -> Result<()> {
+        let prefix = SourceRangeKey::prefix_len(len);
+        match IpFamily::of(ip) {
+            IpFamily::V4 => {
+                let key = Key::new(prefix, SourceRangeKey { service_id, ip: u32::from_ip(ip) });
+                self.source_ranges.insert(&key, 1, 0).map_err(map_err(MAP_LB_SOURCE_RANGES))
+            }
+            IpFamily::V6 => {
+                let key = Key::new(prefix, SourceRangeKey { service_id, ip: Ipv6::from_ip(ip).0 });
+                self.ipv6.source_ranges.insert(&key, 1, 0).map_err(map_err(MAP_LB_SOURCE_RANGES_V6))
+            }
+        }
     }
 
-    fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
-        let key = Key::new(SourceRangeKey::prefix_len(range_len), key);
-        ignore_missing(self.source_ranges.remove(&key)).map_err(map_err(MAP_LB_SOURCE_RANGES))
+    fn remove_source_range(&mut self, service_id: u32, (ip, len): (IpAddr, u8)) -> Result<()> {
+        let prefix = SourceRangeKey::prefix_len(len);
+        match IpFamily::of(ip) {
+            IpFamily::V4 => {
+                let key = Key::new(prefix, SourceRangeKey { service_id, ip: u32::from_ip(ip) });
+                ignore_missing(self.source_ranges.remove(&key)).map_err(map_err(MAP_LB_SOURCE_RANGES))
+            }
+            IpFamily::V6 => {
+                let key = Key::new(prefix, SourceRangeKey { service_id, ip: Ipv6::from_ip(ip).0 });
+                ignore_missing(self.ipv6.source_ranges.remove(&key)).map_err(map_err(MAP_LB_SOURCE_RANGES_V6))
+            }
+        }
     }
 
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
@@ -309,11 +398,144 @@ impl MapWriter for DatapathMaps {
         for (name, _, table) in self.conntrack.tables() {
             // Batched: a whole table in a few syscalls, not one per entry.
             let fd = table_fd(table);
-            removed += conntrack::purge(fd, |_, v| service_ids.contains(&v.service_id))
+            removed += conntrack::purge(fd, |_: &ConntrackKey, v: &ConntrackValue| service_ids.contains(&v.service_id))
+                .map_err(|source| Error::Io { what: format!("removing the flows of deleted services from {name}"), source })?;
+        }
+        for (name, table) in self.ipv6.conntrack_tables() {
+            let map: &MapData = aya::maps::IterableMap::map(table);
+            let fd = std::os::fd::AsFd::as_fd(map.fd());
+            removed += conntrack::purge(fd, |_: &ConntrackKey<Ipv6>, v: &ConntrackValue<Ipv6>| service_ids.contains(&v.service_id))
                 .map_err(|source| Error::Io { what: format!("removing the flows of deleted services from {name}"), source })?;
         }
         Ok(removed)
     }
+}
+
+/// A family's address as its maps hold it, from and to the model's.
+pub trait FamilyAddress: IpAddress {
+    /// `ip` in this family's form; the unspecified address for an address
+    /// of the other family (callers pick the family from the address).
+    fn from_ip(ip: IpAddr) -> Self;
+    fn ip(self) -> IpAddr;
+}
+
+impl FamilyAddress for u32 {
+    fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(ip) => ip_be(ip),
+            IpAddr::V6(_) => Self::UNSPECIFIED,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(ip_from_be(self))
+    }
+}
+
+impl FamilyAddress for Ipv6 {
+    fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(ip) => Ipv6::new(ip),
+            IpAddr::V4(_) => Self::UNSPECIFIED,
+        }
+    }
+
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(self.addr())
+    }
+}
+
+fn to_backend<A: FamilyAddress>(endpoint: Endpoint) -> Backend<A> {
+    Backend { ip: A::from_ip(endpoint.ip), port: endpoint.port.to_be(), _pad: 0, _pad_v6: A::Pad::default() }
+}
+
+fn to_endpoint<A: FamilyAddress>(backend: Backend<A>) -> Endpoint {
+    Endpoint { ip: backend.ip.ip(), port: u16::from_be(backend.port) }
+}
+
+fn member<A: FamilyAddress>(backend_set: u32, backend: Endpoint) -> BackendSetMemberKey<A> {
+    BackendSetMemberKey::new(backend_set, to_backend(backend))
+}
+
+fn frontend_key<A: FamilyAddress>(frontend: Frontend) -> FrontendKey<A> {
+    FrontendKey { ip: A::from_ip(frontend.ip), port: frontend.port.to_be(), proto: frontend.protocol.ip_proto(), _pad: 0, _pad_v6: A::Pad::default() }
+}
+
+fn frontend_value<A: FamilyAddress>(entry: FrontendEntry) -> FrontendValue<A> {
+    FrontendValue {
+        service_id: entry.service_id,
+        backend_set: entry.backend_set,
+        backend_count: entry.backend_count,
+        flags: entry.flags,
+        affinity_seconds: entry.affinity_seconds,
+        _pad_v6: A::Pad::default(),
+        in_cluster_ip: entry.in_cluster_via.map_or(A::UNSPECIFIED, |(ip, _)| A::from_ip(ip)),
+        in_cluster_port: entry.in_cluster_via.map_or(0, |(_, port)| port.to_be()),
+        _pad: 0,
+        _pad_v6_end: A::Pad::default(),
+    }
+}
+
+/// A frontend as the model names it, with its value; `None` for a
+/// protocol this agent does not write.
+fn frontend_entry<A: FamilyAddress>(key: FrontendKey<A>, value: FrontendValue<A>) -> Option<(Frontend, FrontendEntry)> {
+    let protocol = Protocol::from_number(key.proto)?;
+    let frontend = Frontend { ip: key.ip.ip(), port: u16::from_be(key.port), protocol };
+    let in_cluster_via = (!value.in_cluster_ip.is_unspecified()).then(|| (value.in_cluster_ip.ip(), u16::from_be(value.in_cluster_port)));
+    let entry = FrontendEntry {
+        service_id: value.service_id,
+        backend_set: value.backend_set,
+        backend_count: value.backend_count,
+        flags: value.flags,
+        affinity_seconds: value.affinity_seconds,
+        in_cluster_via,
+    };
+    Some((frontend, entry))
+}
+
+fn read_frontends<A: FamilyAddress>(
+    map: &HashMap<MapData, FrontendKey<A>, FrontendValue<A>>,
+    name: &'static str,
+    found: &mut ProgrammedMaps,
+) -> Result<()>
+where
+    FrontendKey<A>: aya::Pod,
+    FrontendValue<A>: aya::Pod,
+{
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(map_err(name))?;
+        found.frontends.extend(frontend_entry(key, value));
+    }
+    Ok(())
+}
+
+fn read_vips<A: FamilyAddress + aya::Pod>(map: &HashMap<MapData, A, VipValue>, name: &'static str, found: &mut ProgrammedMaps) -> Result<()> {
+    for key in map.keys() {
+        found.vips.push(key.map_err(map_err(name))?.ip());
+    }
+    Ok(())
+}
+
+/// The slots and memberships of one family's backend sets.
+fn read_set_entries<A: FamilyAddress>(
+    slots: &HashMap<MapData, BackendSlotKey, Backend<A>>,
+    members: &HashMap<MapData, BackendSetMemberKey<A>, u32>,
+    [slots_name, members_name]: [&'static str; 2],
+    found: &mut ProgrammedMaps,
+) -> Result<()>
+where
+    Backend<A>: aya::Pod,
+    BackendSetMemberKey<A>: aya::Pod,
+{
+    for entry in slots.iter() {
+        let (key, backend) = entry.map_err(map_err(slots_name))?;
+        found.slots.insert(key, to_endpoint(backend));
+    }
+    for entry in members.iter() {
+        let (key, slot) = entry.map_err(map_err(members_name))?;
+        found.members.insert((key.backend_set, to_endpoint(key.backend)), slot);
+    }
+    Ok(())
 }
 
 /// The descriptor of a conntrack table, for the batched operations.
@@ -380,9 +602,6 @@ pub struct PinnedState {
     pub migrated: Vec<(&'static str, Vec<(ConntrackKey, ConntrackValue)>)>,
 }
 
-/// Entries of each IPv6 table while the agent programs no IPv6 service.
-const IPV6_IDLE_ENTRIES: u32 = 1024;
-
 /// What the agent asks of the maps it creates.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSettings {
@@ -420,11 +639,12 @@ impl MapSettings {
             MAP_SERVICE_VIPS => Some(self.limits.addresses),
             MAP_BACKEND_SLOTS | MAP_BACKEND_SET_MEMBERS => Some(self.limits.backend_slots),
             MAP_SERVICE_BACKEND_SETS | MAP_SERVICE_COUNTERS | MAP_SERVICE_NAMES => Some(self.limits.service_ports),
-            // The agent programs no IPv6 service yet (issue 14): the IPv6
-            // tables are kept at their smallest rather than costing every
-            // node their preallocated size.
-            name if lb_common::IPV6_MAPS.contains(&name) && name != lb_common::MAP_DATAPATH_CONFIG_V6 => Some(IPV6_IDLE_ENTRIES),
-            _ => None,
+            // A node without IPv6 keeps its IPv6 tables small rather than
+            // paying their preallocated size for nothing; with IPv6, each
+            // has its IPv4 twin's size.
+            MAP_DATAPATH_CONFIG_V6 => None,
+            name if lb_common::IPV6_MAPS.contains(&name) && !self.limits.ipv6 => Some(IPV6_IDLE_ENTRIES),
+            name => self.max_entries(name.strip_suffix("_V6")?),
         }
     }
 }

@@ -177,6 +177,8 @@ impl Collector for DatapathCollector {
                     ("protocol", protocol.to_owned()),
                     // Cluster IP, or node ports and external addresses.
                     ("traffic", if name.external { "external" } else { "internal" }.to_owned()),
+                    // A dual-stack service has a service port per family.
+                    ("ip_family", name.family.name().to_owned()),
                 ];
                 (set, sum)
             })

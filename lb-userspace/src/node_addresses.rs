@@ -1,21 +1,21 @@
-//! This node's own IPv4 addresses, where node ports answer unless told otherwise.
+//! This node's own addresses, where node ports answer unless told otherwise.
 //!
 //! Used when no `--node-ip` is given and no Node object says otherwise (the
 //! manifests source): every address of an interface that is up, except loopback
 //! and link-local ones, as kube-proxy's iptables mode answers on all local
-//! addresses. The first (the source of translated traffic) is the one of the
-//! interface holding the default route.
-use std::net::Ipv4Addr;
+//! addresses. The first of each family (the source of that family's translated
+//! traffic) is one of the interface holding the IPv4 default route.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The node's addresses, the default route's interface first; the
-/// interfaces and the routing table read at once.
-pub fn local() -> std::io::Result<Vec<Ipv4Addr>> {
+/// The node's addresses, IPv4 then IPv6, the default route's interface
+/// first in each; the interfaces and the routing table read at once.
+pub fn local() -> std::io::Result<Vec<IpAddr>> {
     let routes = std::fs::read_to_string("/proc/net/route")?;
     Ok(ordered(interface_addresses()?, default_route_interface(&routes).as_deref()))
 }
 
-/// (interface, address) of every IPv4 address of an interface that is up.
-fn interface_addresses() -> std::io::Result<Vec<(String, Ipv4Addr)>> {
+/// (interface, address) of every address of an interface that is up.
+fn interface_addresses() -> std::io::Result<Vec<(String, IpAddr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -28,15 +28,18 @@ fn interface_addresses() -> std::io::Result<Vec<(String, Ipv4Addr)>> {
         let ifa = unsafe { &*entry };
         entry = ifa.ifa_next;
         let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
-        // SAFETY: ifa_addr is null or points at a sockaddr of its family.
-        if !up || ifa.ifa_addr.is_null() || i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+        if !up || ifa.ifa_addr.is_null() {
             continue;
         }
-        // SAFETY: an AF_INET address is a sockaddr_in; the name a C string.
-        let (addr, name) = unsafe {
-            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-            (Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned())
+        // SAFETY: ifa_addr points at a sockaddr of its family: an AF_INET
+        // one is a sockaddr_in, an AF_INET6 one a sockaddr_in6.
+        let addr: IpAddr = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => Ipv4Addr::from(u32::from_be(unsafe { (*(ifa.ifa_addr as *const libc::sockaddr_in)).sin_addr.s_addr })).into(),
+            libc::AF_INET6 => Ipv6Addr::from(unsafe { (*(ifa.ifa_addr as *const libc::sockaddr_in6)).sin6_addr.s6_addr }).into(),
+            _ => continue,
         };
+        // SAFETY: the name is a C string.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
         found.push((name, addr));
     }
     // SAFETY: the list from getifaddrs, freed once.
@@ -53,15 +56,22 @@ fn default_route_interface(routes: &str) -> Option<String> {
     })
 }
 
-/// The usable addresses, those of `primary` first, each once.
-fn ordered(addresses: Vec<(String, Ipv4Addr)>, primary: Option<&str>) -> Vec<Ipv4Addr> {
-    let usable = |ip: &Ipv4Addr| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified();
-    let mut ordered: Vec<Ipv4Addr> = Vec::new();
-    let first = addresses.iter().filter(|(iface, _)| Some(iface.as_str()) == primary);
-    let rest = addresses.iter().filter(|(iface, _)| Some(iface.as_str()) != primary);
-    for (_, ip) in first.chain(rest) {
-        if usable(ip) && !ordered.contains(ip) {
-            ordered.push(*ip);
+/// The usable addresses, IPv4 then IPv6, those of `primary` first in each,
+/// each once.
+fn ordered(addresses: Vec<(String, IpAddr)>, primary: Option<&str>) -> Vec<IpAddr> {
+    let usable = |ip: &IpAddr| match ip {
+        IpAddr::V4(ip) => !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified(),
+        IpAddr::V6(ip) => !ip.is_loopback() && !ip.is_unicast_link_local() && !ip.is_unspecified() && !ip.is_multicast(),
+    };
+    let mut ordered: Vec<IpAddr> = Vec::new();
+    for family_v6 in [false, true] {
+        let of_family = addresses.iter().filter(|(_, ip)| ip.is_ipv6() == family_v6);
+        let first = of_family.clone().filter(|(iface, _)| Some(iface.as_str()) == primary);
+        let rest = of_family.filter(|(iface, _)| Some(iface.as_str()) != primary);
+        for (_, ip) in first.chain(rest) {
+            if usable(ip) && !ordered.contains(ip) {
+                ordered.push(*ip);
+            }
         }
     }
     ordered
@@ -78,19 +88,31 @@ mod tests {
                       eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         assert_eq!(default_route_interface(routes).as_deref(), Some("eth0"));
         assert_eq!(default_route_interface("Iface\tDestination\n"), None, "no default route");
-        let addresses = vec![
-            ("lo".to_owned(), Ipv4Addr::new(127, 0, 0, 1)),
-            ("eth1".to_owned(), Ipv4Addr::new(192, 168, 0, 5)),
-            ("eth0".to_owned(), Ipv4Addr::new(10, 0, 0, 7)),
-            ("eth2".to_owned(), Ipv4Addr::new(169, 254, 1, 1)),
-            ("eth0".to_owned(), Ipv4Addr::new(10, 0, 0, 8)),
-        ];
+        let ip = |text: &str| text.parse::<IpAddr>().expect("address");
+        let addresses: Vec<(String, IpAddr)> = [
+            ("lo", "127.0.0.1"),
+            ("lo", "::1"),
+            ("eth1", "fd00:1::5"),
+            ("eth1", "192.168.0.5"),
+            ("eth0", "fe80::1"),
+            ("eth0", "10.0.0.7"),
+            ("eth2", "169.254.1.1"),
+            ("eth0", "fd00:0::7"),
+            ("eth0", "10.0.0.8"),
+        ]
+        .into_iter()
+        .map(|(iface, address)| (iface.to_owned(), ip(address)))
+        .collect();
         let cases = [
-            ("the default route's interface first", Some("eth0"), vec![[10, 0, 0, 7], [10, 0, 0, 8], [192, 168, 0, 5]]),
-            ("without a default route, in interface order", None, vec![[192, 168, 0, 5], [10, 0, 0, 7], [10, 0, 0, 8]]),
+            (
+                "IPv4 then IPv6, the default route's interface first in each; no loopback or link-local",
+                Some("eth0"),
+                vec!["10.0.0.7", "10.0.0.8", "192.168.0.5", "fd00::7", "fd00:1::5"],
+            ),
+            ("without a default route, in interface order", None, vec!["192.168.0.5", "10.0.0.7", "10.0.0.8", "fd00:1::5", "fd00::7"]),
         ];
         for (rule, primary, expected) in cases {
-            let expected: Vec<Ipv4Addr> = expected.into_iter().map(Ipv4Addr::from).collect();
+            let expected: Vec<IpAddr> = expected.into_iter().map(ip).collect();
             assert_eq!(ordered(addresses.clone(), primary), expected, "{rule}");
         }
     }

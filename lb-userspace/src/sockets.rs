@@ -27,13 +27,13 @@ use crate::model::{Endpoint, Protocol};
 /// `None` for an entry that did not record it: either).
 pub fn stale_cookies(
     entries: impl IntoIterator<Item = (SocketRevNatKey, SocketRevNatValue)>,
-    serves: impl Fn((std::net::Ipv4Addr, u16), Option<Protocol>, Endpoint) -> bool,
+    serves: impl Fn((std::net::IpAddr, u16), Option<Protocol>, Endpoint) -> bool,
 ) -> HashSet<u64> {
     entries
         .into_iter()
         .filter(|(key, value)| {
-            let frontend = (ip_from_be(value.frontend_ip), u16::from_be(value.frontend_port));
-            let backend = Endpoint { ip: ip_from_be(key.backend_ip), port: u16::from_be(key.backend_port) };
+            let frontend = (ip_from_be(value.frontend_ip).into(), u16::from_be(value.frontend_port));
+            let backend = Endpoint { ip: ip_from_be(key.backend_ip).into(), port: u16::from_be(key.backend_port) };
             !serves(frontend, Protocol::from_number(value.proto), backend)
         })
         .map(|(key, _)| key.cookie)
@@ -268,7 +268,7 @@ mod tests {
         // Backend .2 serves port 53 over TCP only (draining: UDP left it).
         let serves = |frontend, protocol: Option<Protocol>, backend: Endpoint| {
             frontend == ([10, 96, 0, 10].into(), 53)
-                && (backend.ip.octets() == [10, 244, 1, 1] || backend.ip.octets() == [10, 244, 1, 2] && protocol != Some(Protocol::Udp))
+                && (backend.ip == std::net::IpAddr::from([10, 244, 1, 1]) || backend.ip == std::net::IpAddr::from([10, 244, 1, 2]) && protocol != Some(Protocol::Udp))
         };
         let cases = [
             ("a backend that serves", entry(1, [10, 244, 1, 1], lb_common::IPPROTO_UDP), false),

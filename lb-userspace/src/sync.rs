@@ -12,46 +12,65 @@
 //! left finds it in neither and is rescheduled.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use lb_common::{
-    Backend, BackendSetMemberKey, BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY,
-    FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, FrontendKey, FrontendValue, MAX_BACKEND_SLOTS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND_SET, ServiceName, SourceRangeKey, VIP_CLUSTER_IP, VipValue, ip_be,
+    BackendSlotKey, DRAINING_SLOT, FRONTEND_DROP_WHEN_EMPTY, FRONTEND_SNAT, FRONTEND_SOURCE_RANGES, MAX_BACKEND_SLOTS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND_SET, ServiceName, VIP_CLUSTER_IP, VipValue,
 };
 
 use crate::{
     error::{Error, Result},
-    model::{DesiredState, Endpoint, Frontend, Protocol, ServicePort, ServicePortName},
+    model::{DesiredState, Endpoint, Frontend, IpFamily, Protocol, ServicePort, ServicePortName},
 };
 
 mod adopt;
 pub use adopt::{AdoptReport, ProgrammedMaps};
 
-/// The map writes the syncer needs; implemented by the real maps and, in
-/// tests, by an in-memory model that checks the ordering guarantees.
+/// The map writes the syncer needs, in the model's terms for either
+/// family (the real maps write each to its family's map); implemented by
+/// the real maps and, in tests, by an in-memory model that checks the
+/// ordering guarantees.
 pub trait MapWriter {
-    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()>;
-    fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()>;
-    fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()>;
-    fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()>;
+    /// Slot `key.slot` of backend set `key.backend_set` (in `backend`'s
+    /// family's `BACKEND_SLOTS`).
+    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()>;
+    fn remove_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()>;
+    /// `backend`'s membership in `backend_set`, with its slot.
+    fn put_set_member(&mut self, backend_set: u32, backend: Endpoint, slot: u32) -> Result<()>;
+    fn remove_set_member(&mut self, backend_set: u32, backend: Endpoint) -> Result<()>;
     fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()>;
-    fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()>;
-    fn remove_frontend(&mut self, key: FrontendKey) -> Result<()>;
-    fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()>;
-    fn remove_service_vip(&mut self, ip: u32) -> Result<()>;
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendEntry) -> Result<()>;
+    fn remove_frontend(&mut self, frontend: Frontend) -> Result<()>;
+    fn put_service_vip(&mut self, ip: IpAddr, vip: VipValue) -> Result<()>;
+    fn remove_service_vip(&mut self, ip: IpAddr) -> Result<()>;
     fn reset_service_counters(&mut self, service_id: u32) -> Result<()>;
     fn put_service_name(&mut self, service_id: u32, name: ServiceName) -> Result<()>;
     fn remove_service_name(&mut self, service_id: u32) -> Result<()>;
-    /// A loadBalancerSourceRanges range of a service (`key.ip` masked, of
-    /// `range_len` bits).
-    fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()>;
-    fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()>;
+    /// A loadBalancerSourceRanges range of a service (address masked, of
+    /// `range.1` bits).
+    fn put_source_range(&mut self, service_id: u32, range: (IpAddr, u8)) -> Result<()>;
+    fn remove_source_range(&mut self, service_id: u32, range: (IpAddr, u8)) -> Result<()>;
     /// Removes the conntrack entries of these services (one pass over the
     /// table, however many services); returns how many.
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize>;
+}
+
+/// A frontend's value in the model's terms: lb-common's `FrontendValue` of
+/// the frontend's family, with the in-cluster frontend as an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub service_id: u32,
+    pub backend_set: u32,
+    pub backend_count: u32,
+    /// `FRONTEND_*` bits.
+    pub flags: u32,
+    pub affinity_seconds: u32,
+    /// The external side of an externalTrafficPolicy Local service: the
+    /// cluster IP frontend its in-cluster clients are served by.
+    pub in_cluster_via: Option<(IpAddr, u16)>,
 }
 
 /// What one `apply` changed.
@@ -79,6 +98,30 @@ pub struct Limits {
     pub backend_slots: u32,
     /// `LB_SOURCE_RANGES`.
     pub source_ranges: u32,
+    /// The IPv6 twins of these maps have the same sizes; without IPv6 on
+    /// the node, `IPV6_IDLE_ENTRIES` each instead.
+    pub ipv6: bool,
+}
+
+/// Entries of each IPv6 table on a node without IPv6 (no IPv6 node
+/// address or cluster range): IPv6 cluster IPs still work, at a fraction
+/// of the memory of full-size tables.
+pub const IPV6_IDLE_ENTRIES: u32 = 1024;
+
+impl Limits {
+    /// The sizes of `family`'s maps.
+    pub fn of(self, family: IpFamily) -> Self {
+        match family {
+            IpFamily::V6 if !self.ipv6 => Self {
+                frontends: self.frontends.min(IPV6_IDLE_ENTRIES),
+                addresses: self.addresses.min(IPV6_IDLE_ENTRIES),
+                backend_slots: self.backend_slots.min(IPV6_IDLE_ENTRIES),
+                source_ranges: self.source_ranges.min(IPV6_IDLE_ENTRIES),
+                ..self
+            },
+            _ => self,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -89,14 +132,16 @@ impl Default for Limits {
             addresses: MAX_VIPS,
             backend_slots: MAX_BACKEND_SLOTS,
             source_ranges: MAX_SOURCE_RANGES,
+            ipv6: false,
         }
     }
 }
 
-/// Entries the syncer has written to the maps it sizes.
+/// Entries the syncer has written to one family's maps it sizes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Usage {
     frontends: u32,
+    addresses: u32,
     slots: u32,
     members: u32,
     source_ranges: u32,
@@ -120,10 +165,10 @@ struct BackendSet {
     drop_when_empty: bool,
     snat: bool,
     affinity_seconds: u32,
-    in_cluster_via: Option<(Ipv4Addr, u16)>,
+    in_cluster_via: Option<(IpAddr, u16)>,
     /// loadBalancerSourceRanges, and the addresses they restrict.
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
-    source_ranged: BTreeSet<Ipv4Addr>,
+    source_ranges: BTreeSet<(IpAddr, u8)>,
+    source_ranged: BTreeSet<IpAddr>,
 }
 
 impl BackendSet {
@@ -158,7 +203,7 @@ impl VipUse {
 #[derive(Debug)]
 pub struct Syncer {
     programmed: BTreeMap<ServicePortName, Programmed>,
-    frontends_per_vip: BTreeMap<Ipv4Addr, VipUse>,
+    frontends_per_vip: BTreeMap<IpAddr, VipUse>,
     /// Which service port's value each frontend holds. Two service ports
     /// may claim one frontend (two services sharing an external IP and
     /// port): the first keeps it, and when it lets go, another claimant
@@ -167,7 +212,8 @@ pub struct Syncer {
     /// The other claimants of a held frontend, in name order.
     frontend_waiting: BTreeMap<Frontend, BTreeSet<ServicePortName>>,
     limits: Limits,
-    used: Usage,
+    /// Per family, indexed by `IpFamily`.
+    used: [Usage; 2],
     /// Service ports the maps could not hold at the last sync, and why;
     /// tried again at every sync.
     over_capacity: BTreeMap<ServicePortName, String>,
@@ -198,7 +244,7 @@ impl Syncer {
             frontend_owner: BTreeMap::new(),
             frontend_waiting: BTreeMap::new(),
             limits,
-            used: Usage::default(),
+            used: Default::default(),
             over_capacity: BTreeMap::new(),
             free_ids: VecDeque::new(),
             next_id: 0,
@@ -230,8 +276,8 @@ impl Syncer {
     /// (which only TCP ports keep), where an externalTrafficPolicy Local
     /// address sends the node to its cluster IP frontend as the socket
     /// programs do. False once the frontend is gone.
-    pub fn socket_backend_serves(&self, (ip, port): (Ipv4Addr, u16), protocol: Option<Protocol>, backend: Endpoint) -> bool {
-        let programmed_at = |ip: Ipv4Addr, port: u16, protocol: Protocol| {
+    pub fn socket_backend_serves(&self, (ip, port): (IpAddr, u16), protocol: Option<Protocol>, backend: Endpoint) -> bool {
+        let programmed_at = |ip: IpAddr, port: u16, protocol: Protocol| {
             let name = self.frontend_owner.get(&Frontend { ip, port, protocol })?;
             self.programmed.get(name)
         };
@@ -298,7 +344,7 @@ impl Syncer {
                 report.unchanged += 1;
                 continue;
             }
-            if let Some(shortfall) = self.shortfall(service, current) {
+            if let Some(shortfall) = self.shortfall(name, service, current) {
                 self.over_capacity.insert(name.clone(), shortfall);
                 report.over_capacity += 1;
                 continue;
@@ -318,24 +364,25 @@ impl Syncer {
     /// what the maps have free, in words; `None` when it fits. A changed
     /// backend set is written whole before the old one is deleted, so both
     /// are counted.
-    fn shortfall(&self, service: &ServicePort, current: Option<&Programmed>) -> Option<String> {
+    fn shortfall(&self, name: &ServicePortName, service: &ServicePort, current: Option<&Programmed>) -> Option<String> {
         let backends = BackendSet::of(service);
+        let (limits, used) = (self.limits.of(name.family), self.used[name.family as usize]);
         let new_set = current.is_none_or(|p| p.backends != backends);
         let (slots, members) =
             if new_set { (backends.endpoints.len(), backends.endpoints.len() + backends.draining.len()) } else { (0, 0) };
         let new_frontends: Vec<&Frontend> =
             service.frontends.iter().filter(|f| current.is_none_or(|p| !p.frontends.contains(f))).collect();
-        let new_addresses: BTreeSet<Ipv4Addr> =
+        let new_addresses: BTreeSet<IpAddr> =
             new_frontends.iter().map(|f| f.ip).filter(|ip| !self.frontends_per_vip.contains_key(ip)).collect();
         let new_ranges = backends.source_ranges.iter().filter(|r| current.is_none_or(|p| !p.backends.source_ranges.contains(r))).count();
         let ids_used = self.next_id - self.free_ids.len() as u32;
         let needs = [
             (u32::from(current.is_none()), ids_used, self.limits.service_ports, "service ports", "--service-ports-max"),
-            (new_frontends.len() as u32, self.used.frontends, self.limits.frontends, "frontends", "--frontends-max"),
-            (new_addresses.len() as u32, self.frontends_per_vip.len() as u32, self.limits.addresses, "service addresses", "--service-addresses-max"),
-            (slots as u32, self.used.slots, self.limits.backend_slots, "backend slots", "--backend-slots-max"),
-            (members as u32, self.used.members, self.limits.backend_slots, "backend set members", "--backend-slots-max"),
-            (new_ranges as u32, self.used.source_ranges, self.limits.source_ranges, "loadBalancerSourceRanges entries", "the object's LB_SOURCE_RANGES size"),
+            (new_frontends.len() as u32, used.frontends, limits.frontends, "frontends", "--frontends-max"),
+            (new_addresses.len() as u32, used.addresses, limits.addresses, "service addresses", "--service-addresses-max"),
+            (slots as u32, used.slots, limits.backend_slots, "backend slots", "--backend-slots-max"),
+            (members as u32, used.members, limits.backend_slots, "backend set members", "--backend-slots-max"),
+            (new_ranges as u32, used.source_ranges, limits.source_ranges, "loadBalancerSourceRanges entries", "the object's LB_SOURCE_RANGES size"),
         ];
         needs.into_iter().find(|&(need, used, limit, ..)| need > limit.saturating_sub(used)).map(|(need, used, limit, what, flag)| {
             format!("{what}: needs {need}, {} of {limit} free ({flag})", limit.saturating_sub(used))
@@ -348,9 +395,9 @@ impl Syncer {
         let proto = service.frontends.first().map_or(0, |f| f.protocol.ip_proto());
         maps.put_service_name(id, ServiceName::new(&name.to_string(), proto))?;
         let backends = BackendSet::of(service);
-        let set = self.write_set(&backends, maps)?;
+        let set = self.write_set(name.family, &backends, maps)?;
         maps.put_service_backend_set(id, set)?;
-        self.put_source_ranges(id, backends.source_ranges.iter(), maps)?;
+        self.put_source_ranges(id, name.family, backends.source_ranges.iter(), maps)?;
         for frontend in &service.frontends {
             self.add_frontend(name, frontend, frontend_value(id, set, &backends, frontend), maps)?;
         }
@@ -363,13 +410,13 @@ impl Syncer {
         let backends = BackendSet::of(service);
         let endpoints_changed = p.backends != backends;
         let old = endpoints_changed.then(|| -> Result<_> {
-            let new_set = self.write_set(&backends, maps)?;
+            let new_set = self.write_set(name.family, &backends, maps)?;
             Ok((std::mem::replace(&mut p.set, new_set), std::mem::replace(&mut p.backends, backends)))
         });
         let old = old.transpose()?;
         // New ranges before a frontend relies on them; stale ones after.
         if let Some((_, old_backends)) = &old {
-            self.put_source_ranges(p.id, p.backends.source_ranges.difference(&old_backends.source_ranges), maps)?;
+            self.put_source_ranges(p.id, name.family, p.backends.source_ranges.difference(&old_backends.source_ranges), maps)?;
         }
         for frontend in p.frontends.difference(&service.frontends) {
             self.remove_frontend(name, frontend, maps)?;
@@ -379,13 +426,13 @@ impl Syncer {
             if !p.frontends.contains(frontend) {
                 self.add_frontend(name, frontend, value, maps)?;
             } else if endpoints_changed && self.frontend_owner.get(frontend) == Some(name) {
-                maps.put_frontend(frontend_key(frontend), value)?;
+                maps.put_frontend(*frontend, value)?;
             }
         }
         if let Some((old_set, old_backends)) = old {
             maps.put_service_backend_set(p.id, p.set)?;
-            self.remove_source_ranges(p.id, old_backends.source_ranges.difference(&p.backends.source_ranges), maps)?;
-            self.delete_set(old_set, &old_backends, maps)?;
+            self.remove_source_ranges(p.id, name.family, old_backends.source_ranges.difference(&p.backends.source_ranges), maps)?;
+            self.delete_set(name.family, old_set, &old_backends, maps)?;
         }
         p.frontends = service.frontends.clone();
         self.programmed.insert(name.clone(), p);
@@ -400,8 +447,8 @@ impl Syncer {
             self.remove_frontend(name, frontend, maps)?;
         }
         maps.put_service_backend_set(p.id, NO_BACKEND_SET)?;
-        self.remove_source_ranges(p.id, p.backends.source_ranges.iter(), maps)?;
-        self.delete_set(p.set, &p.backends, maps)?;
+        self.remove_source_ranges(p.id, name.family, p.backends.source_ranges.iter(), maps)?;
+        self.delete_set(name.family, p.set, &p.backends, maps)?;
         maps.remove_service_name(p.id)?;
         Ok(Some(p.id))
     }
@@ -409,66 +456,82 @@ impl Syncer {
     /// Writes a complete backend set (slots and memberships, draining
     /// endpoints as members without a slot) under a fresh id and returns
     /// the id.
-    fn write_set(&mut self, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<u32> {
+    fn write_set(&mut self, family: IpFamily, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<u32> {
         let set = self.next_set;
         self.next_set = self.next_set.wrapping_add(1).max(NO_BACKEND_SET + 1);
-        for (slot, endpoint) in backends.endpoints.iter().enumerate() {
+        for (slot, &endpoint) in backends.endpoints.iter().enumerate() {
             let slot = slot as u32;
-            maps.put_backend_slot(BackendSlotKey { backend_set: set, slot }, backend(endpoint))?;
-            maps.put_set_member(member(set, endpoint), slot)?;
+            maps.put_backend_slot(BackendSlotKey { backend_set: set, slot }, endpoint)?;
+            maps.put_set_member(set, endpoint, slot)?;
         }
-        for endpoint in &backends.draining {
-            maps.put_set_member(member(set, endpoint), DRAINING_SLOT)?;
+        for &endpoint in &backends.draining {
+            maps.put_set_member(set, endpoint, DRAINING_SLOT)?;
         }
-        self.used.slots += backends.endpoints.len() as u32;
-        self.used.members += (backends.endpoints.len() + backends.draining.len()) as u32;
+        let used = &mut self.used[family as usize];
+        used.slots += backends.endpoints.len() as u32;
+        used.members += (backends.endpoints.len() + backends.draining.len()) as u32;
         Ok(set)
     }
 
     /// Deletes a backend set no frontend or service points at any more.
-    fn delete_set(&mut self, set: u32, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<()> {
-        for (slot, endpoint) in backends.endpoints.iter().enumerate() {
-            maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 })?;
-            maps.remove_set_member(member(set, endpoint))?;
+    fn delete_set(&mut self, family: IpFamily, set: u32, backends: &BackendSet, maps: &mut impl MapWriter) -> Result<()> {
+        for (slot, &endpoint) in backends.endpoints.iter().enumerate() {
+            maps.remove_backend_slot(BackendSlotKey { backend_set: set, slot: slot as u32 }, endpoint)?;
+            maps.remove_set_member(set, endpoint)?;
         }
-        for endpoint in &backends.draining {
-            maps.remove_set_member(member(set, endpoint))?;
+        for &endpoint in &backends.draining {
+            maps.remove_set_member(set, endpoint)?;
         }
-        self.used.slots -= backends.endpoints.len() as u32;
-        self.used.members -= (backends.endpoints.len() + backends.draining.len()) as u32;
+        let used = &mut self.used[family as usize];
+        used.slots -= backends.endpoints.len() as u32;
+        used.members -= (backends.endpoints.len() + backends.draining.len()) as u32;
         Ok(())
     }
 
-    fn put_source_ranges<'a>(&mut self, id: u32, ranges: impl Iterator<Item = &'a (Ipv4Addr, u8)>, maps: &mut impl MapWriter) -> Result<()> {
-        for &(ip, len) in ranges {
-            maps.put_source_range(SourceRangeKey { service_id: id, ip: ip_be(ip) }, len)?;
-            self.used.source_ranges += 1;
+    fn put_source_ranges<'a>(
+        &mut self,
+        id: u32,
+        family: IpFamily,
+        ranges: impl Iterator<Item = &'a (IpAddr, u8)>,
+        maps: &mut impl MapWriter,
+    ) -> Result<()> {
+        for &range in ranges {
+            maps.put_source_range(id, range)?;
+            self.used[family as usize].source_ranges += 1;
         }
         Ok(())
     }
 
-    fn remove_source_ranges<'a>(&mut self, id: u32, ranges: impl Iterator<Item = &'a (Ipv4Addr, u8)>, maps: &mut impl MapWriter) -> Result<()> {
-        for &(ip, len) in ranges {
-            maps.remove_source_range(SourceRangeKey { service_id: id, ip: ip_be(ip) }, len)?;
-            self.used.source_ranges -= 1;
+    fn remove_source_ranges<'a>(
+        &mut self,
+        id: u32,
+        family: IpFamily,
+        ranges: impl Iterator<Item = &'a (IpAddr, u8)>,
+        maps: &mut impl MapWriter,
+    ) -> Result<()> {
+        for &range in ranges {
+            maps.remove_source_range(id, range)?;
+            self.used[family as usize].source_ranges -= 1;
         }
         Ok(())
     }
 
     /// Writes `frontend` for the service port `name`, unless another holds
     /// it (that one keeps it; `name` takes over when it lets go).
-    fn add_frontend(&mut self, name: &ServicePortName, frontend: &Frontend, value: FrontendValue, maps: &mut impl MapWriter) -> Result<()> {
+    fn add_frontend(&mut self, name: &ServicePortName, frontend: &Frontend, value: FrontendEntry, maps: &mut impl MapWriter) -> Result<()> {
         if self.frontend_owner.get(frontend).is_some_and(|owner| owner != name) {
             self.frontend_waiting.entry(*frontend).or_default().insert(name.clone());
             return Ok(());
         }
         self.frontend_owner.insert(*frontend, name.clone());
+        let used = &mut self.used[IpFamily::of(frontend.ip) as usize];
         let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
+        used.addresses += u32::from(vip.frontends == 0);
         vip.frontends += 1;
         vip.cluster += u32::from(!name.external);
-        maps.put_service_vip(ip_be(frontend.ip), vip.value())?;
-        self.used.frontends += 1;
-        maps.put_frontend(frontend_key(frontend), value)
+        maps.put_service_vip(frontend.ip, vip.value())?;
+        used.frontends += 1;
+        maps.put_frontend(*frontend, value)
     }
 
     /// Lets go of `frontend` for the service port `name`: another service
@@ -494,22 +557,24 @@ impl Syncer {
             vip.cluster = vip.cluster - u32::from(!name.external) + u32::from(!heir.external);
             let vip_value = vip.value();
             self.frontend_owner.insert(*frontend, heir);
-            maps.put_service_vip(ip_be(frontend.ip), vip_value)?;
-            return maps.put_frontend(frontend_key(frontend), value);
+            maps.put_service_vip(frontend.ip, vip_value)?;
+            return maps.put_frontend(*frontend, value);
         }
         self.frontend_owner.remove(frontend);
         let cluster_ip = !name.external;
-        maps.remove_frontend(frontend_key(frontend))?;
-        self.used.frontends -= 1;
+        maps.remove_frontend(*frontend)?;
+        let used = &mut self.used[IpFamily::of(frontend.ip) as usize];
+        used.frontends -= 1;
         let vip = self.frontends_per_vip.entry(frontend.ip).or_default();
         vip.frontends = vip.frontends.saturating_sub(1);
         vip.cluster = vip.cluster.saturating_sub(u32::from(cluster_ip));
         if vip.frontends == 0 {
             self.frontends_per_vip.remove(&frontend.ip);
-            maps.remove_service_vip(ip_be(frontend.ip))
+            used.addresses -= 1;
+            maps.remove_service_vip(frontend.ip)
         } else {
             let value = vip.value();
-            maps.put_service_vip(ip_be(frontend.ip), value)
+            maps.put_service_vip(frontend.ip, value)
         }
     }
 
@@ -525,13 +590,9 @@ impl Syncer {
     }
 }
 
-fn frontend_key(frontend: &Frontend) -> FrontendKey {
-    FrontendKey::new(frontend.ip, frontend.port, frontend.protocol.ip_proto())
-}
-
 /// The value of `frontend`, one of a service port's frontends.
-fn frontend_value(service_id: u32, set: u32, backends: &BackendSet, frontend: &Frontend) -> FrontendValue {
-    FrontendValue {
+fn frontend_value(service_id: u32, set: u32, backends: &BackendSet, frontend: &Frontend) -> FrontendEntry {
+    FrontendEntry {
         service_id,
         backend_set: set,
         backend_count: backends.endpoints.len() as u32,
@@ -539,20 +600,8 @@ fn frontend_value(service_id: u32, set: u32, backends: &BackendSet, frontend: &F
             | if backends.snat { FRONTEND_SNAT } else { 0 }
             | if backends.source_ranged.contains(&frontend.ip) { FRONTEND_SOURCE_RANGES } else { 0 },
         affinity_seconds: backends.affinity_seconds,
-        _pad_v6: (),
-        in_cluster_ip: backends.in_cluster_via.map_or(0, |(ip, _)| ip_be(ip)),
-        in_cluster_port: backends.in_cluster_via.map_or(0, |(_, port)| port.to_be()),
-        _pad: 0,
-        _pad_v6_end: (),
+        in_cluster_via: backends.in_cluster_via,
     }
-}
-
-fn member(backend_set: u32, endpoint: &Endpoint) -> BackendSetMemberKey {
-    BackendSetMemberKey::new(backend_set, backend(endpoint))
-}
-
-fn backend(endpoint: &Endpoint) -> Backend {
-    Backend::new(endpoint.ip, endpoint.port)
 }
 
 /// Bounds how often the maps are synced without delaying a lone change: a

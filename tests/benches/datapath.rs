@@ -43,8 +43,8 @@ fn fixture(count: u32) -> Fixture {
     let services = (0..count).map(|i| {
         let name = ServicePortName::new("bench", &format!("svc-{i}"), "http");
         let service = ServicePort {
-            frontends: [Frontend { ip: vip(i), port: 80, protocol: Protocol::Tcp }].into(),
-            endpoints: [Endpoint { ip: vip(i), port: 80 }].into(),
+            frontends: [Frontend { ip: vip(i).into(), port: 80, protocol: Protocol::Tcp }].into(),
+            endpoints: [Endpoint { ip: vip(i).into(), port: 80 }].into(),
             ..ServicePort::default()
         };
         (name, service)

@@ -9,9 +9,13 @@
 //!                                 b1 10.244.1.1 ──veth── kubia-1 10.244.1.2
 //!                                 b2 10.244.2.1 ──veth── kubia-2 10.244.2.2  ...
 //! ```
+//!
+//! With IPv6 (`Topology::with_ipv6`) every link also carries an IPv6 subnet:
+//! client fd00:201::2, node fd00:201::1, pods fd00:244:N::2 behind
+//! fd00:244:N::1.
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -29,6 +33,11 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 pub const KUBIA_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
+/// The node's IPv6 address on the client side.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
+/// kubia's IPv6 cluster IP in the dual-stack manifests.
+pub const KUBIA_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 pub const HTTP_TARGET_PORT: u16 = 8080;
 pub const DNS_TARGET_PORT: u16 = 5353;
 pub const NODE_NAME: &str = "node-1";
@@ -43,6 +52,10 @@ pub const MANIFEST_FILE: &str = "kubia.yaml";
 
 pub fn pod_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, index as u8 + 1, 2)
+}
+
+pub fn pod_ip6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, index as u16 + 1, 0, 0, 0, 0, 2)
 }
 
 pub fn pod_name(index: usize) -> String {
@@ -181,6 +194,9 @@ pub struct Topology {
     /// Whether the agent is told `--node-ip` (else it finds the node's
     /// addresses in its Node object).
     pub node_ip_flag: bool,
+    /// Whether the links carry IPv6 too (and the agent is told the
+    /// node's IPv6 address).
+    pub ipv6: bool,
     hook: ClientHook,
 }
 
@@ -211,7 +227,26 @@ impl Topology {
             let server = EchoServer::start(&ns, &pod_name(i), HTTP_TARGET_PORT, DNS_TARGET_PORT)?;
             pods.push(Pod { server, ns });
         }
-        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, node_ip_flag: true, hook })
+        Ok(Self { pods, client, node, bpffs: Bpffs::new()?, cgroup: Cgroup::new()?, node_ip_flag: true, ipv6: false, hook })
+    }
+
+    /// Adds the IPv6 subnets (see the module's picture) and IPv6
+    /// forwarding on the node; addresses without duplicate address
+    /// detection, so that they are usable at once.
+    pub fn with_ipv6(mut self) -> Result<Self> {
+        let add = |ns: &Netns, address: String, iface: &str| ns.ip(&["-6", "addr", "add", &address, "dev", iface, "nodad"]);
+        add(&self.node, format!("{NODE_IP6}/64"), "c0")?;
+        add(&self.client, format!("{CLIENT_IP6}/64"), "eth0")?;
+        self.client.ip(&["-6", "route", "add", "default", "via", &NODE_IP6.to_string()])?;
+        for (i, pod) in self.pods.iter().enumerate() {
+            let gateway = Ipv6Addr::new(0xfd00, 0x244, i as u16 + 1, 0, 0, 0, 0, 1);
+            add(&self.node, format!("{gateway}/64"), &format!("b{}", i + 1))?;
+            add(&pod.ns, format!("{}/64", pod_ip6(i)), "eth0")?;
+            pod.ns.ip(&["-6", "route", "add", "default", "via", &gateway.to_string()])?;
+        }
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        self.ipv6 = true;
+        Ok(self)
     }
 
     /// Makes reverse-path filtering strict on the node, as many
@@ -239,6 +274,9 @@ impl Topology {
         args.extend(["--node-name".to_owned(), NODE_NAME.to_owned()]);
         if self.node_ip_flag {
             args.extend(["--node-ip".to_owned(), NODE_IP.to_string()]);
+            if self.ipv6 {
+                args.extend(["--node-ip".to_owned(), NODE_IP6.to_string()]);
+            }
         }
         args.extend(["--bpffs-dir".to_owned(), self.bpffs.dir.to_string_lossy().into_owned()]);
         args.extend(["--cgroup".to_owned(), self.cgroup.dir.to_string_lossy().into_owned()]);
@@ -281,7 +319,16 @@ impl Cluster {
 
     /// A cluster whose agent reads a manifest directory holding `files`.
     pub fn start_with(pod_count: usize, files: &[(&str, &str)], hook: ClientHook) -> Result<Self> {
-        let net = Topology::new(pod_count, hook)?;
+        Self::start_on(Topology::new(pod_count, hook)?, files)
+    }
+
+    /// A dual-stack cluster (`Topology::with_ipv6`) whose agent reads a
+    /// manifest directory holding `files`.
+    pub fn start_dual_stack(pod_count: usize, files: &[(&str, &str)]) -> Result<Self> {
+        Self::start_on(Topology::new(pod_count, ClientHook::Tc)?.with_ipv6()?, files)
+    }
+
+    fn start_on(net: Topology, files: &[(&str, &str)]) -> Result<Self> {
         let manifests = TempDir::new("manifests")?;
         for (name, content) in files {
             std::fs::write(manifests.0.join(name), content).with_context(|| format!("writing {name}"))?;
@@ -375,4 +422,61 @@ fn start_agent(node: &Netns, args: &[String]) -> Result<Agent> {
 /// The addresses of the ready pods among `pods`.
 pub fn ready_ips(pods: &[(usize, PodState)]) -> BTreeSet<Ipv4Addr> {
     pods.iter().filter(|(_, s)| *s == PodState::Ready).map(|&(i, _)| pod_ip(i)).collect()
+}
+
+/// kubia as a dual-stack service (IPv6 first, as `ipFamilies` may list
+/// it), both cluster IPs, with an EndpointSlice of each family of the
+/// given pods; and `kubia-v6`, an IPv6-only NodePort service on 30080 with
+/// the Cluster policy.
+pub fn dual_stack_manifests(pods: &[usize]) -> String {
+    let endpoints = |address: &dyn Fn(usize) -> String| -> String {
+        pods.iter()
+            .map(|&i| format!("- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {NODE_NAME}\n", address(i)))
+            .collect()
+    };
+    let slice = |name: &str, service: &str, family: &str, endpoints: String| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\n\
+             addressType: {family}\nports:\n- {{name: http, port: {HTTP_TARGET_PORT}, protocol: TCP}}\n- {{name: dns, port: {DNS_TARGET_PORT}, protocol: UDP}}\n\
+             endpoints:\n{endpoints}"
+        )
+    };
+    let v4 = endpoints(&|i| pod_ip(i).to_string());
+    let v6 = endpoints(&|i| pod_ip6(i).to_string());
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: kubia
+  namespace: default
+spec:
+  clusterIP: {KUBIA_VIP6}
+  clusterIPs: ["{KUBIA_VIP6}", "{KUBIA_VIP}"]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {HTTP_TARGET_PORT}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {DNS_TARGET_PORT}}}
+---
+{}---
+{}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kubia-v6
+  namespace: default
+spec:
+  type: NodePort
+  clusterIP: fd00:96::11
+  clusterIPs: ["fd00:96::11"]
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: {HTTP_TARGET_PORT}, nodePort: 30080}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: {DNS_TARGET_PORT}, nodePort: 30053}}
+---
+{}"#,
+        slice("kubia-v4", "kubia", "IPv4", v4),
+        slice("kubia-v6", "kubia", "IPv6", v6.clone()),
+        slice("kubia-v6-only", "kubia-v6", "IPv6", v6),
+    )
 }

@@ -132,7 +132,7 @@ pub fn service(name: &str, vip: [u8; 4], port: u16, protocol: Protocol, endpoint
     (
         ServicePortName::new("default", name, &port.to_string()),
         ServicePort {
-            frontends: [Frontend { ip: Ipv4Addr::from(vip), port, protocol }].into(),
+            frontends: [Frontend { ip: Ipv4Addr::from(vip).into(), port, protocol }].into(),
             endpoints: endpoints.iter().map(|&(ip, port)| Endpoint { ip: ip.into(), port }).collect(),
             ..ServicePort::default()
         },

@@ -26,7 +26,7 @@ fn examples_program_the_seeds_services() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let update = ManifestDir::new(dir).load().expect("the examples load");
     assert!(update.skipped.is_empty(), "{:?}", update.skipped);
-    let computed = desired_state_on(&update.objects, "node-1", &[NODE_IP]);
+    let computed = desired_state_on(&update.objects, "node-1", &[NODE_IP.into()]);
     assert!(computed.skipped.is_empty(), "{:?}", computed.skipped);
     let kubia: Vec<String> = (1..=3).map(|i| format!("10.244.{i}.2:8080")).collect();
     let dns: Vec<String> = (1..=3).map(|i| format!("10.244.{i}.2:5353")).collect();

@@ -6,17 +6,17 @@
 //! `CategorizeEndpoints` with its topology rules (pkg/proxy/topology.go).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Endpoint, Protocol};
+use super::{Endpoint, IpFamily, Protocol};
 
 /// What a valid slice says about one endpoint.
 #[derive(Clone, Debug)]
 pub(super) struct SliceEndpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -29,6 +29,8 @@ pub(super) struct SliceEndpoint {
 
 /// A slice that passed validation.
 pub(super) struct ValidSlice {
+    /// Its `addressType`: which family's service ports it serves.
+    pub family: IpFamily,
     /// (name, protocol, port) of each slice port.
     pub ports: Vec<(String, Protocol, u16)>,
     pub endpoints: Vec<SliceEndpoint>,
@@ -192,12 +194,14 @@ fn available_for_topology(c: &SliceEndpoint, mode: TopologyMode, here: Here<'_>)
 }
 
 /// A slice's valid content; `None` for slices this datapath does not use
-/// (IPv6 or FQDN addresses). An invalid port or endpoint is left out
+/// (FQDN addresses). An invalid port or endpoint is left out
 /// alone, with a line in `problems`, as kube-proxy does.
 pub(super) fn valid_slice(slice: &EndpointSlice, problems: &mut Vec<String>) -> Option<ValidSlice> {
-    if slice.address_type != "IPv4" {
-        return None;
-    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        _ => return None,
+    };
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         let name = port.name.clone().unwrap_or_default();
@@ -226,9 +230,12 @@ pub(super) fn valid_slice(slice: &EndpointSlice, problems: &mut Vec<String>) -> 
             problems.push("an endpoint without addresses skipped".to_owned());
             continue;
         };
-        let Ok(ip) = address.parse::<Ipv4Addr>() else {
-            problems.push(format!("endpoint {address:?} skipped: not an IPv4 address"));
-            continue;
+        let ip = match address.parse::<IpAddr>() {
+            Ok(ip) if IpFamily::of(ip) == family => ip,
+            _ => {
+                problems.push(format!("endpoint {address:?} skipped: not an {} address", family.name()));
+                continue;
+            }
         };
         let hints = ep.hints.as_ref();
         endpoints.push(SliceEndpoint {
@@ -242,7 +249,7 @@ pub(super) fn valid_slice(slice: &EndpointSlice, problems: &mut Vec<String>) -> 
             for_nodes: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
         });
     }
-    Some(ValidSlice { ports, endpoints })
+    Some(ValidSlice { family, ports, endpoints })
 }
 
 #[cfg(test)]
@@ -252,7 +259,7 @@ mod tests {
     /// Endpoint 10.244.0.`last` on `node` in `zone`, ready, with hints.
     fn ep(last: u8, node: &str, zone: &str, for_zones: &[&str], for_nodes: &[&str]) -> SliceEndpoint {
         SliceEndpoint {
-            ip: Ipv4Addr::new(10, 244, 0, last),
+            ip: std::net::Ipv4Addr::new(10, 244, 0, last).into(),
             ready: true,
             serving: true,
             terminating: false,
@@ -306,9 +313,9 @@ mod tests {
             ("Local policy: this node's, hints aside", zone_hinted(), Local, SameZone, Some("zone-1"), vec![1]),
         ];
         for (rule, endpoints, policy, distribution, zone, expected) in cases {
-            let slices = [ValidSlice { ports: vec![("http".to_owned(), Protocol::Tcp, 8080)], endpoints }];
+            let slices = [ValidSlice { family: IpFamily::V4, ports: vec![("http".to_owned(), Protocol::Tcp, 8080)], endpoints }];
             let picked = pick(&slices, "http", Protocol::Tcp, policy, distribution, Here { node: "node-a", zone });
-            let serving: Vec<u8> = picked.serving.iter().map(|e| e.ip.octets()[3]).collect();
+            let serving: Vec<u8> = picked.serving.iter().map(|e| match e.ip { std::net::IpAddr::V4(ip) => ip.octets()[3], std::net::IpAddr::V6(ip) => ip.octets()[15] }).collect();
             assert_eq!(serving, expected, "{rule}");
             assert!(picked.anywhere, "{rule}");
         }

@@ -22,10 +22,14 @@
 //!   Local policy (internal or external) without a local endpoint drops
 //!   traffic when endpoints exist elsewhere, and rejects it when there are
 //!   none anywhere.
-//! - Of `clusterIPs` (dual-stack, either family first) the IPv4 address is
-//!   served; headless and IPv6-only services are not programmed. Load
-//!   balancer ingress IPs with `ipMode: Proxy` are left to the load
-//!   balancer.
+//! - Each family of a service is served on its own, as kube-proxy's
+//!   proxier per family does: the cluster IP of `clusterIPs` (dual-stack,
+//!   either family first), and the node, external and load balancer
+//!   addresses and `loadBalancerSourceRanges` of that family, go to the
+//!   endpoints of that family's EndpointSlices (`addressType`); its service
+//!   ports are named with `/ipv6` for IPv6. Headless services are not
+//!   programmed. Load balancer ingress IPs with `ipMode: Proxy` are left to
+//!   the load balancer.
 //! - An endpoint is its first address; unset `ready` and `serving` mean
 //!   true, unset `terminating` false.
 //! - Which endpoints each side uses (traffic policy, topology hints,
@@ -44,7 +48,7 @@
 //! saying they are not served. Everything else is still programmed.
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -55,7 +59,7 @@ use k8s_openapi::{
 };
 
 use super::{
-    DesiredState, Frontend, Protocol, ServicePort, ServicePortName,
+    DesiredState, Frontend, IpFamily, Protocol, ServicePort, ServicePortName,
     endpoints::{Distribution, Here, Policy, ValidSlice, pick, valid_slice},
 };
 
@@ -113,7 +117,7 @@ pub fn desired_state(objects: &ClusterObjects, node: &str) -> Computed {
 
 /// The desired state for `objects` on the node named `node` with the
 /// addresses `node_ips`.
-pub fn desired_state_on(objects: &ClusterObjects, node: &str, node_ips: &[Ipv4Addr]) -> Computed {
+pub fn desired_state_on(objects: &ClusterObjects, node: &str, node_ips: &[IpAddr]) -> Computed {
     let mut model = Model::with_node_ips(node_ips.to_vec());
     let skipped = model.update(objects, node).skipped;
     Computed { state: model.state, skipped }
@@ -171,25 +175,25 @@ pub struct Model {
     service_of: HashMap<ObjectKey, *const Service>,
     updates: u64,
     /// This node's addresses, where node ports answer.
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
     /// This node's zone (`topology.kubernetes.io/zone`), for topology.
     zone: Option<String>,
 }
 
 impl Model {
     /// A model for a node with these addresses (for node ports).
-    pub fn with_node_ips(node_ips: Vec<Ipv4Addr>) -> Self {
+    pub fn with_node_ips(node_ips: Vec<IpAddr>) -> Self {
         Self { node_ips, ..Self::default() }
     }
 
     /// This node's addresses, where node ports answer.
-    pub fn node_ips(&self) -> &[Ipv4Addr] {
+    pub fn node_ips(&self) -> &[IpAddr] {
         &self.node_ips
     }
 
     /// New node addresses: every service is computed again by the next
     /// `update` (its node ports move).
-    pub fn set_node_ips(&mut self, node_ips: Vec<Ipv4Addr>) {
+    pub fn set_node_ips(&mut self, node_ips: Vec<IpAddr>) {
         self.node_ips = node_ips;
         self.recompute_all();
     }
@@ -320,16 +324,17 @@ fn compute_service(
     service: &Service,
     slices: &[Arc<EndpointSlice>],
     here: Here<'_>,
-    node_ips: &[Ipv4Addr],
+    node_ips: &[IpAddr],
 ) -> (Vec<(ServicePortName, ServicePort)>, Vec<String>) {
     let key = ObjectKey::of(&service.metadata);
     let mut skipped = Vec::new();
-    let mut valid = Vec::new();
+    // Each family's slices, indexed by `IpFamily`.
+    let mut valid: [Vec<ValidSlice>; 2] = Default::default();
     for slice in slices {
         let slice_key = ObjectKey::of(&slice.metadata);
         let mut problems = Vec::new();
         if let Some(v) = valid_slice(slice, &mut problems) {
-            valid.push(v);
+            valid[v.family as usize].push(v);
         }
         skipped.extend(problems.into_iter().map(|problem| format!("EndpointSlice {slice_key}: {problem}")));
     }
@@ -352,8 +357,8 @@ fn compute_service(
 fn service_ports(
     key: &ObjectKey,
     service: &Service,
-    slices: &[ValidSlice],
-    (here, node_ips): (Here<'_>, &[Ipv4Addr]),
+    slices: &[Vec<ValidSlice>; 2],
+    (here, node_ips): (Here<'_>, &[IpAddr]),
     notes: &mut Vec<String>,
 ) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
     // Another proxy's service. The API source never holds one (the API
@@ -367,16 +372,15 @@ fn service_ports(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Vec::new());
     }
-    let Some(cluster_ip) = ipv4_cluster_ip(spec)? else {
-        // Headless, or IPv6 only: nothing for this IPv4 datapath. Headless
-        // Services come from the API too (no label marks them, only their
-        // slices), so this check stays for both sources.
+    let cluster_ips = cluster_ips(spec)?;
+    if cluster_ips.is_empty() {
+        // Headless: nothing to translate. Headless Services come from the
+        // API too (no label marks them, only their slices), so this check
+        // stays for both sources.
         return Ok(Vec::new());
-    };
+    }
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let policy = |local: bool| if local { Policy::Local } else { Policy::Cluster };
-    let distribution = Distribution::of(spec.traffic_distribution.as_deref());
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let affinity_seconds = match spec.session_affinity.as_deref() {
         Some("ClientIP") => {
@@ -389,16 +393,11 @@ fn service_ports(
         }
         _ => 0,
     };
-    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     // Addresses answering on the service port from outside: external IPs
     // (any type) and, for LoadBalancer services, the ingress IPs.
     let mut external_addresses = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => external_addresses.push(ip),
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("externalIP {ip:?} is not an IP address")),
-        }
+        external_addresses.push(ip.parse::<IpAddr>().map_err(|_| format!("externalIP {ip:?} is not an IP address"))?);
     }
     let mut load_balancer_ips = BTreeSet::new();
     if service_type == "LoadBalancer" {
@@ -407,44 +406,102 @@ fn service_ports(
         // address is left to it (kube-proxy does the same).
         let delivered = ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy"));
         for ip in delivered.filter_map(|i| i.ip.as_deref()) {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => {
-                    external_addresses.push(ip);
-                    load_balancer_ips.insert(ip);
-                }
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => return Err(format!("load balancer ingress IP {ip:?} is not an IP address")),
-            }
+            let ip = ip.parse::<IpAddr>().map_err(|_| format!("load balancer ingress IP {ip:?} is not an IP address"))?;
+            external_addresses.push(ip);
+            load_balancer_ips.insert(ip);
         }
     }
     let source_ranges = if load_balancer_ips.is_empty() { BTreeSet::new() } else { source_ranges(spec, &load_balancer_ips, node_ips, notes) };
-    let source_ranged = if source_ranges.is_empty() { BTreeSet::new() } else { load_balancer_ips };
     // Asked by cloud load balancers whether this node has local endpoints.
     let health_check_node_port = match spec.health_check_node_port {
         Some(port) if service_type == "LoadBalancer" && external_local => Some(valid_port(port, "healthCheckNodePort")?),
         _ => None,
     };
+    let shape = ServiceShape {
+        local_only,
+        external_local,
+        distribution: Distribution::of(spec.traffic_distribution.as_deref()),
+        has_node_ports: matches!(service_type, "NodePort" | "LoadBalancer"),
+        affinity_seconds,
+        health_check_node_port,
+    };
     let mut ports = Vec::new();
+    for cluster_ip in cluster_ips {
+        let family = IpFamily::of(cluster_ip);
+        let in_family = |ips: &mut dyn Iterator<Item = IpAddr>| ips.filter(|ip| IpFamily::of(*ip) == family).collect::<BTreeSet<_>>();
+        let load_balancer_ips = in_family(&mut load_balancer_ips.iter().copied());
+        // Each family has its own ranges, as kube-proxy's proxier of each
+        // family reads only its own: none of a family, no restriction.
+        let source_ranges: BTreeSet<(IpAddr, u8)> = source_ranges.iter().copied().filter(|(ip, _)| IpFamily::of(*ip) == family).collect();
+        let addresses = FamilyAddresses {
+            cluster_ip,
+            external: in_family(&mut external_addresses.iter().copied()),
+            node: in_family(&mut node_ips.iter().copied()),
+            source_ranged: if source_ranges.is_empty() { BTreeSet::new() } else { load_balancer_ips },
+            source_ranges,
+        };
+        family_ports(key, spec, &shape, &addresses, &slices[family as usize], here, notes, &mut ports)?;
+    }
+    Ok(ports)
+}
+
+/// What the service's spec says for every family.
+struct ServiceShape {
+    local_only: bool,
+    external_local: bool,
+    distribution: Distribution,
+    has_node_ports: bool,
+    affinity_seconds: u32,
+    health_check_node_port: Option<u16>,
+}
+
+/// A service's addresses of one family.
+struct FamilyAddresses {
+    cluster_ip: IpAddr,
+    external: BTreeSet<IpAddr>,
+    node: BTreeSet<IpAddr>,
+    source_ranges: BTreeSet<(IpAddr, u8)>,
+    source_ranged: BTreeSet<IpAddr>,
+}
+
+/// The service ports of one family of a service: the in-cluster side of
+/// each port, and its external side when it has external addresses.
+#[allow(clippy::too_many_arguments)]
+fn family_ports(
+    key: &ObjectKey,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    shape: &ServiceShape,
+    addresses: &FamilyAddresses,
+    slices: &[ValidSlice],
+    here: Here<'_>,
+    notes: &mut Vec<String>,
+    ports: &mut Vec<(ServicePortName, ServicePort)>,
+) -> Result<(), String> {
+    let family = IpFamily::of(addresses.cluster_ip);
+    let policy = |local: bool| if local { Policy::Local } else { Policy::Cluster };
     for port in spec.ports.iter().flatten() {
         let number = valid_port(port.port, "port")?;
         let name = port.name.clone().unwrap_or_default();
         let Some(protocol) = protocol(port.protocol.as_deref())? else {
-            notes.push(format!("port {name:?} ({number}/SCTP) is not served: SCTP is not supported by this datapath"));
+            // One line for the port, not one per family.
+            if family == IpFamily::V4 || !notes.iter().any(|n| n.starts_with(&format!("port {name:?} ({number}/SCTP)"))) {
+                notes.push(format!("port {name:?} ({number}/SCTP) is not served: SCTP is not supported by this datapath"));
+            }
             continue;
         };
-        let internal_name = ServicePortName::new(&key.namespace, &key.name, &name);
-        let picked = pick(slices, &name, protocol, policy(local_only), distribution, here);
+        let internal_name = ServicePortName::new(&key.namespace, &key.name, &name).in_family(family);
+        let picked = pick(slices, &name, protocol, policy(shape.local_only), shape.distribution, here);
         // A Local policy without a local endpoint drops when endpoints
         // exist on other nodes, and rejects when there are none anywhere
         // (kube-proxy's "no local endpoints" versus "no endpoints").
         let has_endpoints_anywhere = picked.anywhere;
         let internal = ServicePort {
-            frontends: [Frontend { ip: cluster_ip, port: number, protocol }].into(),
+            frontends: [Frontend { ip: addresses.cluster_ip, port: number, protocol }].into(),
             endpoints: picked.serving,
             draining: picked.draining,
-            drop_when_empty: local_only && has_endpoints_anywhere,
+            drop_when_empty: shape.local_only && has_endpoints_anywhere,
             snat: false,
-            affinity_seconds,
+            affinity_seconds: shape.affinity_seconds,
             in_cluster_via: None,
             health_check_node_port: None,
             source_ranges: BTreeSet::new(),
@@ -453,89 +510,110 @@ fn service_ports(
 
         // The external side: the node port on every node address, and the
         // service port on external and load balancer addresses.
-        let mut frontends: BTreeSet<Frontend> =
-            external_addresses.iter().map(|&ip| Frontend { ip, port: number, protocol }).collect();
-        if has_node_ports && let Some(node_port) = port.node_port {
+        let mut frontends: BTreeSet<Frontend> = addresses.external.iter().map(|&ip| Frontend { ip, port: number, protocol }).collect();
+        if shape.has_node_ports && let Some(node_port) = port.node_port {
             let node_port = valid_port(node_port, "nodePort")?;
-            frontends.extend(node_ips.iter().map(|&ip| Frontend { ip, port: node_port, protocol }));
+            frontends.extend(addresses.node.iter().map(|&ip| Frontend { ip, port: node_port, protocol }));
         }
         if !frontends.is_empty() {
             // Local: this node's endpoints only, client address kept, and
             // dropped when there are none here but some elsewhere. Cluster:
             // every endpoint, the source translated to the node so replies
             // come back through it.
-            let picked = pick(slices, &name, protocol, policy(external_local), distribution, here);
+            let picked = pick(slices, &name, protocol, policy(shape.external_local), shape.distribution, here);
             let external = ServicePort {
                 frontends,
                 endpoints: picked.serving,
                 draining: picked.draining,
-                drop_when_empty: external_local && has_endpoints_anywhere,
-                snat: !external_local,
-                affinity_seconds,
-                in_cluster_via: external_local.then_some((cluster_ip, number)),
-                health_check_node_port,
-                source_ranges: source_ranges.clone(),
-                source_ranged: source_ranged.clone(),
+                drop_when_empty: shape.external_local && has_endpoints_anywhere,
+                snat: !shape.external_local,
+                affinity_seconds: shape.affinity_seconds,
+                in_cluster_via: shape.external_local.then_some((addresses.cluster_ip, number)),
+                health_check_node_port: shape.health_check_node_port,
+                source_ranges: addresses.source_ranges.clone(),
+                source_ranged: addresses.source_ranged.clone(),
             };
             ports.push((internal_name.to_external(), external));
         }
         ports.push((internal_name, internal));
     }
-    Ok(ports)
+    Ok(())
 }
 
-/// The IPv4 ranges of `loadBalancerSourceRanges` (address masked, prefix
+/// The ranges of `loadBalancerSourceRanges` (address masked, prefix
 /// length), as kube-proxy's firewall allows them: when one holds a node
-/// address, the load balancer IPs themselves too (a VIP-like load balancer
-/// whose IP is local to the node loops the node's own requests back from
-/// that IP). Ranges of the other family are not this datapath's; an
-/// invalid one is left out with a line in `notes`. Empty: no restriction.
+/// address of its family, that family's load balancer IPs themselves too (a
+/// VIP-like load balancer whose IP is local to the node loops the node's
+/// own requests back from that IP). An invalid one is left out with a line
+/// in `notes`. Empty: no restriction.
 fn source_ranges(
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    load_balancer_ips: &BTreeSet<Ipv4Addr>,
-    node_ips: &[Ipv4Addr],
+    load_balancer_ips: &BTreeSet<IpAddr>,
+    node_ips: &[IpAddr],
     notes: &mut Vec<String>,
-) -> BTreeSet<(Ipv4Addr, u8)> {
+) -> BTreeSet<(IpAddr, u8)> {
     let mut ranges = BTreeSet::new();
     for text in spec.load_balancer_source_ranges.iter().flatten() {
-        let (address, len) = text.trim().split_once('/').unwrap_or((text.trim(), ""));
-        let parsed = address.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok());
-        match parsed {
-            Some((IpAddr::V4(ip), len)) if len <= 32 => {
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-                ranges.insert((Ipv4Addr::from(u32::from(ip) & mask), len));
+        match parse_cidr(text) {
+            Some(range) => ranges.insert(range),
+            None => {
+                notes.push(format!("loadBalancerSourceRanges entry {text:?} is not a CIDR; left out"));
+                continue;
             }
-            Some((IpAddr::V6(_), len)) if len <= 128 => {}
-            _ => notes.push(format!("loadBalancerSourceRanges entry {text:?} is not a CIDR; left out")),
-        }
+        };
     }
-    let contains = |ip: Ipv4Addr| {
-        ranges.iter().any(|&(network, len)| len == 0 || u32::from(ip) >> (32 - u32::from(len)) == u32::from(network) >> (32 - u32::from(len)))
-    };
-    if node_ips.iter().any(|&ip| contains(ip)) {
-        ranges.extend(load_balancer_ips.iter().map(|&ip| (ip, 32)));
+    let covered: Vec<IpFamily> =
+        node_ips.iter().filter(|&&ip| ranges.iter().any(|&range| in_range(ip, range))).map(|&ip| IpFamily::of(ip)).collect();
+    for &ip in load_balancer_ips.iter().filter(|&&ip| covered.contains(&IpFamily::of(ip))) {
+        ranges.insert((ip, full_length(ip)));
     }
     ranges
 }
 
-/// The service's IPv4 cluster IP: `clusterIPs` (dual-stack, either family
-/// first), else `clusterIP`; `None` for headless services and IPv6-only
-/// ones.
-fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Option<Ipv4Addr>, String> {
+/// A CIDR such as `10.0.0.0/8` or `fd00::/64`, its address masked to the
+/// prefix.
+pub(crate) fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (address, len) = text.trim().split_once('/')?;
+    let (ip, len) = (address.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?);
+    (len <= full_length(ip)).then(|| (masked(ip, len), len))
+}
+
+/// The prefix length of a single address of `ip`'s family.
+fn full_length(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// `ip` with only its first `len` bits kept.
+fn masked(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(ip) => Ipv4Addr::from(u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)).into(),
+        IpAddr::V6(ip) => Ipv6Addr::from(u128::from(ip) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)).into(),
+    }
+}
+
+/// Whether `ip` is in the range `(network, len)` (of its own family).
+fn in_range(ip: IpAddr, (network, len): (IpAddr, u8)) -> bool {
+    IpFamily::of(ip) == IpFamily::of(network) && masked(ip, len) == network
+}
+
+/// The service's cluster IPs, one per family: `clusterIPs` (dual-stack,
+/// either family first), else `clusterIP`; none for headless services.
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Vec<IpAddr>, String> {
     let listed = spec.cluster_ips.as_deref().filter(|ips| !ips.is_empty());
     let ips = listed.map_or_else(|| spec.cluster_ip.iter().cloned().collect(), <[String]>::to_vec);
-    let mut ipv4 = None;
-    for ip in &ips {
-        match ip.as_str() {
-            "" | "None" => return Ok(None),
-            text => match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => ipv4 = ipv4.or(Some(ip)),
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => return Err(format!("clusterIP {text:?} is not an IP address")),
-            },
+    let mut found: Vec<IpAddr> = Vec::new();
+    for text in &ips {
+        match text.as_str() {
+            "" | "None" => return Ok(Vec::new()),
+            text => {
+                let ip = text.parse::<IpAddr>().map_err(|_| format!("clusterIP {text:?} is not an IP address"))?;
+                if !found.iter().any(|known| IpFamily::of(*known) == IpFamily::of(ip)) {
+                    found.push(ip);
+                }
+            }
         }
     }
-    Ok(ipv4)
+    Ok(found)
 }
 
 pub(super) fn valid_port(port: i32, field: &str) -> Result<u16, String> {

@@ -33,6 +33,12 @@ fn kubia_slice(name: &str, endpoints: serde_json::Value) -> serde_json::Value {
            "endpoints": endpoints})
 }
 
+fn kubia_slice6(name: &str, endpoints: serde_json::Value) -> serde_json::Value {
+    json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+           "addressType": "IPv6", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": endpoints})
+}
+
 fn ep(ip: &str) -> serde_json::Value {
     json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": NODE})
 }
@@ -190,11 +196,19 @@ fn kube_proxy_rules() {
             0,
         ),
         (
-            "IPv6 and FQDN slices are not used",
+            "an IPv4-only service: its IPv6 slice serves nothing, FQDN slices are not used",
             objects(&[kubia(json!({}))], &[json!({"metadata": {"name": "v6", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
-                "addressType": "IPv6", "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["fd00::1"]}]})]),
+                "addressType": "IPv6", "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["fd00::1"]}]}),
+                json!({"metadata": {"name": "fqdn", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubia"}},
+                "addressType": "FQDN", "ports": [{"name": "http", "port": 8080}], "endpoints": [{"addresses": ["db.example.com"]}]})]),
             map(&[("default/kubia:http", &[])]),
             0,
+        ),
+        (
+            "an endpoint of the other family in a slice is skipped alone",
+            objects(&[kubia(json!({}))], &[kubia_slice("s1", json!([ep("fd00::1"), ep("10.244.1.2")]))]),
+            map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+            1,
         ),
         (
             "SCTP port is left out with one line, the others programmed",
@@ -272,16 +286,17 @@ fn kube_proxy_rules() {
             0,
         ),
         (
-            "dual-stack with IPv6 first: the IPv4 cluster IP of clusterIPs is served",
+            "dual-stack with IPv6 first: each family's cluster IP served by its own family's slices",
             objects(&[kubia(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv4"]}))],
-                &[kubia_slice("s1", json!([ep("10.244.1.2")]))]),
-            map(&[("default/kubia:http", &["10.244.1.2:8080"])]),
+                &[kubia_slice("s1", json!([ep("10.244.1.2")])), kubia_slice6("s2", json!([ep("fd00:244::2"), ep("fd00:244::3")]))]),
+            map(&[("default/kubia:http", &["10.244.1.2:8080"]), ("default/kubia:http/ipv6", &["fd00:244::2:8080", "fd00:244::3:8080"])]),
             0,
         ),
         (
-            "IPv6 only: nothing for this datapath, nothing skipped",
-            objects(&[kubia(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"]}))], &[]),
-            map(&[]),
+            "IPv6 only: served as the IPv6 service port, IPv4 slices unused",
+            objects(&[kubia(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"]}))],
+                &[kubia_slice("s1", json!([ep("10.244.1.2")])), kubia_slice6("s2", json!([ep("fd00:244::2")]))]),
+            map(&[("default/kubia:http/ipv6", &["fd00:244::2:8080"])]),
             0,
         ),
     ];
@@ -390,7 +405,7 @@ fn local_policies_drop_when_endpoints_are_elsewhere_and_reject_when_there_are_no
     for (rule, field, endpoints, drops) in cases {
         let objects = objects(&[kubia(json!({field: "Local", "type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]}))],
             &[kubia_slice("s1", endpoints)]);
-        let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
+        let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1).into()]);
         let side = if field == "internalTrafficPolicy" { ServicePortName::new("default", "kubia", "http") } else { ServicePortName::new("default", "kubia", "http").to_external() };
         let port = computed.state.services.get(&side).expect("programmed");
         assert!(port.endpoints.is_empty(), "{rule}: no local endpoint");
@@ -408,7 +423,7 @@ fn local_policies_drop_when_endpoints_are_elsewhere_and_reject_when_there_are_no
 #[test]
 fn external_traffic_rules() {
     type External = Option<(Vec<&'static str>, Vec<&'static str>, bool, bool)>;
-    let node_ips = [Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 0, 0, 1)];
+    let node_ips: [IpAddr; 2] = [Ipv4Addr::new(192, 168, 0, 1).into(), Ipv4Addr::new(10, 0, 0, 1).into()];
     let with = |extra: serde_json::Value, status: serde_json::Value| {
         let mut service = kubia(extra);
         service["status"] = status;
@@ -483,7 +498,7 @@ fn load_balancer_source_ranges() {
         let mut service = kubia(json!({"type": service_type, "loadBalancerSourceRanges": ranges,
             "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30123}]}));
         service["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
-        let computed = desired_state_on(&objects(&[service], &[kubia_slice("s1", json!([ep("10.244.1.2")]))]), NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
+        let computed = desired_state_on(&objects(&[service], &[kubia_slice("s1", json!([ep("10.244.1.2")]))]), NODE, &[Ipv4Addr::new(192, 168, 0, 1).into()]);
         let external = computed.state.services.get(&ServicePortName::new("default", "kubia", "http").to_external()).expect("external side");
         let ranges: Vec<String> = external.source_ranges.iter().map(|(ip, len)| format!("{ip}/{len}")).collect();
         let ranged: Vec<String> = external.source_ranged.iter().map(ToString::to_string).collect();
@@ -498,7 +513,7 @@ fn load_balancer_source_ranges() {
 #[test]
 fn invalid_external_addresses_skip_the_service() {
     let objects = objects(&[kubia(json!({"externalIPs": ["not-an-ip"]}))], &[]);
-    let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1)]);
+    let computed = desired_state_on(&objects, NODE, &[Ipv4Addr::new(192, 168, 0, 1).into()]);
     assert!(computed.state.services.is_empty());
     assert!(computed.skipped.iter().any(|l| l.contains("not-an-ip")), "{:?}", computed.skipped);
 }
@@ -527,11 +542,72 @@ fn health_check_node_port_counts_local_endpoints() {
     };
     let remote = json!({"addresses": ["10.244.2.2"], "conditions": {"ready": true}, "nodeName": "node-b"});
     let slices = [kubia_slice("s1", json!([ep("10.244.1.2"), ep("10.244.1.3"), remote]))];
-    let node_ips = [Ipv4Addr::new(192, 168, 0, 1)];
+    let node_ips: [IpAddr; 1] = [Ipv4Addr::new(192, 168, 0, 1).into()];
     let local = desired_state_on(&objects(&[kubia(spec("Local"))], &slices), NODE, &node_ips);
     let health = local.state.health_checks();
     let expected = ServiceHealth { namespace: "default".into(), name: "kubia".into(), local_endpoints: 2 };
     assert_eq!(health, BTreeMap::from([(32000, expected)]), "Local: the local endpoints, not the remote one");
     let cluster = desired_state_on(&objects(&[kubia(spec("Cluster"))], &slices), NODE, &node_ips);
     assert!(cluster.state.health_checks().is_empty(), "only with externalTrafficPolicy Local");
+}
+
+/// A dual-stack LoadBalancer service with a Local policy on a dual-stack
+/// node: every address of a family (cluster IP, node ports, external and
+/// load balancer IPs, source ranges, the in-cluster frontend) goes to that
+/// family's service port, served by that family's endpoints.
+#[test]
+fn each_family_of_a_dual_stack_service_gets_its_own_addresses_and_endpoints() {
+    let service = json!({"metadata": {"name": "kubia", "namespace": "default"}, "spec": {
+        "type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"], "ipFamilies": ["IPv4", "IPv6"],
+        "ipFamilyPolicy": "PreferDualStack", "externalTrafficPolicy": "Local",
+        "externalIPs": ["198.51.100.7", "2001:db8::7"], "loadBalancerSourceRanges": ["10.1.0.0/16", "2001:db8:1::/48"],
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}, {"ip": "2001:db8:ff::9"}]}}});
+    let slices = [kubia_slice("s1", json!([ep("10.244.1.2")])), kubia_slice6("s2", json!([ep("fd00:244::2")]))];
+    let node_ips: Vec<IpAddr> = ["192.168.0.1", "fd00:1::1"].iter().map(|ip| ip.parse().expect("address")).collect();
+    let computed = desired_state_on(&objects(&[service], &slices), NODE, &node_ips);
+    assert!(computed.skipped.is_empty(), "{:?}", computed.skipped);
+    let ip = |text: &str| text.parse::<IpAddr>().expect("address");
+    let frontends = |name: &str| -> Vec<String> {
+        let port = computed.state.services.iter().find(|(n, _)| n.to_string() == name).unwrap_or_else(|| panic!("{name} programmed")).1;
+        port.frontends.iter().map(|f| format!("{}:{}", f.ip, f.port)).collect()
+    };
+    let port = |name: &str| computed.state.services.iter().find(|(n, _)| n.to_string() == name).map(|(_, p)| p.clone()).expect("programmed");
+    let cases: [(&str, &str, Vec<&str>); 4] = [
+        ("the IPv4 cluster IP", "default/kubia:http", vec!["10.96.0.10:80"]),
+        ("the IPv6 cluster IP", "default/kubia:http/ipv6", vec!["fd00:96::10:80"]),
+        ("IPv4 external, load balancer and node addresses", "default/kubia:http/external", vec!["192.168.0.1:30080", "198.51.100.7:80", "203.0.113.9:80"]),
+        ("IPv6 ones", "default/kubia:http/external/ipv6", vec!["2001:db8::7:80", "2001:db8:ff::9:80", "fd00:1::1:30080"]),
+    ];
+    for (rule, name, expected) in cases {
+        assert_eq!(frontends(name), expected, "{rule}");
+    }
+    let (v4, v6) = (port("default/kubia:http/external"), port("default/kubia:http/external/ipv6"));
+    assert_eq!(v4.endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(), [ip("10.244.1.2")], "IPv4 endpoints for the IPv4 side");
+    assert_eq!(v6.endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(), [ip("fd00:244::2")], "IPv6 endpoints for the IPv6 side");
+    assert_eq!(v4.in_cluster_via, Some((ip("10.96.0.10"), 80)), "in-cluster clients via the cluster IP of their family");
+    assert_eq!(v6.in_cluster_via, Some((ip("fd00:96::10"), 80)));
+    assert_eq!(v4.source_ranges, [(ip("10.1.0.0"), 16)].into(), "each family's own source ranges");
+    assert_eq!(v6.source_ranges, [(ip("2001:db8:1::"), 48)].into());
+    assert_eq!(v4.source_ranged, [ip("203.0.113.9")].into(), "restricting its own load balancer IPs");
+    assert_eq!(v6.source_ranged, [ip("2001:db8:ff::9")].into());
+}
+
+/// A CIDR of either family parses masked to its prefix; anything else is
+/// not one.
+#[test]
+fn source_range_cidrs_of_both_families_parse_masked() {
+    let ip = |text: &str| text.parse::<IpAddr>().expect("address");
+    let cases = [
+        ("an IPv4 range", "10.1.2.3/16", Some((ip("10.1.0.0"), 16))),
+        ("an IPv6 range", "2001:db8:1:2::5/48", Some((ip("2001:db8:1::"), 48))),
+        ("/0 of IPv6", "::/0", Some((ip("::"), 0))),
+        ("a whole IPv6 address", " fd00::1/128 ", Some((ip("fd00::1"), 128))),
+        ("IPv6 prefix too long", "fd00::/129", None),
+        ("IPv4 prefix too long", "10.0.0.0/33", None),
+        ("no prefix", "10.0.0.0", None),
+    ];
+    for (rule, text, expected) in cases {
+        assert_eq!(parse_cidr(text), expected, "{rule}");
+    }
 }

@@ -7,32 +7,67 @@ pub mod kubernetes;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
+/// An IP family. A dual-stack service is served in each family on its
+/// own, as kube-proxy runs a proxier per family: each family's cluster IP,
+/// node ports, external and load balancer IPs go to that family's
+/// endpoints (its EndpointSlices' `addressType`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    #[default]
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// As Kubernetes spells it (`ipFamilies`, EndpointSlice `addressType`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
 /// A service port, as kube-proxy names it: namespace/name:port-name; its
 /// external side (node ports, load balancer and external IPs, which have
 /// their own traffic policy and so their own backend set) adds
-/// `/external`.
+/// `/external`; its IPv6 side (a service port of each family has its own
+/// endpoints) adds `/ipv6`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     pub namespace: String,
     pub name: String,
     pub port: String,
     pub external: bool,
+    pub family: IpFamily,
 }
 
 impl ServicePortName {
-    /// The in-cluster side (cluster IP) of a service port.
+    /// The in-cluster side (cluster IP) of an IPv4 service port.
     pub fn new(namespace: &str, name: &str, port: &str) -> Self {
-        Self { namespace: namespace.into(), name: name.into(), port: port.into(), external: false }
+        Self { namespace: namespace.into(), name: name.into(), port: port.into(), external: false, family: IpFamily::V4 }
     }
 
     /// The external side of the same service port.
     pub fn to_external(&self) -> Self {
         Self { external: true, ..self.clone() }
+    }
+
+    /// The same service port in `family`.
+    pub fn in_family(&self, family: IpFamily) -> Self {
+        Self { family, ..self.clone() }
     }
 }
 
@@ -44,6 +79,9 @@ impl fmt::Display for ServicePortName {
         }
         if self.external {
             write!(f, "/external")?;
+        }
+        if self.family == IpFamily::V6 {
+            write!(f, "/ipv6")?;
         }
         Ok(())
     }
@@ -76,7 +114,7 @@ impl Protocol {
 /// An address, port and protocol that clients connect to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -84,7 +122,7 @@ pub struct Frontend {
 /// An endpoint address and the target port on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
@@ -110,7 +148,7 @@ pub struct ServicePort {
     /// the node itself) are served instead, by every endpoint: the Local
     /// policy is for clients from outside (kube-proxy's "pod traffic for
     /// external destinations").
-    pub in_cluster_via: Option<(Ipv4Addr, u16)>,
+    pub in_cluster_via: Option<(IpAddr, u16)>,
     /// The external side of a LoadBalancer service with
     /// externalTrafficPolicy Local: the node port where load balancers ask
     /// whether this node has local endpoints.
@@ -119,8 +157,8 @@ pub struct ServicePort {
     /// new connections to `source_ranged` addresses (its load balancer IPs;
     /// not its node ports or external IPs) only from these ranges
     /// (address, prefix length). Empty: from anywhere.
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
-    pub source_ranged: BTreeSet<Ipv4Addr>,
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
+    pub source_ranged: BTreeSet<IpAddr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -154,9 +192,10 @@ impl DesiredState {
     }
 
     /// The health check node ports and what each reports: the service's
-    /// distinct local endpoint addresses over all its ports.
+    /// distinct local endpoint addresses over all its ports, in the family
+    /// with more of them (a dual-stack pod has an address in each).
     pub fn health_checks(&self) -> BTreeMap<u16, ServiceHealth> {
-        let mut local: BTreeMap<u16, (ServiceHealth, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
+        let mut local: BTreeMap<u16, (ServiceHealth, BTreeSet<IpAddr>)> = BTreeMap::new();
         for (name, port) in &self.services {
             let Some(node_port) = port.health_check_node_port else { continue };
             let (_, ips) = local.entry(node_port).or_insert_with(|| {
@@ -164,6 +203,7 @@ impl DesiredState {
             });
             ips.extend(port.endpoints.iter().map(|e| e.ip));
         }
-        local.into_iter().map(|(port, (health, ips))| (port, ServiceHealth { local_endpoints: ips.len(), ..health })).collect()
+        let per_family = |ips: &BTreeSet<IpAddr>| ips.iter().filter(|ip| ip.is_ipv4()).count().max(ips.iter().filter(|ip| ip.is_ipv6()).count());
+        local.into_iter().map(|(port, (health, ips))| (port, ServiceHealth { local_endpoints: per_family(&ips), ..health })).collect()
     }
 }

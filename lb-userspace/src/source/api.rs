@@ -208,7 +208,7 @@ fn is_not_found(error: &watcher::Error) -> bool {
 /// This node's IPv4 addresses from its Node object, read once at start:
 /// InternalIP ones first, then ExternalIP ones (where node ports answer, as
 /// kube-proxy's default).
-pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::Ipv4Addr>, kube::Error> {
+pub async fn node_addresses(client: Client, node: &str) -> Result<Vec<std::net::IpAddr>, kube::Error> {
     let node = Api::<Node>::all(client).get(node).await?;
     Ok(NodeState::of(&node).addresses)
 }

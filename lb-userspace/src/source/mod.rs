@@ -23,12 +23,12 @@ pub struct Update {
     pub node: Option<NodeState>,
     /// The IPv4 ranges of the cluster's ServiceCIDR objects, where the
     /// source follows them and the API serves them (Kubernetes 1.33+).
-    pub service_cidrs: Option<Vec<lb_common::Ipv4Cidr>>,
+    pub service_cidrs: Option<Vec<crate::cli::IpCidr>>,
 }
 
-/// The IPv4 ranges of ServiceCIDR objects (`spec.cidrs`; IPv6 and invalid
+/// The ranges of ServiceCIDR objects (`spec.cidrs`, either family; invalid
 /// ones left out), each once, in order.
-pub fn service_cidr_ranges(objects: &[std::sync::Arc<k8s_openapi::api::networking::v1::ServiceCIDR>]) -> Vec<lb_common::Ipv4Cidr> {
+pub fn service_cidr_ranges(objects: &[std::sync::Arc<k8s_openapi::api::networking::v1::ServiceCIDR>]) -> Vec<crate::cli::IpCidr> {
     let mut ranges = Vec::new();
     for text in objects.iter().filter_map(|o| o.spec.as_ref()?.cidrs.as_ref()).flatten() {
         if let Ok(range) = crate::cli::parse_cidr(text)
@@ -43,9 +43,9 @@ pub fn service_cidr_ranges(objects: &[std::sync::Arc<k8s_openapi::api::networkin
 /// What the agent takes from its Node object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeState {
-    /// IPv4 addresses: InternalIP ones first, then ExternalIP ones (where
-    /// node ports answer, as kube-proxy's default).
-    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Addresses of both families: InternalIP ones first, then ExternalIP
+    /// ones (where node ports answer, as kube-proxy's default).
+    pub addresses: Vec<std::net::IpAddr>,
     /// Being deleted, or tainted `ToBeDeletedByClusterAutoscaler`:
     /// `/healthz` answers 503 so that load balancers drain the node
     /// (kube-proxy's KEP-3836).
@@ -65,7 +65,7 @@ impl NodeState {
         let listed = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
         let mut addresses = Vec::new();
         for kind in ["InternalIP", "ExternalIP"] {
-            addresses.extend(listed.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok()));
+            addresses.extend(listed.iter().filter(|a| a.type_ == kind).filter_map(|a| a.address.parse::<std::net::IpAddr>().ok()));
         }
         let tainted = node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default().iter().any(|t| t.key == TO_BE_DELETED_TAINT);
         let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned();
@@ -95,7 +95,7 @@ impl Source {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, sync::Arc};
+    use std::{net::IpAddr, sync::Arc};
 
     use serde_json::json;
 
@@ -106,11 +106,12 @@ mod tests {
     fn node_state_from_the_node_object() {
         let addresses = json!([{"type": "Hostname", "address": "node-1"}, {"type": "ExternalIP", "address": "203.0.113.5"},
             {"type": "InternalIP", "address": "10.0.0.5"}, {"type": "InternalIP", "address": "fd00::5"}]);
+        let listed = || vec!["10.0.0.5", "fd00::5", "203.0.113.5"];
         let cases = [
-            ("InternalIP first, then ExternalIP; IPv6 and host names left out", json!({}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], false),
-            ("the cluster autoscaler's taint: draining", json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], true),
-            ("another taint: not draining", json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}), json!({}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], false),
-            ("being deleted: draining", json!({}), json!({"deletionTimestamp": "2026-12-04T00:00:00Z"}), vec![[10, 0, 0, 5], [203, 0, 113, 5]], true),
+            ("InternalIP first, then ExternalIP, both families; host names left out", json!({}), json!({}), listed(), false),
+            ("the cluster autoscaler's taint: draining", json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}), json!({}), listed(), true),
+            ("another taint: not draining", json!({"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}), json!({}), listed(), false),
+            ("being deleted: draining", json!({}), json!({"deletionTimestamp": "2026-12-04T00:00:00Z"}), listed(), true),
         ];
         for (rule, spec, extra_meta, expected, draining) in cases {
             let mut metadata = json!({"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-1"}});
@@ -119,18 +120,19 @@ mod tests {
             }
             let node: k8s_openapi::api::core::v1::Node =
                 serde_json::from_value(json!({"metadata": metadata, "spec": spec, "status": {"addresses": addresses}})).expect("a Node");
-            let expected = NodeState { addresses: expected.into_iter().map(Ipv4Addr::from).collect(), draining, zone: Some("zone-1".to_owned()) };
+            let addresses = expected.into_iter().map(|a| a.parse::<IpAddr>().expect("address")).collect();
+            let expected = NodeState { addresses, draining, zone: Some("zone-1".to_owned()) };
             assert_eq!(NodeState::of(&node), expected, "{rule}");
         }
     }
 
     #[test]
-    fn service_cidr_objects_give_their_ipv4_ranges_once() {
+    fn service_cidr_objects_give_their_ranges_of_both_families_once() {
         let object = |cidrs: serde_json::Value| -> Arc<k8s_openapi::api::networking::v1::ServiceCIDR> {
             Arc::new(serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"cidrs": cidrs}})).expect("a ServiceCIDR"))
         };
         let objects = [object(json!(["10.96.0.0/16", "fd00::/112"])), object(json!(["10.96.0.0/16", "10.100.0.0/24", "banana"]))];
         let ranges: Vec<String> = service_cidr_ranges(&objects).iter().map(ToString::to_string).collect();
-        assert_eq!(ranges, ["10.96.0.0/16", "10.100.0.0/24"]);
+        assert_eq!(ranges, ["10.96.0.0/16", "fd00::/112", "10.100.0.0/24"]);
     }
 }

@@ -3,7 +3,10 @@
 //! Each change programmed exactly and in a safe order (against an in-memory
 //! model of the maps that checks the ordering guarantees), adoption after a
 //! restart, capacity, shared frontends.
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use super::*;
 use crate::model::Protocol;
@@ -12,16 +15,17 @@ use crate::model::Protocol;
 /// in use points at an incomplete set and nothing in use is deleted.
 #[derive(Default)]
 struct FakeMaps {
-    slots: HashMap<BackendSlotKey, Backend>,
-    members: HashMap<BackendSetMemberKey, u32>,
-    frontends: HashMap<FrontendKey, FrontendValue>,
+    slots: HashMap<BackendSlotKey, Endpoint>,
+    members: HashMap<(u32, Endpoint), u32>,
+    frontends: HashMap<Frontend, FrontendEntry>,
     service_sets: HashMap<u32, u32>,
-    vips: HashMap<u32, VipValue>,
+    vips: HashMap<IpAddr, VipValue>,
     names: HashMap<u32, String>,
-    source_ranges: BTreeSet<(SourceRangeKey, u8)>,
+    source_ranges: BTreeSet<(u32, (IpAddr, u8))>,
     flows_removed_for: Vec<u32>,
     /// Sizes enforced as the kernel does (a write of a new key to a
-    /// full map fails); unbounded when `None`.
+    /// full map fails); unbounded when `None`. Frontends and addresses are
+    /// counted per family, the other maps together.
     limits: Option<Limits>,
 }
 
@@ -47,32 +51,33 @@ impl FakeMaps {
         for slot in 0..count {
             let b = self.slots.get(&BackendSlotKey { backend_set: set, slot });
             let b = b.unwrap_or_else(|| panic!("set {set} is missing slot {slot}"));
-            assert_eq!(self.members.get(&BackendSetMemberKey::new(set, *b)), Some(&slot));
+            assert_eq!(self.members.get(&(set, *b)), Some(&slot));
         }
     }
 }
 
 impl MapWriter for FakeMaps {
-    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Backend) -> Result<()> {
+    fn put_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()> {
         assert!(!self.in_use(key.backend_set), "a set in use was modified");
         self.check_room("BACKEND_SLOTS", self.slots.len(), !self.slots.contains_key(&key), |l| l.backend_slots)?;
         self.slots.insert(key, backend);
         Ok(())
     }
-    fn remove_backend_slot(&mut self, key: BackendSlotKey) -> Result<()> {
+    fn remove_backend_slot(&mut self, key: BackendSlotKey, backend: Endpoint) -> Result<()> {
         assert!(!self.in_use(key.backend_set), "a set in use was deleted");
-        self.slots.remove(&key);
+        assert_eq!(self.slots.remove(&key).map(|b| IpFamily::of(b.ip)), Some(IpFamily::of(backend.ip)), "removed from its family's map");
         Ok(())
     }
-    fn put_set_member(&mut self, key: BackendSetMemberKey, slot: u32) -> Result<()> {
-        assert!(!self.in_use(key.backend_set), "a set in use was modified");
-        self.check_room("BACKEND_SET_MEMBERS", self.members.len(), !self.members.contains_key(&key), |l| l.backend_slots)?;
-        self.members.insert(key, slot);
+    fn put_set_member(&mut self, backend_set: u32, backend: Endpoint, slot: u32) -> Result<()> {
+        assert!(!self.in_use(backend_set), "a set in use was modified");
+        let is_new = !self.members.contains_key(&(backend_set, backend));
+        self.check_room("BACKEND_SET_MEMBERS", self.members.len(), is_new, |l| l.backend_slots)?;
+        self.members.insert((backend_set, backend), slot);
         Ok(())
     }
-    fn remove_set_member(&mut self, key: BackendSetMemberKey) -> Result<()> {
-        assert!(!self.in_use(key.backend_set), "a set in use lost a member");
-        self.members.remove(&key);
+    fn remove_set_member(&mut self, backend_set: u32, backend: Endpoint) -> Result<()> {
+        assert!(!self.in_use(backend_set), "a set in use lost a member");
+        self.members.remove(&(backend_set, backend));
         Ok(())
     }
     fn put_service_backend_set(&mut self, service_id: u32, backend_set: u32) -> Result<()> {
@@ -81,23 +86,25 @@ impl MapWriter for FakeMaps {
         self.service_sets.insert(service_id, backend_set);
         Ok(())
     }
-    fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) -> Result<()> {
-        assert!(self.vips.contains_key(&key.ip), "frontend written before its address");
+    fn put_frontend(&mut self, frontend: Frontend, value: FrontendEntry) -> Result<()> {
+        assert!(self.vips.contains_key(&frontend.ip), "frontend written before its address");
         self.assert_complete(value.backend_set, value.backend_count);
-        self.check_room("SERVICE_FRONTENDS", self.frontends.len(), !self.frontends.contains_key(&key), |l| l.frontends)?;
-        self.frontends.insert(key, value);
+        let of_family = self.frontends.keys().filter(|f| IpFamily::of(f.ip) == IpFamily::of(frontend.ip)).count();
+        self.check_room("SERVICE_FRONTENDS", of_family, !self.frontends.contains_key(&frontend), |l| l.frontends)?;
+        self.frontends.insert(frontend, value);
         Ok(())
     }
-    fn remove_frontend(&mut self, key: FrontendKey) -> Result<()> {
-        self.frontends.remove(&key);
+    fn remove_frontend(&mut self, frontend: Frontend) -> Result<()> {
+        self.frontends.remove(&frontend);
         Ok(())
     }
-    fn put_service_vip(&mut self, ip: u32, vip: VipValue) -> Result<()> {
-        self.check_room("SERVICE_VIPS", self.vips.len(), !self.vips.contains_key(&ip), |l| l.addresses)?;
+    fn put_service_vip(&mut self, ip: IpAddr, vip: VipValue) -> Result<()> {
+        let of_family = self.vips.keys().filter(|v| IpFamily::of(**v) == IpFamily::of(ip)).count();
+        self.check_room("SERVICE_VIPS", of_family, !self.vips.contains_key(&ip), |l| l.addresses)?;
         self.vips.insert(ip, vip);
         Ok(())
     }
-    fn remove_service_vip(&mut self, ip: u32) -> Result<()> {
+    fn remove_service_vip(&mut self, ip: IpAddr) -> Result<()> {
         self.vips.remove(&ip);
         Ok(())
     }
@@ -112,13 +119,14 @@ impl MapWriter for FakeMaps {
         self.names.remove(&service_id);
         Ok(())
     }
-    fn put_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
-        self.check_room("LB_SOURCE_RANGES", self.source_ranges.len(), !self.source_ranges.contains(&(key, range_len)), |l| l.source_ranges)?;
-        self.source_ranges.insert((key, range_len));
+    fn put_source_range(&mut self, service_id: u32, range: (IpAddr, u8)) -> Result<()> {
+        let is_new = !self.source_ranges.contains(&(service_id, range));
+        self.check_room("LB_SOURCE_RANGES", self.source_ranges.len(), is_new, |l| l.source_ranges)?;
+        self.source_ranges.insert((service_id, range));
         Ok(())
     }
-    fn remove_source_range(&mut self, key: SourceRangeKey, range_len: u8) -> Result<()> {
-        self.source_ranges.remove(&(key, range_len));
+    fn remove_source_range(&mut self, service_id: u32, range: (IpAddr, u8)) -> Result<()> {
+        self.source_ranges.remove(&(service_id, range));
         Ok(())
     }
     fn remove_service_flows(&mut self, service_ids: &BTreeSet<u32>) -> Result<usize> {
@@ -166,17 +174,15 @@ fn assert_maps_equal(maps: &FakeMaps, syncer: &Syncer, desired: &DesiredState) {
     for (n, s) in &desired.services {
         let id = syncer.service_id(n).expect("programmed");
         for f in &s.frontends {
-            let vip = vips.entry(ip_be(f.ip)).or_insert(VipValue { frontends: 0, flags: 0 });
+            let vip = vips.entry(f.ip).or_insert(VipValue { frontends: 0, flags: 0 });
             vip.frontends += 1;
             if !n.external {
                 vip.flags = VIP_CLUSTER_IP;
             }
-            let value = maps.frontends[&frontend_key(f)];
+            let value = maps.frontends[f];
             assert_eq!(value.service_id, id);
-            let programmed: BTreeSet<Endpoint> = (0..value.backend_count)
-                .map(|slot| maps.slots[&BackendSlotKey { backend_set: value.backend_set, slot }])
-                .map(|b| Endpoint { ip: lb_common::ip_from_be(b.ip), port: u16::from_be(b.port) })
-                .collect();
+            let programmed: BTreeSet<Endpoint> =
+                (0..value.backend_count).map(|slot| maps.slots[&BackendSlotKey { backend_set: value.backend_set, slot }]).collect();
             assert_eq!(programmed, s.endpoints, "{n}");
             assert_eq!(maps.service_sets[&id], value.backend_set, "{n}: the service's current set");
         }
@@ -225,9 +231,9 @@ fn an_endpoint_in_two_services_is_independent_in_each() {
     let only_b = state(&[("a", service([10, 96, 0, 1], 80, &[])), ("b", service([10, 96, 0, 2], 80, &[7]))]);
     syncer.apply(&only_b, &mut maps).expect("apply");
     let set_of = |n: &str| maps.service_sets[&syncer.service_id(&name(n)).expect("programmed")];
-    let ep = Backend::new([10, 244, 0, 7].into(), 8080);
-    assert!(maps.members.contains_key(&BackendSetMemberKey::new(set_of("b"), ep)));
-    assert!(!maps.members.contains_key(&BackendSetMemberKey::new(set_of("a"), ep)));
+    let ep = Endpoint { ip: [10, 244, 0, 7].into(), port: 8080 };
+    assert!(maps.members.contains_key(&(set_of("b"), ep)));
+    assert!(!maps.members.contains_key(&(set_of("a"), ep)));
 }
 
 #[test]
@@ -240,7 +246,7 @@ fn draining_endpoints_are_members_without_a_slot() {
     syncer.apply(&desired, &mut maps).expect("apply");
     assert_maps_equal(&maps, &syncer, &desired);
     let set = maps.service_sets[&syncer.service_id(&name("a")).expect("programmed")];
-    let draining = BackendSetMemberKey::new(set, Backend::new([10, 244, 0, 2].into(), 8080));
+    let draining = (set, Endpoint { ip: [10, 244, 0, 2].into(), port: 8080 });
     assert_eq!(maps.members.get(&draining), Some(&DRAINING_SLOT));
     assert_eq!(maps.slots.len(), 1, "only the serving endpoint has a slot");
     let frontend = maps.frontends.values().next().expect("frontend");
@@ -383,10 +389,10 @@ fn pieces_of_no_adoptable_service_are_deleted() {
     // written, no frontend yet. And a frontend of an id without a name.
     maps.names.insert(7, "default/half:http".into());
     maps.service_sets.insert(7, 40);
-    maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Backend::new([10, 244, 0, 5].into(), 80));
-    maps.vips.insert(ip_be([10, 96, 0, 8].into()), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
-    let orphan = FrontendValue { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, _pad_v6: (), in_cluster_ip: 0, in_cluster_port: 0, _pad: 0, _pad_v6_end: () };
-    maps.frontends.insert(FrontendKey::new([10, 96, 0, 8].into(), 80, lb_common::IPPROTO_TCP), orphan);
+    maps.slots.insert(BackendSlotKey { backend_set: 40, slot: 0 }, Endpoint { ip: [10, 244, 0, 5].into(), port: 80 });
+    maps.vips.insert([10, 96, 0, 8].into(), VipValue { frontends: 1, flags: VIP_CLUSTER_IP });
+    let orphan = FrontendEntry { service_id: 9, backend_set: 41, backend_count: 0, flags: 0, affinity_seconds: 0, in_cluster_via: None };
+    maps.frontends.insert(Frontend { ip: [10, 96, 0, 8].into(), port: 80, protocol: Protocol::Tcp }, orphan);
     let (adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
     assert_eq!(report, AdoptReport { adopted: 1, discarded: 2 });
     assert_maps_equal(&maps, &adopted, &desired);
@@ -396,6 +402,9 @@ fn pieces_of_no_adoptable_service_are_deleted() {
 
 #[test]
 fn adopted_names_parse_back_into_service_ports() {
+    let ipv6_external = ServicePortName::new("default", "kubia", "http").to_external().in_family(IpFamily::V6);
+    assert_eq!(adopt::parse_port_name("default/kubia:http/external/ipv6"), Some(ipv6_external.clone()), "an IPv6 external side");
+    assert_eq!(ipv6_external.to_string(), "default/kubia:http/external/ipv6", "and back");
     let cases = [
         ("namespace, name and port", "default/kubia:http", Some(("default", "kubia", "http"))),
         ("an unnamed single port", "kube-system/dns", Some(("kube-system", "dns", ""))),
@@ -519,9 +528,9 @@ fn an_adopted_state_counts_against_the_limits() {
 /// and deleted with it; adopted as they are after a restart.
 #[test]
 fn source_ranges_restrict_load_balancer_ips_only() {
-    let lb_ip = Ipv4Addr::new(203, 0, 113, 7);
+    let lb_ip: IpAddr = Ipv4Addr::new(203, 0, 113, 7).into();
     let node_port = Frontend { ip: [192, 168, 0, 1].into(), port: 30080, protocol: Protocol::Tcp };
-    let with_ranges = |ranges: &[(Ipv4Addr, u8)]| ServicePort {
+    let with_ranges = |ranges: &[(IpAddr, u8)]| ServicePort {
         frontends: [Frontend { ip: lb_ip, port: 80, protocol: Protocol::Tcp }, node_port].into(),
         source_ranges: ranges.iter().copied().collect(),
         source_ranged: [lb_ip].into(),
@@ -532,10 +541,10 @@ fn source_ranges_restrict_load_balancer_ips_only() {
     let first = state(&[("a", with_ranges(&[([10, 1, 0, 0].into(), 16)]))]);
     syncer.apply(&first, &mut maps).expect("apply");
     let id = syncer.service_id(&name("a")).expect("programmed");
-    let flags = |maps: &FakeMaps, ip: Ipv4Addr, port: u16| maps.frontends[&FrontendKey::new(ip, port, lb_common::IPPROTO_TCP)].flags & FRONTEND_SOURCE_RANGES;
+    let flags = |maps: &FakeMaps, ip: IpAddr, port: u16| maps.frontends[&Frontend { ip, port, protocol: Protocol::Tcp }].flags & FRONTEND_SOURCE_RANGES;
     assert_eq!(flags(&maps, lb_ip, 80), FRONTEND_SOURCE_RANGES, "the load balancer IP is restricted");
     assert_eq!(flags(&maps, node_port.ip, 30080), 0, "the node port is not");
-    let range = |ip: [u8; 4], len| (SourceRangeKey { service_id: id, ip: ip_be(ip.into()) }, len);
+    let range = |ip: [u8; 4], len| (id, (IpAddr::from(ip), len));
     assert_eq!(maps.source_ranges, [range([10, 1, 0, 0], 16)].into());
 
     let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
@@ -555,7 +564,7 @@ fn source_ranges_restrict_load_balancer_ips_only() {
 #[test]
 fn a_frontend_claimed_by_two_service_ports_stays_with_the_first_until_it_lets_go() {
     let shared = Frontend { ip: [198, 51, 100, 9].into(), port: 80, protocol: Protocol::Tcp };
-    let key = frontend_key(&shared);
+    let key = shared;
     let claim = |n: u8, endpoints: u8| ServicePort { frontends: [shared].into(), ..sized_service(n, endpoints) };
     let mut syncer = Syncer::new();
     let mut maps = FakeMaps::default();
@@ -568,7 +577,65 @@ fn a_frontend_claimed_by_two_service_ports_stays_with_the_first_until_it_lets_go
     syncer.apply(&state(&[("b", claim(2, 3))]), &mut maps).expect("apply");
     let value = maps.frontends[&key];
     assert_eq!((value.service_id, value.backend_count), (id(&syncer, "b"), 3), "taken over by the other, with its current set");
-    assert_eq!(maps.vips[&ip_be(shared.ip)].frontends, 1);
+    assert_eq!(maps.vips[&shared.ip].frontends, 1);
     syncer.apply(&state(&[]), &mut maps).expect("apply");
     assert!(maps.frontends.is_empty() && maps.vips.is_empty(), "gone with both");
+}
+
+/// A dual-stack service port pair: each family's frontends, backends and
+/// address in its own maps, distinct ids and names; adopted back as they
+/// were after a restart.
+#[test]
+fn each_family_is_programmed_in_its_own_maps_and_adopted_back() {
+    let v6 = |text: &str| text.parse::<IpAddr>().expect("address");
+    let ipv6_port = ServicePort {
+        frontends: [Frontend { ip: v6("fd00:96::10"), port: 80, protocol: Protocol::Tcp }].into(),
+        endpoints: [Endpoint { ip: v6("fd00:244::2"), port: 8080 }, Endpoint { ip: v6("fd00:244::3"), port: 8080 }].into(),
+        draining: [Endpoint { ip: v6("fd00:244::9"), port: 8080 }].into(),
+        source_ranges: [(v6("2001:db8::"), 32)].into(),
+        in_cluster_via: Some((v6("fd00:96::10"), 80)),
+        ..ServicePort::default()
+    };
+    let mut desired = state(&[("a", service([10, 96, 0, 10], 80, &[2, 3]))]);
+    desired.services.insert(name("a").in_family(IpFamily::V6), ipv6_port);
+    let mut syncer = Syncer::new();
+    let mut maps = FakeMaps::default();
+    syncer.apply(&desired, &mut maps).expect("apply");
+    assert_maps_equal(&maps, &syncer, &desired);
+    let (id4, id6) = (syncer.service_id(&name("a")), syncer.service_id(&name("a").in_family(IpFamily::V6)));
+    assert_ne!(id4, id6, "a service id per family");
+    assert_eq!(maps.names.get(&id6.expect("programmed")).map(String::as_str), Some("default/a:http/ipv6"));
+    assert!(maps.vips.contains_key(&v6("fd00:96::10")), "the IPv6 address has its entry");
+
+    let (mut adopted, report) = Syncer::adopt(&maps.read_back(), &mut maps, Limits::default()).expect("adopt");
+    assert_eq!(report, AdoptReport { adopted: 2, discarded: 0 });
+    assert_eq!(adopted.apply(&desired, &mut maps).expect("apply"), SyncReport { unchanged: 2, ..Default::default() }, "adopted as they were");
+    adopted.apply(&state(&[]), &mut maps).expect("apply");
+    assert!(maps.frontends.is_empty() && maps.slots.is_empty() && maps.members.is_empty() && maps.source_ranges.is_empty(), "both families removed");
+}
+
+/// Each family's maps have their own sizes: on a node without IPv6 its
+/// tables are small, so IPv6 service ports beyond them are left out while
+/// IPv4 ones still fit.
+#[test]
+fn each_family_counts_against_its_own_map_sizes() {
+    let limits = Limits { frontends: 2000, ipv6: false, ..Limits::default() };
+    let mut desired = DesiredState::default();
+    for n in 0..1100u32 {
+        let [_, _, hi, lo] = n.to_be_bytes();
+        let v6: IpAddr = std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, u16::from(hi), u16::from(lo)).into();
+        let v6_port = ServicePort { frontends: [Frontend { ip: v6, port: 80, protocol: Protocol::Tcp }].into(), ..ServicePort::default() };
+        desired.services.insert(name(&format!("s{n}")).in_family(IpFamily::V6), v6_port);
+        desired.services.insert(name(&format!("s{n}")), service([10, 97, hi, lo], 80, &[]));
+    }
+    let mut syncer = Syncer::with_limits(limits);
+    let mut maps = FakeMaps::sized(limits);
+    let report = syncer.apply(&desired, &mut maps).expect("apply");
+    assert_eq!(report.added, 1100 + IPV6_IDLE_ENTRIES as usize, "every IPv4 port, and the IPv6 ones the idle tables hold");
+    assert_eq!(report.over_capacity, 1100 - IPV6_IDLE_ENTRIES as usize);
+    assert!(syncer.over_capacity().keys().all(|n| n.family == IpFamily::V6), "only IPv6 ports are left out");
+    let with_ipv6 = Limits { ipv6: true, ..limits };
+    let mut syncer = Syncer::with_limits(with_ipv6);
+    let mut maps = FakeMaps::sized(with_ipv6);
+    assert_eq!(syncer.apply(&desired, &mut maps).expect("apply").added, 2200, "full-size IPv6 tables hold them all");
 }

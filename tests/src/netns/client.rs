@@ -1,7 +1,7 @@
 //! Clients' requests from inside a namespace: HTTP over TCP, UDP, /metrics and health GETs, ping.
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
@@ -49,8 +49,9 @@ pub fn http_get(ns: &Netns, addr: &'static str, path: &'static str) -> Result<St
 }
 
 /// Asks `addr` once over a connected UDP socket; the answer, trimmed.
-pub fn udp_ask(addr: SocketAddrV4) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+pub fn udp_ask(addr: impl Into<SocketAddr>) -> std::io::Result<String> {
+    let addr = addr.into();
+    let socket = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_secs(3)))?;
     socket.send(b"query")?;
@@ -73,8 +74,8 @@ pub fn http_get_until(ns: &Netns, addr: &'static str, path: &'static str, expect
 }
 
 /// Connects to `addr` and asks once.
-pub fn connect_and_ask(addr: SocketAddrV4) -> std::io::Result<String> {
-    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(addr), scaled(Duration::from_secs(3)))?;
+pub fn connect_and_ask(addr: impl Into<SocketAddr>) -> std::io::Result<String> {
+    let mut conn = TcpStream::connect_timeout(&addr.into(), scaled(Duration::from_secs(3)))?;
     conn.set_read_timeout(Some(scaled(Duration::from_secs(3))))?;
     ask(&mut conn)
 }

@@ -42,7 +42,7 @@ impl EchoServer {
         let (stop_t, bytes_t, answer_t, tx) = (stop.clone(), tcp_bytes.clone(), answer.clone(), listening_tx.clone());
         let (peers_t, peers_u) = (peers.clone(), peers.clone());
         let tcp = ns.spawn_thread(move || {
-            let listener = match TcpListener::bind(("0.0.0.0", tcp_port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            let listener = match dual_stack(|any| TcpListener::bind((any, tcp_port))).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
                 Ok(l) => {
                     let _ = tx.send(Ok(()));
                     l
@@ -56,7 +56,7 @@ impl EchoServer {
                 match listener.accept() {
                     Ok((conn, from)) => {
                         if let Ok(mut seen) = peers_t.lock() {
-                            seen.push(from);
+                            seen.push(canonical(from));
                         }
                         let (stop_c, bytes_c, answer_c) = (stop_t.clone(), bytes_t.clone(), answer_t.clone());
                         thread::spawn(move || serve_tcp(conn, &stop_c, &bytes_c, &answer_c));
@@ -68,7 +68,7 @@ impl EchoServer {
         })?;
         let (stop_u, tx) = (stop.clone(), listening_tx);
         let udp = ns.spawn_thread(move || {
-            let socket = match UdpSocket::bind(("0.0.0.0", udp_port)).and_then(|s| s.set_read_timeout(Some(POLL)).map(|()| s)) {
+            let socket = match dual_stack(|any| UdpSocket::bind((any, udp_port))).and_then(|s| s.set_read_timeout(Some(POLL)).map(|()| s)) {
                 Ok(s) => {
                     let _ = tx.send(Ok(()));
                     s
@@ -82,7 +82,7 @@ impl EchoServer {
             while !stop_u.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = socket.recv_from(&mut buf) {
                     if let Ok(mut seen) = peers_u.lock() {
-                        seen.push(from);
+                        seen.push(canonical(from));
                     }
                     let _ = socket.send_to(answer.as_bytes(), from);
                 }
@@ -93,6 +93,18 @@ impl EchoServer {
         }
         Ok(Self { name: name.into(), tcp_bytes, peers, stop, threads: vec![tcp, udp] })
     }
+}
+
+/// A socket bound to every address of both families (`::`, which takes
+/// IPv4 too, as IPv4-mapped addresses), or of IPv4 only where the
+/// namespace has no IPv6.
+fn dual_stack<S>(bind: impl Fn(&str) -> std::io::Result<S>) -> std::io::Result<S> {
+    bind("::").or_else(|_| bind("0.0.0.0"))
+}
+
+/// An IPv4 client as an IPv4 address, not an IPv4-mapped IPv6 one.
+fn canonical(from: SocketAddr) -> SocketAddr {
+    SocketAddr::new(from.ip().to_canonical(), from.port())
 }
 
 fn wait_readable(fd: i32) {

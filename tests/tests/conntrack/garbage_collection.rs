@@ -108,6 +108,7 @@ fn collect(fixture: &Fixture) -> lb_userspace::conntrack::GcPass {
             proto,
             fd: table_fd(table),
             capacity: if name == MAP_CONNTRACK_TCP_PENDING { MAX_PENDING_ENTRIES } else { MAX_CONNTRACK_ENTRIES },
+            ipv6: false,
         })
         .collect();
     collect_tables(&tables, now_ticks()).expect("a collection pass")

@@ -10,6 +10,7 @@
 //! shared by several of them.
 mod affinity;
 mod cluster_ip;
+mod dual_stack;
 mod endpoints;
 mod load_balancer;
 mod long_running;

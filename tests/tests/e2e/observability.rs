@@ -71,8 +71,8 @@ fn metrics_count_the_traffic_sent_through_the_vip() {
         .expect("client");
     let metrics = http_get(&cluster.node, "127.0.0.1:10249", "/metrics").expect("a scrape");
     let value = |series: &str| -> u64 { scraped(&metrics, series) };
-    let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP",traffic="internal"}"#;
-    let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP",traffic="internal"}"#;
+    let kubia = r#"{namespace="default",service="kubia",port="http",protocol="TCP",traffic="internal",ip_family="IPv4"}"#;
+    let empty = r#"{namespace="default",service="no-endpoints",port="http",protocol="TCP",traffic="internal",ip_family="IPv4"}"#;
     assert_eq!(value(&format!("lb_service_new_connections_total{kubia}")), NEW as u64);
     assert_eq!(value(&format!("lb_service_rejected_total{empty}")), REFUSED as u64);
     assert_eq!(value(&format!("lb_service_new_connections_total{empty}")), 0);

@@ -95,7 +95,7 @@ fn objects() -> ClusterObjects {
 /// The services above as the agent's model programs them, on a node at
 /// 192.168.0.1 with a source NAT address and a pod range.
 fn fixture() -> Fixture {
-    let computed = desired_state_on(&objects(), NODE, &[Ipv4Addr::from(NODE_IP)]);
+    let computed = desired_state_on(&objects(), NODE, &[Ipv4Addr::from(NODE_IP).into()]);
     assert!(computed.skipped.is_empty(), "skipped: {:?}", computed.skipped);
     let mut fixture = Fixture::new(&computed.state);
     let config = DatapathConfig {

@@ -21,6 +21,9 @@ pub enum Error {
     Watch { path: PathBuf, reason: String },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// A request that cannot be answered as asked, saying why.
+    #[error("{0}")]
+    Usage(String),
     #[error("out of {what}: at most {limit} can be programmed")]
     Capacity { what: &'static str, limit: u32 },
 }

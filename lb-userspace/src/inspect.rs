@@ -27,9 +27,20 @@ use crate::{
 
 /// The IPv6 twins `lbctl` reads.
 pub(crate) struct Ipv6PinnedMaps {
-    frontends: HashMap<MapData, FrontendKey<Ipv6>, FrontendValue<Ipv6>>,
-    slots: HashMap<MapData, BackendSlotKey, Backend<Ipv6>>,
+    pub(crate) frontends: HashMap<MapData, FrontendKey<Ipv6>, FrontendValue<Ipv6>>,
+    pub(crate) vips: HashMap<MapData, Ipv6, VipValue>,
+    pub(crate) slots: HashMap<MapData, BackendSlotKey, Backend<Ipv6>>,
+    /// As `CONNTRACK_MAPS_V6` lists them.
     conntrack: [crate::maps::ConntrackTableV6; 3],
+    pub(crate) config: Array<MapData, lb_common::DatapathConfigV6>,
+}
+
+impl Ipv6PinnedMaps {
+    /// The entry for `key` wherever it is, with its table's name.
+    pub(crate) fn find_flow(&self, key: &ConntrackKey<Ipv6>) -> Option<(&'static str, ConntrackValue<Ipv6>)> {
+        let tables = lb_common::CONNTRACK_MAPS_V6.iter().zip(&self.conntrack);
+        tables.filter(|((_, proto), _)| *proto == key.proto).find_map(|((name, _), table)| Some((*name, table.get(key, 0).ok()?)))
+    }
 }
 
 /// Handles on the pinned maps of one agent.
@@ -44,7 +55,7 @@ pub struct PinnedMaps {
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     verdicts: PerCpuArray<MapData, u64>,
     pub(crate) config: Array<MapData, DatapathConfig>,
-    ipv6: Ipv6PinnedMaps,
+    pub(crate) ipv6: Ipv6PinnedMaps,
 }
 
 fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T> {
@@ -75,7 +86,9 @@ impl PinnedMaps {
             config: open(dir, MAP_DATAPATH_CONFIG, Map::Array)?,
             ipv6: Ipv6PinnedMaps {
                 frontends: open(dir, MAP_SERVICE_FRONTENDS_V6, Map::HashMap)?,
+                vips: open(dir, lb_common::MAP_SERVICE_VIPS_V6, Map::HashMap)?,
                 slots: open(dir, MAP_BACKEND_SLOTS_V6, Map::HashMap)?,
+                config: open(dir, lb_common::MAP_DATAPATH_CONFIG_V6, Map::Array)?,
                 conntrack: [
                     open(dir, MAP_CONNTRACK_TCP_V6, Map::LruHashMap)?,
                     open(dir, MAP_CONNTRACK_UDP_V6, Map::LruHashMap)?,

@@ -50,11 +50,13 @@ enum Command {
     /// datagram) from SOURCE to DESTINATION: the real program is run on a
     /// copy of the live maps, which stay untouched. Needs root.
     Explain {
-        /// ip or ip:port of the sender (port 40000 when left out).
+        /// ip or ip:port of the sender, IPv4 or IPv6 ([ip]:port; port
+        /// 40000 when left out).
         #[arg(value_parser = explain::parse_source)]
-        source: std::net::SocketAddrV4,
-        /// ip:port the packet is sent to.
-        destination: std::net::SocketAddrV4,
+        source: std::net::SocketAddr,
+        /// ip:port the packet is sent to ([ip]:port for IPv6), of the
+        /// sender's family.
+        destination: std::net::SocketAddr,
         /// tcp or udp.
         #[arg(value_parser = explain::parse_protocol)]
         protocol: u8,

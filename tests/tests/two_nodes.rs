@@ -5,30 +5,32 @@
 //! Needs root.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
 use lb_tests::{
-    cluster::pod_ip,
+    cluster::{pod_ip, pod_ip6},
     netns::{Netns, connect_and_ask, http_get_until, udp_ask},
-    two_nodes::{CLIENT_IP, NODE_IPS, NODE_NAMES, POD_NODES, TwoNodes},
+    two_nodes::{CLIENT_IP, CLIENT_IP6, NODE_IPS, NODE_IPS6, NODE_NAMES, POD_NODES, TwoNodes},
 };
 
 /// A service over the pods `pods` (by index), each on its node.
 fn service(name: &str, spec: &str, pods: &[usize]) -> String {
+    service_of_family(name, spec, pods, "IPv4")
+}
+
+/// A service over the pods' addresses of `family` ("IPv4" or "IPv6").
+fn service_of_family(name: &str, spec: &str, pods: &[usize], family: &str) -> String {
     let mut endpoints = String::new();
     for &i in pods {
-        endpoints.push_str(&format!(
-            "- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: {}}}\n",
-            pod_ip(i),
-            NODE_NAMES[POD_NODES[i]]
-        ));
+        let address = if family == "IPv6" { pod_ip6(i).to_string() } else { pod_ip(i).to_string() };
+        endpoints.push_str(&format!("- {{addresses: [\"{address}\"], conditions: {{ready: true}}, nodeName: {}}}\n", NODE_NAMES[POD_NODES[i]]));
     }
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n{spec}---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
-         labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\n\
+         labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\n\
          ports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: dns, port: 5353, protocol: UDP}}\n\
          endpoints:{}---\n",
         if endpoints.is_empty() { " []\n".to_owned() } else { format!("\n{endpoints}") }
@@ -66,7 +68,8 @@ fn manifests(local_pods: &[usize]) -> String {
 }
 
 /// `count` connections from `ns` to `addr`; who answered (errors by kind).
-fn hits(ns: &Netns, addr: SocketAddrV4, count: usize) -> BTreeMap<String, usize> {
+fn hits(ns: &Netns, addr: impl Into<SocketAddr>, count: usize) -> BTreeMap<String, usize> {
+    let addr = addr.into();
     ns.enter(move || {
         let mut hits = BTreeMap::<String, usize>::new();
         for _ in 0..count {
@@ -79,7 +82,8 @@ fn hits(ns: &Netns, addr: SocketAddrV4, count: usize) -> BTreeMap<String, usize>
 }
 
 /// One UDP question from `ns`; which pod answered.
-fn udp_from(ns: &Netns, addr: SocketAddrV4) -> std::io::Result<String> {
+fn udp_from(ns: &Netns, addr: impl Into<SocketAddr>) -> std::io::Result<String> {
+    let addr = addr.into();
     ns.enter(move || udp_ask(addr).map(|answer| answer.trim_start_matches("You've hit ").to_owned())).expect("client")
 }
 
@@ -144,6 +148,51 @@ fn local_policy_keeps_the_client_address_and_stays_on_the_node() {
     cluster.write_manifests(&manifests(&[0])).expect("manifests");
     assert!(health(0, "HTTP/1.1 200").starts_with("HTTP/1.1 200"));
     assert!(health(1, "HTTP/1.1 503").starts_with("HTTP/1.1 503"));
+}
+
+/// IPv6-only services on dual-stack nodes: kubia6 (NodePort 30123,
+/// Cluster policy, every pod) and kubia6-local (NodePort 30124, Local
+/// policy, only kubia-3 on node-2).
+fn ipv6_manifests() -> String {
+    let spec = |octet: u8, policy: &str, node_port: &str| {
+        format!(
+            "  type: NodePort\n  clusterIP: fd00:96::{octet}\n  clusterIPs: [\"fd00:96::{octet}\"]\n  ipFamilies: [IPv6]\n  externalTrafficPolicy: {policy}\n{}",
+            PORTS.replace("NODEPORT", node_port)
+        )
+    };
+    service_of_family("kubia6", &spec(10, "Cluster", "30123"), &[0, 1, 2], "IPv6")
+        + &service_of_family("kubia6-local", &spec(11, "Local", "30124"), &[2], "IPv6")
+}
+
+/// Over IPv6, externalTrafficPolicy Cluster: both nodes' IPv6 node ports
+/// reach the pods on both nodes, behind source NAT to the node's IPv6
+/// address (replies come back through it); Local: only the node with the
+/// local pod serves, and the pod sees the client's own IPv6 address. TCP
+/// and UDP.
+#[test]
+fn ipv6_node_ports_follow_the_external_traffic_policy_across_nodes() {
+    let cluster = TwoNodes::start_dual_stack(&ipv6_manifests()).expect("two dual-stack nodes");
+    for node_ip in NODE_IPS6 {
+        let seen = hits(&cluster.client, SocketAddr::new(node_ip.into(), 30123), 45);
+        println!("[{node_ip}]:30123 (Cluster) -> {seen:?}");
+        assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["kubia-1", "kubia-2", "kubia-3"], "{node_ip}: {seen:?}");
+    }
+    let node_addresses: BTreeSet<IpAddr> = NODE_IPS6.iter().map(|&ip| IpAddr::V6(ip)).collect();
+    for pod in 0..3 {
+        assert!(peers(&cluster, pod).is_subset(&node_addresses), "kubia-{} saw {:?}, not only node addresses", pod + 1, peers(&cluster, pod));
+    }
+    let mut udp = BTreeSet::new();
+    for _ in 0..30 {
+        udp.insert(udp_from(&cluster.client, SocketAddr::new(NODE_IPS6[0].into(), 30123)).expect("UDP through node-1's IPv6 node port"));
+    }
+    assert!(udp.contains("kubia-3"), "UDP crosses to node-2 too: {udp:?}");
+
+    let local = SocketAddr::new(NODE_IPS6[1].into(), 30124);
+    assert_eq!(hits(&cluster.client, local, 10), BTreeMap::from([("kubia-3".to_owned(), 10)]), "node-2 serves its local pod");
+    assert!(peers(&cluster, 2).contains(&IpAddr::V6(CLIENT_IP6)), "the backend logs the client's own IPv6 address: {:?}", peers(&cluster, 2));
+    assert_eq!(udp_from(&cluster.client, local).expect("UDP, Local"), "kubia-3");
+    let refused = hits(&cluster.client, SocketAddr::new(NODE_IPS6[0].into(), 30124), 1);
+    assert!(refused.keys().all(|k| k.starts_with("error")), "node-1 has no local pod and must not forward: {refused:?}");
 }
 
 /// A pod reaching its own service and landing on itself (hairpin), and a

@@ -6,7 +6,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{CLIENT_IP6, Cluster, KUBIA_VIP, KUBIA_VIP6, MANIFEST_FILE, NODE_IP6, dual_stack_manifests, pod_name},
+    cluster::{CLIENT_IP6, Cluster, KUBIA_VIP, KUBIA_VIP6, MANIFEST_FILE, NODE_IP6, dual_stack_manifests, pod_ip6, pod_name},
     netns::{connect_and_ask, http_get, udp_ask},
 };
 
@@ -80,6 +80,19 @@ fn a_dual_stack_service_is_reached_over_both_families_spread_over_three_pods() {
     }
     let flows = cluster.lbctl(&["conntrack", "--filter", CLIENT_IP6.to_string().as_str()]).expect("lbctl");
     assert!(flows.contains("default/kubia:dns/ipv6"), "lbctl shows the IPv6 flows:\n{flows}");
+
+    // lbctl explain over IPv6: a new connection to the IPv6 cluster IP goes
+    // to one of the pods' IPv6 addresses; a port the address does not serve
+    // is rejected (unanswerable for now: dropped); another address passes.
+    let explain = |destination: &str, protocol: &str| -> serde_json::Value {
+        let out = cluster.lbctl(&["-o", "json", "explain", "[fd00:201::2]:45000", destination, protocol]).expect("lbctl explain");
+        serde_json::from_str(&out).expect("JSON")
+    };
+    let new = explain("[fd00:96::10]:80", "tcp");
+    assert_eq!((new["verdict"].as_str(), new["service"].as_str()), (Some("forward_new"), Some("default/kubia:http/ipv6")), "{new}");
+    let pods: Vec<String> = (0..3).map(|i| format!("[{}]:8080", pod_ip6(i))).collect();
+    assert!(new["backend"].as_str().is_some_and(|b| pods.iter().any(|p| p == b)), "the backend is a pod's IPv6 address: {new}");
+    assert_eq!(explain("[fd00:201::1]:80", "tcp")["verdict"], "pass_not_service", "the node's own address is no service");
 
     let services = cluster.lbctl(&["services"]).expect("lbctl");
     assert!(services.contains("default/kubia:http/ipv6") && services.contains(&KUBIA_VIP6.to_string()), "lbctl lists the IPv6 side:\n{services}");

@@ -1,8 +1,12 @@
 //! Agent restarts under load (tcx, the legacy tc attach, switching between them), and `--cleanup` after a stopped agent.
-use std::{net::TcpStream, sync::atomic::Ordering, time::Duration};
+use std::{
+    net::{SocketAddr, TcpStream},
+    sync::atomic::Ordering,
+    time::Duration,
+};
 
 use lb_tests::{
-    cluster::{ClientHook, Cluster, kubia_manifests, ready},
+    cluster::{ClientHook, Cluster, KUBIA_VIP6, MANIFEST_FILE, dual_stack_manifests, kubia_manifests, ready},
     netns::{ask, connect_and_ask},
 };
 
@@ -16,7 +20,31 @@ use crate::{connect_and_ask_from_client, kernel_feature_in_use, kubia, kubia_wit
 #[test]
 fn agent_restart_under_load_breaks_and_refuses_no_connection() {
     let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
-    restarts_under_load(&mut cluster, &[None]);
+    restarts_under_load(&mut cluster, &[None], Load::kubia());
+}
+
+/// The same over IPv6, through the IPv6 cluster IP of a dual-stack
+/// service: the restarted agent adopts both families' service ports (8:
+/// kubia's two ports in each family, and an IPv6 node port service's two
+/// ports, each with its external side) and breaks no IPv6 connection.
+#[test]
+fn agent_restart_under_load_keeps_ipv6_connections() {
+    let mut cluster = Cluster::start_dual_stack(3, &[(MANIFEST_FILE, &dual_stack_manifests(&[0, 1, 2]))]).expect("cluster");
+    restarts_under_load(&mut cluster, &[None], Load { target: SocketAddr::new(KUBIA_VIP6.into(), 80), service_ports: 8 });
+}
+
+/// What the restarted agents are loaded with: connections to `target`,
+/// and how many service ports they must adopt.
+struct Load {
+    target: SocketAddr,
+    service_ports: usize,
+}
+
+impl Load {
+    /// kubia's cluster IP, of `kubia_manifests` (4 service ports).
+    fn kubia() -> Self {
+        Self { target: kubia().into(), service_ports: 4 }
+    }
 }
 
 /// The same with the tc programs attached as cls_bpf filters, as on
@@ -34,7 +62,7 @@ fn agent_restart_under_load_with_the_legacy_tc_attach() {
     net.node.output(&other).expect("filter");
     let mut cluster = kubia_with_flags(net, &[0, 1, 2], &["--disable-kernel-feature", "tcx"]);
     assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned));
-    restarts_under_load(&mut cluster, &[None, None]);
+    restarts_under_load(&mut cluster, &[None, None], Load::kubia());
     assert_eq!(legacy_filters(&cluster, "b1"), [OURS, OTHERS].map(str::to_owned), "one filter of ours");
 
     assert!(!kernel_feature_in_use(&cluster, "tcx"), "lbctl kernel shows the fallback");
@@ -59,7 +87,7 @@ fn switching_between_tcx_and_the_legacy_attach_at_restart_breaks_nothing() {
     }
     let mut cluster = Cluster::start(3, &kubia_manifests(&ready(&[0, 1, 2]))).expect("cluster");
     assert!(legacy_filters(&cluster, "b1").is_empty(), "tcx: no filter");
-    restarts_under_load(&mut cluster, &[Some("tcx"), None]);
+    restarts_under_load(&mut cluster, &[Some("tcx"), None], Load::kubia());
     assert!(legacy_filters(&cluster, "b1").is_empty(), "back on tcx, the filter is gone");
 }
 
@@ -108,7 +136,7 @@ fn run_cleanup(cluster: &Cluster) {
 /// connections stay busy and new ones are opened all along. None may break
 /// or be refused, some must be served while no agent runs, and every
 /// interface must be taken over or handed over with nothing reprogrammed.
-fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>]) {
+fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>], load: Load) {
     use std::{
         sync::{
             Arc,
@@ -128,7 +156,7 @@ fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>]) {
             .spawn_thread(move || {
                 let mut conns: Vec<(TcpStream, String, Option<String>)> = (0..LONG_LIVED)
                     .map(|_| {
-                        let mut conn = TcpStream::connect(kubia()).expect("connect");
+                        let mut conn = TcpStream::connect(load.target).expect("connect");
                         conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
                         let first = ask(&mut conn).expect("first answer");
                         (conn, first, None)
@@ -154,7 +182,7 @@ fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>]) {
             .spawn_thread(move || {
                 let mut outcomes = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let outcome = connect_and_ask(kubia()).map_err(|e| e.to_string());
+                    let outcome = connect_and_ask(load.target).map_err(|e| e.to_string());
                     if outcome.is_ok() {
                         answered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -208,7 +236,8 @@ fn restarts_under_load(cluster: &mut Cluster, disabled: &[Option<&str>]) {
     assert!(refused.is_empty(), "new connections were refused: {refused:?}");
     assert!(served_without_agent > 0, "the test did not send traffic while no agent ran");
     for (switched, log) in logs {
-        assert!(log.contains("adopted the pinned datapath") && log.contains("services=4") && log.contains("discarded=0"), "{log}");
+        let adopted = format!("services={}", load.service_ports);
+        assert!(log.contains("adopted the pinned datapath") && log.contains(&adopted) && log.contains("discarded=0"), "{log}");
         // Switching between tcx and the filter is a fresh attachment beside
         // the old one, which goes once the new one is in place.
         let taken_over = if switched { 0 } else { 4 };

@@ -152,6 +152,8 @@ fn main() -> Result<()> {
             step("datapath benchmark");
             cargo(&root, &["bench", "-p", "lb-tests", "--bench", "datapath"])?;
             step("control-plane benchmark");
+            // The agent process it starts is the release build beside it.
+            cargo(&root, &["build", "--release", "-p", "lb-userspace"])?;
             cargo(&root, &["bench", "-p", "lb-tests", "--bench", "control_plane"])
         }
     }

@@ -418,6 +418,9 @@ fn service_ports(
         _ => None,
     };
     let shape = ServiceShape {
+        key,
+        spec,
+        here,
         local_only,
         external_local,
         distribution: Distribution::of(spec.traffic_distribution.as_deref()),
@@ -440,13 +443,17 @@ fn service_ports(
             source_ranged: if source_ranges.is_empty() { BTreeSet::new() } else { load_balancer_ips },
             source_ranges,
         };
-        family_ports(key, spec, &shape, &addresses, &slices[family as usize], here, notes, &mut ports)?;
+        ports.extend(family_ports(&shape, &addresses, &slices[family as usize], notes)?);
     }
     Ok(ports)
 }
 
-/// What the service's spec says for every family.
-struct ServiceShape {
+/// What the service's spec says for every family, and where it is
+/// computed.
+struct ServiceShape<'a> {
+    key: &'a ObjectKey,
+    spec: &'a k8s_openapi::api::core::v1::ServiceSpec,
+    here: Here<'a>,
     local_only: bool,
     external_local: bool,
     distribution: Distribution,
@@ -466,18 +473,15 @@ struct FamilyAddresses {
 
 /// The service ports of one family of a service: the in-cluster side of
 /// each port, and its external side when it has external addresses.
-#[allow(clippy::too_many_arguments)]
 fn family_ports(
-    key: &ObjectKey,
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    shape: &ServiceShape,
+    shape: &ServiceShape<'_>,
     addresses: &FamilyAddresses,
     slices: &[ValidSlice],
-    here: Here<'_>,
     notes: &mut Vec<String>,
-    ports: &mut Vec<(ServicePortName, ServicePort)>,
-) -> Result<(), String> {
+) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    let (key, spec, here) = (shape.key, shape.spec, shape.here);
     let family = IpFamily::of(addresses.cluster_ip);
+    let mut ports = Vec::new();
     let policy = |local: bool| if local { Policy::Local } else { Policy::Cluster };
     for port in spec.ports.iter().flatten() {
         let number = valid_port(port.port, "port")?;
@@ -537,7 +541,7 @@ fn family_ports(
         }
         ports.push((internal_name, internal));
     }
-    Ok(())
+    Ok(ports)
 }
 
 /// The ranges of `loadBalancerSourceRanges` (address masked, prefix

@@ -84,6 +84,11 @@ impl Agent {
         Ok(Self { child, lines, line_rx: Mutex::new(rx) })
     }
 
+    /// The agent's process id (`ip netns exec` runs it in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for a log line containing every one of `needles`; returns it.
     pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;

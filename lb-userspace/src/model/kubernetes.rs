@@ -431,21 +431,25 @@ fn service_ports(
     let mut ports = Vec::new();
     for cluster_ip in cluster_ips {
         let family = IpFamily::of(cluster_ip);
-        let in_family = |ips: &mut dyn Iterator<Item = IpAddr>| ips.filter(|ip| IpFamily::of(*ip) == family).collect::<BTreeSet<_>>();
-        let load_balancer_ips = in_family(&mut load_balancer_ips.iter().copied());
+        let load_balancer_ips = of_family(&load_balancer_ips, family);
         // Each family has its own ranges, as kube-proxy's proxier of each
         // family reads only its own: none of a family, no restriction.
         let source_ranges: BTreeSet<(IpAddr, u8)> = source_ranges.iter().copied().filter(|(ip, _)| IpFamily::of(*ip) == family).collect();
         let addresses = FamilyAddresses {
             cluster_ip,
-            external: in_family(&mut external_addresses.iter().copied()),
-            node: in_family(&mut node_ips.iter().copied()),
+            external: of_family(&external_addresses, family),
+            node: of_family(node_ips, family),
             source_ranged: if source_ranges.is_empty() { BTreeSet::new() } else { load_balancer_ips },
             source_ranges,
         };
         ports.extend(family_ports(&shape, &addresses, &slices[family as usize], notes)?);
     }
     Ok(ports)
+}
+
+/// The addresses of `family` among `ips`.
+fn of_family<'a>(ips: impl IntoIterator<Item = &'a IpAddr>, family: IpFamily) -> BTreeSet<IpAddr> {
+    ips.into_iter().copied().filter(|&ip| IpFamily::of(ip) == family).collect()
 }
 
 /// What the service's spec says for every family, and where it is

@@ -492,8 +492,9 @@ fn family_ports(
         let name = port.name.clone().unwrap_or_default();
         let Some(protocol) = protocol(port.protocol.as_deref())? else {
             // One line for the port, not one per family.
-            if family == IpFamily::V4 || !notes.iter().any(|n| n.starts_with(&format!("port {name:?} ({number}/SCTP)"))) {
-                notes.push(format!("port {name:?} ({number}/SCTP) is not served: SCTP is not supported by this datapath"));
+            let note = format!("port {name:?} ({number}/SCTP) is not served: SCTP is not supported by this datapath");
+            if !notes.contains(&note) {
+                notes.push(note);
             }
             continue;
         };

@@ -217,6 +217,12 @@ fn kube_proxy_rules() {
             1,
         ),
         (
+            "SCTP port of a dual-stack service, IPv6 first: one line for both families",
+            objects(&[kubia(json!({"clusterIPs": ["fd00::10", "10.96.0.10"], "ports": [{"name": "http", "port": 80}, {"name": "sig", "port": 9999, "protocol": "SCTP"}]}))], &[]),
+            map(&[("default/kubia:http", &[]), ("default/kubia:http/ipv6", &[])]),
+            1,
+        ),
+        (
             "invalid clusterIP: service skipped, others kept",
             objects(&[kubia(json!({"clusterIP": "10.96.0.300"})), json!({"metadata": {"name": "ok", "namespace": "default"}, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}})], &[]),
             map(&[("default/ok", &[])]),

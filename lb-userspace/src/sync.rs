@@ -384,7 +384,11 @@ impl Syncer {
             (members as u32, used.members, limits.backend_slots, "backend set members", "--backend-slots-max"),
             (new_ranges as u32, used.source_ranges, limits.source_ranges, "loadBalancerSourceRanges entries", "the object's LB_SOURCE_RANGES size"),
         ];
+        // A node without IPv6 keeps its IPv6 tables small whatever the
+        // flags say: what raises them is giving it IPv6.
+        let idle_ipv6 = name.family == IpFamily::V6 && !self.limits.ipv6;
         needs.into_iter().find(|&(need, used, limit, ..)| need > limit.saturating_sub(used)).map(|(need, used, limit, what, flag)| {
+            let flag = if idle_ipv6 && what != "service ports" { "the IPv6 tables' size on a node without IPv6: give it an IPv6 --node-ip" } else { flag };
             format!("{what}: needs {need}, {} of {limit} free ({flag})", limit.saturating_sub(used))
         })
     }

@@ -634,6 +634,8 @@ fn each_family_counts_against_its_own_map_sizes() {
     assert_eq!(report.added, 1100 + IPV6_IDLE_ENTRIES as usize, "every IPv4 port, and the IPv6 ones the idle tables hold");
     assert_eq!(report.over_capacity, 1100 - IPV6_IDLE_ENTRIES as usize);
     assert!(syncer.over_capacity().keys().all(|n| n.family == IpFamily::V6), "only IPv6 ports are left out");
+    let why = syncer.over_capacity().values().next().expect("one left out");
+    assert_eq!(why, "frontends: needs 1, 0 of 1024 free (the IPv6 tables' size on a node without IPv6: give it an IPv6 --node-ip)", "says what raises it");
     let with_ipv6 = Limits { ipv6: true, ..limits };
     let mut syncer = Syncer::with_limits(with_ipv6);
     let mut maps = FakeMaps::sized(with_ipv6);

@@ -13,7 +13,7 @@ use lb_common::{
     Backend, BackendSetMemberKey, BackendSlotKey, CT_FORWARD, FrontendKey,
     FrontendValue, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKEND_SET_MEMBERS, MAP_BACKEND_SLOTS, MAP_CONNTRACK_TCP, MAP_CONNTRACK_TCP_PENDING, MAP_CONNTRACK_UDP,
     MAP_SERVICE_BACKEND_SETS, MAP_SERVICE_COUNTERS, MAP_SERVICE_FRONTENDS, MAP_SERVICE_NAMES, MAP_SERVICE_VIPS,
-    MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName, ip_from_be,
+    MAP_VERDICT_COUNTERS, MAP_DATAPATH_CONFIG, DatapathConfig, VipValue, Reason, ServiceCounters, ServiceName,
     ConntrackKey, ConntrackValue, Ipv6, MAP_BACKEND_SLOTS_V6, MAP_CONNTRACK_TCP_PENDING_V6, MAP_CONNTRACK_TCP_V6, MAP_CONNTRACK_UDP_V6,
     MAP_SERVICE_FRONTENDS_V6,
 };
@@ -101,14 +101,8 @@ impl PinnedMaps {
     /// The backends a frontend picks new connections from, in slot order;
     /// `None` when the frontend does not exist.
     pub fn backends(&self, frontend: &FrontendKey) -> Option<Vec<SocketAddrV4>> {
-        self.frontends.get(frontend, 0).ok().map(|value| self.set_backends(&value))
-    }
-
-    fn set_backends(&self, value: &FrontendValue) -> Vec<SocketAddrV4> {
-        (0..value.backend_count)
-            .filter_map(|slot| self.slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
-            .map(|b| SocketAddrV4::new(ip_from_be(b.ip), u16::from_be(b.port)))
-            .collect()
+        let value = self.frontends.get(frontend, 0).ok()?;
+        Some(set_backends(&self.slots, &value).into_iter().filter_map(|b| if let SocketAddr::V4(b) = b { Some(b) } else { None }).collect())
     }
 
     /// A service port's name, or `#id` when it has none.
@@ -145,13 +139,13 @@ fn endpoint<A: FamilyAddress>(ip: A, port: u16) -> String {
 }
 
 /// The backends of a frontend's current set, of its family's slots.
-fn set_backends<A: FamilyAddress>(slots: &HashMap<MapData, BackendSlotKey, Backend<A>>, value: &FrontendValue<A>) -> Vec<String>
+fn set_backends<A: FamilyAddress>(slots: &HashMap<MapData, BackendSlotKey, Backend<A>>, value: &FrontendValue<A>) -> Vec<SocketAddr>
 where
     Backend<A>: aya::Pod,
 {
     (0..value.backend_count)
         .filter_map(|slot| slots.get(&BackendSlotKey { backend_set: value.backend_set, slot }, 0).ok())
-        .map(|b| endpoint(b.ip, b.port))
+        .map(|b| SocketAddr::new(b.ip.ip(), u16::from_be(b.port)))
         .collect()
 }
 
@@ -183,7 +177,7 @@ where
     for entry in frontends.iter() {
         let (key, value) = entry.map_err(|source| Error::Map { name, source })?;
         let view = by_id.entry(value.service_id).or_insert_with(|| {
-            let backends = set_backends(slots, &value);
+            let backends = set_backends(slots, &value).iter().map(ToString::to_string).collect();
             let counters = service_totals(&maps.service_counters, value.service_id).unwrap_or_default();
             ServiceView {
                 id: value.service_id,
